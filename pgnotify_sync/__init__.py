@@ -1,0 +1,34 @@
+"""pgnotify_sync: PostgreSQL row changes as typed events for synchronous Python.
+
+Example::
+
+    import psycopg2
+    from pgnotify_sync import Config, Listener, install, watch_table
+
+    cfg = Config.from_env()
+    with psycopg2.connect(**cfg.connect_kwargs()) as conn:
+        install(conn)
+        watch_table(conn, "public.messages", channel="messages")
+
+    listener = Listener(cfg)
+
+    @listener.on_event("messages")
+    def on_message(event):
+        print(event.operation, event.data)
+
+    listener.start()
+"""
+
+from .config import Config
+from .errors import ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError, SchemaError
+from .events import DatabaseEvent, Operation, converter
+from .listener import ConnectionState, Listener
+from .schema import install, uninstall, unwatch_table, watch_table, watched_tables
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "ConfigError", "ConnectError", "ConnectionState", "DatabaseEvent", "Listener",
+    "ListenerStateError", "Operation", "PayloadError", "PgNotifyError", "SchemaError", "converter",
+    "install", "uninstall", "unwatch_table", "watch_table", "watched_tables",
+]

@@ -1,0 +1,344 @@
+"""The dispatcher: bounded per-channel queues and the worker pool.
+
+Each channel is a small actor: a deque of items and a "scheduled" flag. A channel
+with work is put on the ready queue once; a worker takes it, handles a batch of its
+items in order, and puts it back if more arrived. So one channel's handlers run one
+event at a time, in arrival (commit) order, while different channels run in
+parallel on a fixed pool of threads.
+
+The reader thread never blocks here (DESIGN.md: a blocked reader stalls the server's
+notification queue for the whole cluster). When the events waiting in memory reach
+``capacity`` the channel goes into *overflow*: further events of that channel are
+dropped from memory (they are in the event log) and when there is room again a
+catch-up re-reads them from the log. Memory stays bounded, nothing is lost.
+
+Position per channel (see _snapshot.py): every event of a transaction visible in
+``position`` has been handled; ``handled`` holds the ids of handled events of
+transactions that are not. An event is delivered iff it is in neither: this drops
+the duplicates that catch-up reads and live notifications produce.
+"""
+
+import collections
+import logging
+import queue
+import threading
+import time
+
+from .events import DatabaseEvent, EventRef
+
+log = logging.getLogger("pgnotify_sync")
+
+BATCH = 256
+
+
+class CatchUp:
+    """Control item: read from the log what this channel may have missed."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason):
+        self.reason = reason
+
+
+class SetPosition:
+    """Control item: the channel starts at this snapshot if it has no position yet."""
+
+    __slots__ = ("snapshot",)
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+
+class Advance:
+    """Control item: every transaction visible in ``snapshot`` has been received."""
+
+    __slots__ = ("snapshot",)
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+
+class ChannelState:
+    __slots__ = ("name", "wire", "items", "scheduled", "overflow", "position", "handled",
+                 "retry_at", "dropped", "delivered", "running")
+
+    def __init__(self, name, wire):
+        self.name = name
+        self.wire = wire
+        self.items = collections.deque()
+        self.scheduled = False
+        self.running = False
+        self.overflow = False
+        self.retry_at = 0.0
+        self.position = None
+        self.handled = {}
+        self.dropped = 0
+        self.delivered = 0
+
+
+class CatchUpFailed(Exception):
+    """The log could not be read; the channel retries later."""
+
+
+class Dispatcher:
+    """Owns the channel queues and the worker threads.
+
+    *hooks* is the listener; it provides ``_deliver(ch, events)``,
+    ``_catch_up(ch)`` (returns the events to deliver and the new position),
+    ``_fetch_ref(ch, ref)``, ``_report(kind, error, channel)``,
+    ``_caught_up(ch, reason, count)`` and ``_on_position(ch)`` (a position
+    moved: durable consumers store it).
+    """
+
+    def __init__(self, name, channels, capacity, workers, hooks, metrics=None, retry_s=0.5):
+        self.name = name
+        self.channels = channels               # logical name -> ChannelState
+        self.by_wire = {ch.wire: ch for ch in channels.values()}
+        self.capacity = capacity
+        self.resume_level = capacity // 2
+        self._nworkers = workers
+        self._hooks = hooks
+        self._metrics = metrics
+        self._retry_s = retry_s
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._ready = queue.SimpleQueue()
+        self.buffered = 0
+        self._threads = []
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self):
+        for i in range(self._nworkers):
+            t = threading.Thread(target=self._work, name=f"{self.name}-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self, timeout_s):
+        """Deliver what is queued (until *timeout_s*), then end the workers."""
+        deadline = time.monotonic() + timeout_s
+        me = threading.current_thread()
+        from_worker = me in self._threads
+        with self._lock:
+            self._closing = True
+            if not from_worker:
+                while self._busy_locked():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.warning("%s: stop timed out with %d events undelivered", self.name, self.buffered)
+                        break
+                    self._idle.wait(left)
+        for _ in self._threads:
+            self._ready.put(None)
+        for t in self._threads:
+            if t is me:
+                continue
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("%s: thread %s did not stop in time", self.name, t.name)
+
+    def _busy_locked(self):
+        return any(ch.scheduled for ch in self.channels.values())
+
+    def threads(self):
+        return list(self._threads)
+
+    # -- called by the reader thread ----------------------------------------
+
+    def push(self, ch, events):
+        """Queue *events* (decoded, in arrival order) for channel *ch*. Never blocks."""
+        with self._lock:
+            if ch.overflow:
+                if self.buffered <= self.resume_level and time.monotonic() >= ch.retry_at:
+                    self._resume_locked(ch, "overflow")
+                else:
+                    self._drop_locked(ch, events, 0)
+                    return
+            room = self.capacity - self.buffered
+            if len(events) > room:
+                self._drop_locked(ch, events, max(room, 0))
+                events = events[:max(room, 0)]
+                ch.overflow = True
+                ch.retry_at = 0.0
+            if events:
+                ch.items.extend(events)
+                self.buffered += len(events)
+                self._schedule_locked(ch)
+
+    def push_control(self, ch, item, skip_overflowing=False):
+        with self._lock:
+            if skip_overflowing and ch.overflow:
+                return
+            ch.items.append(item)
+            self._schedule_locked(ch)
+
+    def catch_up_all(self, reason):
+        """After a (re)connect: every channel reads what it may have missed."""
+        with self._lock:
+            for ch in self.channels.values():
+                if ch.overflow:
+                    self._resume_locked(ch, reason)
+                else:
+                    ch.items.append(CatchUp(reason))
+                    self._schedule_locked(ch)
+
+    def retry_overflowed(self):
+        """Called periodically: resume channels whose catch-up failed or overflowed."""
+        now = time.monotonic()
+        with self._lock:
+            for ch in self.channels.values():
+                if ch.overflow and not ch.scheduled and now >= ch.retry_at and self.buffered <= self.resume_level:
+                    self._resume_locked(ch, "retry")
+
+    def _drop_locked(self, ch, events, keep):
+        dropped = len(events) - keep
+        if dropped <= 0:
+            return
+        plain = sum(1 for e in events[keep:] if e.id is None)
+        if not ch.overflow:
+            log.warning("%s: event buffer full (%d): channel %r falls back to the event log",
+                        self.name, self.capacity, ch.name)
+        ch.dropped += dropped
+        if self._metrics:
+            self._metrics.overflow(ch.name, dropped)
+        if plain:
+            # Payloads without a log id (a foreign trigger) cannot be re-read.
+            self._hooks._report("overflow", f"{plain} events without a log id dropped: buffer full", ch.name)
+
+    def _resume_locked(self, ch, reason):
+        # Order matters: the reader accepts this channel's events again *before* the
+        # catch-up takes its snapshot, so every transaction the catch-up does not see
+        # is delivered live (DESIGN.md, outbox gap).
+        ch.overflow = False
+        ch.items.append(CatchUp(reason))
+        self._schedule_locked(ch)
+
+    def _schedule_locked(self, ch):
+        if not ch.scheduled:
+            ch.scheduled = True
+            self._ready.put(ch)
+
+    # -- workers --------------------------------------------------------------
+
+    def _work(self):
+        while True:
+            ch = self._ready.get()
+            if ch is None:
+                return
+            try:
+                self._run(ch)
+            except Exception as exc:  # a bug; keep the worker alive
+                log.exception("%s: worker failed on channel %r", self.name, ch.name)
+                self._hooks._report("internal", exc, ch.name)
+            with self._lock:
+                if ch.items:
+                    self._ready.put(ch)
+                else:
+                    ch.scheduled = False
+                    self._idle.notify_all()
+
+    def _take_locked(self, ch):
+        items = []
+        n = 0
+        popleft = ch.items.popleft
+        while ch.items and n < BATCH:
+            item = popleft()
+            items.append(item)
+            if isinstance(item, (DatabaseEvent, EventRef)):
+                n += 1
+        self.buffered -= n
+        return items
+
+    def _run(self, ch):
+        with self._lock:
+            items = self._take_locked(ch)
+        pending = []   # consecutive events, delivered as one batch
+        i = 0
+        try:
+            for i, item in enumerate(items):
+                cls = type(item)
+                if cls is DatabaseEvent:
+                    if self._fresh(ch, item):
+                        pending.append(item)
+                    continue
+                if pending:
+                    self._hooks._deliver(ch, pending)
+                    pending = []
+                if cls is EventRef:
+                    if item.xid is not None and self._seen(ch, item.id, item.xid):
+                        continue
+                    event = self._hooks._fetch_ref(ch, item)
+                    if event is not None and self._fresh(ch, event):
+                        self._hooks._deliver(ch, [event])
+                elif cls is CatchUp:
+                    self._catch_up(ch, item.reason)
+                elif cls is Advance:
+                    if ch.position is not None and item.snapshot.covers(ch.position):
+                        self._move(ch, item.snapshot)
+                elif cls is SetPosition:
+                    if ch.position is None:
+                        self._move(ch, item.snapshot)
+            if pending:
+                self._hooks._deliver(ch, pending)
+        except CatchUpFailed as exc:
+            # The log cannot be read now (server away). Everything of this channel that
+            # is still queued is in the log too: drop it and re-read when we retry.
+            rest = items[i + 1:]
+            self._fall_back(ch, rest, exc)
+
+    def _fall_back(self, ch, rest, exc):
+        with self._lock:
+            rest_events = [x for x in rest if isinstance(x, (DatabaseEvent, EventRef))]
+            queued = [x for x in ch.items if isinstance(x, (DatabaseEvent, EventRef))]
+            self.buffered -= len(queued)
+            ch.items.clear()
+            ch.overflow = True
+            ch.retry_at = time.monotonic() + self._retry_s
+            ch.dropped += len(rest_events) + len(queued)
+        log.warning("%s: channel %r: cannot read the event log (%s); retrying", self.name, ch.name, exc)
+        self._hooks._report("catchup", exc, ch.name)
+
+    def _seen(self, ch, ident, xid):
+        pos = ch.position
+        if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
+            return True
+        return ident in ch.handled
+
+    def _fresh(self, ch, event):
+        """True (and remembered) if *event* was not handled before."""
+        xid = event.xid
+        if xid is None:
+            return True       # a plain payload without log id: nothing to compare
+        ident = event.id
+        pos = ch.position
+        if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
+            return False
+        handled = ch.handled
+        if ident in handled:
+            return False
+        handled[ident] = xid
+        return True
+
+    def _move(self, ch, snapshot):
+        ch.position = snapshot
+        visible = snapshot.visible
+        ch.handled = {i: x for i, x in ch.handled.items() if not visible(x)}
+        self._hooks._on_position(ch)
+
+    def _catch_up(self, ch, reason):
+        if ch.position is None:
+            # Nothing to catch up from: a fresh listener starts "now".
+            self._hooks._caught_up(ch, reason, 0)
+            return
+        snapshot, pages = self._hooks._catch_up(ch)
+        total = 0
+        for events in pages:
+            fresh = [e for e in events if self._fresh(ch, e)]
+            total += len(fresh)
+            if fresh:
+                self._hooks._deliver(ch, fresh)
+        self._move(ch, snapshot)
+        if total:
+            log.info("%s: channel %r: caught up %d events from the log (%s)", self.name, ch.name, total, reason)
+        self._hooks._caught_up(ch, reason, total)

@@ -1,0 +1,290 @@
+"""Configuration: a frozen attrs class, built directly or from environment variables.
+
+Example::
+
+    from pgnotify_sync import Config
+    cfg = Config(postgres_host="127.0.0.1", postgres_port=5432, postgres_user="app",
+                 postgres_password="secret", postgres_db="app", channels=("messages",))
+    cfg = Config.from_env()                 # reads os.environ
+    cfg = Config.from_env(environ={...})    # or any mapping
+
+Every invalid value raises :class:`ConfigError` naming the setting (and, from
+``from_env``, the environment variable) and saying what is wrong with it. The
+password is never part of ``repr()`` or of any message.
+"""
+
+import os
+
+import attrs
+
+from .errors import ConfigError
+
+# PostgreSQL truncates identifiers (channel names) to NAMEDATALEN-1 bytes.
+MAX_CHANNEL_BYTES = 63
+PREFIX_SEPARATOR = "."
+
+
+def _positive_int(name, minimum=1, maximum=None):
+    def check(instance, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected a whole number, got {type(value).__name__} {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ConfigError(f"{name}: must be {bound}, got {value}")
+    return check
+
+
+def _positive_float(name, minimum=0.0, allow_zero=False):
+    def check(instance, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+        if value < minimum or (value == minimum and not allow_zero):
+            raise ConfigError(f"{name}: must be {'>=' if allow_zero else '>'} {minimum}, got {value}")
+    return check
+
+
+def _channels_tuple(value):
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Everything a :class:`~pgnotify_sync.Listener` needs to know.
+
+    Units are in the names: ``*_ms`` milliseconds, ``*_s`` seconds.
+
+    :param channels: logical channel names to LISTEN on.
+    :param channel_prefix: prefix applied on the wire (``prefix.channel``) so several
+        apps can share one database; handlers always see the logical name.
+    :param max_reconnect_attempts: 0 means retry forever (the default: a production
+        listener should outlive any outage; alert on the ``reconnecting`` signal or the
+        metrics instead of dying).
+    :param reconnect_delay_ms: first backoff step; doubles per attempt with jitter,
+        capped by ``reconnect_delay_max_ms``.
+    :param event_buffer_size: at most this many decoded events wait in memory; the
+        rest are re-read from the event log when there is room (nothing is lost).
+    :param worker_pool_size: threads running handlers; one channel's handlers run one
+        event at a time, different channels in parallel.
+    """
+
+    postgres_user: str = attrs.field()
+    postgres_db: str = attrs.field()
+    postgres_password: str = attrs.field(default="", repr=False)
+    postgres_host: str = attrs.field(default="127.0.0.1")
+    postgres_port: int = attrs.field(default=5432, validator=_positive_int("postgres_port", 1, 65535))
+    channels: tuple = attrs.field(default=(), converter=_channels_tuple)
+    channel_prefix: str = attrs.field(default="")
+
+    ssh_host: str = attrs.field(default=None)
+    ssh_port: int = attrs.field(default=22, validator=_positive_int("ssh_port", 1, 65535))
+    ssh_user: str = attrs.field(default=None)
+    ssh_key_path: str = attrs.field(default=None)
+    ssh_known_hosts: str = attrs.field(default=None)
+
+    max_reconnect_attempts: int = attrs.field(default=0, validator=_positive_int("max_reconnect_attempts", 0))
+    reconnect_delay_ms: int = attrs.field(default=500, validator=_positive_int("reconnect_delay_ms", 1))
+    reconnect_delay_max_ms: int = attrs.field(default=30_000, validator=_positive_int("reconnect_delay_max_ms", 1))
+    connect_timeout_s: float = attrs.field(default=5.0, validator=_positive_float("connect_timeout_s"))
+    health_check_interval_s: float = attrs.field(default=10.0, validator=_positive_float("health_check_interval_s"))
+    health_check_timeout_s: float = attrs.field(default=5.0, validator=_positive_float("health_check_timeout_s"))
+
+    enable_db_events: bool = attrs.field(default=True)
+    enable_event_buffering: bool = attrs.field(default=False)
+    worker_pool_size: int = attrs.field(default=4, validator=_positive_int("worker_pool_size", 1, 1024))
+    event_buffer_size: int = attrs.field(default=10_000, validator=_positive_int("event_buffer_size", 1))
+    publish_buffer_size: int = attrs.field(default=1_000, validator=_positive_int("publish_buffer_size", 1))
+    pool_max_connections: int = attrs.field(default=10, validator=_positive_int("pool_max_connections", 1, 10))
+    application_name: str = attrs.field(default="pgnotify_sync")
+
+    @postgres_user.validator
+    @postgres_db.validator
+    def _check_required(self, attribute, value):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{attribute.name}: required, got {value!r}")
+
+    @postgres_host.validator
+    def _check_host(self, attribute, value):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"postgres_host: required, got {value!r}")
+
+    @channels.validator
+    def _check_channels(self, attribute, value):
+        for name in value:
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"channels: every channel must be a non-empty string, got {name!r}")
+            wire = self.wire_channel(name)
+            if len(wire.encode("utf-8")) > MAX_CHANNEL_BYTES:
+                raise ConfigError(
+                    f"channels: {wire!r} is longer than PostgreSQL's {MAX_CHANNEL_BYTES}-byte "
+                    "identifier limit (prefix included)")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"channels: duplicate channel names in {list(value)!r}")
+
+    @channel_prefix.validator
+    def _check_prefix(self, attribute, value):
+        if not isinstance(value, str):
+            raise ConfigError(f"channel_prefix: expected a string, got {value!r}")
+
+    @ssh_host.validator
+    def _check_ssh(self, attribute, value):
+        if value and not self.ssh_user:
+            raise ConfigError("ssh_user: required when ssh_host is set")
+        if value and not self.ssh_key_path:
+            raise ConfigError("ssh_key_path: required when ssh_host is set (private-key authentication only)")
+
+    @reconnect_delay_max_ms.validator
+    def _check_delay_cap(self, attribute, value):
+        if value < self.reconnect_delay_ms:
+            raise ConfigError(
+                f"reconnect_delay_max_ms: must be >= reconnect_delay_ms ({self.reconnect_delay_ms}), got {value}")
+
+    # -- derived values -------------------------------------------------
+
+    @property
+    def use_ssh(self):
+        return bool(self.ssh_host)
+
+    def wire_channel(self, channel):
+        """The channel name used in LISTEN/NOTIFY for a logical channel."""
+        if self.channel_prefix:
+            return f"{self.channel_prefix}{PREFIX_SEPARATOR}{channel}"
+        return channel
+
+    def logical_channel(self, wire):
+        """Inverse of :meth:`wire_channel`; None if *wire* does not carry our prefix."""
+        if not self.channel_prefix:
+            return wire
+        head = self.channel_prefix + PREFIX_SEPARATOR
+        return wire[len(head):] if wire.startswith(head) else None
+
+    def connect_kwargs(self, host=None, port=None):
+        """psycopg2.connect() keyword arguments. Contains the password: never log it."""
+        return {
+            "host": host or self.postgres_host,
+            "port": port or self.postgres_port,
+            "user": self.postgres_user,
+            "password": self.postgres_password,
+            "dbname": self.postgres_db,
+            "application_name": self.application_name,
+            "connect_timeout": max(1, int(round(self.connect_timeout_s))),
+            # A silently dead path is noticed by TCP keepalives in ~4 s (DESIGN.md).
+            "keepalives": 1,
+            "keepalives_idle": 1,
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+        }
+
+    def describe_target(self):
+        """Where we connect, safe for logs (no password)."""
+        via = f" via ssh {self.ssh_user}@{self.ssh_host}:{self.ssh_port}" if self.use_ssh else ""
+        return f"{self.postgres_user}@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}{via}"
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides):
+        """Build a Config from environment variables (see the README's table).
+
+        *overrides* (field names) win over the environment.
+        """
+        env = os.environ if environ is None else environ
+        values = {}
+        for var, field, parse in _ENV_VARS:
+            raw = env.get(var)
+            if raw is None or (raw.strip() == "" and parse is not _parse_str):
+                continue
+            try:
+                values[field] = parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{var}: {exc}") from None
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(_name_variable(str(exc))) from None
+        except TypeError as exc:
+            missing = [var for var, field, _ in _ENV_VARS
+                       if field in ("postgres_user", "postgres_db") and field not in values]
+            if missing:
+                raise ConfigError(f"{missing[0]}: required, not set") from None
+            raise ConfigError(str(exc)) from None
+
+
+def _parse_str(raw):
+    return raw
+
+
+def _parse_int(raw):
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {raw!r}") from None
+
+
+def _parse_float(raw):
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_bool(raw):
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _parse_channels(raw):
+    parts = [part.strip() for part in raw.split(",")]
+    if any(not part for part in parts):
+        raise ValueError(f"expected a comma-separated list of channel names, got {raw!r} (empty name)")
+    return tuple(parts)
+
+
+_ENV_VARS = (
+    ("POSTGRES_HOST", "postgres_host", _parse_str),
+    ("POSTGRES_PORT", "postgres_port", _parse_int),
+    ("POSTGRES_USER", "postgres_user", _parse_str),
+    ("POSTGRES_PASSWORD", "postgres_password", _parse_str),
+    ("POSTGRES_DB", "postgres_db", _parse_str),
+    ("PG_NOTIFY_CHANNELS", "channels", _parse_channels),
+    ("PG_NOTIFY_CHANNEL", "channel_prefix", _parse_str),
+    ("SSH_HOST", "ssh_host", _parse_str),
+    ("SSH_PORT", "ssh_port", _parse_int),
+    ("SSH_USER", "ssh_user", _parse_str),
+    ("SSH_KEY_PATH", "ssh_key_path", _parse_str),
+    ("SSH_KNOWN_HOSTS", "ssh_known_hosts", _parse_str),
+    ("MAX_RECONNECT_ATTEMPTS", "max_reconnect_attempts", _parse_int),
+    ("RECONNECT_DELAY", "reconnect_delay_ms", _parse_int),
+    ("RECONNECT_DELAY_MAX", "reconnect_delay_max_ms", _parse_int),
+    ("PG_NOTIFY_CONNECT_TIMEOUT", "connect_timeout_s", _parse_float),
+    ("PG_NOTIFY_HEALTH_CHECK_INTERVAL", "health_check_interval_s", _parse_float),
+    ("PG_NOTIFY_HEALTH_CHECK_TIMEOUT", "health_check_timeout_s", _parse_float),
+    ("ENABLE_DB_EVENTS", "enable_db_events", _parse_bool),
+    ("ENABLE_EVENT_BUFFERING", "enable_event_buffering", _parse_bool),
+    ("PG_NOTIFY_WORKERS", "worker_pool_size", _parse_int),
+    ("PG_NOTIFY_BUFFER_SIZE", "event_buffer_size", _parse_int),
+    ("PG_NOTIFY_PUBLISH_BUFFER_SIZE", "publish_buffer_size", _parse_int),
+    ("PG_POOL_MAX", "pool_max_connections", _parse_int),
+)
+
+ENV_VARIABLES = tuple(var for var, _, _ in _ENV_VARS)
+_FIELD_TO_VAR = {field: var for var, field, _ in _ENV_VARS}
+
+
+def _name_variable(message):
+    """Prefix a validator message 'field: ...' with the environment variable's name."""
+    field, sep, rest = message.partition(":")
+    var = _FIELD_TO_VAR.get(field)
+    if sep and var:
+        return f"{var} ({field}):{rest}"
+    return message

@@ -1,0 +1,35 @@
+"""The exception hierarchy: one root, grouped by kind.
+
+Exceptions are raised only in the caller's thread. Failures in background
+threads become a log line, a metric and an ``error`` signal instead.
+"""
+
+
+class PgNotifyError(Exception):
+    """Root of every exception raised by pgnotify_sync."""
+
+
+class ConfigError(PgNotifyError, ValueError):
+    """A configuration value is missing or wrong. The message names the setting."""
+
+
+class ConnectError(PgNotifyError):
+    """The database (or the SSH tunnel in front of it) could not be reached."""
+
+
+class PayloadError(PgNotifyError, ValueError):
+    """A notification payload could not be decoded into a DatabaseEvent."""
+
+    def __init__(self, message, channel=None, payload_size=None):
+        super().__init__(message)
+        self.channel = channel
+        # Only the size is kept: the payload may carry row data.
+        self.payload_size = payload_size
+
+
+class ListenerStateError(PgNotifyError, RuntimeError):
+    """The listener cannot do this in its current state (e.g. start after stop)."""
+
+
+class SchemaError(PgNotifyError):
+    """install/watch_table failed, or the schema objects are missing."""

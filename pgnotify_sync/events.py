@@ -1,0 +1,191 @@
+"""DatabaseEvent, Operation and the decoding of notification payloads.
+
+Example::
+
+    @listener.on_event("messages")
+    def on_message(event: DatabaseEvent):
+        if event.operation == "INSERT":
+            print(event.table, event.id, event.data["body"])
+
+Events are frozen attrs objects. :data:`converter` (cattrs) turns them into plain
+dicts and back::
+
+    d = converter.unstructure(event)          # JSON-ready dict
+    event = converter.structure(d, DatabaseEvent)
+"""
+
+import decimal
+import enum
+import functools
+import json
+from typing import Any, Dict, Optional
+
+import attrs
+import cattrs
+
+from .errors import PayloadError
+
+
+class Operation(str, enum.Enum):
+    """What happened to the row. A ``str`` enum: ``event.operation == "INSERT"`` holds."""
+
+    INSERT = "INSERT"
+    UPDATE = "UPDATE"
+    DELETE = "DELETE"
+    #: An application event sent with ``publish()`` (``data`` is its payload).
+    PUBLISH = "PUBLISH"
+
+    def __str__(self):
+        return self.value
+
+
+@attrs.frozen(slots=True)
+class DatabaseEvent:
+    """One change of one row (or one published application event).
+
+    :ivar channel: the logical channel name the handler subscribed to.
+    :ivar operation: an :class:`Operation`.
+    :ivar schema: schema of the changed table.
+    :ivar table: name of the changed table.
+    :ivar data: the new row as a dict; for DELETE the deleted row. Columns excluded
+        with ``watch_table(exclude_columns=...)`` are never present.
+    :ivar old: the previous row for UPDATE, else None.
+    :ivar id: the event's id in the event log (increasing, unique), or None for a
+        plain payload sent by a trigger that has no event log.
+    :ivar xid: the writing transaction's id (``pg_current_xact_id()``), or None.
+    """
+
+    channel: str
+    operation: Operation
+    schema: str
+    table: str
+    data: Optional[Dict[str, Any]] = None
+    old: Optional[Dict[str, Any]] = None
+    id: Optional[int] = None
+    xid: Optional[int] = attrs.field(default=None, repr=False)
+
+    def to_dict(self):
+        """A JSON-ready dict (the shape the SSE bridge and the CLI print)."""
+        return converter.unstructure(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
+
+
+def _structure_operation(value, _type):
+    if isinstance(value, Operation):
+        return value
+    try:
+        return Operation(value)
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"operation must be one of {', '.join(op.value for op in Operation)}, got {value!r}") from None
+
+
+def _structure_row(value, _type):
+    if value is None or isinstance(value, dict):
+        return value
+    raise ValueError(f"a row must be a JSON object or null, got {type(value).__name__}")
+
+
+def _structure_name(value, _type):
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"expected a string, got {type(value).__name__}")
+
+
+def _structure_optional_int(value, _type):
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+converter = cattrs.Converter()
+converter.register_structure_hook(Operation, _structure_operation)
+converter.register_structure_hook(Optional[Dict[str, Any]], _structure_row)
+converter.register_structure_hook(str, _structure_name)
+converter.register_structure_hook(Optional[int], _structure_optional_int)
+converter.register_unstructure_hook(Operation, lambda op: op.value)
+
+_KNOWN_OPERATIONS = {op.value: op for op in Operation}
+
+#: JSON decoding used for payloads and event-log rows. Non-integer numbers become
+#: ``decimal.Decimal``: a ``numeric`` column keeps every digit (as psycopg2 does for
+#: plain queries); integers stay ``int``.
+loads = functools.partial(json.loads, parse_float=decimal.Decimal)
+
+
+@attrs.frozen(slots=True)
+class EventRef:
+    """A notification that carries only the log id (the row did not fit in 8000 bytes).
+
+    The worker fetches the full event from the event log before delivering it, so
+    the handler never sees an EventRef.
+    """
+
+    channel: str
+    id: int
+    xid: Optional[int] = None
+
+
+def decode_payload(channel, payload, _loads=loads, _ops=_KNOWN_OPERATIONS):
+    """Decode one notification payload into a DatabaseEvent (or an EventRef).
+
+    *channel* is the logical channel. Raises :class:`PayloadError` naming what is
+    wrong; the message never contains the payload itself (it may hold row data).
+    """
+    try:
+        obj = _loads(payload)
+    except ValueError as exc:
+        raise PayloadError(f"payload on channel {channel!r} is not JSON ({exc.msg} at position {exc.pos})",
+                           channel, len(payload)) from None
+    if type(obj) is not dict:
+        raise PayloadError(f"payload on channel {channel!r} must be a JSON object, got {type(obj).__name__}",
+                           channel, len(payload))
+    # Fast path for our own trigger's payloads: every field has the expected type.
+    op = _ops.get(obj.get("operation"))
+    data = obj.get("data")
+    old = obj.get("old")
+    ident = obj.get("id")
+    schema = obj.get("schema")
+    table = obj.get("table")
+    if (op is not None and type(schema) is str and type(table) is str
+            and (data is None or type(data) is dict) and (old is None or type(old) is dict)
+            and (ident is None or type(ident) is int)):
+        xid = obj.get("xid")
+        return DatabaseEvent(channel, op, schema, table, data, old, ident,
+                             xid if type(xid) is int else None)
+    if obj.get("ref") is True and type(ident) is int:
+        xid = obj.get("xid")
+        return EventRef(channel, ident, xid if type(xid) is int else None)
+    # Slow path: let cattrs structure it, so the error says precisely what is wrong.
+    obj = dict(obj)
+    obj["channel"] = channel
+    try:
+        return converter.structure(obj, DatabaseEvent)
+    except Exception as exc:  # cattrs raises ClassValidationError (an ExceptionGroup)
+        raise PayloadError(f"payload on channel {channel!r} is not an event: {_describe(exc)}",
+                           channel, len(payload)) from None
+
+
+def _describe(exc):
+    """Flatten cattrs' exception groups into 'field: problem' text (no values of rows)."""
+    subs = getattr(exc, "exceptions", None)
+    if not subs:
+        return f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+    parts = []
+    for sub in subs:
+        notes = [n for n in getattr(sub, "__notes__", []) or []]
+        where = ""
+        for note in notes:
+            if note.startswith("Structuring class") and "@ attribute" in note:
+                where = note.split("@ attribute", 1)[1].strip().split()[0]
+        described = _describe(sub)
+        parts.append(f"{where}: {described}" if where else described)
+    return "; ".join(parts)

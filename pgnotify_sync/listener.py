@@ -1,0 +1,730 @@
+"""The Listener: a dedicated LISTEN connection, a reader thread, a worker pool.
+
+Example::
+
+    from pgnotify_sync import Config, Listener
+
+    listener = Listener(Config.from_env())
+
+    @listener.on_event("messages")
+    def on_message(event):
+        print(event.operation, event.data)
+
+    listener.start()          # returns once every channel is LISTENed
+    ...
+    listener.stop()
+
+Threads (named after the listener): ``<name>-reader`` owns the listener
+connection: it connects (with the retry policy), LISTENs, waits with poll() on the
+socket and a wake-up pipe, drains notifications in order, decodes them and hands
+them to the dispatcher without ever blocking; it also runs the health check (a
+round trip that proves the whole path) and reconnects with backoff.
+``<name>-worker-N`` run handlers (see _dispatch.py). ``<name>-watchdog`` retries
+channels that fell back to the event log.
+"""
+
+import enum
+import errno
+import itertools
+import json
+import logging
+import os
+import select
+import threading
+import time
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from ._backoff import Backoff
+from ._dispatch import Advance, CatchUpFailed, ChannelState, Dispatcher, SetPosition
+from ._pool import ConnectionPool
+from ._snapshot import Snapshot
+from .config import Config
+from .errors import ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError
+from .events import DatabaseEvent, Operation, decode_payload
+from .signals import ListenerSignals
+
+log = logging.getLogger("pgnotify_sync")
+
+_names = itertools.count(1)
+
+CATCHUP_PAGE = 5000
+
+_CATCHUP_SQL = """
+SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old
+  FROM pgnotify_sync.event_log
+ WHERE channel = %(channel)s
+   AND xid >= %(pos_xmin)s::text::xid8 AND xid < %(to_xmax)s::text::xid8
+   AND id > %(after)s
+   AND pg_visible_in_snapshot(xid, %(to)s::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)
+ ORDER BY id
+ LIMIT %(limit)s
+"""
+
+_FETCH_SQL = """
+SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old
+  FROM pgnotify_sync.event_log WHERE id = %s
+"""
+
+
+class ConnectionState(str, enum.Enum):
+    """Where the listener connection stands (``listener.state``)."""
+
+    STOPPED = "STOPPED"
+    CONNECTING = "CONNECTING"
+    LISTENING = "LISTENING"
+    RECONNECTING = "RECONNECTING"
+    FAILED = "FAILED"
+
+    def __str__(self):
+        return self.value
+
+
+class _Stopped(Exception):
+    """stop() was called while the reader was waiting."""
+
+
+class _Lost(Exception):
+    """The listener connection is gone (or did not answer a health check in time)."""
+
+
+# Errors that retrying cannot fix: fail start() at once instead of retrying forever.
+_FATAL_CONNECT_TEXT = ("password authentication failed", "authentication failed", "does not exist",
+                       "no pg_hba.conf entry", "permission denied", "role", "SSL off")
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _HealthCheck:
+    __slots__ = ("channel", "token", "next_at", "sent_at", "deadline", "cursor", "snapshot", "marker_seen",
+                 "pending", "counter")
+
+    def __init__(self, channel, first_at):
+        self.channel = channel
+        self.counter = itertools.count(1)
+        self.token = None
+        self.next_at = first_at
+        self.sent_at = 0.0
+        self.deadline = 0.0
+        self.cursor = None
+        self.snapshot = None
+        self.marker_seen = False
+        self.pending = False
+
+
+class Listener:
+    """Turns notifications of watched tables into :class:`DatabaseEvent` objects.
+
+    :param config: a :class:`Config`.
+    :param consumer: optional durable consumer name: its position is stored in
+        PostgreSQL and a restarted process resumes where it left off.
+    :param name: names threads, logs and metrics; default ``pgnotify-N``.
+    """
+
+    def __init__(self, config, *, consumer=None, name=None):
+        if not isinstance(config, Config):
+            raise ConfigError(f"config: expected a pgnotify_sync.Config, got {type(config).__name__}")
+        self.config = config
+        self.name = name or f"pgnotify-{next(_names)}"
+        self.consumer = consumer
+        self.signals = ListenerSignals()
+        self._channels = {}
+        for channel in config.channels:
+            self._add_channel(channel)
+        self._lock = threading.RLock()
+        self._state = ConnectionState.STOPPED
+        self._closed = False
+        self._started = False
+        self._stop_event = threading.Event()
+        self._wake_r = self._wake_w = None
+        self._reader = None
+        self._watchdog = None
+        self._dispatcher = None
+        self._pool = None
+        self._ready = threading.Event()
+        self._start_error = None
+        self._pending_catchup = set()
+        self._backoff = Backoff(config.reconnect_delay_ms / 1000.0, config.reconnect_delay_max_ms / 1000.0,
+                                config.max_reconnect_attempts)
+        self.stats = {
+            "received": 0, "delivered": 0, "parse_errors": 0, "handler_errors": 0, "reconnects": 0,
+            "reconnect_attempts": 0, "health_checks": 0, "health_check_failures": 0, "caught_up": 0,
+            "last_health_rtt_s": None, "connected_since": None,
+        }
+
+    # -- public API ------------------------------------------------------------
+
+    def __repr__(self):
+        return (f"<Listener {self.name!r} state={self._state.value} "
+                f"channels={sorted(self._channels)!r} target={self.config.describe_target()!r}>")
+
+    @property
+    def state(self):
+        """The :class:`ConnectionState`."""
+        return self._state
+
+    @property
+    def channels(self):
+        """Logical channel names this listener listens on."""
+        return tuple(self._channels)
+
+    def on_event(self, channel, handler=None):
+        """Call ``handler(event)`` for every event of *channel*. Usable as a decorator.
+
+        Subscribing to a channel not in ``Config.channels`` adds it (before ``start()``).
+        The handler is held strongly (unlike a bare blinker ``connect``).
+        """
+        if handler is None:
+            return lambda fn: self.on_event(channel, fn)
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+        if channel not in self._channels:
+            if self._started:
+                raise ListenerStateError(
+                    f"{self.name}: cannot add channel {channel!r} after start(); list it in Config.channels")
+            self._add_channel(channel)
+
+        def receiver(sender, event, **_kw):
+            handler(event)
+
+        receiver.__name__ = getattr(handler, "__name__", "handler")
+        receiver.__wrapped__ = handler
+        self.signals.event.connect(receiver, sender=channel, weak=False)
+        return handler
+
+    def start(self, wait=True, timeout_s=30.0):
+        """Connect and LISTEN on every channel.
+
+        With *wait* (the default) it returns once every channel is LISTENed, and
+        raises :class:`ConnectError` if that fails for a reason retrying cannot fix
+        (bad password, missing database), if the retry policy gives up, or if
+        *timeout_s* passes first (the listener is then stopped). ``wait=False``
+        returns at once and connects in the background.
+
+        On a FAILED listener, ``start()`` tries again. A stopped listener cannot
+        be restarted: create a new one.
+        """
+        if not self.config.enable_db_events:
+            log.info("%s: database events are disabled (ENABLE_DB_EVENTS=false); not connecting", self.name)
+            return self
+        with self._lock:
+            if self._closed:
+                raise ListenerStateError(f"{self.name}: a stopped listener cannot be started again; "
+                                         "create a new Listener")
+            if self._state in (ConnectionState.CONNECTING, ConnectionState.LISTENING,
+                               ConnectionState.RECONNECTING):
+                return self
+            if not self._channels:
+                raise ConfigError("channels: no channel to listen on; set Config(channels=...) "
+                                  "(PG_NOTIFY_CHANNELS) or call on_event() before start()")
+            if not self._started:
+                self._started = True
+                self._setup()
+            self._ready.clear()
+            self._start_error = None
+            self._set_state(ConnectionState.CONNECTING)
+            self._reader = threading.Thread(target=self._run_reader, name=f"{self.name}-reader", daemon=True)
+            self._reader.start()
+        if not wait:
+            return self
+        if not self._ready.wait(timeout_s):
+            self.stop()
+            raise ConnectError(f"{self.name}: not listening after {timeout_s} s "
+                               f"({self.config.describe_target()}); stopped")
+        if self._start_error is not None:
+            raise self._start_error
+        return self
+
+    def stop(self, timeout=5.0):
+        """Stop: close the listener connection, deliver what was already received
+        (until *timeout* seconds), end every thread, close every connection.
+
+        Idempotent; safe from a handler or a signal receiver (the calling thread
+        ends once its handler returns).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        deadline = time.monotonic() + timeout
+        self._stop_event.set()
+        self._wake()
+        me = threading.current_thread()
+        for thread in (self._reader, self._watchdog):
+            if thread is not None and thread is not me:
+                thread.join(max(0.0, deadline - time.monotonic()))
+                if thread.is_alive():
+                    log.warning("%s: thread %s did not stop in time", self.name, thread.name)
+        if self._dispatcher is not None:
+            self._dispatcher.close(max(0.0, deadline - time.monotonic()))
+        if self._pool is not None:
+            self._pool.close()
+        reader_alive = self._reader is not None and self._reader.is_alive()
+        if not reader_alive:
+            for fd in (self._wake_r, self._wake_w):
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._wake_r = self._wake_w = None
+        self._set_state(ConnectionState.STOPPED)
+        log.info("%s: stopped", self.name)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def threads(self):
+        """The threads this listener started (for tests and diagnostics)."""
+        threads = [t for t in (self._reader, self._watchdog) if t is not None]
+        if self._dispatcher is not None:
+            threads.extend(self._dispatcher.threads())
+        return threads
+
+    def get_stats(self):
+        """A plain dict of counters and gauges."""
+        stats = dict(self.stats)
+        stats["state"] = self._state.value
+        if self._dispatcher is not None:
+            stats["buffered"] = self._dispatcher.buffered
+            stats["capacity"] = self._dispatcher.capacity
+            stats["dropped_to_log"] = sum(ch.dropped for ch in self._channels.values())
+        return stats
+
+    def publish(self, channel, payload):
+        """Send an application event on *channel*: written to the event log and
+        notified in one transaction. *payload* must be JSON-serialisable. Returns the
+        event's log id.
+        """
+        self._require_pool()
+        wire = self.config.wire_channel(channel)
+        body = json.dumps(payload)
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT pgnotify_sync.publish(%s, %s::jsonb)", (wire, body))
+                return cur.fetchone()[0]
+        except psycopg2.Error as exc:
+            raise ConnectError(f"{self.name}: publish on {channel!r} failed: {_first_line(exc)}") from exc
+
+    # -- set-up -------------------------------------------------------------------
+
+    def _add_channel(self, channel):
+        if not isinstance(channel, str) or not channel:
+            raise ConfigError(f"channels: every channel must be a non-empty string, got {channel!r}")
+        # Re-validates length with the prefix.
+        attrs_cfg = self.config
+        wire = attrs_cfg.wire_channel(channel)
+        if len(wire.encode()) > 63:
+            raise ConfigError(f"channels: {wire!r} is longer than PostgreSQL's 63-byte identifier limit")
+        self._channels[channel] = ChannelState(channel, wire)
+
+    def _require_pool(self):
+        with self._lock:
+            if self._pool is None:
+                if self._closed:
+                    raise ListenerStateError(f"{self.name}: stopped")
+                self._pool = ConnectionPool(f"{self.name}-pool", self._pool_connect_kwargs,
+                                            self.config.pool_max_connections)
+        return self._pool
+
+    def _pool_connect_kwargs(self):
+        return self.config.connect_kwargs()
+
+    def _listener_connect_kwargs(self):
+        return self.config.connect_kwargs()
+
+    def _setup(self):
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._require_pool()
+        self._dispatcher = Dispatcher(self.name, self._channels, self.config.event_buffer_size,
+                                      self.config.worker_pool_size, self)
+        self._dispatcher.start()
+        self._watchdog = threading.Thread(target=self._run_watchdog, name=f"{self.name}-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def _wake(self):
+        fd = self._wake_w
+        if fd is not None:
+            try:
+                os.write(fd, b"x")
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EBADF):
+                    raise
+
+    def _drain_wake(self):
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _set_state(self, state):
+        if self._state is not state:
+            log.debug("%s: state %s -> %s", self.name, self._state.value, state.value)
+            self._state = state
+
+    def _emit(self, signal, **kwargs):
+        """Send a lifecycle signal; a receiver that raises is logged, not propagated."""
+        for receiver in signal.receivers_for(self):
+            try:
+                receiver(self, **kwargs)
+            except Exception:
+                log.exception("%s: a receiver of %r raised", self.name, signal.name)
+
+    # -- reader thread --------------------------------------------------------------
+
+    def _run_reader(self):
+        first = True
+        attempt = 0
+        try:
+            while not self._stop_event.is_set():
+                try:
+                    conn, hc = self._open_session(first)
+                except _Stopped:
+                    return
+                except (ConnectError, PgNotifyError, psycopg2.Error) as exc:
+                    error = exc if isinstance(exc, PgNotifyError) else ConnectError(_first_line(exc))
+                    if first and self._is_fatal(exc):
+                        log.error("%s: cannot connect (%s): %s", self.name, self.config.describe_target(), error)
+                        self._fail(error)
+                        return
+                    attempt += 1
+                    self.stats["reconnect_attempts"] += 1
+                    if self._backoff.exhausted(attempt):
+                        log.error("%s: giving up after %d attempts: %s", self.name, attempt, error)
+                        self._fail(ConnectError(f"{self.name}: gave up after {attempt} attempts: {error}"))
+                        return
+                    delay = self._backoff.delay_s(attempt)
+                    log.warning("%s: connect attempt %d failed (%s); retrying in %.2f s",
+                                self.name, attempt, error, delay)
+                    self._set_state(ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING)
+                    self._emit(self.signals.reconnecting, attempt=attempt, delay_s=delay, error=error)
+                    if self._stop_event.wait(delay):
+                        return
+                    continue
+                if not first:
+                    self.stats["reconnects"] += 1
+                first = False
+                attempt = 0
+                error = None
+                try:
+                    self._read_loop(conn, hc)
+                except _Lost as exc:
+                    error = exc
+                    log.warning("%s: connection lost: %s", self.name, exc)
+                finally:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
+                self.stats["connected_since"] = None
+                if error is None:
+                    return          # stopped
+                self._set_state(ConnectionState.RECONNECTING)
+                self._emit(self.signals.disconnected, error=error)
+                # First retry at once: a killed backend is usually back immediately.
+        except Exception as exc:  # a bug: never die silently
+            log.exception("%s: reader thread failed", self.name)
+            self._fail(PgNotifyError(f"{self.name}: reader failed: {exc!r}"))
+        finally:
+            self._ready.set()
+
+    def _is_fatal(self, exc):
+        text = str(exc)
+        return any(part in text for part in _FATAL_CONNECT_TEXT)
+
+    def _fail(self, error):
+        self._set_state(ConnectionState.FAILED)
+        self._start_error = error if isinstance(error, PgNotifyError) else ConnectError(str(error))
+        self._ready.set()
+        self._report("connect", error, None)
+        self._emit(self.signals.failed, error=error)
+
+    def _wait(self, conn, deadline, what):
+        """Drive an async connection until its current operation completes."""
+        wake = self._wake_r
+        while True:
+            try:
+                state = conn.poll()
+            except psycopg2.Error as exc:
+                raise ConnectError(f"{what}: {_first_line(exc)}") from exc
+            if state == psycopg2.extensions.POLL_OK:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectError(f"{what}: no answer within the deadline")
+            poller = select.poll()
+            poller.register(wake, select.POLLIN)
+            poller.register(conn.fileno(), select.POLLOUT if state == psycopg2.extensions.POLL_WRITE
+                            else select.POLLIN)
+            for fd, _ in poller.poll(left * 1000):
+                if fd == wake:
+                    self._drain_wake()
+                    if self._stop_event.is_set():
+                        raise _Stopped()
+
+    def _open_session(self, first):
+        """Connect, LISTEN on every channel, take the start snapshot."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.connect_timeout_s
+        try:
+            conn = psycopg2.connect(async_=True, **self._listener_connect_kwargs())
+        except psycopg2.Error as exc:
+            raise ConnectError(f"cannot connect: {_first_line(exc)}") from exc
+        try:
+            self._wait(conn, deadline, "connect")
+            pid = conn.info.backend_pid
+            hc = _HealthCheck(f"pgnotify_sync.hc.{pid}", time.monotonic() + cfg.health_check_interval_s)
+            wires = [ch.wire for ch in self._channels.values()] + [hc.channel]
+            statement = sql.SQL("; ").join(sql.SQL("LISTEN {}").format(sql.Identifier(w)) for w in wires)
+            cur = conn.cursor()
+            cur.execute(statement)
+            self._wait(conn, deadline, "LISTEN")
+            # Every transaction not visible in this snapshot commits after our LISTEN,
+            # so its notification reaches us.
+            cur.execute("SELECT pg_current_snapshot()::text")
+            self._wait(conn, deadline, "snapshot")
+            start = Snapshot.parse(cur.fetchone()[0])
+            cur.close()
+            if first and self.consumer:
+                self._load_consumer(start)
+        except BaseException:
+            conn.close()
+            raise
+        self.stats["connected_since"] = time.time()
+        log.info("%s: listening on %s (%s)", self.name, ", ".join(repr(c) for c in self._channels),
+                 cfg.describe_target())
+        dispatcher = self._dispatcher
+        self._set_state(ConnectionState.LISTENING)
+        if first and not self.consumer:
+            for ch in self._channels.values():
+                dispatcher.push_control(ch, SetPosition(start))
+            self._ready.set()
+            self._emit(self.signals.connected)
+        else:
+            with self._lock:
+                self._pending_catchup = set(self._channels)
+            self._ready.set()
+            dispatcher.catch_up_all("reconnect" if not first else "resume")
+        return conn, hc
+
+    def _read_loop(self, conn, hc):
+        cfg = self.config
+        fd = conn.fileno()
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        poller.register(fd, select.POLLIN)
+        writing = False
+        notifies = conn.notifies
+        POLL_OK = psycopg2.extensions.POLL_OK
+        POLL_WRITE = psycopg2.extensions.POLL_WRITE
+        while True:
+            now = time.monotonic()
+            left = (hc.deadline if hc.pending else hc.next_at) - now
+            if left <= 0:
+                if hc.pending:
+                    self.stats["health_check_failures"] += 1
+                    raise _Lost(f"health check got no answer within {cfg.health_check_timeout_s} s")
+                self._send_health_check(conn, hc)
+                writing = True
+                poller.modify(fd, select.POLLIN | select.POLLOUT)
+                continue
+            for rfd, _ in poller.poll(left * 1000):
+                if rfd == self._wake_r:
+                    self._drain_wake()
+                    if self._stop_event.is_set():
+                        return
+            try:
+                state = conn.poll()
+            except psycopg2.Error as exc:
+                raise _Lost(_first_line(exc)) from exc
+            want_write = state == POLL_WRITE
+            if want_write != writing:
+                writing = want_write
+                poller.modify(fd, select.POLLIN | (select.POLLOUT if writing else 0))
+            if notifies:
+                batch = notifies[:]
+                del notifies[:]
+                self._handle_notifies(batch, hc)
+            if hc.cursor is not None and state == POLL_OK:
+                try:
+                    hc.snapshot = Snapshot.parse(hc.cursor.fetchone()[0])
+                except psycopg2.Error as exc:
+                    raise _Lost(f"health check failed: {_first_line(exc)}") from exc
+                hc.cursor.close()
+                hc.cursor = None
+                self._health_check_done(hc)
+
+    def _send_health_check(self, conn, hc):
+        hc.token = str(next(hc.counter))
+        hc.sent_at = time.monotonic()
+        hc.deadline = hc.sent_at + self.config.health_check_timeout_s
+        hc.pending = True
+        hc.marker_seen = False
+        hc.snapshot = None
+        hc.cursor = conn.cursor()
+        try:
+            # The snapshot is taken before our NOTIFY commits; when the marker comes
+            # back, every transaction visible in it has been received (commit order).
+            hc.cursor.execute("SELECT pg_current_snapshot()::text, pg_notify(%s, %s)", (hc.channel, hc.token))
+        except psycopg2.Error as exc:
+            raise _Lost(f"health check failed: {_first_line(exc)}") from exc
+
+    def _health_check_done(self, hc):
+        if not (hc.pending and hc.marker_seen and hc.snapshot is not None and hc.cursor is None):
+            return
+        now = time.monotonic()
+        hc.pending = False
+        hc.next_at = now + self.config.health_check_interval_s
+        self.stats["health_checks"] += 1
+        self.stats["last_health_rtt_s"] = now - hc.sent_at
+        advance = Advance(hc.snapshot)
+        for ch in self._channels.values():
+            self._dispatcher.push_control(ch, advance, skip_overflowing=True)
+
+    def _handle_notifies(self, batch, hc):
+        by_wire = self._dispatcher.by_wire
+        push = self._dispatcher.push
+        groups = {}
+        received = 0
+        for notify in batch:
+            ch = by_wire.get(notify.channel)
+            if ch is None:
+                if notify.channel == hc.channel and notify.payload == hc.token:
+                    # Keep the order: what came before the marker is queued before Advance.
+                    for group_ch, events in groups.items():
+                        push(group_ch, events)
+                    groups = {}
+                    hc.marker_seen = True
+                    self._health_check_done(hc)
+                continue
+            received += 1
+            try:
+                event = decode_payload(ch.name, notify.payload)
+            except PayloadError as exc:
+                self.stats["parse_errors"] += 1
+                self._report("payload", exc, ch.name)
+                continue
+            events = groups.get(ch)
+            if events is None:
+                groups[ch] = [event]
+            else:
+                events.append(event)
+        self.stats["received"] += received
+        for ch, events in groups.items():
+            push(ch, events)
+
+    # -- dispatcher hooks (worker threads) ------------------------------------------
+
+    def _deliver(self, ch, events):
+        receivers = list(self.signals.event.receivers_for(ch.name))
+        name = ch.name
+        debug = log.isEnabledFor(logging.DEBUG)
+        for event in events:
+            for receiver in receivers:
+                try:
+                    receiver(name, event=event)
+                except Exception as exc:
+                    self.stats["handler_errors"] += 1
+                    self._report("handler", exc, name, event_id=event.id, exc_info=True)
+            if debug:
+                log.debug("%s: delivered event %s on %r (%s %s.%s)", self.name, event.id, name,
+                          event.operation.value, event.schema, event.table)
+        ch.delivered += len(events)
+        self.stats["delivered"] += len(events)
+
+    def _row_event(self, ch, row):
+        ident, xid, operation, schema, table, data, old = row
+        return DatabaseEvent(ch.name, Operation(operation), schema, table, data, old, ident, xid)
+
+    def _catch_up(self, ch):
+        pos = ch.position
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_current_snapshot()::text")
+                target = Snapshot.parse(cur.fetchone()[0])
+        except (psycopg2.Error, PgNotifyError) as exc:
+            raise CatchUpFailed(_first_line(exc)) from exc
+
+        def pages():
+            after = 0
+            params = {"channel": ch.wire, "pos_xmin": str(pos.xmin), "to_xmax": str(target.xmax),
+                      "to": str(target), "pos": str(pos), "limit": CATCHUP_PAGE}
+            while True:
+                params["after"] = after
+                try:
+                    with self._pool.connection() as conn, conn.cursor() as cur:
+                        cur.execute(_CATCHUP_SQL, params)
+                        rows = cur.fetchall()
+                except (psycopg2.Error, PgNotifyError) as exc:
+                    raise CatchUpFailed(_first_line(exc)) from exc
+                if not rows:
+                    return
+                self.stats["caught_up"] += len(rows)
+                yield [self._row_event(ch, row) for row in rows]
+                if len(rows) < CATCHUP_PAGE:
+                    return
+                after = rows[-1][0]
+
+        return target, pages()
+
+    def _fetch_ref(self, ch, ref):
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.execute(_FETCH_SQL, (ref.id,))
+                row = cur.fetchone()
+        except (psycopg2.Error, PgNotifyError) as exc:
+            raise CatchUpFailed(_first_line(exc)) from exc
+        if row is None:
+            self._report("missing", f"event {ref.id} is no longer in the event log", ch.name)
+            return None
+        return self._row_event(ch, row)
+
+    def _caught_up(self, ch, reason, count):
+        with self._lock:
+            if ch.name not in self._pending_catchup:
+                return
+            self._pending_catchup.discard(ch.name)
+            done = not self._pending_catchup
+        if done and self._state is ConnectionState.LISTENING:
+            log.info("%s: connected and caught up (%s)", self.name, reason)
+            self._emit(self.signals.connected)
+
+    def _on_position(self, ch):
+        pass
+
+    def _report(self, kind, error, channel, event_id=None, exc_info=False):
+        """A background failure: log line, counter, ``error`` signal."""
+        level = logging.WARNING if kind in ("payload", "handler", "overflow", "catchup") else logging.ERROR
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        log.log(level, "%s: %s error on channel %r%s: %s", self.name, kind, channel,
+                f" (event {event_id})" if event_id is not None else "", text,
+                exc_info=exc_info)
+        for receiver in self.signals.error.receivers_for(self):
+            try:
+                receiver(self, error=error, kind=kind, channel=channel, event_id=event_id)
+            except Exception:
+                log.exception("%s: an error-signal receiver raised", self.name)
+
+    # -- watchdog ----------------------------------------------------------------
+
+    def _run_watchdog(self):
+        while not self._stop_event.wait(0.25):
+            try:
+                self._dispatcher.retry_overflowed()
+            except Exception:
+                log.exception("%s: watchdog failed", self.name)
+
+    def _load_consumer(self, start):
+        pass

@@ -1,0 +1,123 @@
+"""Install the schema objects and attach capture triggers to tables.
+
+Example::
+
+    import psycopg2
+    from pgnotify_sync import install, watch_table
+
+    conn = psycopg2.connect(...)
+    install(conn)                                     # idempotent
+    watch_table(conn, "public.messages", channel="messages",
+                exclude_columns=("password_hash",))   # never leaves the database
+
+The same SQL is usable without Python: ``psql -1 -f sql/install.sql`` and
+``SELECT pgnotify_sync.watch_table('public.messages', 'messages', ARRAY['password_hash'])``.
+Each function runs in its own transaction and commits it (the connection's
+autocommit setting is respected and restored).
+"""
+
+import contextlib
+import pathlib
+
+try:
+    from importlib.resources import files as _resource_files
+except ImportError:  # pragma: no cover - Python < 3.9
+    _resource_files = None
+
+import psycopg2
+
+from .config import MAX_CHANNEL_BYTES, PREFIX_SEPARATOR
+from .errors import SchemaError
+
+SCHEMA = "pgnotify_sync"
+
+
+def sql_text(name):
+    """The text of ``sql/<name>`` (``install.sql``, ``rollback.sql``).
+
+    Installed, the files ship as the package ``pgnotify_sync.sql`` (setup.cfg maps
+    it to the top-level ``sql/`` folder); from a source checkout they are read there.
+    """
+    try:
+        return _resource_files("pgnotify_sync.sql").joinpath(name).read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        return (pathlib.Path(__file__).resolve().parent.parent / "sql" / name).read_text(encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _transaction(conn):
+    """Run a block in one transaction whatever the connection's autocommit mode."""
+    was_autocommit = conn.autocommit
+    if was_autocommit:
+        conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            yield cur
+        conn.commit()
+    except psycopg2.Error as exc:
+        conn.rollback()
+        raise SchemaError(_pg_message(exc)) from exc
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        if was_autocommit:
+            conn.autocommit = True
+
+
+def _pg_message(exc):
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag else None
+    return primary or str(exc).strip()
+
+
+def install(conn):
+    """Create (or update) the schema objects of ``sql/install.sql``. Idempotent."""
+    with _transaction(conn) as cur:
+        cur.execute(sql_text("install.sql"))
+
+
+def uninstall(conn):
+    """Drop every object ``install`` created, capture triggers and the event log included."""
+    with _transaction(conn) as cur:
+        cur.execute(sql_text("rollback.sql"))
+
+
+def _wire(channel, channel_prefix):
+    if not isinstance(channel, str) or not channel:
+        raise SchemaError(f"channel must be a non-empty string, got {channel!r}")
+    wire = f"{channel_prefix}{PREFIX_SEPARATOR}{channel}" if channel_prefix else channel
+    if len(wire.encode("utf-8")) > MAX_CHANNEL_BYTES:
+        raise SchemaError(f"channel {wire!r} is longer than PostgreSQL's {MAX_CHANNEL_BYTES}-byte limit")
+    return wire
+
+
+def watch_table(conn, table, channel, exclude_columns=(), channel_prefix=""):
+    """Attach the capture trigger to *table* (``"schema.table"``, quoted as in SQL for
+    awkward names: ``'public."My Table"'``), sending its changes on *channel*.
+
+    *exclude_columns* never leave the database: not in notifications, not in the
+    event log. *channel_prefix* must match the listeners' ``Config.channel_prefix``.
+    Calling it again replaces the previous trigger of that table.
+    """
+    if isinstance(exclude_columns, str):
+        raise SchemaError("exclude_columns must be a sequence of column names, not a string")
+    wire = _wire(channel, channel_prefix)
+    with _transaction(conn) as cur:
+        cur.execute("SELECT pgnotify_sync.watch_table(%s::regclass, %s, %s::text[])",
+                    (table, wire, list(exclude_columns)))
+
+
+def unwatch_table(conn, table):
+    """Remove the capture trigger from *table*. Idempotent."""
+    with _transaction(conn) as cur:
+        cur.execute("SELECT pgnotify_sync.unwatch_table(%s::regclass)", (table,))
+
+
+def watched_tables(conn):
+    """List of dicts: schema, table, channel, exclude_columns."""
+    with _transaction(conn) as cur:
+        cur.execute("SELECT schema_name, table_name, channel, exclude_columns "
+                    "FROM pgnotify_sync.watched_tables ORDER BY 1, 2")
+        return [dict(schema=r[0], table=r[1], channel=r[2], exclude_columns=list(r[3]))
+                for r in cur.fetchall()]

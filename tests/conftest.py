@@ -1,0 +1,117 @@
+"""Shared fixtures: one throwaway PostgreSQL cluster per test session.
+
+Fixtures
+    pg_cluster  session  the running TemporaryCluster
+    dbname      function a fresh, empty database ``t_<n>``, dropped afterwards
+    dsn         function psycopg2.connect(**dsn) keyword arguments for ``dbname``
+    db          function autocommit psycopg2 connection to ``dbname``
+    admin_db    function autocommit psycopg2 connection to the ``postgres`` database
+
+Every test that (directly or indirectly) uses ``pg_cluster`` gets the
+``integration`` marker, so ``pytest -m "not integration"`` runs the DB-free
+unit tests without starting PostgreSQL.  If the cluster cannot be started,
+those tests error with the ClusterError text; they are never skipped, so a
+broken environment cannot pass as green.
+"""
+
+import itertools
+
+import pytest
+
+from pgnotify_sync._cluster import ClusterError, TemporaryCluster, find_pg_bindir
+
+# Why the session cluster failed to start, if it did (shown by the setup hook).
+_cluster_failure = None
+
+_db_counter = itertools.count(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "pg_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_report_header(config):
+    try:
+        return f"postgresql bindir: {find_pg_bindir()}"
+    except ClusterError as exc:
+        return f"postgresql bindir: NOT FOUND ({exc})"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Once the cluster failed, fail the remaining integration tests at once with
+    # the same message instead of letting each one re-run (and re-wait for) initdb.
+    if _cluster_failure is not None and "pg_cluster" in getattr(item, "fixturenames", ()):
+        pytest.fail(_cluster_failure, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory):
+    global _cluster_failure
+    cluster = TemporaryCluster(base_dir=tmp_path_factory.mktemp("pgcluster"))
+    try:
+        cluster.start()
+    except ClusterError as exc:
+        _cluster_failure = f"PostgreSQL test cluster could not be started:\n{exc}"
+    if _cluster_failure is not None:
+        # Outside the except block so the report is just the message, unchained.
+        try:
+            cluster.cleanup()
+        except ClusterError:
+            pass  # the start failure is the error worth reporting
+        pytest.fail(_cluster_failure, pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def dbname(pg_cluster):
+    name = f"t_{next(_db_counter)}"
+    pg_cluster.create_database(name)
+    yield name
+    pg_cluster.drop_database(name)
+
+
+@pytest.fixture
+def dsn(pg_cluster, dbname):
+    return pg_cluster.conninfo(dbname)
+
+
+@pytest.fixture
+def db(pg_cluster, dbname):
+    conn = pg_cluster.connect(dbname, autocommit=True)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def admin_db(pg_cluster):
+    conn = pg_cluster.connect("postgres", autocommit=True)
+    yield conn
+    conn.close()
+
+
+# -- listener fixtures (pgnotify_sync itself) ------------------------------------
+
+@pytest.fixture
+def installed(db):
+    """The fresh database with pgnotify_sync installed and a watched ``messages`` table."""
+    from pgnotify_sync import install, watch_table
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE messages (id serial PRIMARY KEY, room text, body text, "
+                    "password_hash text, n integer)")
+    watch_table(db, "public.messages", channel="messages", exclude_columns=("password_hash",))
+    return db
+
+
+@pytest.fixture
+def make_listener(dsn):
+    from pgutil import ListenerFactory
+    factory = ListenerFactory(dsn)
+    yield factory
+    factory.stop_all()

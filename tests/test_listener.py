@@ -1,0 +1,417 @@
+"""Core listener behaviour against a real PostgreSQL (started by the fixtures)."""
+
+import decimal
+import json
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from pgnotify_sync import (ConnectError, ConnectionState, DatabaseEvent, Listener, ListenerStateError, Operation,
+                           install, uninstall, unwatch_table, watch_table)
+
+from helpers import wait_for
+from pgutil import Collector, config_for
+
+
+def test_insert_update_delete_carry_exact_fields(installed, make_listener):
+    listener = make_listener()
+    got = Collector()
+    listener.on_event("messages", got)
+    listener.start()
+    assert listener.state is ConnectionState.LISTENING
+    with installed.cursor() as cur:
+        cur.execute("INSERT INTO messages (room, body, password_hash, n) VALUES ('r1', 'hello', 'SECRET', 1)")
+        cur.execute("UPDATE messages SET body = 'edited' WHERE room = 'r1'")
+        cur.execute("DELETE FROM messages WHERE room = 'r1'")
+    ins, upd, dele = got.wait(3)
+    assert ins.channel == "messages" and ins.operation == "INSERT" and ins.operation is Operation.INSERT
+    assert (ins.schema, ins.table) == ("public", "messages")
+    assert ins.data == {"id": 1, "room": "r1", "body": "hello", "n": 1}
+    assert ins.old is None
+    assert upd.operation == "UPDATE"
+    assert upd.data == {"id": 1, "room": "r1", "body": "edited", "n": 1}
+    assert upd.old == {"id": 1, "room": "r1", "body": "hello", "n": 1}
+    assert dele.operation == "DELETE" and dele.data == upd.data and dele.old is None
+    assert ins.id < upd.id < dele.id
+    assert isinstance(ins, DatabaseEvent)
+    with pytest.raises(Exception):
+        ins.table = "x"   # frozen
+
+
+def test_excluded_columns_never_leave_the_database(installed, make_listener):
+    listener = make_listener()
+    got = Collector()
+    listener.on_event("messages", got)
+    listener.start()
+    with installed.cursor() as cur:
+        cur.execute("INSERT INTO messages (body, password_hash) VALUES ('x', 'TOPSECRET')")
+        cur.execute("UPDATE messages SET password_hash = 'OTHER'")
+        cur.execute("SELECT count(*) FROM pgnotify_sync.event_log WHERE data::text LIKE '%%SECRET%%' "
+                    "OR old::text LIKE '%%SECRET%%' OR data::text LIKE '%%OTHER%%'")
+        assert cur.fetchone()[0] == 0
+    events = got.wait(2)
+    for event in events:
+        assert "password_hash" not in event.data
+        assert event.old is None or "password_hash" not in event.old
+
+
+def test_misspelt_excluded_column_is_refused(installed):
+    from pgnotify_sync import SchemaError
+    with pytest.raises(SchemaError, match="passwrd_hash"):
+        watch_table(installed, "public.messages", channel="messages", exclude_columns=("passwrd_hash",))
+
+
+def test_huge_row_is_delivered_whole_and_the_writer_succeeds(installed, make_listener):
+    listener = make_listener()
+    got = Collector()
+    listener.on_event("messages", got)
+    listener.start()
+    body = "é" * 50_000 + "end"    # 100 kB of UTF-8
+    with installed.cursor() as cur:
+        cur.execute("INSERT INTO messages (body) VALUES (%s) RETURNING id", (body,))
+        row_id = cur.fetchone()[0]
+        cur.execute("UPDATE messages SET room = 'big' WHERE id = %s", (row_id,))
+    ins, upd = got.wait(2)
+    assert ins.data["body"] == body and ins.operation == "INSERT"
+    assert upd.data["body"] == body and upd.old["room"] is None and upd.data["room"] == "big"
+
+
+def test_unicode_nulls_and_many_column_types(db, make_listener):
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("""CREATE TABLE "Odd ""Table"" Ü" (
+            id bigserial PRIMARY KEY, t text, n numeric, f float8, b boolean, ts timestamptz,
+            j jsonb, arr int[], by bytea, nothing text, u uuid)""")
+    watch_table(db, 'public."Odd ""Table"" Ü"', channel='Chan "Q" Mixed Case')
+    listener = make_listener(channels=('Chan "Q" Mixed Case',))
+    got = Collector()
+    listener.on_event('Chan "Q" Mixed Case', got)
+    listener.start()
+    with db.cursor() as cur:
+        cur.execute("""INSERT INTO "Odd ""Table"" Ü" (t, n, f, b, ts, j, arr, by, nothing, u) VALUES
+            ('日本語 🎉 \\ "quote" '' ', 12345678901234567890.5, 'NaN', true, '2026-01-02T03:04:05Z',
+             '{"k": [1, null]}', '{1,2,NULL}', '\\x00ff', NULL, '6f1c8e52-8f4b-4d3a-9b1e-0c3f1f2a9d10')""")
+        cur.execute("""INSERT INTO "Odd ""Table"" Ü" (f) VALUES ('Infinity')""")
+    event, inf = got.wait(2)
+    assert event.table == 'Odd "Table" Ü' and event.channel == 'Chan "Q" Mixed Case'
+    d = event.data
+    assert d["t"] == '日本語 🎉 \\ "quote" \' '
+    assert d["nothing"] is None and d["b"] is True
+    assert d["j"] == {"k": [1, None]} and d["arr"] == [1, 2, None]
+    assert d["f"] == "NaN" and inf.data["f"] == "Infinity"
+    assert d["n"] == decimal.Decimal("12345678901234567890.5")
+
+
+def test_plain_payload_of_the_spec_example_trigger_is_accepted(installed, make_listener):
+    listener = make_listener()
+    got = Collector()
+    listener.on_event("messages", got)
+    listener.start()
+    payload = json.dumps({"operation": "INSERT", "schema": "public", "table": "messages", "data": {"id": 7}})
+    with installed.cursor() as cur:
+        cur.execute("SELECT pg_notify('messages', %s)", (payload,))
+    (event,) = got.wait(1)
+    assert event.id is None and event.data == {"id": 7} and event.operation == "INSERT"
+
+
+def test_malformed_payloads_are_reported_and_the_listener_carries_on(installed, make_listener):
+    listener = make_listener()
+    got = Collector()
+    errors = []
+    listener.on_event("messages", got)
+    listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
+    listener.start()
+    with installed.cursor() as cur:
+        cur.execute("NOTIFY messages, 'not json'")
+        cur.execute("""NOTIFY messages, '{"operation": "EXPLODE", "schema": "s", "table": "t", "data": {}}'""")
+        cur.execute("""NOTIFY messages, '[1, 2]'""")
+        cur.execute("INSERT INTO messages (body) VALUES ('after')")
+    (event,) = got.wait(1)
+    assert event.data["body"] == "after"
+    wait_for(lambda: len(errors) == 3)
+    assert [e["kind"] for e in errors] == ["payload"] * 3
+    assert "not JSON" in str(errors[0]["error"])
+    assert "EXPLODE" in str(errors[1]["error"]) and "operation" in str(errors[1]["error"])
+    assert listener.get_stats()["parse_errors"] == 3
+    assert listener.state is ConnectionState.LISTENING
+
+
+def test_raising_receiver_stops_neither_other_receivers_nor_later_events(installed, make_listener):
+    listener = make_listener()
+    got = Collector()
+    seen_by_bad = []
+
+    @listener.on_event("messages")
+    def bad(event):
+        seen_by_bad.append(event.id)
+        raise RuntimeError("handler bug")
+
+    listener.on_event("messages", got)
+    errors = []
+    listener.signals.error.connect(lambda sender, **kw: errors.append(kw["kind"]), weak=False)
+    listener.start()
+    with installed.cursor() as cur:
+        for i in range(5):
+            cur.execute("INSERT INTO messages (body) VALUES (%s)", (str(i),))
+    got.wait(5)
+    assert [e.data["body"] for e in got.events] == ["0", "1", "2", "3", "4"]
+    wait_for(lambda: len(seen_by_bad) == 5 and errors.count("handler") == 5)
+
+
+def test_blinker_signal_filtered_by_channel(db, make_listener):
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE a (id int); CREATE TABLE b (id int)")
+    watch_table(db, "a", channel="chan_a")
+    watch_table(db, "b", channel="chan_b")
+    listener = make_listener(channels=("chan_a", "chan_b"))
+    only_a, every = [], []
+    listener.signals.event.connect(lambda sender, event: only_a.append((sender, event.table)), sender="chan_a",
+                                   weak=False)
+    listener.signals.event.connect(lambda sender, event: every.append((sender, event.table)), weak=False)
+    listener.start()
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (2)")
+    wait_for(lambda: len(every) == 2)
+    assert only_a == [("chan_a", "a")]
+    assert sorted(every) == [("chan_a", "a"), ("chan_b", "b")]
+
+
+def test_per_channel_order_and_one_at_a_time_with_four_workers(db, make_listener):
+    install(db)
+    channels = [f"c{i}" for i in range(6)]
+    with db.cursor() as cur:
+        for c in channels:
+            cur.execute(f"CREATE TABLE {c} (id serial, seq int)")
+    for c in channels:
+        watch_table(db, c, channel=c)
+    listener = make_listener(channels=tuple(channels), worker_pool_size=4)
+    seen = {c: [] for c in channels}
+    active = {c: 0 for c in channels}
+    overlap = []
+    parallel = set()
+    lock = threading.Lock()
+
+    def handler(event):
+        with lock:
+            active[event.channel] += 1
+            if active[event.channel] > 1:
+                overlap.append(event.channel)
+            busy = [c for c, n in active.items() if n]
+            if len(busy) > 1:
+                parallel.add(tuple(sorted(busy)))
+        time.sleep(0.0005)  # a slow-ish handler so channels overlap in time
+        with lock:
+            seen[event.channel].append(event.data["seq"])
+            active[event.channel] -= 1
+
+    for c in channels:
+        listener.on_event(c, handler)
+    listener.start()
+    per_channel = 300
+    with db.cursor() as cur:
+        for start in range(0, per_channel, 50):
+            for c in channels:
+                cur.execute(f"INSERT INTO {c} (seq) SELECT g FROM generate_series(%s, %s) g",
+                            (start, start + 49))
+    wait_for(lambda: all(len(v) == per_channel for v in seen.values()), timeout=30)
+    for c in channels:
+        assert seen[c] == list(range(per_channel)), c
+    assert overlap == []
+    assert parallel, "different channels never ran at the same time"
+
+
+def test_burst_of_10000_events_all_delivered(installed, make_listener):
+    listener = make_listener()
+    got = Collector()
+    listener.on_event("messages", got)
+    listener.start()
+    with installed.cursor() as cur:
+        for _ in range(10):
+            cur.execute("INSERT INTO messages (n) SELECT g FROM generate_series(1, 1000) g")
+    events = got.wait(10_000, timeout=60)
+    ids = [e.id for e in events]
+    assert len(ids) == 10_000 and len(set(ids)) == 10_000
+    assert ids == sorted(ids)
+
+
+def test_stop_twice_leaves_no_thread_and_no_connection(installed, make_listener, admin_db, dbname):
+    before = set(threading.enumerate())
+    listener = make_listener(name="stoptest")
+    listener.on_event("messages", lambda e: None)
+    listener.start()
+    listener.publish("messages", {"warm": "pool"})   # opens a pooled connection too
+    threads = listener.threads()
+    assert any(t.name == "stoptest-reader" for t in threads)
+    assert any(t.name.startswith("stoptest-worker-") for t in threads)
+    listener.stop()
+    listener.stop()
+    assert listener.state is ConnectionState.STOPPED
+    assert not [t for t in threads if t.is_alive()]
+    assert set(threading.enumerate()) - before == set()
+
+    def backends():
+        with admin_db.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+                        (dbname, "pgnotify_sync"))
+            return cur.fetchone()[0]
+    wait_for(lambda: backends() == 0, message="listener connections still open")
+    with pytest.raises(ListenerStateError):
+        listener.start()
+
+
+def test_stop_from_a_handler(installed, make_listener):
+    listener = make_listener(name="selfstop")
+    done = threading.Event()
+
+    @listener.on_event("messages")
+    def handler(event):
+        listener.stop()
+        done.set()
+
+    listener.start()
+    with installed.cursor() as cur:
+        cur.execute("INSERT INTO messages (body) VALUES ('stop')")
+    wait_for(done.is_set)
+    wait_for(lambda: not any(t.is_alive() for t in listener.threads()), message="threads still alive")
+    assert listener.state is ConnectionState.STOPPED
+
+
+def test_context_manager_starts_and_stops(installed, dsn):
+    got = Collector()
+    with Listener(config_for(dsn, channels=("messages",))) as listener:
+        listener.on_event("messages", got)
+        with installed.cursor() as cur:
+            cur.execute("INSERT INTO messages (body) VALUES ('cm')")
+        got.wait(1)
+    assert listener.state is ConnectionState.STOPPED
+    assert not any(t.is_alive() for t in listener.threads())
+
+
+def test_disabled_events_start_does_nothing(installed, make_listener, caplog):
+    listener = make_listener(enable_db_events=False)
+    with caplog.at_level("INFO", logger="pgnotify_sync"):
+        listener.start()
+    assert "disabled" in caplog.text
+    assert listener.state is ConnectionState.STOPPED and listener.threads() == []
+
+
+def test_wrong_password_fails_start_at_once_without_leaking_it(installed, dsn, make_listener, caplog):
+    listener = make_listener(postgres_password="wrong-Pa55word", max_reconnect_attempts=0)
+    started = time.monotonic()
+    with pytest.raises(ConnectError) as info:
+        listener.start(timeout_s=20)
+    assert time.monotonic() - started < 10
+    assert "authentication failed" in str(info.value)
+    assert "wrong-Pa55word" not in str(info.value) and "wrong-Pa55word" not in caplog.text
+    assert "wrong-Pa55word" not in repr(listener) and "wrong-Pa55word" not in repr(listener.config)
+    assert listener.state is ConnectionState.FAILED
+
+
+def test_unreachable_server_gives_up_after_max_attempts(dsn, make_listener):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]       # nothing listens there once closed
+    listener = make_listener(postgres_port=port, max_reconnect_attempts=3)
+    attempts = []
+    listener.signals.reconnecting.connect(lambda sender, **kw: attempts.append(kw["attempt"]), weak=False)
+    with pytest.raises(ConnectError, match="gave up after 3 attempts"):
+        listener.start(timeout_s=30)
+    assert attempts == [1, 2]
+    assert listener.state is ConnectionState.FAILED
+
+
+def test_install_and_uninstall_are_idempotent(db):
+    install(db)
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE t (id int)")
+    watch_table(db, "t", channel="c")
+    watch_table(db, "t", channel="c2")    # replaces
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND NOT tgisinternal")
+        assert cur.fetchone()[0] == 1
+        cur.execute("SELECT channel FROM pgnotify_sync.watched_tables")
+        assert cur.fetchall() == [("c2",)]
+    unwatch_table(db, "t")
+    unwatch_table(db, "t")
+    watch_table(db, "t", channel="c")
+    uninstall(db)
+    uninstall(db)
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND NOT tgisinternal")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgnotify_sync'")
+        assert cur.fetchone()[0] == 0
+        cur.execute("INSERT INTO t VALUES (1)")   # the table still works
+    install(db)
+
+
+def test_install_sql_works_with_psql(pg_cluster, dbname):
+    import os
+    import subprocess
+    from pgnotify_sync._cluster import find_pg_bindir
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PGPASSWORD=pg_cluster.password)
+    for name in ("install.sql", "install.sql", "rollback.sql", "rollback.sql"):
+        subprocess.run([os.path.join(find_pg_bindir(), "psql"), "-X", "-q", "-1", "-v", "ON_ERROR_STOP=1",
+                        "-h", pg_cluster.host, "-p", str(pg_cluster.port), "-U", pg_cluster.user, "-d", dbname,
+                        "-f", os.path.join(root, "sql", name)], check=True, env=env, capture_output=True)
+
+
+def test_writer_without_privileges_on_our_schema_still_succeeds(installed, make_listener):
+    with installed.cursor() as cur:
+        cur.execute("CREATE ROLE app_writer LOGIN PASSWORD 'w'; GRANT ALL ON messages TO app_writer; "
+                    "GRANT USAGE ON SEQUENCE messages_id_seq TO app_writer")
+    listener = make_listener()
+    got = Collector()
+    listener.on_event("messages", got)
+    listener.start()
+    try:
+        params = installed.get_dsn_parameters()
+        with psycopg2.connect(host=params["host"], port=params["port"], dbname=params["dbname"],
+                              user="app_writer", password="w") as writer:
+            with writer.cursor() as cur:
+                cur.execute("INSERT INTO messages (body) VALUES ('from app_writer')")
+        writer.close()
+        (event,) = got.wait(1)
+        assert event.data["body"] == "from app_writer"
+    finally:
+        with installed.cursor() as cur:
+            cur.execute("DROP OWNED BY app_writer; DROP ROLE app_writer")
+
+
+def test_publish_reaches_listeners_with_a_log_id(installed, make_listener):
+    listener = make_listener(channels=("app",))
+    got = Collector()
+    listener.on_event("app", got)
+    listener.start()
+    ident = listener.publish("app", {"hello": "world", "n": [1, 2]})
+    (event,) = got.wait(1)
+    assert event.id == ident and event.operation == "PUBLISH" and event.data == {"hello": "world", "n": [1, 2]}
+
+
+def test_channel_prefix_is_applied_on_the_wire(db, make_listener):
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE t (id int)")
+    watch_table(db, "t", channel="messages", channel_prefix="app1")
+    other = make_listener(channels=("messages",))          # no prefix: must not see app1's events
+    mine = make_listener(channels=("messages",), channel_prefix="app1")
+    got_other, got_mine = Collector(), Collector()
+    other.on_event("messages", got_other)
+    mine.on_event("messages", got_mine)
+    other.start()
+    mine.start()
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO t VALUES (1)")
+        cur.execute("SELECT channel FROM pgnotify_sync.event_log")
+        assert cur.fetchall() == [("app1.messages",)]
+    (event,) = got_mine.wait(1)
+    assert event.channel == "messages"
+    mine.publish("messages", {"x": 1})
+    got_mine.wait(2)
+    assert len(got_other) == 0

@@ -86,8 +86,8 @@ class Dispatcher:
     *hooks* is the listener; it provides ``_deliver(ch, events)``,
     ``_catch_up(ch)`` (returns the events to deliver and the new position),
     ``_fetch_ref(ch, ref)``, ``_report(kind, error, channel)``,
-    ``_caught_up(ch, reason, count)`` and ``_on_position(ch)`` (a position
-    moved: durable consumers store it).
+    ``_caught_up(ch, reason, count)``, ``_on_position(ch)`` (a position
+    moved) and ``_after_batch(ch)`` (durable consumers store their position).
     """
 
     def __init__(self, name, channels, capacity, workers, hooks, metrics=None, retry_s=0.5):
@@ -281,6 +281,7 @@ class Dispatcher:
                         self._move(ch, item.snapshot)
             if pending:
                 self._hooks._deliver(ch, pending)
+            self._hooks._after_batch(ch)
         except CatchUpFailed as exc:
             # The log cannot be read now (server away). Everything of this channel that
             # is still queued is in the log too: drop it and re-read when we retry.

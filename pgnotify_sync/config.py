@@ -69,6 +69,10 @@ class Config:
         rest are re-read from the event log when there is room (nothing is lost).
     :param worker_pool_size: threads running handlers; one channel's handlers run one
         event at a time, different channels in parallel.
+    :param retention_s: event-log rows older than this are deleted every
+        ``cleanup_interval_s`` (0 disables cleanup by this listener), except rows a
+        durable consumer has not handled yet; those are kept up to
+        ``consumer_retention_s``, after which the consumer is told of the gap.
     """
 
     postgres_user: str = attrs.field()
@@ -99,6 +103,11 @@ class Config:
     publish_buffer_size: int = attrs.field(default=1_000, validator=_positive_int("publish_buffer_size", 1))
     pool_max_connections: int = attrs.field(default=10, validator=_positive_int("pool_max_connections", 1, 10))
     application_name: str = attrs.field(default="pgnotify_sync")
+    retention_s: float = attrs.field(default=86_400.0, validator=_positive_float("retention_s"))
+    consumer_retention_s: float = attrs.field(default=7 * 86_400.0,
+                                              validator=_positive_float("consumer_retention_s"))
+    cleanup_interval_s: float = attrs.field(default=300.0,
+                                            validator=_positive_float("cleanup_interval_s", allow_zero=True))
 
     @postgres_user.validator
     @postgres_db.validator
@@ -135,6 +144,11 @@ class Config:
             raise ConfigError("ssh_user: required when ssh_host is set")
         if value and not self.ssh_key_path:
             raise ConfigError("ssh_key_path: required when ssh_host is set (private-key authentication only)")
+
+    @consumer_retention_s.validator
+    def _check_consumer_retention(self, attribute, value):
+        if value < self.retention_s:
+            raise ConfigError(f"consumer_retention_s: must be >= retention_s ({self.retention_s}), got {value}")
 
     @reconnect_delay_max_ms.validator
     def _check_delay_cap(self, attribute, value):
@@ -275,6 +289,9 @@ _ENV_VARS = (
     ("PG_NOTIFY_BUFFER_SIZE", "event_buffer_size", _parse_int),
     ("PG_NOTIFY_PUBLISH_BUFFER_SIZE", "publish_buffer_size", _parse_int),
     ("PG_POOL_MAX", "pool_max_connections", _parse_int),
+    ("PG_NOTIFY_RETENTION", "retention_s", _parse_float),
+    ("PG_NOTIFY_CONSUMER_RETENTION", "consumer_retention_s", _parse_float),
+    ("PG_NOTIFY_CLEANUP_INTERVAL", "cleanup_interval_s", _parse_float),
 )
 
 ENV_VARIABLES = tuple(var for var, _, _ in _ENV_VARS)

@@ -51,6 +51,9 @@ log = logging.getLogger("pgnotify_sync")
 _names = itertools.count(1)
 
 CATCHUP_PAGE = 5000
+# Send the marker round trip (which lets positions advance and handled-id sets
+# shrink) at least every this many events, not only every health-check interval.
+ADVANCE_EVERY = 20_000
 
 _CATCHUP_SQL = """
 SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old
@@ -92,8 +95,8 @@ class _Lost(Exception):
 
 
 # Errors that retrying cannot fix: fail start() at once instead of retrying forever.
-_FATAL_CONNECT_TEXT = ("password authentication failed", "authentication failed", "does not exist",
-                       "no pg_hba.conf entry", "permission denied", "role", "SSL off")
+_FATAL_CONNECT_TEXT = ("authentication failed", "does not exist", "no pg_hba.conf entry",
+                       "permission denied")
 
 
 def _first_line(exc):
@@ -150,6 +153,8 @@ class Listener:
         self._ready = threading.Event()
         self._start_error = None
         self._pending_catchup = set()
+        self._had_session = False
+        self._since_advance = 0
         self._backoff = Backoff(config.reconnect_delay_ms / 1000.0, config.reconnect_delay_max_ms / 1000.0,
                                 config.max_reconnect_attempts)
         self.stats = {
@@ -385,38 +390,41 @@ class Listener:
     # -- reader thread --------------------------------------------------------------
 
     def _run_reader(self):
-        first = True
-        attempt = 0
+        """Connect, read until the connection is lost, reconnect with backoff; repeat."""
+        first = not self._had_session
+        failures = 0     # failed attempts since the last good session
         try:
             while not self._stop_event.is_set():
                 try:
                     conn, hc = self._open_session(first)
                 except _Stopped:
                     return
-                except (ConnectError, PgNotifyError, psycopg2.Error) as exc:
+                except (PgNotifyError, psycopg2.Error) as exc:
                     error = exc if isinstance(exc, PgNotifyError) else ConnectError(_first_line(exc))
                     if first and self._is_fatal(exc):
+                        # Retrying cannot fix a wrong password or a missing database.
                         log.error("%s: cannot connect (%s): %s", self.name, self.config.describe_target(), error)
                         self._fail(error)
                         return
-                    attempt += 1
+                    failures += 1
                     self.stats["reconnect_attempts"] += 1
-                    if self._backoff.exhausted(attempt):
-                        log.error("%s: giving up after %d attempts: %s", self.name, attempt, error)
-                        self._fail(ConnectError(f"{self.name}: gave up after {attempt} attempts: {error}"))
+                    if self._backoff.exhausted(failures):
+                        log.error("%s: giving up after %d attempts: %s", self.name, failures, error)
+                        self._fail(ConnectError(f"{self.name}: gave up after {failures} attempts: {error}"))
                         return
-                    delay = self._backoff.delay_s(attempt)
+                    delay = self._backoff.delay_s(failures)
                     log.warning("%s: connect attempt %d failed (%s); retrying in %.2f s",
-                                self.name, attempt, error, delay)
+                                self.name, failures, error, delay)
                     self._set_state(ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING)
-                    self._emit(self.signals.reconnecting, attempt=attempt, delay_s=delay, error=error)
+                    self._emit(self.signals.reconnecting, attempt=failures + 1, delay_s=delay, error=error)
                     if self._stop_event.wait(delay):
                         return
                     continue
                 if not first:
                     self.stats["reconnects"] += 1
                 first = False
-                attempt = 0
+                self._had_session = True
+                failures = 0
                 error = None
                 try:
                     self._read_loop(conn, hc)
@@ -433,7 +441,8 @@ class Listener:
                     return          # stopped
                 self._set_state(ConnectionState.RECONNECTING)
                 self._emit(self.signals.disconnected, error=error)
-                # First retry at once: a killed backend is usually back immediately.
+                # The first attempt goes at once: a killed backend is usually back immediately.
+                self._emit(self.signals.reconnecting, attempt=1, delay_s=0.0, error=error)
         except Exception as exc:  # a bug: never die silently
             log.exception("%s: reader thread failed", self.name)
             self._fail(PgNotifyError(f"{self.name}: reader failed: {exc!r}"))
@@ -531,6 +540,8 @@ class Listener:
         POLL_WRITE = psycopg2.extensions.POLL_WRITE
         while True:
             now = time.monotonic()
+            if not hc.pending and self._since_advance >= ADVANCE_EVERY:
+                hc.next_at = now    # bound the handled-id sets under load
             left = (hc.deadline if hc.pending else hc.next_at) - now
             if left <= 0:
                 if hc.pending:
@@ -567,6 +578,7 @@ class Listener:
                 self._health_check_done(hc)
 
     def _send_health_check(self, conn, hc):
+        self._since_advance = 0
         hc.token = str(next(hc.counter))
         hc.sent_at = time.monotonic()
         hc.deadline = hc.sent_at + self.config.health_check_timeout_s
@@ -622,6 +634,7 @@ class Listener:
             else:
                 events.append(event)
         self.stats["received"] += received
+        self._since_advance += received
         for ch, events in groups.items():
             push(ch, events)
 
@@ -702,7 +715,11 @@ class Listener:
             self._emit(self.signals.connected)
 
     def _on_position(self, ch):
-        pass
+        pass    # stored with the batch that moved it (_after_batch)
+
+    def _after_batch(self, ch):
+        if self.consumer:
+            self._save_consumer(ch)
 
     def _report(self, kind, error, channel, event_id=None, exc_info=False):
         """A background failure: log line, counter, ``error`` signal."""
@@ -720,11 +737,101 @@ class Listener:
     # -- watchdog ----------------------------------------------------------------
 
     def _run_watchdog(self):
+        cfg = self.config
+        next_cleanup = time.monotonic() + min(cfg.cleanup_interval_s, 5.0) if cfg.cleanup_interval_s else None
         while not self._stop_event.wait(0.25):
             try:
                 self._dispatcher.retry_overflowed()
-            except Exception:
-                log.exception("%s: watchdog failed", self.name)
+                if next_cleanup is not None and time.monotonic() >= next_cleanup:
+                    next_cleanup = time.monotonic() + cfg.cleanup_interval_s
+                    self.cleanup()
+            except Exception as exc:
+                log.warning("%s: watchdog: %s", self.name, exc)
+
+    def cleanup(self):
+        """Trim the event log now (also done every ``cleanup_interval_s``). Returns rows deleted.
+
+        Rows older than ``retention_s`` go, except rows a durable consumer has not
+        handled yet, which are kept up to ``consumer_retention_s``.
+        """
+        pool = self._require_pool()
+        cfg = self.config
+        try:
+            with pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT pgnotify_sync.trim_event_log(%s, %s)", (cfg.retention_s, cfg.consumer_retention_s))
+                deleted = cur.fetchone()[0]
+        except psycopg2.Error as exc:
+            raise ConnectError(f"{self.name}: cleanup failed: {_first_line(exc)}") from exc
+        self.stats["retention_deleted"] = self.stats.get("retention_deleted", 0) + deleted
+        if deleted:
+            log.info("%s: retention deleted %d event-log rows", self.name, deleted)
+        if self.consumer:
+            self._check_consumer_gaps()
+        return deleted
+
+    # -- durable consumers ------------------------------------------------------------
 
     def _load_consumer(self, start):
-        pass
+        """Restore each channel's position; a new consumer starts at *start* ("now")."""
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT channel, position::text, handled FROM pgnotify_sync.consumers WHERE name = %s",
+                        (self.consumer,))
+            stored = {row[0]: row[1:] for row in cur.fetchall()}
+            for ch in self._channels.values():
+                if ch.wire in stored:
+                    position, ranges = stored[ch.wire]
+                    ids = [i for first, last in ranges for i in range(first, last + 1)]
+                    handled = {}
+                    if ids:
+                        cur.execute("SELECT id, xid::text::bigint FROM pgnotify_sync.event_log WHERE id = ANY(%s)",
+                                    (ids,))
+                        handled = dict(cur.fetchall())
+                    ch.position = Snapshot.parse(position)
+                    ch.handled = handled
+                    log.info("%s: consumer %r resumes channel %r", self.name, self.consumer, ch.name)
+                else:
+                    ch.position = start
+                    ch.handled = {}
+                    cur.execute("INSERT INTO pgnotify_sync.consumers (name, channel, position) "
+                                "VALUES (%s, %s, %s::pg_snapshot) ON CONFLICT DO NOTHING",
+                                (self.consumer, ch.wire, str(start)))
+                    log.info("%s: new consumer %r starts channel %r now", self.name, self.consumer, ch.name)
+        self._check_consumer_gaps()
+
+    def _save_consumer(self, ch):
+        ranges = _ranges(ch.handled)
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("UPDATE pgnotify_sync.consumers SET position = %s::pg_snapshot, handled = %s::jsonb, "
+                            "updated_at = now() WHERE name = %s AND channel = %s",
+                            (str(ch.position), json.dumps(ranges), self.consumer, ch.wire))
+        except (psycopg2.Error, PgNotifyError) as exc:
+            # Not fatal: the next batch stores it again; a crash meanwhile means
+            # duplicates after restart (at-least-once), never a loss.
+            log.warning("%s: consumer %r: cannot store position of %r: %s", self.name, self.consumer, ch.name,
+                        _first_line(exc))
+
+    def _check_consumer_gaps(self):
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("UPDATE pgnotify_sync.consumers c SET lost = 0 "
+                        "FROM (SELECT name, channel, lost FROM pgnotify_sync.consumers "
+                        "      WHERE name = %s AND lost > 0 FOR UPDATE) old "
+                        "WHERE c.name = old.name AND c.channel = old.channel RETURNING c.channel, old.lost",
+                        (self.consumer,))
+            gaps = cur.fetchall()
+        for wire, lost in gaps:
+            channel = self.config.logical_channel(wire) or wire
+            self.stats["consumer_gap_events"] = self.stats.get("consumer_gap_events", 0) + lost
+            self._report("gap", f"consumer {self.consumer!r} missed {lost} events: the event log was trimmed "
+                                f"past its position (older than consumer_retention_s)", channel)
+
+
+def _ranges(handled):
+    """Sorted ids as [first, last] ranges (compact: ids handled live are mostly consecutive)."""
+    ranges = []
+    for ident in sorted(handled):
+        if ranges and ranges[-1][1] == ident - 1:
+            ranges[-1][1] = ident
+        else:
+            ranges.append([ident, ident])
+    return ranges

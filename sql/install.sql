@@ -48,10 +48,47 @@ CREATE TABLE IF NOT EXISTS pgnotify_sync.consumers (
     -- Every event of a transaction visible in this snapshot has been handled ...
     position    pg_snapshot NOT NULL,
     -- ... and so have these events of transactions that are not.
+    -- (as [first, last] id ranges)
     handled     jsonb NOT NULL DEFAULT '[]',
+    -- Events retention deleted before this consumer handled them; reported, then reset.
+    lost        bigint NOT NULL DEFAULT 0,
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (name, channel)
 );
+
+-- Trim the event log: rows older than p_retention_s, except rows a durable consumer
+-- has not handled yet; those go only once older than p_consumer_retention_s, and the
+-- consumer's "lost" counter says how many it will never see. Returns rows deleted.
+-- One caller at a time (several listeners may run it on the same interval).
+CREATE OR REPLACE FUNCTION pgnotify_sync.trim_event_log(p_retention_s double precision,
+                                                        p_consumer_retention_s double precision)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_deleted bigint;
+BEGIN
+    IF NOT pg_try_advisory_xact_lock(7310694521807741550) THEN
+        RETURN 0;
+    END IF;
+    CREATE TEMP TABLE IF NOT EXISTS pgnotify_sync_doomed (id bigint, channel text, xid xid8) ON COMMIT DROP;
+    INSERT INTO pgnotify_sync_doomed
+    SELECT l.id, l.channel, l.xid FROM pgnotify_sync.event_log l
+     WHERE l.created_at < now() - make_interval(secs => p_retention_s)
+       AND (l.created_at < now() - make_interval(secs => p_consumer_retention_s)
+            OR NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
+                            WHERE c.channel = l.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)));
+    UPDATE pgnotify_sync.consumers c SET lost = c.lost + g.n
+      FROM (SELECT c2.name, c2.channel, count(*) AS n
+              FROM pgnotify_sync_doomed d
+              JOIN pgnotify_sync.consumers c2
+                ON c2.channel = d.channel AND NOT pg_visible_in_snapshot(d.xid, c2.position)
+             GROUP BY 1, 2) g
+     WHERE c.name = g.name AND c.channel = g.channel;
+    DELETE FROM pgnotify_sync.event_log l USING pgnotify_sync_doomed d WHERE l.id = d.id;
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    DROP TABLE pgnotify_sync_doomed;
+    RETURN v_deleted;
+END
+$fn$;
 
 -- The trigger function. TG_ARGV[0] is the channel, TG_ARGV[1..] the excluded columns.
 -- It must never make the writer's statement fail: a row too big for a notification

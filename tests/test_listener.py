@@ -320,7 +320,7 @@ def test_unreachable_server_gives_up_after_max_attempts(dsn, make_listener):
     listener.signals.reconnecting.connect(lambda sender, **kw: attempts.append(kw["attempt"]), weak=False)
     with pytest.raises(ConnectError, match="gave up after 3 attempts"):
         listener.start(timeout_s=30)
-    assert attempts == [1, 2]
+    assert attempts == [2, 3]    # the attempt about to be made
     assert listener.state is ConnectionState.FAILED
 
 

@@ -1,0 +1,294 @@
+"""Shared pieces of the benchmark scripts in ``bench/``.
+
+* :func:`bench_target` - where to measure: a throwaway cluster started with
+  :class:`pgnotify_sync._cluster.TemporaryCluster` (the default; always cleaned
+  up), or the server named by the ``POSTGRES_*`` environment variables.
+* :func:`prepare_bench_table`, :func:`reset_bench_table`, :func:`write_burst`,
+  :func:`drop_bench_table` - the watched table ``public.bench_rows`` and the
+  writer that fills it with multi-row ``INSERT ... SELECT`` transactions.
+* :class:`Tally` - counts received events from any thread, records the time of
+  the last one and fails a run that stops making progress.
+* :func:`summarize`, :func:`print_table`, :func:`machine_info`,
+  :func:`print_machine` - figures and their presentation.
+
+Nothing here asserts anything about speed: the scripts print, people judge.
+"""
+
+import contextlib
+import datetime
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import attrs
+import psycopg2
+
+from pgnotify_sync import Config, install, unwatch_table, watch_table
+from pgnotify_sync._cluster import TemporaryCluster
+
+#: The clock of every measurement: monotonic, high resolution, the same in every thread.
+now = time.perf_counter
+
+BENCH_TABLE = "public.bench_rows"
+BENCH_DB = "pgnotify_bench"
+
+
+class BenchError(RuntimeError):
+    """A run could not complete (nothing to do with speed)."""
+
+
+# -- where to measure -----------------------------------------------------------
+
+
+@attrs.define
+class Target:
+    """A database to benchmark against.
+
+    :ivar config: a :class:`Config` holding the connection fields; derive the
+        listener's with :meth:`config_for`.
+    :ivar owned: True for a throwaway cluster (the bench may truncate anything in
+        it); False for a database from the environment (the bench only touches
+        its own table and its own event-log rows).
+    """
+
+    config: Config
+    owned: bool
+    description: str
+    cluster: object = None
+
+    def config_for(self, **overrides):
+        """The base config with *overrides* (channels, buffer size, ...)."""
+        return attrs.evolve(self.config, **overrides)
+
+    def connect(self, application_name="pgnotify-bench", autocommit=True):
+        """A plain psycopg2 connection with the same connect arguments a Listener uses."""
+        kwargs = self.config.connect_kwargs()
+        kwargs["application_name"] = application_name
+        conn = psycopg2.connect(**kwargs)
+        conn.autocommit = autocommit
+        return conn
+
+
+@contextlib.contextmanager
+def bench_target(dsn_from_env=False, dbname=BENCH_DB, cluster_settings=None):
+    """Yield a :class:`Target`; a throwaway cluster is stopped and deleted on exit,
+    whatever happens in the block.
+
+    With *dsn_from_env* the ``POSTGRES_*`` variables name the server and database
+    (``Config.from_env``); the database must exist. SSH settings are refused: the
+    raw baselines connect directly, so the comparison would not be like for like.
+    """
+    if dsn_from_env:
+        # Channel settings from the environment would change the wire names.
+        config = Config.from_env(channels=(), channel_prefix="")
+        if config.use_ssh:
+            raise BenchError("--dsn-from-env with SSH_HOST set: the raw baseline would bypass the tunnel; "
+                             "unset SSH_* (use the ssh-tunnel bench for tunnelled figures)")
+        yield Target(config=config, owned=False,
+                     description=f"environment: {config.describe_target()}")
+        return
+    cluster = TemporaryCluster(settings=cluster_settings)
+    with cluster:          # start(); cleanup() on exit, even on error
+        cluster.create_database(dbname)
+        info = cluster.conninfo(dbname)
+        config = Config(postgres_host=info["host"], postgres_port=info["port"],
+                        postgres_user=info["user"], postgres_password=info["password"],
+                        postgres_db=dbname)
+        yield Target(config=config, owned=True, cluster=cluster,
+                     description=f"throwaway cluster {cluster.host}:{cluster.port} (fsync=off), "
+                                 f"database {dbname}")
+
+
+# -- the watched table ----------------------------------------------------------------
+
+
+def prepare_bench_table(conn, channel):
+    """install() the schema, (re)create ``bench_rows`` and watch it on *channel*."""
+    install(conn)
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS public.bench_rows")
+        cur.execute("CREATE TABLE public.bench_rows (id bigserial PRIMARY KEY, n int, body text)")
+    watch_table(conn, BENCH_TABLE, channel=channel)
+
+
+def reset_bench_table(conn, target):
+    """Empty ``bench_rows`` and the event log between runs.
+
+    In a throwaway cluster the whole event log is truncated; in a database from
+    the environment only this table's rows are deleted from it.
+    """
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE public.bench_rows RESTART IDENTITY")
+        if target.owned:
+            cur.execute("TRUNCATE pgnotify_sync.event_log")
+        else:
+            cur.execute("DELETE FROM pgnotify_sync.event_log "
+                        "WHERE schema_name = 'public' AND table_name = 'bench_rows'")
+
+
+def drop_bench_table(conn, target):
+    """Remove what the bench created (only matters outside a throwaway cluster)."""
+    unwatch_table(conn, BENCH_TABLE)
+    with conn.cursor() as cur:
+        if not target.owned:
+            cur.execute("DELETE FROM pgnotify_sync.event_log "
+                        "WHERE schema_name = 'public' AND table_name = 'bench_rows'")
+        cur.execute("DROP TABLE IF EXISTS public.bench_rows")
+
+
+def batch_sizes(rows, batch):
+    """Split *rows* into transactions of *batch* rows (the last one may be smaller)."""
+    full, rest = divmod(rows, batch)
+    return [batch] * full + ([rest] if rest else [])
+
+
+def write_burst(conn, rows, batch):
+    """Insert *rows* rows into ``bench_rows``, *batch* rows per autocommit
+    transaction (one ``INSERT ... SELECT generate_series``). Returns the time the
+    first INSERT was sent (the start of the measured interval).
+    """
+    if not conn.autocommit:
+        raise BenchError("write_burst needs an autocommit connection (one transaction per batch)")
+    statement = "INSERT INTO public.bench_rows (n, body) SELECT g, 'x' FROM generate_series(1, %s) g"
+    with conn.cursor() as cur:
+        started = now()
+        for size in batch_sizes(rows, batch):
+            cur.execute(statement, (size,))
+    return started
+
+
+# -- counting what arrives -------------------------------------------------------------
+
+
+class Tally:
+    """Counts events towards *expected* and records when the last one arrived.
+
+    ``add()`` is kept cheap (no lock, no clock read except for the first and the
+    last event) so counting does not weigh on what is measured; it must be called
+    by one thread at a time: a receiving thread, or the handlers of one channel
+    (which a Listener never runs concurrently). ``wait()`` may run anywhere.
+
+    ``first_at`` / ``last_at`` are :data:`now` times of the first call and of the
+    call that reached *expected*.
+    """
+
+    def __init__(self, expected):
+        self.expected = expected
+        self.count = 0
+        self.first_at = None
+        self.last_at = None
+        self.error = None
+        self._done = threading.Event()
+
+    def add(self, n=1):
+        if self.first_at is None:
+            self.first_at = now()
+        self.count += n
+        if self.count >= self.expected and self.last_at is None:
+            self.last_at = now()
+            self._done.set()
+
+    def fail(self, error):
+        """A receiving thread died: make ``wait()`` raise at once."""
+        self.error = error
+        self._done.set()
+
+    @property
+    def done(self):
+        return self._done.is_set()
+
+    def wait(self, idle_timeout_s=30.0, describe=None):
+        """Block until *expected* events arrived; raise :class:`BenchError` if a
+        receiver failed or the count did not move for *idle_timeout_s*
+        (*describe()* adds context to the message)."""
+        seen = -1
+        idle_since = now()
+        while not self._done.wait(0.5):
+            count = self.count
+            if count != seen:
+                seen, idle_since = count, now()
+            elif now() - idle_since > idle_timeout_s:
+                extra = f" ({describe()})" if describe else ""
+                raise BenchError(f"stuck at {count} of {self.expected} events for {idle_timeout_s:.0f} s{extra}")
+        if self.error is not None:
+            raise BenchError(f"receiver failed: {self.error!r}") from self.error
+
+
+# -- figures ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Summary:
+    median: float
+    min: float
+    max: float
+    values: tuple
+
+
+def summarize(values):
+    values = tuple(values)
+    if not values:
+        raise ValueError("no values to summarize")
+    return Summary(statistics.median(values), min(values), max(values), values)
+
+
+def fmt_rate(value):
+    """Events per second with thousands separators: ``118,532``."""
+    return f"{value:,.0f}"
+
+
+def print_table(headers, rows, out=None):
+    """Print a plain aligned text table (first column left, the rest right)."""
+    out = out or sys.stdout
+    table = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+
+    def line(row):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    print(line(table[0]), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for row in table[1:]:
+        print(line(row), file=out)
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for text in f:
+                if text.startswith("model name"):
+                    return text.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(conn):
+    """(label, value) pairs describing where the figures come from."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count()
+    with conn.cursor() as cur:
+        cur.execute("SHOW server_version")
+        pg_version = cur.fetchone()[0]
+    return [
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")),
+        ("nproc", f"{usable} (cpu: {_cpu_model()})"),
+        ("python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("psycopg2", psycopg2.__version__.split()[0]),
+        ("postgresql", pg_version),
+        ("host", platform.node()),
+    ]
+
+
+def print_machine(info, extra=(), out=None):
+    out = out or sys.stdout
+    pairs = list(info) + list(extra)
+    width = max(len(k) for k, _ in pairs)
+    for key, value in pairs:
+        print(f"{key.ljust(width)}  {value}", file=out)

@@ -1,0 +1,252 @@
+"""The ``pgnotify-sync`` command (also ``python -m pgnotify_sync``).
+
+Configuration comes from the same environment variables as the library
+(POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB, ...);
+flags override them. Exit codes: 0 success, 1 runtime failure (cannot connect,
+SQL error), 2 usage or configuration error, 130 interrupted.
+"""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from . import __version__
+from .config import Config
+from .errors import ConfigError, PgNotifyError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+log = logging.getLogger("pgnotify_sync.cli")
+
+
+def _add_db_flags(parser):
+    group = parser.add_argument_group("database (default: the POSTGRES_* environment variables)")
+    group.add_argument("--host", help="POSTGRES_HOST")
+    group.add_argument("--port", type=int, help="POSTGRES_PORT")
+    group.add_argument("--user", help="POSTGRES_USER")
+    group.add_argument("--db", help="POSTGRES_DB")
+    group.add_argument("--channel-prefix", help="PG_NOTIFY_CHANNEL: prefix applied to channel names on the wire")
+
+
+def _config(args, **extra):
+    overrides = {k: v for k, v in {
+        "postgres_host": args.host, "postgres_port": args.port, "postgres_user": args.user,
+        "postgres_db": args.db, "channel_prefix": getattr(args, "channel_prefix", None),
+    }.items() if v is not None}
+    overrides.update(extra)
+    return Config.from_env(**overrides)
+
+
+def _connect(cfg):
+    import psycopg2
+    try:
+        return psycopg2.connect(**cfg.connect_kwargs())
+    except psycopg2.Error as exc:
+        raise PgNotifyError(f"cannot connect to {cfg.describe_target()}: {str(exc).strip().splitlines()[0]}") \
+            from None
+
+
+def cmd_install(args):
+    from .schema import install
+    conn = _connect(_config(args))
+    try:
+        install(conn)
+    finally:
+        conn.close()
+    print("installed")
+
+
+def cmd_uninstall(args):
+    from .schema import uninstall
+    conn = _connect(_config(args))
+    try:
+        uninstall(conn)
+    finally:
+        conn.close()
+    print("uninstalled")
+
+
+def cmd_watch(args):
+    from .schema import watch_table
+    cfg = _config(args)
+    conn = _connect(cfg)
+    try:
+        watch_table(conn, args.table, channel=args.channel, exclude_columns=tuple(args.exclude or ()),
+                    channel_prefix=cfg.channel_prefix)
+    finally:
+        conn.close()
+    print(f"watching {args.table} on channel {args.channel!r}")
+
+
+def cmd_unwatch(args):
+    from .schema import unwatch_table
+    conn = _connect(_config(args))
+    try:
+        unwatch_table(conn, args.table)
+    finally:
+        conn.close()
+    print(f"no longer watching {args.table}")
+
+
+def cmd_publish(args):
+    from .listener import Listener
+    try:
+        payload = json.loads(args.json)
+    except ValueError as exc:
+        raise ConfigError(f"JSON: not valid JSON ({exc})") from None
+    listener = Listener(_config(args, channels=(args.channel,)))
+    try:
+        ident = listener.publish(args.channel, payload)
+    finally:
+        listener.stop()
+    print(ident)
+
+
+def cmd_listen(args):
+    from .listener import Listener
+    listener = Listener(_config(args, channels=tuple(args.channels)), consumer=args.consumer)
+    lock = threading.Lock()
+    out = sys.stdout
+
+    def printer(event):
+        line = event.to_json()
+        with lock:
+            out.write(line + "\n")
+            out.flush()
+
+    for channel in args.channels:
+        listener.on_event(channel, printer)
+    stop = threading.Event()
+    _on_signals(stop)
+    listener.start(timeout_s=args.timeout)
+    try:
+        deadline = time.monotonic() + args.seconds if args.seconds else None
+        while not stop.wait(0.2):
+            if deadline and time.monotonic() >= deadline:
+                break
+    finally:
+        listener.stop()
+
+
+def cmd_status(args):
+    from .status import server_status
+    cfg = _config(args)
+    conn = _connect(cfg)
+    try:
+        status = server_status(conn)
+    finally:
+        conn.close()
+    print(json.dumps(status, indent=2, default=str))
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    return run_demo(args)
+
+
+def _on_signals(stop_event):
+    def handler(signum, frame):
+        stop_event.set()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:
+            pass  # not the main thread
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="pgnotify-sync", description=(
+        "PostgreSQL row changes as events: install the triggers, watch tables, listen, publish."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (stderr)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("install", help="create the schema objects (idempotent)")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("uninstall", help="drop every schema object, triggers and event log included")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_uninstall)
+
+    p = sub.add_parser("watch", help="send a table's changes on a channel")
+    p.add_argument("table", help='schema-qualified table, quoted as in SQL for odd names: \'public."My Table"\'')
+    p.add_argument("--channel", required=True)
+    p.add_argument("--exclude", action="append", metavar="COLUMN", help="a column that never leaves the database")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("unwatch", help="stop sending a table's changes")
+    p.add_argument("table")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_unwatch)
+
+    p = sub.add_parser("listen", help="print events as JSON lines")
+    p.add_argument("channels", nargs="+", metavar="CHANNEL")
+    p.add_argument("--consumer", help="durable consumer name: resume where it left off")
+    p.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until interrupted)")
+    p.add_argument("--timeout", type=float, default=30.0, help="give up connecting after this long")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("publish", help="send an application event; prints its log id")
+    p.add_argument("channel")
+    p.add_argument("json", metavar="JSON")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("status", help="listener-relevant server state as JSON")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="live events from a demo table (starts a throwaway PostgreSQL "
+                                    "when POSTGRES_DB is not set)")
+    p.add_argument("--changes", type=int, default=12, help="how many changes the demo writer makes")
+    p.add_argument("--interval-s", type=float, default=0.3, help="pause between the writer's changes")
+    p.add_argument("--forever", action="store_true", help="keep writing until interrupted")
+    p.add_argument("--restart-server", action="store_true",
+                   help="restart the throwaway server half-way: events written meanwhile still arrive")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _setup_logging(args):
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    handler = logging.StreamHandler(sys.stderr)
+    if args.log_format == "json":
+        from .logs import JsonFormatter
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("pgnotify_sync")
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        code = args.func(args)
+        return EXIT_OK if code is None else code
+    except ConfigError as exc:
+        print(f"pgnotify-sync: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PgNotifyError as exc:
+        print(f"pgnotify-sync: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -9,7 +9,6 @@ SQL error), 2 usage or configuration error, 130 interrupted.
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading

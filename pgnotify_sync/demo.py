@@ -13,7 +13,16 @@ import threading
 import time
 
 from .config import Config
-from .errors import ConfigError
+
+
+_print_lock = threading.Lock()
+
+
+def say(text):
+    """One whole line at a time: events and lifecycle lines come from several threads."""
+    with _print_lock:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def _target(args):
@@ -21,10 +30,10 @@ def _target(args):
         from .cli import _config
         return _config(args, channels=("demo",)), None
     from ._cluster import TemporaryCluster
-    print("demo: no POSTGRES_DB set: starting a throwaway PostgreSQL ...", flush=True)
+    say("demo: no POSTGRES_DB set: starting a throwaway PostgreSQL ...")
     cluster = TemporaryCluster().start()
     info = cluster.conninfo("postgres")
-    print(f"demo: PostgreSQL running on {info['host']}:{info['port']} ({cluster.base_dir})", flush=True)
+    say(f"demo: PostgreSQL running on {info['host']}:{info['port']} ({cluster.base_dir})")
     cfg = Config(postgres_host=info["host"], postgres_port=info["port"], postgres_user=info["user"],
                  postgres_password=info["password"], postgres_db=info["dbname"], channels=("demo",),
                  reconnect_delay_ms=100, health_check_interval_s=2.0)
@@ -58,19 +67,18 @@ def run_demo(args):
         def show(event):
             with lock:
                 received.append(event.id)
-                row = {k: v for k, v in event.data.items() if k != "created_at"}
-                print(f"  event #{event.id}: {event.operation.value:<6} {event.schema}.{event.table} {row}",
-                      flush=True)
+            row = {k: v for k, v in event.data.items() if k != "created_at"}
+            say(f"  event #{event.id}: {event.operation.value:<6} {event.schema}.{event.table} {row}")
 
         listener.signals.reconnecting.connect(
-            lambda sender, attempt, delay_s, error, **kw: print(
-                f"  (listener: reconnecting, attempt {attempt}: {error})", flush=True), weak=False)
+            lambda sender, attempt, delay_s, error, **kw: say(
+                f"  (listener: reconnecting, attempt {attempt} in {delay_s:.2f} s: {error})"), weak=False)
         listener.signals.connected.connect(
-            lambda sender, **kw: print("  (listener: connected, caught up from the event log)", flush=True),
+            lambda sender, **kw: say("  (listener: connected, caught up from the event log)"),
             weak=False)
         listener.start()
-        print("demo: listening on channel 'demo'; the writer now changes rows of demo_messages "
-              "(password_hash is excluded and never shown)", flush=True)
+        say("demo: listening on channel 'demo'; the writer now changes rows of demo_messages "
+            "(password_hash is excluded and never shown)")
         written = _write(cfg, args, cluster)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -80,7 +88,7 @@ def run_demo(args):
             time.sleep(0.05)
         with lock:
             got = len(received)
-        print(f"demo: {written} changes written, {got} events received", flush=True)
+        say(f"demo: {written} changes written, {got} events received")
         return 0 if got >= written else 1
     except KeyboardInterrupt:
         return 130
@@ -99,8 +107,7 @@ def _write(cfg, args, cluster):
     conn = None
     for i in count:
         if args.restart_server and cluster is not None and i == args.changes // 2:
-            print("demo: restarting PostgreSQL; rows written while the listener is away still arrive",
-                  flush=True)
+            say("demo: restarting PostgreSQL; rows written while the listener is away still arrive")
             if conn is not None:
                 conn.close()
                 conn = None

@@ -1,0 +1,137 @@
+"""Durable consumers and event-log retention."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from pgnotify_sync import install, watch_table
+
+from helpers import wait_for
+from pgutil import Collector
+
+import pytest
+
+
+@pytest.fixture
+def jobs_db(db):
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE jobs (id serial PRIMARY KEY, name text)")
+    watch_table(db, "public.jobs", channel="jobs")
+    return db
+
+
+def insert(db, *names):
+    with db.cursor() as cur:
+        for name in names:
+            cur.execute("INSERT INTO jobs (name) VALUES (%s)", (name,))
+
+
+def test_consumer_resumes_after_a_clean_restart(jobs_db, make_listener):
+    first = make_listener(channels=("jobs",), consumer="indexer")
+    got = Collector()
+    first.on_event("jobs", got)
+    first.start()
+    insert(jobs_db, "a", "b")
+    got.wait(2)
+    first.stop()
+    insert(jobs_db, "c", "d")          # while no process runs
+    second = make_listener(channels=("jobs",), consumer="indexer")
+    got2 = Collector()
+    second.on_event("jobs", got2)
+    second.start()
+    insert(jobs_db, "e")
+    events = got2.wait(3)
+    assert [e.data["name"] for e in events] == ["c", "d", "e"]
+    second.publish("jobs", {"end": True})
+    got2.wait(4)
+    assert len(got2) == 4, "nothing handled before the restart may come again"
+
+
+def test_new_consumer_starts_now_and_plain_listener_is_independent(jobs_db, make_listener):
+    insert(jobs_db, "old")
+    consumer = make_listener(channels=("jobs",), consumer="fresh")
+    got = Collector()
+    consumer.on_event("jobs", got)
+    consumer.start()
+    insert(jobs_db, "new")
+    (event,) = got.wait(1)
+    assert event.data["name"] == "new"
+    with jobs_db.cursor() as cur:
+        cur.execute("SELECT name, channel FROM pgnotify_sync.consumers")
+        assert cur.fetchall() == [("fresh", "jobs")]
+
+
+CRASHING_CONSUMER = r"""
+import os, sys, json, time
+sys.path.insert(0, {root!r})
+from pgnotify_sync import Config, Listener
+cfg = Config(**json.loads({cfg!r}))
+listener = Listener(cfg, consumer="crashy")
+@listener.on_event("jobs")
+def handle(event):
+    print(event.data["name"], flush=True)
+    if event.data["name"] == "crash":
+        os._exit(1)                      # dies mid-handler: no stop(), no cleanup
+listener.start()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_consumer_crash_redelivers_only_the_event_in_flight(jobs_db, dsn, make_listener):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = json.dumps(dict(postgres_host=dsn["host"], postgres_port=dsn["port"], postgres_user=dsn["user"],
+                          postgres_password=dsn["password"], postgres_db=dsn["dbname"], channels=["jobs"]))
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        insert(jobs_db, "one", "two", "crash", "after")
+        lines = [proc.stdout.readline().strip() for _ in range(3)]
+        assert lines == ["one", "two", "crash"]
+        assert proc.wait(20) == 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    restarted = make_listener(channels=("jobs",), consumer="crashy")
+    got = Collector()
+    restarted.on_event("jobs", got)
+    restarted.start()
+    events = got.wait(2)
+    # 'crash' was in flight (at least once); 'after' was never handled; 'one', 'two' never again.
+    assert [e.data["name"] for e in events] == ["crash", "after"]
+    restarted.publish("jobs", {"end": True})
+    got.wait(3)
+    assert len(got) == 3
+
+
+def test_retention_trims_old_rows_but_keeps_what_a_consumer_needs(jobs_db, make_listener):
+    consumer = make_listener(channels=("jobs",), consumer="slowpoke")
+    consumer.start()
+    consumer.stop()                     # registered, then away
+    insert(jobs_db, "kept-for-consumer")
+    with jobs_db.cursor() as cur:
+        cur.execute("INSERT INTO pgnotify_sync.event_log (channel, operation, schema_name, table_name, data) "
+                    "VALUES ('other', 'INSERT', 'public', 'x', '{}')")
+        cur.execute("UPDATE pgnotify_sync.event_log SET created_at = now() - interval '2 days'")
+    trimmer = make_listener(channels=("jobs",), retention_s=3600, consumer_retention_s=7 * 86400,
+                            cleanup_interval_s=0)
+    trimmer.start()
+    assert trimmer.cleanup() == 1       # only the row no consumer needs
+    with jobs_db.cursor() as cur:
+        cur.execute("SELECT channel FROM pgnotify_sync.event_log")
+        assert cur.fetchall() == [("jobs",)]
+        cur.execute("UPDATE pgnotify_sync.event_log SET created_at = now() - interval '8 days'")
+    assert trimmer.cleanup() == 1       # now older than consumer_retention_s: goes, and is accounted
+    back = make_listener(channels=("jobs",), consumer="slowpoke")
+    gaps = []
+    back.signals.error.connect(lambda sender, **kw: gaps.append(kw), weak=False)
+    back.start()
+    wait_for(lambda: [g for g in gaps if g["kind"] == "gap"])
+    gap = [g for g in gaps if g["kind"] == "gap"][0]
+    assert gap["channel"] == "jobs" and "missed 1 events" in str(gap["error"])
+    assert back.get_stats()["consumer_gap_events"] == 1

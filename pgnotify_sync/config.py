@@ -88,6 +88,9 @@ class Config:
     ssh_user: str = attrs.field(default=None)
     ssh_key_path: str = attrs.field(default=None)
     ssh_known_hosts: str = attrs.field(default=None)
+    ssh_key_passphrase: str = attrs.field(default=None, repr=False)
+    #: Do not verify the SSH server's host key. For throwaway test servers only.
+    ssh_insecure_skip_host_key_check: bool = attrs.field(default=False)
 
     max_reconnect_attempts: int = attrs.field(default=0, validator=_positive_int("max_reconnect_attempts", 0))
     reconnect_delay_ms: int = attrs.field(default=500, validator=_positive_int("reconnect_delay_ms", 1))
@@ -204,6 +207,9 @@ class Config:
         *overrides* (field names) win over the environment.
         """
         env = os.environ if environ is None else environ
+        if env.get("SSH_PASSWORD"):
+            raise ConfigError("SSH_PASSWORD: password authentication is not supported; "
+                              "use a private key (SSH_KEY_PATH)")
         values = {}
         for var, field, parse in _ENV_VARS:
             raw = env.get(var)
@@ -277,6 +283,8 @@ _ENV_VARS = (
     ("SSH_USER", "ssh_user", _parse_str),
     ("SSH_KEY_PATH", "ssh_key_path", _parse_str),
     ("SSH_KNOWN_HOSTS", "ssh_known_hosts", _parse_str),
+    ("SSH_KEY_PASSPHRASE", "ssh_key_passphrase", _parse_str),
+    ("SSH_INSECURE_SKIP_HOST_KEY_CHECK", "ssh_insecure_skip_host_key_check", _parse_bool),
     ("MAX_RECONNECT_ATTEMPTS", "max_reconnect_attempts", _parse_int),
     ("RECONNECT_DELAY", "reconnect_delay_ms", _parse_int),
     ("RECONNECT_DELAY_MAX", "reconnect_delay_max_ms", _parse_int),

@@ -33,3 +33,8 @@ class ListenerStateError(PgNotifyError, RuntimeError):
 
 class SchemaError(PgNotifyError):
     """install/watch_table failed, or the schema objects are missing."""
+
+
+class PublishBufferFull(PgNotifyError):
+    """publish() could not reach the database and the publish buffer is full: the
+    event was NOT sent and NOT kept. Nothing is ever dropped silently."""

@@ -23,6 +23,7 @@ round trip that proves the whole path) and reconnects with backoff.
 channels that fell back to the event log.
 """
 
+import collections
 import enum
 import errno
 import itertools
@@ -42,7 +43,7 @@ from ._dispatch import Advance, CatchUpFailed, ChannelState, Dispatcher, SetPosi
 from ._pool import ConnectionPool
 from ._snapshot import Snapshot
 from .config import Config
-from .errors import ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError
+from .errors import ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError, PublishBufferFull
 from .events import DatabaseEvent, Operation, decode_payload
 from .signals import ListenerSignals
 
@@ -162,6 +163,10 @@ class Listener:
         self._ready = threading.Event()
         self._start_error = None
         self._pending_catchup = set()
+        self._listener_tunnel = self._pool_tunnel = None
+        self._publish_lock = threading.Lock()
+        self._publish_buffer = collections.deque()
+        self._tunnel_stale = False
         self._had_session = False
         self._since_advance = 0
         self._since_checkpoint = 0
@@ -241,6 +246,7 @@ class Listener:
                 raise ConfigError("channels: no channel to listen on; set Config(channels=...) "
                                   "(PG_NOTIFY_CHANNELS) or call on_event() before start()")
             if not self._started:
+                self._make_tunnels()     # a bad key or known_hosts raises here, in the caller's thread
                 self._started = True
                 self._setup()
             self._ready.clear()
@@ -282,6 +288,9 @@ class Listener:
             self._dispatcher.close(max(0.0, deadline - time.monotonic()))
         if self._pool is not None:
             self._pool.close()
+        for tunnel in (self._listener_tunnel, self._pool_tunnel):
+            if tunnel is not None:
+                tunnel.close()
         reader_alive = self._reader is not None and self._reader.is_alive()
         if not reader_alive:
             for fd in (self._wake_r, self._wake_w):
@@ -311,6 +320,7 @@ class Listener:
         """A plain dict of counters and gauges."""
         stats = dict(self.stats)
         stats["state"] = self._state.value
+        stats["publish_buffered"] = len(self._publish_buffer)
         if self._dispatcher is not None:
             stats["buffered"] = self._dispatcher.buffered
             stats["capacity"] = self._dispatcher.capacity
@@ -319,18 +329,63 @@ class Listener:
 
     def publish(self, channel, payload):
         """Send an application event on *channel*: written to the event log and
-        notified in one transaction. *payload* must be JSON-serialisable. Returns the
-        event's log id.
+        notified in one transaction, so it has the same no-loss guarantees as table
+        events. *payload* must be JSON-serialisable. Returns the event's log id.
+
+        If the database cannot be reached: with ``enable_event_buffering`` the event
+        is kept in a bounded in-memory buffer (``publish_buffer_size``), sent in order
+        once the database is back, and ``None`` is returned; when that buffer is full
+        :class:`PublishBufferFull` is raised. Without buffering :class:`ConnectError`
+        is raised at once.
         """
-        self._require_pool()
         wire = self.config.wire_channel(channel)
-        body = json.dumps(payload)
+        if len(wire.encode()) > 63:
+            raise ConfigError(f"channel: {wire!r} is longer than PostgreSQL's 63-byte identifier limit")
         try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
+            body = json.dumps(payload)
+        except (TypeError, ValueError) as exc:
+            raise PgNotifyError(f"publish on {channel!r}: payload is not JSON-serialisable: {exc}") from None
+        self._require_pool()
+        if self._publish_buffer:
+            self.flush_publishes()          # keep the order: older buffered events go first
+        if not self._publish_buffer:
+            try:
+                return self._publish_now(wire, body)
+            except ConnectError:
+                if not self.config.enable_event_buffering:
+                    raise
+        with self._publish_lock:
+            if len(self._publish_buffer) >= self.config.publish_buffer_size:
+                raise PublishBufferFull(
+                    f"{self.name}: database unreachable and the publish buffer is full "
+                    f"({self.config.publish_buffer_size} events): the event on {channel!r} was not sent")
+            self._publish_buffer.append((wire, body))
+            log.warning("%s: database unreachable: publish on %r buffered (%d waiting)", self.name, channel,
+                        len(self._publish_buffer))
+        return None
+
+    def flush_publishes(self):
+        """Send buffered publishes in order; returns how many are still waiting."""
+        with self._publish_lock:
+            while self._publish_buffer:
+                wire, body = self._publish_buffer[0]
+                try:
+                    self._publish_now(wire, body)
+                except ConnectError:
+                    break
+                self._publish_buffer.popleft()
+                self.stats["publish_flushed"] = self.stats.get("publish_flushed", 0) + 1
+            return len(self._publish_buffer)
+
+    def _publish_now(self, wire, body):
+        try:
+            with self._pool.connection(timeout_s=self.config.connect_timeout_s) as conn, conn.cursor() as cur:
                 cur.execute("SELECT pgnotify_sync.publish(%s, %s::jsonb)", (wire, body))
                 return cur.fetchone()[0]
+        except psycopg2.OperationalError as exc:
+            raise ConnectError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
         except psycopg2.Error as exc:
-            raise ConnectError(f"{self.name}: publish on {channel!r} failed: {_first_line(exc)}") from exc
+            raise PgNotifyError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
 
     # -- set-up -------------------------------------------------------------------
 
@@ -349,15 +404,28 @@ class Listener:
             if self._pool is None:
                 if self._closed:
                     raise ListenerStateError(f"{self.name}: stopped")
+                self._make_tunnels()
                 self._pool = ConnectionPool(f"{self.name}-pool", self._pool_connect_kwargs,
                                             self.config.pool_max_connections)
         return self._pool
 
     def _pool_connect_kwargs(self):
+        if self._pool_tunnel is not None:
+            return self.config.connect_kwargs(*self._pool_tunnel.local_address())
         return self.config.connect_kwargs()
 
     def _listener_connect_kwargs(self):
+        if self._listener_tunnel is not None:
+            # After a lost session the tunnel is rebuilt even if it looks alive: a
+            # frozen SSH session keeps its transport "active".
+            fresh, self._tunnel_stale = self._tunnel_stale, False
+            return self.config.connect_kwargs(*self._listener_tunnel.local_address(fresh=fresh))
         return self.config.connect_kwargs()
+
+    def _make_tunnels(self):
+        if self.config.use_ssh and self._listener_tunnel is None:
+            from ._tunnel import make_tunnels
+            self._listener_tunnel, self._pool_tunnel = make_tunnels(self.config, self.name)
 
     def _setup(self):
         self._wake_r, self._wake_w = os.pipe()
@@ -413,7 +481,7 @@ class Listener:
                     return
                 except (PgNotifyError, psycopg2.Error) as exc:
                     error = exc if isinstance(exc, PgNotifyError) else ConnectError(_first_line(exc))
-                    if first and self._is_fatal(exc):
+                    if (first or getattr(exc, "retryable", True) is False) and self._is_fatal(exc):
                         # Retrying cannot fix a wrong password or a missing database.
                         log.error("%s: cannot connect (%s): %s", self.name, self.config.describe_target(), error)
                         self._fail(error)
@@ -442,6 +510,7 @@ class Listener:
                     self._read_loop(conn, hc)
                 except _Lost as exc:
                     error = exc
+                    self._tunnel_stale = True
                     log.warning("%s: connection lost: %s", self.name, exc)
                 finally:
                     try:
@@ -462,6 +531,8 @@ class Listener:
             self._ready.set()
 
     def _is_fatal(self, exc):
+        if getattr(exc, "retryable", True) is False:
+            return True         # SSH key refused or host key unknown/changed
         text = str(exc)
         return any(part in text for part in _FATAL_CONNECT_TEXT)
 
@@ -764,6 +835,8 @@ class Listener:
         while not self._stop_event.wait(0.25):
             try:
                 self._dispatcher.retry_overflowed()
+                if self._publish_buffer:
+                    self.flush_publishes()
                 if next_cleanup is not None and time.monotonic() >= next_cleanup:
                     next_cleanup = time.monotonic() + cfg.cleanup_interval_s
                     self.cleanup()

@@ -1,0 +1,242 @@
+"""SSH tunnels (sshtunnel + paramiko) with the checks OpenSSH users expect.
+
+- Private-key authentication only (ed25519, ECDSA, RSA). A key file readable by
+  group or others is refused, as OpenSSH does ("chmod 600"); a missing, unreadable,
+  malformed or encrypted-without-passphrase key gives a ConfigError saying which.
+- The server's host key is verified against a known_hosts file (SSH_KNOWN_HOSTS,
+  default ~/.ssh/known_hosts). An unknown or changed key is refused; retrying cannot
+  fix that, so the listener does not retry. ``ssh_insecure_skip_host_key_check``
+  exists for throwaway test servers only and logs a warning every time it is used.
+- A listener has two tunnels: its own for the LISTEN connection, one shared by the
+  pool, so LISTEN/NOTIFY traffic is isolated from regular queries.
+
+sshtunnel keeps ``tunnel_is_up`` True after the SSH session dies and binds a new
+local port on every start: callers ask :meth:`SshTunnel.local_address` for the
+address before every connect, and force a rebuild after a lost connection (a frozen
+session still looks active).
+"""
+
+import logging
+import os
+import socket
+import stat
+import threading
+
+import paramiko
+import sshtunnel
+
+from .errors import ConfigError, ConnectError
+
+log = logging.getLogger("pgnotify_sync")
+_ssh_log = logging.getLogger("pgnotify_sync.ssh")
+security_log = logging.getLogger("pgnotify_sync.security")
+
+
+class SshAuthError(ConnectError):
+    """The SSH server refused our key. Retrying cannot fix it."""
+
+    retryable = False
+
+
+class HostKeyError(ConnectError):
+    """The SSH server's host key is unknown or changed. Retrying cannot fix it."""
+
+    retryable = False
+
+
+_KEY_CLASSES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
+
+
+def load_private_key(path, passphrase=None):
+    """Load and check a private key file; ConfigError saying what is wrong."""
+    var = "SSH_KEY_PATH"
+    if not path:
+        raise ConfigError(f"{var}: required when SSH_HOST is set (private-key authentication only)")
+    path = os.path.expanduser(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{var}: key file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{var}: cannot access key file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{var}: {path} is not a regular file")
+    if st.st_mode & 0o077:
+        security_log.warning("refused SSH key %s: permissions %04o are too open", path, stat.S_IMODE(st.st_mode),
+                             extra={"event": "security", "details": {"reason": "key-permissions"}})
+        raise ConfigError(f"{var}: key file {path} is accessible by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); private keys must not be: run chmod 600 {path}")
+    try:
+        with open(path, "r", encoding="utf-8", errors="replace") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise ConfigError(f"{var}: cannot read key file {path}: {exc.strerror}") from None
+    if head.startswith(("ssh-", "ecdsa-")) or ".pub" in os.path.basename(path) and "PRIVATE KEY" not in head:
+        raise ConfigError(f"{var}: {path} is a public key; give the private key file")
+    if "PRIVATE KEY" not in head:
+        raise ConfigError(f"{var}: {path} is not a private key file (no PRIVATE KEY block)")
+    if "DSA PRIVATE KEY" in head and "ECDSA" not in head:
+        raise ConfigError(f"{var}: {path} is a DSA key, which is not supported; use ed25519, ECDSA or RSA")
+    errors = []
+    for cls in _KEY_CLASSES:
+        try:
+            return cls.from_private_key_file(path, password=passphrase or None)
+        except paramiko.PasswordRequiredException:
+            raise ConfigError(f"{var}: key file {path} is encrypted: set its passphrase (SSH_KEY_PASSPHRASE)") \
+                from None
+        except paramiko.SSHException as exc:
+            text = str(exc)
+            if passphrase and ("passphrase" in text.lower() or "decrypt" in text.lower()
+                               or "password" in text.lower()):
+                raise ConfigError(f"{var}: cannot decrypt key file {path}: wrong passphrase") from None
+            errors.append(text)
+        except (ValueError, TypeError) as exc:
+            errors.append(str(exc))
+    raise ConfigError(f"{var}: {path} is not a usable ed25519, ECDSA or RSA private key")
+
+
+def _known_hosts_name(host, port):
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def load_host_key(config):
+    """The server's expected host key from known_hosts, or None with the insecure opt-out."""
+    if config.ssh_insecure_skip_host_key_check:
+        security_log.warning("SSH host key of %s:%s is NOT verified (ssh_insecure_skip_host_key_check): "
+                             "anyone on the path can impersonate the server", config.ssh_host, config.ssh_port,
+                             extra={"event": "security", "details": {"reason": "host-key-check-disabled"}})
+        return None
+    path = os.path.expanduser(config.ssh_known_hosts or "~/.ssh/known_hosts")
+    name = _known_hosts_name(config.ssh_host, config.ssh_port)
+    scan = f"ssh-keyscan -p {config.ssh_port} {config.ssh_host} >> {path}"
+    if not os.path.exists(path):
+        raise ConfigError(f"SSH_KNOWN_HOSTS: {path} does not exist; verify the server's host key "
+                          f"fingerprint and add it (e.g. {scan})")
+    try:
+        keys = paramiko.HostKeys(path)
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise ConfigError(f"SSH_KNOWN_HOSTS: cannot read {path}: {exc}") from None
+    entry = keys.lookup(name)
+    if not entry:
+        security_log.warning("refused SSH server %s: no host key in %s", name, path,
+                             extra={"event": "security", "details": {"reason": "unknown-host-key"}})
+        raise HostKeyError(f"SSH host {name} is not in {path}: refusing an unknown host; verify its "
+                           f"fingerprint and add it (e.g. {scan})")
+    for preferred in ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+                      "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"):
+        if preferred in entry:
+            return entry[preferred]
+    return next(iter(entry.values()))
+
+
+class _Forwarder(sshtunnel.SSHTunnelForwarder):
+    """Keeps the real reason a session could not be opened (sshtunnel only logs it)."""
+
+    gateway_error = None
+
+    def _connect_to_gateway(self):
+        try:
+            self._transport = self._get_transport()
+            self._transport.connect(hostkey=self.ssh_host_key, username=self.ssh_username,
+                                    pkey=self.ssh_pkeys[0])
+        except Exception as exc:
+            self.gateway_error = exc
+            try:
+                self._stop_transport()
+            except Exception:
+                pass
+            raise
+
+
+class SshTunnel:
+    """One SSH session forwarding a local port to PostgreSQL."""
+
+    def __init__(self, config, name, key, host_key):
+        self.config = config
+        self.name = name
+        self._key = key
+        self._host_key = host_key
+        self._lock = threading.Lock()
+        self._forwarder = None
+        self.restarts = 0
+        self.on_restart = None
+
+    def __repr__(self):
+        return f"<SshTunnel {self.name} {self.config.ssh_user}@{self.config.ssh_host}:{self.config.ssh_port}>"
+
+    @property
+    def transport(self):
+        fwd = self._forwarder
+        return getattr(fwd, "_transport", None) if fwd is not None else None
+
+    def local_address(self, fresh=False):
+        """(host, port) to connect to; opens or rebuilds the tunnel when needed."""
+        with self._lock:
+            fwd = self._forwarder
+            if fresh or fwd is None or not fwd.is_active:
+                self._open_locked(rebuild=fwd is not None)
+            return "127.0.0.1", self._forwarder.local_bind_port
+
+    def _open_locked(self, rebuild):
+        cfg = self.config
+        self._close_locked()
+        fwd = _Forwarder(
+            (cfg.ssh_host, cfg.ssh_port), ssh_username=cfg.ssh_user, ssh_pkey=self._key,
+            ssh_host_key=self._host_key, remote_bind_address=(cfg.postgres_host, cfg.postgres_port),
+            local_bind_address=("127.0.0.1", 0), allow_agent=False, host_pkey_directories=[],
+            set_keepalive=5.0, mute_exceptions=False, logger=_ssh_log)
+        try:
+            fwd.start()
+        except Exception as exc:
+            cause = fwd.gateway_error or exc
+            try:
+                fwd.stop(force=True)
+            except Exception:
+                pass
+            raise self._translate(cause) from None
+        self._forwarder = fwd
+        if rebuild:
+            self.restarts += 1
+            if self.on_restart:
+                self.on_restart()
+        log.info("%s: SSH tunnel %s %s@%s:%s -> local port %s", self.name, "rebuilt" if rebuild else "opened",
+                 cfg.ssh_user, cfg.ssh_host, cfg.ssh_port, fwd.local_bind_port,
+                 extra={"event": "tunnel_opened", "details": {"local_port": fwd.local_bind_port}})
+
+    def _translate(self, exc):
+        cfg = self.config
+        where = f"{cfg.ssh_user}@{cfg.ssh_host}:{cfg.ssh_port}"
+        if isinstance(exc, paramiko.BadHostKeyException) or "host key" in str(exc).lower():
+            security_log.error("%s: SSH server %s presented a host key that does not match known_hosts",
+                               self.name, where, extra={"event": "security", "details": {"reason": "host-key-mismatch"}})
+            return HostKeyError(f"SSH host key of {cfg.ssh_host}:{cfg.ssh_port} does not match known_hosts: "
+                                "refusing to connect (the key changed, or someone is in the middle)")
+        if isinstance(exc, paramiko.AuthenticationException):
+            security_log.error("%s: SSH authentication as %s refused", self.name, where,
+                               extra={"event": "security", "details": {"reason": "auth-failed"}})
+            return SshAuthError(f"SSH server {cfg.ssh_host}:{cfg.ssh_port} refused the key for user "
+                                f"{cfg.ssh_user!r} (check SSH_USER and that the public key is authorized)")
+        if isinstance(exc, (socket.error, EOFError, paramiko.SSHException)):
+            return ConnectError(f"SSH tunnel to {where} failed: {exc or type(exc).__name__}")
+        return ConnectError(f"SSH tunnel to {where} failed: {type(exc).__name__}: {exc}")
+
+    def _close_locked(self):
+        fwd, self._forwarder = self._forwarder, None
+        if fwd is not None:
+            try:
+                fwd.stop(force=True)
+            except Exception as exc:
+                log.debug("%s: closing SSH tunnel: %s", self.name, exc)
+            log.info("%s: SSH tunnel closed", self.name, extra={"event": "tunnel_closed"})
+
+    def close(self):
+        with self._lock:
+            self._close_locked()
+
+
+def make_tunnels(config, name):
+    """The listener's own tunnel and the pool's, sharing one checked key and host key."""
+    key = load_private_key(config.ssh_key_path, config.ssh_key_passphrase)
+    host_key = load_host_key(config)
+    return (SshTunnel(config, f"{name}-listener-tunnel", key, host_key),
+            SshTunnel(config, f"{name}-pool-tunnel", key, host_key))

@@ -3,11 +3,13 @@
 * :func:`bench_target` - where to measure: a throwaway cluster started with
   :class:`pgnotify_sync._cluster.TemporaryCluster` (the default; always cleaned
   up), or the server named by the ``POSTGRES_*`` environment variables.
-* :func:`prepare_bench_table`, :func:`reset_bench_table`, :func:`write_burst`,
-  :func:`drop_bench_table` - the watched table ``public.bench_rows`` and the
-  writer that fills it with multi-row ``INSERT ... SELECT`` transactions.
+* :func:`prepare_bench_table`, :func:`reset_bench_table`, :func:`drop_bench_table`
+  - the watched table ``public.bench_rows``;
+  :func:`write_burst` / :class:`BurstWriter` - the writer that fills it with
+  multi-row ``INSERT ... SELECT`` transactions (by default in its own process).
 * :class:`Tally` - counts received events from any thread, records the time of
   the last one and fails a run that stops making progress.
+* :data:`now`, :func:`process_cpu_s` - wall clock and CPU clock.
 * :func:`summarize`, :func:`print_table`, :func:`machine_info`,
   :func:`print_machine` - figures and their presentation.
 
@@ -16,8 +18,10 @@ Nothing here asserts anything about speed: the scripts print, people judge.
 
 import contextlib
 import datetime
+import multiprocessing
 import os
 import platform
+import resource
 import statistics
 import sys
 import threading
@@ -29,8 +33,15 @@ import psycopg2
 from pgnotify_sync import Config, install, unwatch_table, watch_table
 from pgnotify_sync._cluster import TemporaryCluster
 
-#: The clock of every measurement: monotonic, high resolution, the same in every thread.
-now = time.perf_counter
+#: The clock of every measurement. On Linux it is CLOCK_MONOTONIC (nanosecond
+#: resolution): the same clock in every thread and every process of the machine.
+now = time.monotonic
+
+
+def process_cpu_s():
+    """CPU seconds (user + system) used so far by this whole process, every thread."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 BENCH_TABLE = "public.bench_rows"
 BENCH_DB = "pgnotify_bench"
@@ -158,6 +169,116 @@ def write_burst(conn, rows, batch):
         for size in batch_sizes(rows, batch):
             cur.execute(statement, (size,))
     return started
+
+
+def _writer_process(config, pipe):
+    """Body of the writer process: one connection, one burst per request."""
+    conn = None
+    try:
+        kwargs = config.connect_kwargs()
+        kwargs["application_name"] = "pgnotify-bench-writer"
+        conn = psycopg2.connect(**kwargs)
+        conn.autocommit = True
+        pipe.send(("ready",))
+        while True:
+            request = pipe.recv()
+            if request[0] == "stop":
+                return
+            _, rows, batch = request
+            started = write_burst(conn, rows, batch)
+            pipe.send(("done", started, now()))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except Exception as exc:  # reported to the parent, which raises BenchError
+        try:
+            pipe.send(("error", f"{type(exc).__name__}: {str(exc).strip()}"))
+        except OSError:
+            pass
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+class BurstWriter:
+    """Writes bursts into ``bench_rows``; use as a context manager.
+
+    By default the writer is a separate process (``multiprocessing``, spawned):
+    its Python loop then does not compete with the receivers of this process
+    for the GIL. In-process (*in_process*), a receiver that holds the GIL while
+    a batch's notifications arrive delays the writer's next INSERT and so
+    lowers its own figure; that is real for an application that writes and
+    listens in one process, but it is not what the receiver costs.
+
+    :meth:`burst` returns ``(started, done)``: :data:`now` times when the first
+    INSERT was sent and when the last one returned. ``time.monotonic`` is
+    ``CLOCK_MONOTONIC`` on Linux: the same clock in every process.
+    """
+
+    def __init__(self, target, in_process=False):
+        self.in_process = in_process
+        self._target = target
+        self._conn = None
+        self._proc = None
+        self._pipe = None
+
+    def __enter__(self):
+        if self.in_process:
+            self._conn = self._target.connect(application_name="pgnotify-bench-writer")
+            return self
+        ctx = multiprocessing.get_context("spawn")   # never fork a process that has threads
+        self._pipe, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_writer_process, args=(self._target.config, child),
+                                 name="pgnotify-bench-writer", daemon=True)
+        try:
+            self._proc.start()
+            child.close()
+            self._reply(60.0)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def describe(self):
+        return "in this process (shares the GIL with the receivers)" if self.in_process else "a separate process"
+
+    def burst(self, rows, batch):
+        if self.in_process:
+            started = write_burst(self._conn, rows, batch)
+            return started, now()
+        self._pipe.send(("burst", rows, batch))
+        _, started, done = self._reply(None)
+        return started, done
+
+    def _reply(self, timeout_s):
+        deadline = None if timeout_s is None else now() + timeout_s
+        while not self._pipe.poll(0.5):
+            if not self._proc.is_alive():
+                raise BenchError(f"writer process died (exit code {self._proc.exitcode})")
+            if deadline is not None and now() > deadline:
+                raise BenchError(f"writer process: no answer within {timeout_s:.0f} s")
+        reply = self._pipe.recv()
+        if reply[0] == "error":
+            raise BenchError(f"writer process: {reply[1]}")
+        return reply
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._proc is not None:
+            try:
+                self._pipe.send(("stop",))
+            except OSError:
+                pass
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(5)
+            self._pipe.close()
+            self._proc = None
 
 
 # -- counting what arrives -------------------------------------------------------------

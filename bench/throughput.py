@@ -6,7 +6,10 @@ A table ``public.bench_rows`` is watched with ``watch_table(..., channel="bench"
 so every inserted row goes through the library's capture trigger (one event-log
 row plus one ``pg_notify`` of a JSON payload). A writer connection then inserts
 ``--rows`` rows as ``INSERT ... SELECT g, 'x' FROM generate_series(1, batch)``,
-one autocommit transaction per ``--batch`` rows. The same burst is received by:
+one autocommit transaction per ``--batch`` rows. The writer runs in a separate
+process by default; ``--writer thread`` runs it in this process, where it
+competes for the GIL with the receiver (which then slows the writer by about
+its own CPU cost per batch). The same burst is received by:
 
 raw
     a bare psycopg2 loop in a thread: autocommit connection, ``LISTEN bench``,
@@ -21,7 +24,10 @@ Both figures are ``rows / (last receive - start of the first INSERT)``, in
 events per second; for the Listener "receive" is the handler call of the last
 row. The writer's own time (start of the first INSERT to the return of the last)
 is shown too: when a receiver finishes right after the writer, the writer (the
-trigger in PostgreSQL) was the bottleneck, not the receiver.
+trigger in PostgreSQL) was the bottleneck, not the receiver. So is the CPU time
+this Python process used per event (``getrusage`` of every thread, from the
+first INSERT to the last event; the writer loop too with ``--writer thread``):
+the receivers' own cost, whatever bounds the rate.
 
 Runs alternate raw, listener, raw, listener ... (``--runs`` of each) after one
 small unmeasured warm-up of each; ``bench_rows`` and the event log are truncated
@@ -57,9 +63,9 @@ import threading
 if __package__ in (None, ""):  # run as a file: python bench/throughput.py
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench._common import (BenchError, Tally, bench_target, drop_bench_table, fmt_rate, machine_info,
-                           now, prepare_bench_table, print_machine, print_table, reset_bench_table, summarize,
-                           write_burst)
+from bench._common import (BenchError, BurstWriter, Tally, bench_target, drop_bench_table, fmt_rate,
+                           machine_info, prepare_bench_table, print_machine, print_table, process_cpu_s,
+                           reset_bench_table, summarize)
 from pgnotify_sync import Listener, PgNotifyError
 from pgnotify_sync._cluster import ClusterError
 
@@ -68,13 +74,14 @@ IDLE_TIMEOUT_S = 30.0
 
 
 class RunResult:
-    __slots__ = ("rows", "started", "writer_done", "last_received")
+    __slots__ = ("rows", "started", "writer_done", "last_received", "cpu_s")
 
-    def __init__(self, rows, started, writer_done, last_received):
+    def __init__(self, rows, started, writer_done, last_received, cpu_s):
         self.rows = rows
         self.started = started
         self.writer_done = writer_done
         self.last_received = last_received
+        self.cpu_s = cpu_s
 
     @property
     def rate(self):
@@ -90,6 +97,11 @@ class RunResult:
     def tail_s(self):
         """How long after the writer finished the last event arrived."""
         return self.last_received - self.writer_done
+
+    @property
+    def cpu_us_per_event(self):
+        """CPU of this Python process (receiver + writer loop) per event, in microseconds."""
+        return self.cpu_s / self.rows * 1e6
 
 
 # -- the raw baseline ---------------------------------------------------------------
@@ -134,13 +146,14 @@ def run_raw(target, writer, rows, batch):
             raise BenchError("raw receiver: not listening after 30 s")
         if tally.error is not None:
             raise BenchError(f"raw receiver failed: {tally.error!r}") from tally.error
-        started = write_burst(writer, rows, batch)
-        writer_done = now()
+        cpu_before = process_cpu_s()
+        started, writer_done = writer.burst(rows, batch)
         tally.wait(IDLE_TIMEOUT_S, describe=lambda: "raw loop")
+        cpu_s = process_cpu_s() - cpu_before
     finally:
         stop.set()
         thread.join(5)
-    return RunResult(rows, started, writer_done, tally.last_at)
+    return RunResult(rows, started, writer_done, tally.last_at, cpu_s)
 
 
 # -- the library --------------------------------------------------------------------
@@ -159,9 +172,10 @@ def run_listener(target, writer, rows, batch):
 
     listener.start(timeout_s=30)
     try:
-        started = write_burst(writer, rows, batch)
-        writer_done = now()
+        cpu_before = process_cpu_s()
+        started, writer_done = writer.burst(rows, batch)
         tally.wait(IDLE_TIMEOUT_S, describe=lambda: f"listener stats {listener.get_stats()}")
+        cpu_s = process_cpu_s() - cpu_before
         stats = listener.get_stats()
     finally:
         listener.stop()
@@ -170,7 +184,7 @@ def run_listener(target, writer, rows, batch):
     if problems:
         # Not fatal (nothing was lost), but the figure no longer measures the live path.
         print(f"  note: listener run was not a clean live run: {problems}", flush=True)
-    return RunResult(rows, started, writer_done, tally.last_at)
+    return RunResult(rows, started, writer_done, tally.last_at, cpu_s)
 
 
 # -- driver -------------------------------------------------------------------------
@@ -187,6 +201,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=1000, help="rows per INSERT transaction (default 1000)")
     parser.add_argument("--runs", type=int, default=None, help="runs of each kind (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="10000 rows, 1 run (explicit --rows/--runs win)")
+    parser.add_argument("--writer", choices=("process", "thread"), default="process",
+                        help="where the writer runs: a separate process (default) or a thread of this process, "
+                             "competing with the receivers for the GIL")
     parser.add_argument("--dsn-from-env", action="store_true",
                         help="use the POSTGRES_* environment variables instead of a throwaway cluster")
     args = parser.parse_args(argv)
@@ -202,45 +219,54 @@ def parse_args(argv=None):
 
 def measure(target, args):
     results = {kind: [] for kind, _ in KINDS}
-    writer = target.connect(application_name="pgnotify-bench-writer")
+    admin = target.connect(application_name="pgnotify-bench-admin")
     try:
-        prepare_bench_table(writer, CHANNEL)
-        print_machine(machine_info(writer), extra=[
-            ("target", target.description),
-            ("burst", f"{args.rows:,} rows, {args.batch:,} rows per INSERT ... SELECT transaction"),
-            ("runs", f"{args.runs} of each, alternating raw/listener, after one unmeasured warm-up of each"),
-        ])
-        print(flush=True)
+        prepare_bench_table(admin, CHANNEL)
+        with BurstWriter(target, in_process=args.writer == "thread") as writer:
+            print_machine(machine_info(admin), extra=[
+                ("target", target.description),
+                ("burst", f"{args.rows:,} rows, {args.batch:,} rows per INSERT ... SELECT transaction"),
+                ("writer", writer.describe()),
+                ("runs", f"{args.runs} of each, alternating raw/listener, after one unmeasured warm-up of each"),
+            ])
+            print(flush=True)
 
-        warm_rows = min(args.rows, 5 * args.batch)
-        for _kind, run in KINDS:
-            reset_bench_table(writer, target)
-            run(target, writer, warm_rows, args.batch)
+            warm_rows = min(args.rows, 5 * args.batch)
+            for _kind, run in KINDS:
+                reset_bench_table(admin, target)
+                run(target, writer, warm_rows, args.batch)
 
-        for i in range(1, args.runs + 1):
-            for kind, run in KINDS:
-                reset_bench_table(writer, target)
-                res = run(target, writer, args.rows, args.batch)
-                results[kind].append(res)
-                print(f"run {i} {kind:<8}  {fmt_rate(res.rate):>9} events/s   "
-                      f"writer {fmt_rate(res.writer_rate):>9} rows/s   "
-                      f"last event {res.tail_s * 1000:7.1f} ms after the writer finished", flush=True)
-        reset_bench_table(writer, target)
+            for i in range(1, args.runs + 1):
+                for kind, run in KINDS:
+                    reset_bench_table(admin, target)
+                    res = run(target, writer, args.rows, args.batch)
+                    results[kind].append(res)
+                    print(f"run {i} {kind:<8}  {fmt_rate(res.rate):>8} events/s   "
+                          f"writer {fmt_rate(res.writer_rate):>8} rows/s   "
+                          f"last event {res.tail_s * 1000:6.1f} ms after the writer   "
+                          f"client CPU {res.cpu_us_per_event:5.1f} us/event", flush=True)
+        reset_bench_table(admin, target)
         if not target.owned:
-            drop_bench_table(writer, target)
+            drop_bench_table(admin, target)
     finally:
-        writer.close()
+        admin.close()
     return results
 
 
 def report(results):
-    raw = summarize(r.rate for r in results["raw"])
-    lib = summarize(r.rate for r in results["listener"])
-    writer = summarize(r.writer_rate for r in results["raw"] + results["listener"])
+    raw_runs, lib_runs = results["raw"], results["listener"]
+    raw = summarize(r.rate for r in raw_runs)
+    lib = summarize(r.rate for r in lib_runs)
+    writer = summarize(r.writer_rate for r in raw_runs + lib_runs)
+    raw_cpu = summarize(r.cpu_us_per_event for r in raw_runs)
+    lib_cpu = summarize(r.cpu_us_per_event for r in lib_runs)
     ratio = lib.median / raw.median
 
-    def rng(s):
-        return f"{fmt_rate(s.min)} - {fmt_rate(s.max)}"
+    def rng(s, fmt=fmt_rate):
+        return f"{fmt(s.min)} - {fmt(s.max)}"
+
+    def us(value):
+        return f"{value:.1f}"
 
     print()
     print_table(
@@ -248,10 +274,21 @@ def report(results):
         [
             ["raw psycopg2 loop, events/s", fmt_rate(raw.median), rng(raw), len(raw.values)],
             ["Listener (1 worker), events/s", fmt_rate(lib.median), rng(lib), len(lib.values)],
-            ["writer alone (all runs), rows/s", fmt_rate(writer.median), rng(writer), len(writer.values)],
             ["ratio listener/raw (medians)", f"{ratio:.2f}", "", ""],
+            ["writer alone (all runs), rows/s", fmt_rate(writer.median), rng(writer), len(writer.values)],
+            ["raw: client CPU, us/event", us(raw_cpu.median), rng(raw_cpu, us), len(raw_cpu.values)],
+            ["Listener: client CPU, us/event", us(lib_cpu.median), rng(lib_cpu, us), len(lib_cpu.values)],
         ],
     )
+    # When the last event arrives right after the writer's last INSERT returns, the
+    # receiver kept up: events/s then measures the writer (the capture trigger).
+    tails = [r.tail_s for r in raw_runs + lib_runs]
+    durations = [r.last_received - r.started for r in raw_runs + lib_runs]
+    if max(t / d for t, d in zip(tails, durations)) < 0.05:
+        print()
+        print(f"note: in every run the last event arrived at most {max(tails) * 1000:.0f} ms after the writer's "
+              "last INSERT returned: both receivers kept up, so events/s is bounded by the writer (the capture "
+              "trigger in PostgreSQL), not by the receivers; client CPU per event is what tells them apart.")
     print()
     print(f"RESULT raw={raw.median:.0f} listener={lib.median:.0f} ratio={ratio:.2f}", flush=True)
 

@@ -19,7 +19,9 @@ class Backoff:
     max_attempts: int = 0
 
     def delay_s(self, attempt, rand=random.random):
-        base = min(self.max_s, self.first_s * (2 ** max(0, attempt - 1)))
+        # The exponent is capped first: 2**1024 overflows a float, and a listener that
+        # retries forever gets there after some hours at the cap.
+        base = min(self.max_s, self.first_s * (2.0 ** min(max(0, attempt - 1), 60)))
         return base / 2 + rand() * base / 2
 
     def exhausted(self, attempt):

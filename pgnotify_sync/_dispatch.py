@@ -25,6 +25,7 @@ import threading
 import time
 
 from .events import DatabaseEvent, EventRef
+from .metrics import Histogram
 
 log = logging.getLogger("pgnotify_sync")
 
@@ -60,7 +61,8 @@ class Advance:
 
 class ChannelState:
     __slots__ = ("name", "wire", "items", "scheduled", "overflow", "position", "handled",
-                 "retry_at", "dropped", "delivered", "running")
+                 "retry_at", "dropped", "delivered", "running", "received", "parse_errors", "handler_errors",
+                 "delivered_by", "handler_hist", "caught_up", "max_id", "lag", "gap_events")
 
     def __init__(self, name, wire):
         self.name = name
@@ -74,6 +76,16 @@ class ChannelState:
         self.handled = {}
         self.dropped = 0
         self.delivered = 0
+        # metrics (plain counters; read at scrape time)
+        self.received = 0
+        self.parse_errors = 0
+        self.handler_errors = 0
+        self.delivered_by = {}          # (operation, table) -> count
+        self.handler_hist = Histogram()
+        self.caught_up = 0
+        self.max_id = 0
+        self.lag = None
+        self.gap_events = 0
 
 
 class CatchUpFailed(Exception):
@@ -308,10 +320,10 @@ class Dispatcher:
 
     def _fresh(self, ch, event):
         """True (and remembered) if *event* was not handled before."""
-        xid = event.xid
-        if xid is None:
-            return True       # a plain payload without log id: nothing to compare
         ident = event.id
+        xid = event.xid
+        if ident is None or xid is None:
+            return True       # a plain payload without log id: nothing to compare
         pos = ch.position
         if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
             return False

@@ -13,6 +13,7 @@ Every invalid value raises :class:`ConfigError` naming the setting (and, from
 password is never part of ``repr()`` or of any message.
 """
 
+import math
 import os
 
 import attrs
@@ -38,6 +39,8 @@ def _positive_float(name, minimum=0.0, allow_zero=False):
     def check(instance, attribute, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value}")
         if value < minimum or (value == minimum and not allow_zero):
             raise ConfigError(f"{name}: must be {'>=' if allow_zero else '>'} {minimum}, got {value}")
     return check
@@ -48,7 +51,10 @@ def _channels_tuple(value):
         return ()
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",")]
-    return tuple(value)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(f"channels: expected a sequence of channel names, got {type(value).__name__}") from None
 
 
 @attrs.frozen(kw_only=True)

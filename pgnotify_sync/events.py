@@ -72,6 +72,13 @@ class DatabaseEvent:
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
 
 
+def _shown(value):
+    """A value for an error message: short scalars only, never a row's contents."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool) and len(str(value)) <= 20:
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def _structure_operation(value, _type):
     if isinstance(value, Operation):
         return value
@@ -79,7 +86,7 @@ def _structure_operation(value, _type):
         return Operation(value)
     except (ValueError, TypeError):
         raise ValueError(
-            f"operation must be one of {', '.join(op.value for op in Operation)}, got {value!r}") from None
+            f"operation must be one of {', '.join(op.value for op in Operation)}, got {_shown(value)}") from None
 
 
 def _structure_row(value, _type):
@@ -103,7 +110,7 @@ def _structure_optional_int(value, _type):
         return value
     if isinstance(value, str) and value.isdigit():
         return int(value)
-    raise ValueError(f"expected an integer, got {value!r}")
+    raise ValueError(f"expected an integer, got {_shown(value)}")
 
 
 converter = cattrs.Converter()
@@ -142,14 +149,19 @@ def decode_payload(channel, payload, _loads=loads, _ops=_KNOWN_OPERATIONS):
     """
     try:
         obj = _loads(payload)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise PayloadError(f"payload on channel {channel!r} is not JSON ({exc.msg} at position {exc.pos})",
+                           channel, len(payload)) from None
+    except (ValueError, RecursionError) as exc:
+        # e.g. an integer over Python's digit limit, or nesting deeper than the stack
+        raise PayloadError(f"payload on channel {channel!r} is not usable JSON ({type(exc).__name__})",
                            channel, len(payload)) from None
     if type(obj) is not dict:
         raise PayloadError(f"payload on channel {channel!r} must be a JSON object, got {type(obj).__name__}",
                            channel, len(payload))
     # Fast path for our own trigger's payloads: every field has the expected type.
-    op = _ops.get(obj.get("operation"))
+    op = obj.get("operation")
+    op = _ops.get(op) if type(op) is str else None
     data = obj.get("data")
     old = obj.get("old")
     ident = obj.get("id")
@@ -169,6 +181,8 @@ def decode_payload(channel, payload, _loads=loads, _ops=_KNOWN_OPERATIONS):
     obj["channel"] = channel
     try:
         return converter.structure(obj, DatabaseEvent)
+    except RecursionError:
+        raise PayloadError(f"payload on channel {channel!r} is nested too deeply", channel, len(payload)) from None
     except Exception as exc:  # cattrs raises ClassValidationError (an ExceptionGroup)
         raise PayloadError(f"payload on channel {channel!r} is not an event: {_describe(exc)}",
                            channel, len(payload)) from None

@@ -45,6 +45,7 @@ from ._snapshot import Snapshot
 from .config import Config
 from .errors import ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError, PublishBufferFull
 from .events import DatabaseEvent, Operation, decode_payload
+from .metrics import Histogram, collector_for
 from .signals import ListenerSignals
 
 log = logging.getLogger("pgnotify_sync")
@@ -133,9 +134,11 @@ class Listener:
         events (default 1: after a crash only the event in flight comes again; a
         larger value trades up to that many repeats for fewer writes). 0 stores it
         once per batch of up to 256 events.
+    :param registry: prometheus_client registry for this listener's metrics (default:
+        the global ``REGISTRY``; ``False``: no metrics).
     """
 
-    def __init__(self, config, *, consumer=None, name=None, checkpoint_every=1):
+    def __init__(self, config, *, consumer=None, name=None, checkpoint_every=1, registry=None):
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected a pgnotify_sync.Config, got {type(config).__name__}")
         self.config = config
@@ -165,6 +168,10 @@ class Listener:
         self._pending_catchup = set()
         self._listener_tunnel = self._pool_tunnel = None
         self._publish_lock = threading.Lock()
+        self._decode_hist = Histogram()
+        self._rtt_hist = Histogram()
+        self._registry = registry
+        self._metrics = None
         self._publish_buffer = collections.deque()
         self._tunnel_stale = False
         self._had_session = False
@@ -301,7 +308,9 @@ class Listener:
                         pass
             self._wake_r = self._wake_w = None
         self._set_state(ConnectionState.STOPPED)
-        log.info("%s: stopped", self.name)
+        if self._metrics is not None:
+            self._metrics.remove(self)
+        log.info("%s: stopped", self.name, extra={"event": "stopped"})
 
     def __enter__(self):
         return self.start()
@@ -428,6 +437,9 @@ class Listener:
             self._listener_tunnel, self._pool_tunnel = make_tunnels(self.config, self.name)
 
     def _setup(self):
+        if self._registry is not False:
+            self._metrics = collector_for(self._registry)
+            self._metrics.add(self)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -684,11 +696,13 @@ class Listener:
         hc.next_at = now + self.config.health_check_interval_s
         self.stats["health_checks"] += 1
         self.stats["last_health_rtt_s"] = now - hc.sent_at
+        self._rtt_hist.observe(now - hc.sent_at)
         advance = Advance(hc.snapshot)
         for ch in self._channels.values():
             self._dispatcher.push_control(ch, advance, skip_overflowing=True)
 
     def _handle_notifies(self, batch, hc):
+        started = time.perf_counter()
         by_wire = self._dispatcher.by_wire
         push = self._dispatcher.push
         groups = {}
@@ -705,9 +719,11 @@ class Listener:
                     self._health_check_done(hc)
                 continue
             received += 1
+            ch.received += 1
             try:
                 event = decode_payload(ch.name, notify.payload)
             except PayloadError as exc:
+                ch.parse_errors += 1
                 self.stats["parse_errors"] += 1
                 self._report("payload", exc, ch.name)
                 continue
@@ -718,6 +734,8 @@ class Listener:
                 events.append(event)
         self.stats["received"] += received
         self._since_advance += received
+        if received:
+            self._decode_hist.observe((time.perf_counter() - started) / received)
         for ch, events in groups.items():
             push(ch, events)
 
@@ -727,26 +745,41 @@ class Listener:
         receivers = list(self.signals.event.receivers_for(ch.name))
         name = ch.name
         debug = log.isEnabledFor(logging.DEBUG)
+        perf = time.perf_counter
+        observe = ch.handler_hist.observe
+        by = ch.delivered_by
         # A durable consumer stores its position after every event (checkpoint_every=1):
         # a crash then repeats only the event in flight. The ids of this batch not yet
         # handed to receivers must not be stored as handled.
         checkpoint = self.consumer and self.checkpoint_every
         undelivered = {e.id for e in events} if checkpoint else None
         for event in events:
+            started = perf()
             for receiver in receivers:
                 try:
                     receiver(name, event=event)
                 except Exception as exc:
+                    ch.handler_errors += 1
                     self.stats["handler_errors"] += 1
                     self._report("handler", exc, name, event_id=event.id, exc_info=True)
+            elapsed = perf() - started
+            observe(elapsed)
+            key = (event.operation, event.table)
+            by[key] = by.get(key, 0) + 1
             if debug:
                 log.debug("%s: delivered event %s on %r (%s %s.%s)", self.name, event.id, name,
-                          event.operation.value, event.schema, event.table)
+                          event.operation.value, event.schema, event.table,
+                          extra={"event": "delivered", "channel": name, "event_id": event.id,
+                                 "details": {"operation": event.operation.value, "table": event.table,
+                                             "duration": round(elapsed * 1000, 3)}})
             if checkpoint:
                 undelivered.discard(event.id)
                 self._since_checkpoint += 1
                 if self._since_checkpoint >= checkpoint:
                     self._save_consumer(ch, undelivered)
+        last = events[-1].id
+        if last is not None and last > ch.max_id:
+            ch.max_id = last
         ch.delivered += len(events)
         self.stats["delivered"] += len(events)
 
@@ -778,6 +811,7 @@ class Listener:
                 if not rows:
                     return
                 self.stats["caught_up"] += len(rows)
+                ch.caught_up += len(rows)
                 yield [self._row_event(ch, row) for row in rows]
                 if len(rows) < CATCHUP_PAGE:
                     return
@@ -832,11 +866,16 @@ class Listener:
     def _run_watchdog(self):
         cfg = self.config
         next_cleanup = time.monotonic() + min(cfg.cleanup_interval_s, 5.0) if cfg.cleanup_interval_s else None
+        next_lag = time.monotonic() + 1.0
         while not self._stop_event.wait(0.25):
             try:
                 self._dispatcher.retry_overflowed()
                 if self._publish_buffer:
                     self.flush_publishes()
+                if self._metrics is not None and time.monotonic() >= next_lag and \
+                        self._state is ConnectionState.LISTENING:
+                    next_lag = time.monotonic() + cfg.health_check_interval_s
+                    self._update_lag()
                 if next_cleanup is not None and time.monotonic() >= next_cleanup:
                     next_cleanup = time.monotonic() + cfg.cleanup_interval_s
                     self.cleanup()
@@ -921,9 +960,70 @@ class Listener:
         for wire, lost in gaps:
             channel = self.config.logical_channel(wire) or wire
             self.stats["consumer_gap_events"] = self.stats.get("consumer_gap_events", 0) + lost
+            if channel in self._channels:
+                self._channels[channel].gap_events += lost
             self._report("gap", f"consumer {self.consumer!r} missed {lost} events: the event log was trimmed "
                                 f"past its position (older than consumer_retention_s)", channel)
 
+    # -- metrics ------------------------------------------------------------------------
+
+    def _collect_metrics(self, fams):
+        """Add this listener's samples to the metric families (scrape time)."""
+        me = self.name
+        st = self.stats
+
+        def add(name, labels, value):
+            fams[f"pgnotify_sync_{name}"].add_metric([me] + labels, value)
+
+        def add_hist(name, labels, hist):
+            fams[f"pgnotify_sync_{name}"].add_metric([me] + labels, hist.cumulative(), hist.sum)
+
+        for ch in list(self._channels.values()):
+            add("events_received", [ch.name], ch.received)
+            for (operation, table), n in list(ch.delivered_by.items()):
+                add("events_delivered", [ch.name, operation.value, table], n)
+            add("parse_errors", [ch.name], ch.parse_errors)
+            add("handler_errors", [ch.name], ch.handler_errors)
+            add_hist("handler_duration_seconds", [ch.name], ch.handler_hist)
+            add("overflow_events", [ch.name], ch.dropped)
+            add("catchup_events", [ch.name], ch.caught_up)
+            add("consumer_gap_events", [ch.name], ch.gap_events)
+            if ch.lag is not None:
+                add("lag_events", [ch.name], ch.lag)
+        add_hist("decode_duration_seconds", [], self._decode_hist)
+        add_hist("health_check_rtt_seconds", [], self._rtt_hist)
+        dispatcher = self._dispatcher
+        add("queue_size", [], dispatcher.buffered if dispatcher else 0)
+        add("queue_capacity", [], self.config.event_buffer_size)
+        for state in ConnectionState:
+            add("connection_state", [state.value], 1 if self._state is state else 0)
+        since = st.get("connected_since")
+        add("connection_uptime_seconds", [], time.time() - since if since else 0)
+        add("reconnect_attempts", [], st["reconnect_attempts"])
+        add("reconnects", [], st["reconnects"])
+        add("health_check_failures", [], st["health_check_failures"])
+        pool = self._pool
+        add("pool_connections_in_use", [], pool.in_use if pool else 0)
+        add("pool_connections_discarded", [], pool.discarded if pool else 0)
+        for kind, tunnel in (("listener", self._listener_tunnel), ("pool", self._pool_tunnel)):
+            if tunnel is not None:
+                add("tunnel_restarts", [kind], tunnel.restarts)
+        add("publish_buffer_size", [], len(self._publish_buffer))
+        add("retention_deleted", [], st.get("retention_deleted", 0))
+
+    def _update_lag(self):
+        """Events in the log not handled yet, per channel (a gauge; the durable
+        position says what is handled, so this is exact up to events in flight)."""
+        for ch in list(self._channels.values()):
+            pos = ch.position
+            if pos is None:
+                continue
+            with self._pool.connection(timeout_s=self.config.connect_timeout_s) as conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pgnotify_sync.event_log WHERE channel = %s "
+                            "AND xid >= %s::text::xid8 AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)",
+                            (ch.wire, str(pos.xmin), str(pos)))
+                pending = cur.fetchone()[0]
+            ch.lag = max(0, pending - len(ch.handled))
 
 def _ranges(handled):
     """Sorted ids as [first, last] ranges (compact: ids handled live are mostly consecutive)."""

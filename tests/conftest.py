@@ -115,3 +115,47 @@ def make_listener(dsn):
     factory = ListenerFactory(dsn)
     yield factory
     factory.stop_all()
+
+
+# -- sshd fixtures (SSH-tunnel tests; see tests/sshd.py) ----------------------------
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """One throwaway OpenSSH server (tests/sshd.py ``SshServer``) on a free 127.0.0.1
+    port for the whole session: user root, key ``sshd.client_key_path``.
+
+    A missing /usr/sbin/sshd or a failed start fails the tests that use it (never
+    skips them): pytest caches the failure, so later tests fail at once with it.
+    """
+    import os
+    from sshd import MISSING_SSHD_HINT, SSHD_PATH, SshServer
+    if not os.access(SSHD_PATH, os.X_OK):
+        pytest.fail(f"{SSHD_PATH} not found, but the SSH-tunnel tests need it: "
+                    f"{MISSING_SSHD_HINT}", pytrace=False)
+    server = SshServer(tmp_path_factory.mktemp("sshd"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        message = f"test sshd could not be started:\n{exc}"
+    else:
+        message = None
+    if message is not None:
+        server.stop()
+        pytest.fail(message, pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ssh_server(sshd):
+    """The session ``sshd``, running at the start of the test (restarted on the same
+    port if an earlier test stopped it or it died); at the end, every session the test
+    left frozen (SIGSTOP) is thawed, so nothing stays hung into the next test."""
+    if not sshd.running:
+        sshd.start()
+    try:
+        yield sshd
+    finally:
+        sshd.thaw_all()

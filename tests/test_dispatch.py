@@ -388,11 +388,6 @@ def test_push_control_skip_overflowing(make_dispatcher):
     assert len(a.items) == 1 and a.scheduled
 
 
-@pytest.mark.xfail(reason="BUG: Dispatcher._fresh keys duplicates on event.id but only skips the check when "
-                          "xid is None; a plain payload (id None) that carries an xid is recorded as "
-                          "handled[None], so every later id-less event is dropped as a 'duplicate' (and one "
-                          "whose xid is visible in the position is dropped too) although it can never be "
-                          "re-read from the log", strict=True)
 def test_plain_events_with_xid_but_no_id_are_all_delivered(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1)
     d.push(chans["a"], [plain("a", 1, xid=500), plain("a", 2, xid=501), plain("a", 3, xid=502)])

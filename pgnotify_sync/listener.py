@@ -495,18 +495,22 @@ class Listener:
                     error = exc if isinstance(exc, PgNotifyError) else ConnectError(_first_line(exc))
                     if (first or getattr(exc, "retryable", True) is False) and self._is_fatal(exc):
                         # Retrying cannot fix a wrong password or a missing database.
-                        log.error("%s: cannot connect (%s): %s", self.name, self.config.describe_target(), error)
+                        log.error("%s: cannot connect (%s): %s", self.name, self.config.describe_target(), error,
+                                  extra={"event": "error", "details": {"error": str(error)}})
                         self._fail(error)
                         return
                     failures += 1
                     self.stats["reconnect_attempts"] += 1
                     if self._backoff.exhausted(failures):
-                        log.error("%s: giving up after %d attempts: %s", self.name, failures, error)
+                        log.error("%s: giving up after %d attempts: %s", self.name, failures, error,
+                                  extra={"event": "failed", "details": {"error": str(error), "attempts": failures}})
                         self._fail(ConnectError(f"{self.name}: gave up after {failures} attempts: {error}"))
                         return
                     delay = self._backoff.delay_s(failures)
                     log.warning("%s: connect attempt %d failed (%s); retrying in %.2f s",
-                                self.name, failures, error, delay)
+                                self.name, failures, error, delay,
+                                extra={"event": "reconnecting", "details": {"error": str(error), "attempt": failures + 1,
+                                                                            "delay": round(delay * 1000)}})
                     self._set_state(ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING)
                     self._emit(self.signals.reconnecting, attempt=failures + 1, delay_s=delay, error=error)
                     if self._stop_event.wait(delay):
@@ -523,7 +527,8 @@ class Listener:
                 except _Lost as exc:
                     error = exc
                     self._tunnel_stale = True
-                    log.warning("%s: connection lost: %s", self.name, exc)
+                    log.warning("%s: connection lost: %s", self.name, exc,
+                                extra={"event": "disconnected", "details": {"error": str(exc)}})
                 finally:
                     try:
                         conn.close()
@@ -608,7 +613,7 @@ class Listener:
             raise
         self.stats["connected_since"] = time.time()
         log.info("%s: listening on %s (%s)", self.name, ", ".join(repr(c) for c in self._channels),
-                 cfg.describe_target())
+                 cfg.describe_target(), extra={"event": "listening", "details": {"channels": list(self._channels)}})
         dispatcher = self._dispatcher
         self._set_state(ConnectionState.LISTENING)
         if first and not self.consumer:
@@ -703,6 +708,7 @@ class Listener:
 
     def _handle_notifies(self, batch, hc):
         started = time.perf_counter()
+        debug = log.isEnabledFor(logging.DEBUG)
         by_wire = self._dispatcher.by_wire
         push = self._dispatcher.push
         groups = {}
@@ -727,6 +733,11 @@ class Listener:
                 self.stats["parse_errors"] += 1
                 self._report("payload", exc, ch.name)
                 continue
+            if debug:
+                log.debug("%s: received event %s on %r", self.name, event.id, ch.name,
+                          extra={"event": "parsed", "channel": ch.name, "event_id": event.id,
+                                 "details": {"operation": getattr(event, "operation", None),
+                                             "table": getattr(event, "table", None)}})
             events = groups.get(ch)
             if events is None:
                 groups[ch] = [event]
@@ -838,7 +849,8 @@ class Listener:
             self._pending_catchup.discard(ch.name)
             done = not self._pending_catchup
         if done and self._state is ConnectionState.LISTENING:
-            log.info("%s: connected and caught up (%s)", self.name, reason)
+            log.info("%s: connected and caught up (%s)", self.name, reason,
+                     extra={"event": "connected", "details": {"reason": reason}})
             self._emit(self.signals.connected)
 
     def _on_position(self, ch):
@@ -853,8 +865,9 @@ class Listener:
         level = logging.WARNING if kind in ("payload", "handler", "overflow", "catchup") else logging.ERROR
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         log.log(level, "%s: %s error on channel %r%s: %s", self.name, kind, channel,
-                f" (event {event_id})" if event_id is not None else "", text,
-                exc_info=exc_info)
+                f" (event {event_id})" if event_id is not None else "", text, exc_info=exc_info,
+                extra={"event": "error", "channel": channel, "event_id": event_id,
+                       "details": {"kind": kind, "error": text}})
         for receiver in self.signals.error.receivers_for(self):
             try:
                 receiver(self, error=error, kind=kind, channel=channel, event_id=event_id)
@@ -898,7 +911,8 @@ class Listener:
             raise ConnectError(f"{self.name}: cleanup failed: {_first_line(exc)}") from exc
         self.stats["retention_deleted"] = self.stats.get("retention_deleted", 0) + deleted
         if deleted:
-            log.info("%s: retention deleted %d event-log rows", self.name, deleted)
+            log.info("%s: retention deleted %d event-log rows", self.name, deleted,
+                     extra={"event": "retention", "details": {"deleted": deleted}})
         if self.consumer:
             self._check_consumer_gaps()
         return deleted

@@ -48,9 +48,11 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
-def pg_cluster(tmp_path_factory):
+def pg_cluster():
     global _cluster_failure
-    cluster = TemporaryCluster(base_dir=tmp_path_factory.mktemp("pgcluster"))
+    # Not under pytest's basetemp: pytest resets /tmp/pytest-of-<user> to mode 0700
+    # whenever another pytest run starts, which would lock the postgres OS user out.
+    cluster = TemporaryCluster()
     try:
         cluster.start()
     except ClusterError as exc:

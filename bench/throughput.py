@@ -100,7 +100,8 @@ class RunResult:
 
     @property
     def cpu_us_per_event(self):
-        """CPU of this Python process (receiver + writer loop) per event, in microseconds."""
+        """CPU of every thread of this process per event, in microseconds (the receiver;
+        the writer loop too with ``--writer thread``)."""
         return self.cpu_s / self.rows * 1e6
 
 
@@ -170,8 +171,8 @@ def run_listener(target, writer, rows, batch):
     def count(event):
         add()
 
-    listener.start(timeout_s=30)
     try:
+        listener.start(timeout_s=30)
         cpu_before = process_cpu_s()
         started, writer_done = writer.burst(rows, batch)
         tally.wait(IDLE_TIMEOUT_S, describe=lambda: f"listener stats {listener.get_stats()}")
@@ -303,6 +304,9 @@ def main(argv=None):
     except (BenchError, ClusterError, PgNotifyError) as exc:
         print(f"bench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     report(results)
     return 0
 

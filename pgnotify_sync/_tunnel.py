@@ -77,22 +77,25 @@ def load_private_key(path, passphrase=None):
         raise ConfigError(f"{var}: {path} is not a private key file (no PRIVATE KEY block)")
     if "DSA PRIVATE KEY" in head and "ECDSA" not in head:
         raise ConfigError(f"{var}: {path} is a DSA key, which is not supported; use ed25519, ECDSA or RSA")
-    errors = []
+    encrypted = False
     for cls in _KEY_CLASSES:
         try:
-            return cls.from_private_key_file(path, password=passphrase or None)
+            return cls.from_private_key_file(path)
         except paramiko.PasswordRequiredException:
-            raise ConfigError(f"{var}: key file {path} is encrypted: set its passphrase (SSH_KEY_PASSPHRASE)") \
-                from None
-        except paramiko.SSHException as exc:
-            text = str(exc)
-            if passphrase and ("passphrase" in text.lower() or "decrypt" in text.lower()
-                               or "password" in text.lower()):
-                raise ConfigError(f"{var}: cannot decrypt key file {path}: wrong passphrase") from None
-            errors.append(text)
-        except (ValueError, TypeError) as exc:
-            errors.append(str(exc))
-    raise ConfigError(f"{var}: {path} is not a usable ed25519, ECDSA or RSA private key")
+            encrypted = True
+            break
+        except (paramiko.SSHException, ValueError, TypeError):
+            continue
+    if not encrypted:
+        raise ConfigError(f"{var}: {path} is not a usable ed25519, ECDSA or RSA private key")
+    if not passphrase:
+        raise ConfigError(f"{var}: key file {path} is encrypted: set its passphrase (SSH_KEY_PASSPHRASE)")
+    for cls in _KEY_CLASSES:
+        try:
+            return cls.from_private_key_file(path, password=passphrase)
+        except (paramiko.SSHException, ValueError, TypeError):
+            continue
+    raise ConfigError(f"{var}: cannot decrypt key file {path}: wrong passphrase (SSH_KEY_PASSPHRASE)")
 
 
 def _known_hosts_name(host, port):
@@ -184,6 +187,7 @@ class SshTunnel:
             (cfg.ssh_host, cfg.ssh_port), ssh_username=cfg.ssh_user, ssh_pkey=self._key,
             ssh_host_key=self._host_key, remote_bind_address=(cfg.postgres_host, cfg.postgres_port),
             local_bind_address=("127.0.0.1", 0), allow_agent=False, host_pkey_directories=[],
+            ssh_config_file=None,
             set_keepalive=5.0, mute_exceptions=False, logger=_ssh_log)
         try:
             fwd.start()
@@ -224,6 +228,8 @@ class SshTunnel:
         fwd, self._forwarder = self._forwarder, None
         if fwd is not None:
             try:
+                # stop() on a forwarder whose session already died only logs a warning
+                # about "not started" but still closes the transport.
                 fwd.stop(force=True)
             except Exception as exc:
                 log.debug("%s: closing SSH tunnel: %s", self.name, exc)

@@ -16,7 +16,6 @@ dicts and back::
 
 import decimal
 import enum
-import functools
 import json
 from typing import Any, Dict, Optional
 
@@ -125,7 +124,8 @@ _KNOWN_OPERATIONS = {op.value: op for op in Operation}
 #: JSON decoding used for payloads and event-log rows. Non-integer numbers become
 #: ``decimal.Decimal``: a ``numeric`` column keeps every digit (as psycopg2 does for
 #: plain queries); integers stay ``int``.
-loads = functools.partial(json.loads, parse_float=decimal.Decimal)
+#: (One decoder built once: json.loads with a keyword builds a new one per call.)
+loads = json.JSONDecoder(parse_float=decimal.Decimal).decode
 
 
 @attrs.frozen(slots=True)

@@ -112,6 +112,17 @@ def installed(db):
 
 
 @pytest.fixture
+def stream_db(db):
+    """Pgnotify_sync installed and a watched ``stream`` table (the no-loss workload's)."""
+    from pgnotify_sync import install, watch_table
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE stream (id serial PRIMARY KEY, w int, v int NOT NULL DEFAULT 0, note text)")
+    watch_table(db, "public.stream", channel="stream")
+    return db
+
+
+@pytest.fixture
 def make_listener(dsn):
     from pgutil import ListenerFactory
     factory = ListenerFactory(dsn)

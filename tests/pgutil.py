@@ -2,6 +2,8 @@
 
 import threading
 
+import psycopg2
+
 from pgnotify_sync import Config, Listener
 
 from helpers import wait_for
@@ -59,3 +61,96 @@ class ListenerFactory:
     def stop_all(self):
         for listener in self.listeners:
             listener.stop(timeout=5.0)
+
+
+class Workload:
+    """Writers inserting and updating rows of ``stream`` until stopped; they ride out faults."""
+
+    def __init__(self, dsn, writers=3):
+        self.dsn = dsn
+        self.stop_event = threading.Event()
+        self.commits = 0
+        self.failures = 0
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._write, args=(w,), daemon=True) for w in range(writers)]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(10)
+
+    def wait_commits(self, n, timeout=20):
+        start = self.commits
+        wait_for(lambda: self.commits >= start + n, timeout=timeout, message="writers made no progress")
+
+    def _write(self, w):
+        conn = None
+        mine = []
+        i = 0
+        while not self.stop_event.is_set():
+            try:
+                if conn is None:
+                    conn = psycopg2.connect(**self.dsn)
+                with conn.cursor() as cur:
+                    i += 1
+                    if i % 5 == 0:
+                        cur.execute("INSERT INTO stream (w) SELECT %s FROM generate_series(1, 5)", (w,))
+                    else:
+                        cur.execute("INSERT INTO stream (w) VALUES (%s) RETURNING id", (w,))
+                        mine.append(cur.fetchone()[0])
+                    if mine:
+                        # Updates of one row: their events must arrive in commit order.
+                        cur.execute("UPDATE stream SET v = v + 1 WHERE id = %s", (mine[i % len(mine)],))
+                conn.commit()
+                with self._lock:
+                    self.commits += 1
+            except psycopg2.Error:
+                with self._lock:
+                    self.failures += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+                self.stop_event.wait(0.02)
+        if conn is not None:
+            conn.close()
+
+
+def logged_ids(pg_cluster, dbname, channel="stream"):
+    with pg_cluster.connect(dbname) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id FROM pgnotify_sync.event_log WHERE channel = %s ORDER BY id", (channel,))
+        ids = [r[0] for r in cur.fetchall()]
+    conn.close()
+    return ids
+
+
+def assert_exactly_once_in_row_order(got, pg_cluster, dbname):
+    """Wait for the logged events, then: same ids, no duplicate, per-row order."""
+    expected = logged_ids(pg_cluster, dbname)
+    wait_for(lambda: len(got) >= len(expected), timeout=30,
+             message=f"delivered {len(got)} of {len(expected)} logged events")
+    ids = got.ids()
+    assert len(ids) == len(set(ids)), "an event was delivered twice"
+    assert sorted(ids) == expected
+    last_v = {}
+    for event in got.events:
+        if event.operation == "PUBLISH":
+            continue
+        row = event.data["id"]
+        if event.operation == "UPDATE":
+            assert event.data["v"] > last_v.get(row, 0), f"row {row}: update events out of commit order"
+            last_v[row] = event.data["v"]
+    return expected
+
+
+def counter(signal):
+    calls = []
+    signal.connect(lambda sender, **kw: calls.append(kw), weak=False)
+    return calls

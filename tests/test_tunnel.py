@@ -144,7 +144,7 @@ def test_stop_ends_every_thread_and_tunnel(stream_db, make_ssh_listener, ssh_ser
 # -- refusals: each with its own message, none retried ------------------------------------
 
 def test_wrong_key_is_refused_without_retrying(stream_db, make_ssh_listener, ssh_server):
-    other = ssh_server.make_key("stranger")
+    other = ssh_server.make_key("tunnel-stranger")
     listener = make_ssh_listener(ssh_key_path=other)
     started = time.monotonic()
     with pytest.raises(SshAuthError, match="refused the key for user 'root'"):
@@ -169,7 +169,7 @@ def test_unknown_host_is_refused(stream_db, make_ssh_listener, tmp_path):
 
 
 def test_changed_host_key_is_refused(stream_db, make_ssh_listener, ssh_server, tmp_path):
-    impostor = ssh_server.make_key("impostor-host")
+    impostor = ssh_server.make_key("tunnel-impostor-host")
     with open(impostor + ".pub") as fh:
         key_type, blob = fh.read().split()[:2]
     known = tmp_path / "known_hosts"
@@ -182,14 +182,14 @@ def test_changed_host_key_is_refused(stream_db, make_ssh_listener, ssh_server, t
 
 
 def test_key_readable_by_others_is_refused(stream_db, make_ssh_listener, ssh_server):
-    loose = ssh_server.make_key("loose", mode=0o644, authorize=True)
+    loose = ssh_server.make_key("tunnel-loose", mode=0o644, authorize=True)
     listener = make_ssh_listener(ssh_key_path=loose)
     with pytest.raises(ConfigError, match=r"SSH_KEY_PATH: .*loose.*mode 0644.*chmod 600"):
         listener.start()
 
 
 def test_encrypted_key_needs_its_passphrase(stream_db, make_ssh_listener, ssh_server):
-    locked = ssh_server.make_key("locked", passphrase="open sesame", authorize=True, kdf_rounds=1)
+    locked = ssh_server.make_key("tunnel-locked", passphrase="open sesame", authorize=True, kdf_rounds=1)
     with pytest.raises(ConfigError, match="encrypted.*SSH_KEY_PASSPHRASE"):
         make_ssh_listener(ssh_key_path=locked).start()
     with pytest.raises(ConfigError, match="wrong passphrase"):
@@ -201,7 +201,7 @@ def test_encrypted_key_needs_its_passphrase(stream_db, make_ssh_listener, ssh_se
 
 @pytest.mark.parametrize("key_type", ["ecdsa", "rsa"])
 def test_ecdsa_and_rsa_keys_work(stream_db, make_ssh_listener, ssh_server, key_type):
-    key = ssh_server.make_key(f"k-{key_type}", key_type=key_type, authorize=True)
+    key = ssh_server.make_key(f"tunnel-k-{key_type}", key_type=key_type, authorize=True)
     listener = make_ssh_listener(ssh_key_path=key)
     listener.start()
     assert listener.state is ConnectionState.LISTENING
@@ -218,7 +218,7 @@ def test_missing_and_malformed_key_files(stream_db, make_ssh_listener, tmp_path)
 
 
 def test_secrets_never_in_errors(stream_db, make_ssh_listener, ssh_server, caplog):
-    locked = ssh_server.make_key("locked2", passphrase="Pass-Phrase-9931", authorize=True, kdf_rounds=1)
+    locked = ssh_server.make_key("tunnel-locked2", passphrase="Pass-Phrase-9931", authorize=True, kdf_rounds=1)
     with pytest.raises(ConfigError) as info:
         make_ssh_listener(ssh_key_path=locked, ssh_key_passphrase="Wrong-Phrase-1177").start()
     listener = make_ssh_listener(ssh_key_path=locked, ssh_key_passphrase="Pass-Phrase-9931")

@@ -24,12 +24,21 @@ import queue
 import threading
 import time
 
-from .events import DatabaseEvent, EventRef
+from .events import DatabaseEvent, EventRange, EventRef
 from .metrics import Histogram
 
 log = logging.getLogger("pgnotify_sync")
 
 BATCH = 256
+_EVENTS = (DatabaseEvent, EventRef, EventRange)
+
+
+def weight(item):
+    """How many events an item stands for in the buffer accounting."""
+    cls = type(item)
+    if cls is EventRange:
+        return item.n
+    return 1 if cls is DatabaseEvent or cls is EventRef else 0
 
 
 class CatchUp:
@@ -97,7 +106,7 @@ class Dispatcher:
 
     *hooks* is the listener; it provides ``_deliver(ch, events)``,
     ``_catch_up(ch)`` (returns the events to deliver and the new position),
-    ``_fetch_ref(ch, ref)``, ``_report(kind, error, channel)``,
+    ``_fetch_ref(ch, ref)``, ``_fetch_range(ch, rng)``, ``_report(kind, error, channel)``,
     ``_caught_up(ch, reason, count)``, ``_on_position(ch)`` (a position
     moved) and ``_after_batch(ch)`` (durable consumers store their position).
     """
@@ -158,24 +167,37 @@ class Dispatcher:
 
     # -- called by the reader thread ----------------------------------------
 
-    def push(self, ch, events):
-        """Queue *events* (decoded, in arrival order) for channel *ch*. Never blocks."""
+    def push(self, ch, events, total=None):
+        """Queue *events* (decoded, in arrival order) for channel *ch*. Never blocks.
+
+        *total* is their weight (an EventRange counts its rows), if the caller knows it.
+        """
+        if total is None:
+            total = sum(map(weight, events))
         with self._lock:
             if ch.overflow:
                 if self.buffered <= self.resume_level and time.monotonic() >= ch.retry_at:
                     self._resume_locked(ch, "overflow")
                 else:
-                    self._drop_locked(ch, events, 0)
+                    self._drop_locked(ch, events)
                     return
             room = self.capacity - self.buffered
-            if len(events) > room:
-                self._drop_locked(ch, events, max(room, 0))
-                events = events[:max(room, 0)]
+            if total > room:
+                # Keep the prefix that fits; the rest is in the log.
+                kept, used = 0, 0
+                for item in events:
+                    w = weight(item)
+                    if used + w > room:
+                        break
+                    used += w
+                    kept += 1
+                self._drop_locked(ch, events[kept:])
+                events, total = events[:kept], used
                 ch.overflow = True
                 ch.retry_at = 0.0
             if events:
                 ch.items.extend(events)
-                self.buffered += len(events)
+                self.buffered += total
                 self._schedule_locked(ch)
 
     def push_control(self, ch, item, skip_overflowing=False):
@@ -203,17 +225,16 @@ class Dispatcher:
                 if ch.overflow and not ch.scheduled and now >= ch.retry_at and self.buffered <= self.resume_level:
                     self._resume_locked(ch, "retry")
 
-    def _drop_locked(self, ch, events, keep):
-        dropped = len(events) - keep
+    def _drop_locked(self, ch, events):
+        dropped = sum(map(weight, events))
         if dropped <= 0:
             return
-        plain = sum(1 for e in events[keep:] if e.id is None)
+        plain = sum(1 for e in events if type(e) is DatabaseEvent and e.id is None)
         if not ch.overflow:
             log.warning("%s: event buffer full (%d): channel %r falls back to the event log",
-                        self.name, self.capacity, ch.name)
+                        self.name, self.capacity, ch.name,
+                        extra={"event": "overflow", "channel": ch.name, "details": {"capacity": self.capacity}})
         ch.dropped += dropped
-        if self._metrics:
-            self._metrics.overflow(ch.name, dropped)
         if plain:
             # Payloads without a log id (a foreign trigger) cannot be re-read.
             self._hooks._report("overflow", f"{plain} events without a log id dropped: buffer full", ch.name)
@@ -254,11 +275,12 @@ class Dispatcher:
         items = []
         n = 0
         popleft = ch.items.popleft
-        while ch.items and n < BATCH:
+        count = 0
+        while ch.items and count < BATCH:
             item = popleft()
             items.append(item)
-            if isinstance(item, (DatabaseEvent, EventRef)):
-                n += 1
+            count += 1
+            n += weight(item)
         self.buffered -= n
         return items
 
@@ -277,7 +299,14 @@ class Dispatcher:
                 if pending:
                     self._hooks._deliver(ch, pending)
                     pending = []
-                if cls is EventRef:
+                if cls is EventRange:
+                    pos = ch.position
+                    if pos is not None and pos.visible(item.xid):
+                        continue        # the whole transaction was handled already
+                    fresh = [e for e in self._hooks._fetch_range(ch, item) if self._fresh(ch, e)]
+                    if fresh:
+                        self._hooks._deliver(ch, fresh)
+                elif cls is EventRef:
                     if item.xid is not None and self._seen(ch, item.id, item.xid):
                         continue
                     event = self._hooks._fetch_ref(ch, item)
@@ -302,13 +331,12 @@ class Dispatcher:
 
     def _fall_back(self, ch, rest, exc):
         with self._lock:
-            rest_events = [x for x in rest if isinstance(x, (DatabaseEvent, EventRef))]
-            queued = [x for x in ch.items if isinstance(x, (DatabaseEvent, EventRef))]
-            self.buffered -= len(queued)
+            queued = sum(map(weight, ch.items))
+            self.buffered -= queued
             ch.items.clear()
             ch.overflow = True
             ch.retry_at = time.monotonic() + self._retry_s
-            ch.dropped += len(rest_events) + len(queued)
+            ch.dropped += sum(map(weight, rest)) + queued
         log.warning("%s: channel %r: cannot read the event log (%s); retrying", self.name, ch.name, exc)
         self._hooks._report("catchup", exc, ch.name)
 

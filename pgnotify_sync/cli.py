@@ -207,9 +207,16 @@ def build_parser():
 
     p = sub.add_parser("demo", help="live events from a demo table (starts a throwaway PostgreSQL "
                                     "when POSTGRES_DB is not set)")
-    p.add_argument("--changes", type=int, default=12, help="how many changes the demo writer makes")
+    p.add_argument("--changes", type=int, default=None,
+                   help="how many changes the demo writer makes (default 12; with --web: until interrupted)")
     p.add_argument("--interval-s", type=float, default=0.3, help="pause between the writer's changes")
-    p.add_argument("--forever", action="store_true", help="keep writing until interrupted")
+    p.add_argument("--forever", action="store_true",
+                   help="keep writing until interrupted (with --web and --changes: keep serving after them)")
+    p.add_argument("--web", action="store_true",
+                   help="serve the events to a browser (a page with an EventSource) on 127.0.0.1; "
+                        "prints the URL; needs the sse extra")
+    p.add_argument("--web-port", type=int, default=8000, metavar="PORT",
+                   help="port of the --web page (default 8000; 0: a free port). --port is PostgreSQL's")
     p.add_argument("--restart-server", action="store_true",
                    help="restart the throwaway server half-way: events written meanwhile still arrive")
     _add_db_flags(p)

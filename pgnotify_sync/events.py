@@ -141,8 +141,24 @@ class EventRef:
     xid: Optional[int] = None
 
 
+@attrs.frozen(slots=True)
+class EventRange:
+    """A notification for a whole statement's rows (more than 8): log ids
+    ``first..last`` of transaction ``xid``, ``n`` rows. The worker reads them from
+    the event log in one query; handlers see ordinary events."""
+
+    channel: str
+    xid: int
+    first: int
+    last: int
+    n: int
+
+    id = None     # not one event: never compared by id
+
+
 def decode_payload(channel, payload, _loads=loads, _ops=_KNOWN_OPERATIONS):
-    """Decode one notification payload into a DatabaseEvent (or an EventRef).
+    """Decode one notification payload into a DatabaseEvent (or an EventRef or
+    EventRange, which the worker completes from the event log).
 
     *channel* is the logical channel. Raises :class:`PayloadError` naming what is
     wrong; the message never contains the payload itself (it may hold row data).
@@ -173,6 +189,11 @@ def decode_payload(channel, payload, _loads=loads, _ops=_KNOWN_OPERATIONS):
         xid = obj.get("xid")
         return DatabaseEvent(channel, op, schema, table, data, old, ident,
                              xid if type(xid) is int else None)
+    first = obj.get("first")
+    if type(first) is int and op is None:
+        xid, last, n = obj.get("xid"), obj.get("last"), obj.get("n")
+        if type(xid) is int and type(last) is int and type(n) is int and 0 < n and first <= last:
+            return EventRange(channel, xid, first, last, n)
     if obj.get("ref") is True and type(ident) is int:
         xid = obj.get("xid")
         return EventRef(channel, ident, xid if type(xid) is int else None)

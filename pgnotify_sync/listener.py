@@ -44,7 +44,7 @@ from ._pool import ConnectionPool
 from ._snapshot import Snapshot
 from .config import Config
 from .errors import ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError, PublishBufferFull
-from .events import DatabaseEvent, Operation, decode_payload
+from .events import DatabaseEvent, EventRange, Operation, decode_payload
 from .metrics import Histogram, collector_for
 from .signals import ListenerSignals
 
@@ -67,6 +67,13 @@ SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old
    AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)
  ORDER BY id
  LIMIT %(limit)s
+"""
+
+_RANGE_SQL = """
+SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old
+  FROM pgnotify_sync.event_log
+ WHERE id BETWEEN %(first)s AND %(last)s AND xid = %(xid)s::text::xid8 AND channel = %(channel)s
+ ORDER BY id
 """
 
 _FETCH_SQL = """
@@ -743,6 +750,9 @@ class Listener:
                 groups[ch] = [event]
             else:
                 events.append(event)
+            if type(event) is EventRange:
+                received += event.n - 1
+                ch.received += event.n - 1
         self.stats["received"] += received
         self._since_advance += received
         if received:
@@ -841,6 +851,20 @@ class Listener:
             self._report("missing", f"event {ref.id} is no longer in the event log", ch.name)
             return None
         return self._row_event(ch, row)
+
+    def _fetch_range(self, ch, rng):
+        """The rows of one statement, announced by id range."""
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.execute(_RANGE_SQL, {"first": rng.first, "last": rng.last, "xid": str(rng.xid),
+                                         "channel": ch.wire})
+                rows = cur.fetchall()
+        except (psycopg2.Error, PgNotifyError) as exc:
+            raise CatchUpFailed(_first_line(exc)) from exc
+        if len(rows) != rng.n:
+            self._report("missing", f"{rng.n - len(rows)} events of ids {rng.first}..{rng.last} are no longer "
+                                    "in the event log", ch.name)
+        return [self._row_event(ch, row) for row in rows]
 
     def _caught_up(self, ch, reason, count):
         with self._lock:

@@ -38,9 +38,12 @@ CREATE TABLE IF NOT EXISTS pgnotify_sync.watched_tables (
     table_name      text NOT NULL,
     channel         text NOT NULL,
     exclude_columns text[] NOT NULL DEFAULT '{}',
+    mode            text NOT NULL DEFAULT 'row',
     created_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (schema_name, table_name)
 );
+
+ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS mode text NOT NULL DEFAULT 'row';
 
 CREATE TABLE IF NOT EXISTS pgnotify_sync.consumers (
     name        text NOT NULL,
@@ -127,6 +130,70 @@ BEGIN
 END
 $fn$;
 
+-- Statement-level capture of INSERT and DELETE (watch_table's default mode): the
+-- whole statement's rows go into the log with one INSERT ... SELECT from the
+-- transition table. Up to 8 rows are notified one by one with their full payload
+-- (as capture_row does); more are announced by one notification carrying the id
+-- range, {xid, first, last, n}, and the listener reads them from the log in one
+-- query. Fewer, larger operations: as fast as a plain row trigger that only notifies.
+CREATE OR REPLACE FUNCTION pgnotify_sync.capture_statement() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_channel text := TG_ARGV[0];
+    v_exclude text[] := TG_ARGV[1:];
+    v_xid     xid8;
+    v_xidn    bigint;
+    v_first   bigint;
+    v_last    bigint;
+    v_n       bigint;
+    v_rows    jsonb;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        SELECT count(*) INTO v_n FROM pgnotify_sync_new;
+    ELSE
+        SELECT count(*) INTO v_n FROM pgnotify_sync_old;
+    END IF;
+    IF v_n = 0 THEN
+        RETURN NULL;
+    END IF;
+    v_xid := pg_current_xact_id();
+    v_xidn := v_xid::text::bigint;
+    IF TG_OP = 'INSERT' THEN
+        WITH ins AS (
+            INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
+            SELECT v_xid, v_channel, 'INSERT', TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(r) - v_exclude
+              FROM pgnotify_sync_new r
+            RETURNING id, data)
+        SELECT min(ins.id), max(ins.id),
+               CASE WHEN v_n <= 8 THEN jsonb_agg(jsonb_build_array(ins.id, ins.data) ORDER BY ins.id) END
+          INTO v_first, v_last, v_rows FROM ins;
+    ELSE
+        WITH ins AS (
+            INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
+            SELECT v_xid, v_channel, 'DELETE', TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(r) - v_exclude
+              FROM pgnotify_sync_old r
+            RETURNING id, data)
+        SELECT min(ins.id), max(ins.id),
+               CASE WHEN v_n <= 8 THEN jsonb_agg(jsonb_build_array(ins.id, ins.data) ORDER BY ins.id) END
+          INTO v_first, v_last, v_rows FROM ins;
+    END IF;
+    IF v_n <= 8 THEN
+        PERFORM pg_notify(v_channel,
+                          CASE WHEN octet_length(p) < 8000 THEN p
+                               ELSE json_build_object('id', r.id, 'xid', v_xidn, 'ref', true)::text END)
+           FROM (SELECT (e->>0)::bigint AS id,
+                        json_build_object('id', (e->>0)::bigint, 'xid', v_xidn, 'operation', TG_OP,
+                                          'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+                                          'data', e->1, 'old', NULL)::text AS p
+                   FROM jsonb_array_elements(v_rows) WITH ORDINALITY AS a(e, n) ORDER BY n) r;
+    ELSE
+        PERFORM pg_notify(v_channel, json_build_object('xid', v_xidn, 'first', v_first, 'last', v_last,
+                                                       'n', v_n)::text);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
 -- Application events: written to the log and notified in one transaction.
 CREATE OR REPLACE FUNCTION pgnotify_sync.publish(p_channel text, p_payload jsonb) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -152,17 +219,25 @@ BEGIN
 END
 $fn$;
 
--- Attach the capture trigger to a table (replacing an earlier one).
+DROP FUNCTION IF EXISTS pgnotify_sync.watch_table(regclass, text, text[]);
+
+-- Attach the capture triggers to a table (replacing earlier ones).
+-- p_mode 'statement' (default): INSERT and DELETE are captured per statement from
+-- transition tables, UPDATE per row (its old and new rows must be paired); 'row':
+-- everything per row. Partitions and inheritance children, which cannot have
+-- transition tables, always use 'row'.
 -- Identifiers and trigger arguments are quoted by format(%s of regclass, %L), never
 -- concatenated: any legal table or channel name works.
 CREATE OR REPLACE FUNCTION pgnotify_sync.watch_table(p_table regclass, p_channel text,
-                                                     p_exclude text[] DEFAULT '{}')
-RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+                                                     p_exclude text[] DEFAULT '{}',
+                                                     p_mode text DEFAULT 'statement')
+RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_schema text;
     v_name   text;
     v_col    text;
     v_args   text;
+    v_mode   text := p_mode;
 BEGIN
     IF p_channel IS NULL OR p_channel = '' THEN
         RAISE EXCEPTION 'pgnotify_sync: channel name must not be empty' USING ERRCODE = 'invalid_parameter_value';
@@ -172,8 +247,16 @@ BEGIN
         RAISE EXCEPTION 'pgnotify_sync: channel name % is longer than 63 bytes', quote_literal(p_channel)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF v_mode NOT IN ('statement', 'row') THEN
+        RAISE EXCEPTION 'pgnotify_sync: mode must be ''statement'' or ''row'', got %', quote_literal(v_mode)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     SELECT n.nspname, c.relname INTO v_schema, v_name
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+    IF v_mode = 'statement' AND (EXISTS (SELECT 1 FROM pg_class WHERE oid = p_table AND relispartition)
+                                 OR EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = p_table)) THEN
+        v_mode := 'row';
+    END IF;
     FOREACH v_col IN ARRAY coalesce(p_exclude, '{}') LOOP
         -- A misspelt exclusion would silently publish the column it meant to hide.
         IF NOT EXISTS (SELECT 1 FROM pg_attribute
@@ -185,12 +268,27 @@ BEGIN
     SELECT string_agg(quote_literal(a), ', ') INTO v_args
       FROM unnest(ARRAY[p_channel] || coalesce(p_exclude, '{}')) AS a;
     EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture ON %s', p_table);
-    EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION pgnotify_sync.capture_row(%s)', p_table, v_args);
-    INSERT INTO pgnotify_sync.watched_tables (schema_name, table_name, channel, exclude_columns)
-    VALUES (v_schema, v_name, p_channel, coalesce(p_exclude, '{}'))
+    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_insert ON %s', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_delete ON %s', p_table);
+    IF v_mode = 'row' THEN
+        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION pgnotify_sync.capture_row(%s)', p_table, v_args);
+    ELSE
+        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER UPDATE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION pgnotify_sync.capture_row(%s)', p_table, v_args);
+        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture_insert AFTER INSERT ON %s '
+                       'REFERENCING NEW TABLE AS pgnotify_sync_new '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION pgnotify_sync.capture_statement(%s)', p_table, v_args);
+        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture_delete AFTER DELETE ON %s '
+                       'REFERENCING OLD TABLE AS pgnotify_sync_old '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION pgnotify_sync.capture_statement(%s)', p_table, v_args);
+    END IF;
+    INSERT INTO pgnotify_sync.watched_tables (schema_name, table_name, channel, exclude_columns, mode)
+    VALUES (v_schema, v_name, p_channel, coalesce(p_exclude, '{}'), v_mode)
     ON CONFLICT (schema_name, table_name)
-    DO UPDATE SET channel = EXCLUDED.channel, exclude_columns = EXCLUDED.exclude_columns, created_at = now();
+    DO UPDATE SET channel = EXCLUDED.channel, exclude_columns = EXCLUDED.exclude_columns, mode = EXCLUDED.mode,
+                  created_at = now();
+    RETURN v_mode;
 END
 $fn$;
 
@@ -198,6 +296,8 @@ CREATE OR REPLACE FUNCTION pgnotify_sync.unwatch_table(p_table regclass) RETURNS
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture ON %s', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_insert ON %s', p_table);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_delete ON %s', p_table);
     DELETE FROM pgnotify_sync.watched_tables w
      USING pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p_table AND w.schema_name = n.nspname AND w.table_name = c.relname;

@@ -333,9 +333,13 @@ def test_install_and_uninstall_are_idempotent(db):
     watch_table(db, "t", channel="c2")    # replaces
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND NOT tgisinternal")
+        assert cur.fetchone()[0] == 3          # statement mode: insert, delete, and update per row
+        cur.execute("SELECT channel, mode FROM pgnotify_sync.watched_tables")
+        assert cur.fetchall() == [("c2", "statement")]
+    assert watch_table(db, "t", channel="c2", mode="row") == "row"
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND NOT tgisinternal")
         assert cur.fetchone()[0] == 1
-        cur.execute("SELECT channel FROM pgnotify_sync.watched_tables")
-        assert cur.fetchall() == [("c2",)]
     unwatch_table(db, "t")
     unwatch_table(db, "t")
     watch_table(db, "t", channel="c")
@@ -415,3 +419,50 @@ def test_channel_prefix_is_applied_on_the_wire(db, make_listener):
     mine.publish("messages", {"x": 1})
     got_mine.wait(2)
     assert len(got_other) == 0
+
+
+@pytest.mark.parametrize("mode", ["statement", "row"])
+def test_both_capture_modes_deliver_the_same_events(db, make_listener, mode):
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE m (id serial PRIMARY KEY, v int, secret text)")
+    assert watch_table(db, "m", channel="m", exclude_columns=("secret",), mode=mode) == mode
+    listener = make_listener(channels=("m",))
+    got = Collector()
+    listener.on_event("m", got)
+    listener.start()
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO m (v, secret) VALUES (1, 's')")                              # one row
+        cur.execute("INSERT INTO m (v, secret) SELECT g, 's' FROM generate_series(2, 6) g")   # few rows
+        cur.execute("INSERT INTO m (v, secret) SELECT g, 's' FROM generate_series(7, 506) g")  # many rows
+        cur.execute("UPDATE m SET v = -v WHERE v <= 3")
+        cur.execute("DELETE FROM m WHERE v > 500")
+        cur.execute("INSERT INTO m (v) SELECT 1 WHERE false")                                 # no row: no event
+    events = got.wait(506 + 3 + 6)
+    listener.publish("m", {"end": True})
+    got.wait(516)
+    assert len(got) == 516
+    inserts = [e for e in events if e.operation == "INSERT"]
+    assert [e.data["v"] for e in inserts] == list(range(1, 507))
+    assert all("secret" not in e.data for e in events)
+    updates = [e for e in events if e.operation == "UPDATE"]
+    assert [(e.old["v"], e.data["v"]) for e in updates] == [(1, -1), (2, -2), (3, -3)]
+    deletes = [e for e in events if e.operation == "DELETE"]
+    assert sorted(e.data["v"] for e in deletes) == list(range(501, 507))
+    ids = [e.id for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_partitions_fall_back_to_row_mode(db, make_listener):
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE p (id int, k int) PARTITION BY RANGE (k); "
+                    "CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100)")
+    assert watch_table(db, "p1", channel="p") == "row"
+    listener = make_listener(channels=("p",))
+    got = Collector()
+    listener.on_event("p", got)
+    listener.start()
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO p SELECT g, g FROM generate_series(1, 20) g")
+    assert [e.data["k"] for e in got.wait(20)] == list(range(1, 21))

@@ -1,0 +1,571 @@
+"""Server-Sent Events: one shared Listener per process, fanned out to browsers.
+
+Example (Flask; ``pip install 'pgnotify_sync[sse]'``)::
+
+    from flask import Flask
+    from pgnotify_sync import Config, Listener
+    from pgnotify_sync.sse import SSEBridge
+
+    app = Flask(__name__)
+    listener = Listener(Config.from_env(channels=("messages",)))
+
+    def authorize(request):          # -> the channels this client may read, or None
+        user = current_user_from(request.headers.get("Cookie"))
+        return {"messages"} if user else None
+
+    bridge = SSEBridge(listener, ["messages"], authorize=authorize,
+                       row_filter=lambda request, event: event.data.get("room") != "staff")
+    app.register_blueprint(bridge.blueprint(url_prefix="/events"))
+    listener.start()
+    # in the page:  new EventSource("/events/stream?channels=messages")
+    #               .addEventListener("messages", e => JSON.parse(e.data))
+    # at shutdown:  bridge.close(); listener.stop()
+
+Without Flask, ``bridge.wsgi_app`` is a plain WSGI application serving the
+stream at whatever path it is mounted on. The server must run each request in
+its own thread (werkzeug's threaded server, gunicorn ``gthread`` workers, ...):
+a stream holds its thread for as long as the client stays connected.
+
+The stream (``text/event-stream``) starts with ``retry: 1000``; each event is::
+
+    id: <event.id>
+    event: <channel>
+    data: <event.to_json()>
+
+followed by a blank line; a ``: keep-alive`` comment line is sent after
+``heartbeat_s`` seconds without anything else (it also lets the server notice a
+client that went away). Flask is imported only by :meth:`SSEBridge.blueprint`.
+
+Authorization
+    ``authorize(request_info)`` returns the set of channels the client may read,
+    or ``None`` to refuse it (HTTP 403). ``request_info`` has ``headers``, ``args``
+    (query parameters), ``remote_addr``, ``requested_channels`` and ``environ``.
+    The default refuses every client: an application must decide, even if it
+    decides :func:`allow_all`. ``row_filter(request_info, event) -> bool`` hides
+    single events (a filter that raises hides the event and is logged). A channel
+    the bridge does not serve is HTTP 404.
+
+Fan-out and slow clients
+    The listener's worker threads hand each event to the bridge once; the bridge
+    puts it into every interested client's bounded queue (``client_buffer``)
+    without ever waiting. A client whose queue is full is disconnected instead of
+    slowing the others or growing memory (``evicted`` counts them); its browser
+    reconnects by itself and resumes with ``Last-Event-ID``.
+
+Resume (``Last-Event-ID``)
+    A reconnecting ``EventSource`` sends the id of the last event it received in
+    the ``Last-Event-ID`` header (``?last_event_id=N`` works too; the header wins).
+    The client first gets every event delivered after event N, then the live
+    stream, with no gap and no duplicate between the two:
+
+    * If N is still in the bridge's ring of the last ``replay_limit`` delivered
+      events, what follows N in the ring is replayed: exact, in delivery order.
+      Delivery order is commit order, *not* id order: log ids are assigned at
+      insert time, so a transaction that commits late is delivered after events
+      with higher ids - which is why the ring, not an id comparison, decides.
+    * Otherwise (the ring lost N: the web process restarted, or more than
+      ``replay_limit`` events went by) the events with an id above N are read
+      from the event log, in id order. This fallback is approximate: it misses a
+      transaction that committed after N was delivered but has an id below N
+      (it began earlier and committed late), and it repeats an event with an id
+      above N that was delivered before N. Pages that must be exact should
+      dedupe by id (the demo page does) and size ``replay_limit`` for the longest
+      disconnection they want to bridge exactly.
+
+    If the log cannot be read (database down) the stream ends at once with a
+    ``: replay failed`` comment and the browser retries a second later with the
+    same ``Last-Event-ID``. Events without a log id (plain payloads of foreign
+    triggers) are streamed live but never replayed.
+
+Shutdown
+    :meth:`SSEBridge.close` ends every open stream (each server thread then
+    returns) and refuses new ones with HTTP 503. Streams also end once the
+    listener is stopped.
+"""
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from urllib.parse import parse_qs
+
+from .errors import ConfigError
+from .events import DatabaseEvent, Operation
+
+log = logging.getLogger("pgnotify_sync.sse")
+
+__all__ = ["SSEBridge", "RequestInfo", "allow_all", "refuse_all"]
+
+_REPLAY_SQL = """
+SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old, channel
+  FROM pgnotify_sync.event_log
+ WHERE channel = ANY(%s) AND id > %s
+ ORDER BY id
+ LIMIT %s
+"""
+_REPLAY_PAGE = 5000
+
+# Longest a stream waits before it checks whether the listener was stopped.
+_STATE_CHECK_S = 1.0
+# Frames joined into one write (fewer syscalls for replays and bursts).
+_WRITE_BATCH_BYTES = 64 * 1024
+
+_ids = itertools.count(1)
+
+
+def allow_all(request_info):
+    """An ``authorize`` that lets every client read every channel it asks for."""
+    return set(request_info.requested_channels)
+
+
+def refuse_all(request_info):
+    """The default ``authorize``: refuses every client (pass one explicitly)."""
+    return None
+
+
+class RequestInfo:
+    """What ``authorize`` and ``row_filter`` see of a request."""
+
+    __slots__ = ("headers", "args", "remote_addr", "requested_channels", "environ")
+
+    def __init__(self, headers, args, remote_addr, requested_channels, environ=None):
+        self.headers = headers
+        self.args = args
+        self.remote_addr = remote_addr
+        self.requested_channels = tuple(requested_channels)
+        self.environ = environ
+
+    def __repr__(self):
+        return f"<RequestInfo {self.remote_addr} channels={list(self.requested_channels)!r}>"
+
+
+class _Headers:
+    """Case-insensitive, read-only view of a WSGI environ's request headers."""
+
+    def __init__(self, environ):
+        self._items = {}
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                self._items[key[5:].replace("_", "-").lower()] = value
+            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+                self._items[key.replace("_", "-").lower()] = value
+
+    def get(self, name, default=None):
+        return self._items.get(name.lower(), default)
+
+    def __getitem__(self, name):
+        return self._items[name.lower()]
+
+    def __contains__(self, name):
+        return name.lower() in self._items
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def items(self):
+        return self._items.items()
+
+    def __repr__(self):
+        return f"<headers {sorted(self._items)}>"
+
+
+class _Refused(Exception):
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _frame(channel, event):
+    """One SSE message as bytes (JSON has no raw newline: one data line)."""
+    head = f"id: {event.id}\n" if event.id is not None else ""
+    return f"{head}event: {channel}\ndata: {event.to_json()}\n\n".encode()
+
+
+class _Entry:
+    """A delivered event, framed once for every client."""
+
+    __slots__ = ("seq", "channel", "event", "frame")
+
+    def __init__(self, seq, channel, event, frame):
+        self.seq = seq
+        self.channel = channel
+        self.event = event
+        self.frame = frame
+
+
+class _Client:
+    """One connected stream: a bounded queue filled by the listener's workers."""
+
+    def __init__(self, ident, channels, info, capacity):
+        self.id = ident
+        self.channels = frozenset(channels)
+        self.info = info
+        self.capacity = capacity
+        self.cond = threading.Condition(threading.Lock())
+        self.items = collections.deque()
+        self.ended = None          # why the stream must end: "evicted", "closed", "stopped"
+
+    def offer(self, entry):
+        """Queue *entry* without waiting; False if the queue was full (the client is then ended)."""
+        with self.cond:
+            if self.ended is not None:
+                return True
+            if len(self.items) >= self.capacity:
+                self.ended = "evicted"
+                self.items.clear()
+                self.cond.notify()
+                return False
+            self.items.append(entry)
+            self.cond.notify()
+            return True
+
+    def end(self, reason):
+        with self.cond:
+            if self.ended is None:
+                self.ended = reason
+                self.items.clear()
+            self.cond.notify()
+
+    def take(self, timeout):
+        """Every queued entry (possibly none after *timeout*); ``ended`` says whether to stop."""
+        with self.cond:
+            if not self.items and self.ended is None:
+                self.cond.wait(timeout)
+            items = list(self.items)
+            self.items.clear()
+            return items
+
+
+class SSEBridge:
+    """Fans the events of one :class:`~pgnotify_sync.Listener` out to SSE clients.
+
+    :param listener: the process's shared listener (started or not).
+    :param channels: logical channels the bridge serves; the listener must listen on them.
+    :param authorize: ``authorize(request_info) -> set of channels or None``;
+        the default refuses everything (pass :func:`allow_all` for a local demo).
+    :param row_filter: optional ``row_filter(request_info, event) -> bool``.
+    :param client_buffer: events queued per client before it is disconnected.
+    :param heartbeat_s: a ``: keep-alive`` comment after this long without output.
+    :param replay_limit: delivered events kept for exact ``Last-Event-ID`` resume.
+
+    Counters: ``clients`` (connected now), ``evicted``, ``sent`` (events written
+    to clients), ``replayed`` and ``replayed_from_log`` (events sent on resume).
+    """
+
+    def __init__(self, listener, channels, authorize=refuse_all, row_filter=None, client_buffer=1000,
+                 heartbeat_s=15.0, replay_limit=10000):
+        if isinstance(channels, str):
+            channels = [c.strip() for c in channels.split(",") if c.strip()]
+        channels = tuple(dict.fromkeys(channels))
+        if not channels:
+            raise ConfigError("channels: the bridge needs at least one channel")
+        for channel in channels:
+            if not isinstance(channel, str) or not channel or any(c in channel for c in "\r\n,"):
+                raise ConfigError(f"channels: {channel!r} is not a usable channel name for SSE")
+            if channel not in listener.channels:
+                raise ConfigError(f"channels: the listener does not listen on {channel!r}; "
+                                  f"list it in Config.channels")
+        if not callable(authorize):
+            raise TypeError("authorize must be callable (e.g. pgnotify_sync.sse.allow_all)")
+        if row_filter is not None and not callable(row_filter):
+            raise TypeError("row_filter must be callable or None")
+        for name, value, minimum in (("client_buffer", client_buffer, 1), ("replay_limit", replay_limit, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{name}: expected a whole number >= {minimum}, got {value!r}")
+        if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)) or not heartbeat_s > 0:
+            raise ConfigError(f"heartbeat_s: expected a number > 0, got {heartbeat_s!r}")
+        self.listener = listener
+        self.channels = channels
+        self.authorize = authorize
+        self.row_filter = row_filter
+        self.client_buffer = client_buffer
+        self.heartbeat_s = float(heartbeat_s)
+        self.replay_limit = replay_limit
+        self._lock = threading.Lock()
+        self._clients = {}                                   # id -> _Client
+        self._ring = collections.deque(maxlen=replay_limit)  # _Entry, in delivery order
+        self._seq_of = {}                                    # event id -> seq, for entries in the ring
+        self._seq = 0
+        self._closed = False
+        self.evicted = 0
+        self.sent = 0
+        self.replayed = 0
+        self.replayed_from_log = 0
+        for channel in channels:
+            listener.signals.event.connect(self._on_event, sender=channel, weak=False)
+
+    def __repr__(self):
+        return f"<SSEBridge channels={list(self.channels)!r} clients={self.clients}>"
+
+    @property
+    def clients(self):
+        """Streams connected now."""
+        return len(self._clients)
+
+    def stats(self):
+        return {"clients": self.clients, "evicted": self.evicted, "sent": self.sent, "replayed": self.replayed,
+                "replayed_from_log": self.replayed_from_log, "ring": len(self._ring)}
+
+    def close(self):
+        """End every open stream and refuse new ones (503). Idempotent."""
+        with self._lock:
+            self._closed = True
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
+            client.end("closed")
+        for channel in self.channels:
+            self.listener.signals.event.disconnect(self._on_event, sender=channel)
+
+    # -- events from the listener (worker threads) ----------------------------------------
+
+    def _on_event(self, channel, event=None, **_kw):
+        if event is None:
+            return
+        frame = _frame(channel, event)
+        evicted = []
+        with self._lock:
+            if self._closed:
+                return
+            self._seq += 1
+            entry = _Entry(self._seq, channel, event, frame)
+            if event.id is not None and self.replay_limit:
+                ring = self._ring
+                if len(ring) == ring.maxlen:
+                    old = ring[0]
+                    if self._seq_of.get(old.event.id) == old.seq:
+                        del self._seq_of[old.event.id]
+                ring.append(entry)
+                self._seq_of[event.id] = entry.seq
+            for client in self._clients.values():
+                if channel in client.channels and not client.offer(entry):
+                    evicted.append(client)
+            for client in evicted:
+                del self._clients[client.id]
+                self.evicted += 1
+        for client in evicted:
+            log.warning("SSE client %s (%s) fell %d events behind: disconnected; it resumes with "
+                        "Last-Event-ID", client.id, client.info.remote_addr, self.client_buffer)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _open(self, info, last_event_id):
+        """Check the request; register the client. Returns (client, replay plan) or raises _Refused."""
+        if self._closed:
+            raise _Refused("503 Service Unavailable", "the event stream is shut down")
+        requested = info.requested_channels or self.channels
+        info.requested_channels = tuple(requested)
+        try:
+            allowed = self.authorize(info)
+        except Exception:
+            log.exception("SSE authorize() raised; refusing the client")
+            raise _Refused("500 Internal Server Error", "authorization failed") from None
+        if allowed is None:
+            raise _Refused("403 Forbidden", "not authorized")
+        for channel in requested:
+            if channel not in self.channels:
+                raise _Refused("404 Not Found", f"unknown channel {channel!r}")
+        denied = [c for c in requested if c not in allowed]
+        if denied:
+            raise _Refused("403 Forbidden", f"not authorized for channel {denied[0]!r}")
+        client = _Client(next(_ids), requested, info, self.client_buffer)
+        with self._lock:
+            if self._closed:
+                raise _Refused("503 Service Unavailable", "the event stream is shut down")
+            # Registered before the replay is read: nothing falls between replay and live.
+            self._clients[client.id] = client
+            registered_at = self._seq
+            replay = None
+            if last_event_id is not None:
+                seq = self._seq_of.get(last_event_id)
+                if seq is not None:
+                    start = seq - self._ring[0].seq + 1
+                    replay = [e for e in itertools.islice(self._ring, start, None) if e.channel in client.channels]
+        return client, registered_at, replay
+
+    def _replay_from_log(self, client, after, registered_at):
+        """Events with an id above *after* from the log; the ids the live queue must skip."""
+        listener = self.listener
+        wires = {listener.config.wire_channel(c): c for c in client.channels}
+        entries = []
+        pool = listener._require_pool()
+        while True:
+            with pool.connection(timeout_s=listener.config.connect_timeout_s) as conn, conn.cursor() as cur:
+                cur.execute(_REPLAY_SQL, (list(wires), after, _REPLAY_PAGE))
+                rows = cur.fetchall()
+            for ident, xid, operation, schema, table, data, old, wire in rows:
+                channel = wires[wire]
+                event = DatabaseEvent(channel, Operation(operation), schema, table, data, old, ident, xid)
+                entries.append(_Entry(0, channel, event, _frame(channel, event)))
+            if len(rows) < _REPLAY_PAGE:
+                break
+            after = rows[-1][0]
+        # A replayed event may also reach the live queue: the ones not delivered
+        # before the client registered. Those delivered before (still in the ring
+        # with an earlier seq) never come again and need no entry.
+        with self._lock:
+            seq_of = self._seq_of
+            skip = {e.event.id for e in entries
+                    if not (e.event.id in seq_of and seq_of[e.event.id] <= registered_at)}
+        return entries, skip
+
+    def _visible(self, client, entry):
+        if self.row_filter is None:
+            return True
+        try:
+            return bool(self.row_filter(client.info, entry.event))
+        except Exception:
+            log.exception("SSE row_filter raised for event %s; not sent", entry.event.id)
+            return False
+
+    def _stream(self, client, registered_at, replay, last_event_id):
+        """The response body: retry, replay, then live events and heartbeats."""
+        ended_by = "client"
+        try:
+            yield b"retry: 1000\n\n"
+            last_write = time.monotonic()
+            skip = None
+            if last_event_id is not None:
+                from_log = replay is None
+                if from_log:
+                    try:
+                        replay, skip = self._replay_from_log(client, last_event_id, registered_at)
+                    except Exception as exc:    # database down, pool closed...: end; the browser retries
+                        log.warning("SSE client %s: cannot replay from the event log (%s); it retries",
+                                    client.id, str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+                        ended_by = "replay failed"
+                        yield b": replay failed\n\n"
+                        return
+                batch, size, count = [], 0, 0
+                for entry in replay:
+                    if self._visible(client, entry):
+                        batch.append(entry.frame)
+                        size += len(entry.frame)
+                        count += 1
+                        if size >= _WRITE_BATCH_BYTES:
+                            yield b"".join(batch)
+                            batch, size = [], 0
+                if batch:
+                    yield b"".join(batch)
+                with self._lock:
+                    self.sent += count
+                    if from_log:
+                        self.replayed_from_log += count
+                    else:
+                        self.replayed += count
+                last_write = time.monotonic()
+            listener = self.listener
+            while True:
+                wait = min(self.heartbeat_s - (time.monotonic() - last_write), _STATE_CHECK_S)
+                items = client.take(max(0.0, wait))
+                if client.ended is not None:
+                    ended_by = client.ended
+                    return
+                if _listener_stopped(listener):
+                    ended_by = "listener stopped"
+                    return
+                if items:
+                    batch, size, count = [], 0, 0
+                    for entry in items:
+                        if skip and entry.event.id in skip:
+                            skip.discard(entry.event.id)
+                            continue
+                        if self._visible(client, entry):
+                            batch.append(entry.frame)
+                            size += len(entry.frame)
+                            count += 1
+                    if batch:
+                        for start in range(0, len(batch), 256):
+                            yield b"".join(batch[start:start + 256])
+                        last_write = time.monotonic()
+                        with self._lock:
+                            self.sent += count
+                if time.monotonic() - last_write >= self.heartbeat_s:
+                    yield b": keep-alive\n\n"
+                    last_write = time.monotonic()
+        finally:
+            with self._lock:
+                self._clients.pop(client.id, None)
+            log.debug("SSE client %s ended (%s)", client.id, ended_by)
+
+    def _serve(self, info, last_event_id_raw):
+        """(status, headers, body iterable) for a stream request."""
+        last_event_id = None
+        if last_event_id_raw not in (None, ""):
+            try:
+                last_event_id = int(str(last_event_id_raw).strip())
+            except ValueError:
+                return _plain("400 Bad Request", "Last-Event-ID must be an event id (an integer)")
+        try:
+            client, registered_at, replay = self._open(info, last_event_id)
+        except _Refused as refused:
+            return _plain(refused.status, refused.reason)
+        headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
+                   ("X-Accel-Buffering", "no")]
+        return "200 OK", headers, _Body(self, client, self._stream(client, registered_at, replay, last_event_id))
+
+    def wsgi_app(self, environ, start_response):
+        """A WSGI application serving the stream (``?channels=a,b``) at any path."""
+        args = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).items()}
+        headers = _Headers(environ)
+        info = RequestInfo(headers, args, environ.get("REMOTE_ADDR"), _split(args.get("channels")), environ)
+        status, response_headers, body = self._serve(
+            info, headers.get("Last-Event-ID") or args.get("last_event_id"))
+        start_response(status, response_headers)
+        return body
+
+    __call__ = wsgi_app
+
+    def blueprint(self, url_prefix="/events", name="pgnotify_sse"):
+        """A Flask Blueprint with the route ``<url_prefix>/stream?channels=a,b``."""
+        import flask
+
+        bp = flask.Blueprint(name, __name__, url_prefix=url_prefix)
+
+        @bp.route("/stream")
+        def stream():
+            req = flask.request
+            info = RequestInfo(req.headers, req.args, req.remote_addr, _split(req.args.get("channels")),
+                               req.environ)
+            status, headers, body = self._serve(
+                info, req.headers.get("Last-Event-ID") or req.args.get("last_event_id"))
+            return flask.Response(body, status=status, headers=headers)
+
+        return bp
+
+
+class _Body:
+    """The WSGI response body: closing it unregisters the client even if it was never iterated."""
+
+    def __init__(self, bridge, client, gen):
+        self._bridge = bridge
+        self._client = client
+        self._gen = gen
+
+    def __iter__(self):
+        return self._gen
+
+    def close(self):
+        self._gen.close()
+        with self._bridge._lock:
+            self._bridge._clients.pop(self._client.id, None)
+
+
+def _split(value):
+    if not value:
+        return ()
+    return tuple(dict.fromkeys(c.strip() for c in value.split(",") if c.strip()))
+
+
+def _plain(status, reason):
+    body = (reason + "\n").encode()
+    return status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))], [body]
+
+
+def _listener_stopped(listener):
+    # STOPPED is also the state before start(): only a listener that was stopped
+    # (closed) ends the streams.
+    from .listener import ConnectionState
+    return listener.state is ConnectionState.STOPPED and getattr(listener, "_closed", False)

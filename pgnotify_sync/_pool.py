@@ -74,46 +74,54 @@ class ConnectionPool:
         """
         if not self._slots.acquire(timeout=timeout_s):
             raise ConnectError(f"{self.name}: no pooled connection free after {timeout_s} s")
-        conn = None
         try:
             with self._lock:
                 if self._closed:
                     raise ConnectError(f"{self.name}: pool is closed")
                 self._in_use += 1
-            while True:
-                with self._lock:
-                    conn = self._idle.pop() if self._idle else None
-                if conn is None:
-                    conn = self._new_connection()
-                    break
-                if self._healthy(conn):
-                    break
-                self._discard(conn)
-                conn = None
+            conn = None
             try:
-                yield conn
-                conn.commit()
-            except BaseException:
-                if not conn.closed:
-                    try:
-                        conn.rollback()
-                    except psycopg2.Error:
-                        pass
-                raise
+                conn = self._checkout()
+                try:
+                    yield conn
+                    conn.commit()
+                except BaseException:
+                    if not conn.closed:
+                        try:
+                            conn.rollback()
+                        except psycopg2.Error:
+                            pass
+                    raise
+            finally:
+                with self._lock:
+                    self._in_use -= 1
+                    if conn is not None:
+                        reusable = (not conn.closed and not self._closed and
+                                    conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE)
+                        if reusable:
+                            self._idle.append(conn)
+                if conn is not None and not reusable:
+                    self._discard(conn, dead=conn.closed != 0)
         finally:
-            with self._lock:
-                self._in_use -= 1 if self._in_use else 0
-                if conn is not None:
-                    if conn.closed or self._closed or conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
-                        self._discard(conn)
-                    else:
-                        self._idle.append(conn)
             self._slots.release()
 
-    def _discard(self, conn):
-        self.discarded += 1
-        if self._on_discard:
-            self._on_discard()
+    def _checkout(self):
+        """An idle connection that still answers, or a new one."""
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._new_connection()
+            if self._healthy(conn):
+                return conn
+            self._discard(conn)
+
+    def _discard(self, conn, dead=True):
+        if dead:
+            with self._lock:
+                self.discarded += 1
+            if self._on_discard:
+                self._on_discard()
         try:
             conn.close()
         except Exception:

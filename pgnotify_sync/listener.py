@@ -645,11 +645,17 @@ class Listener:
         notifies = conn.notifies
         POLL_OK = psycopg2.extensions.POLL_OK
         POLL_WRITE = psycopg2.extensions.POLL_WRITE
+        last_rx = 0.0       # when notifications last came in
         while True:
             now = time.monotonic()
             if not hc.pending and self._since_advance >= self._advance_every:
                 hc.next_at = now    # bound the handled-id sets under load
             left = (hc.deadline if hc.pending else hc.next_at) - now
+            if left <= 0 and hc.pending and now - last_rx < cfg.health_check_timeout_s:
+                # The marker is queued behind a backlog we are still reading: the path
+                # is alive, so wait on. Only a path silent for a whole timeout is dead.
+                hc.deadline = last_rx + cfg.health_check_timeout_s
+                left = hc.deadline - now
             if left <= 0:
                 if hc.pending:
                     self.stats["health_check_failures"] += 1
@@ -672,6 +678,7 @@ class Listener:
                 writing = want_write
                 poller.modify(fd, select.POLLIN | (select.POLLOUT if writing else 0))
             if notifies:
+                last_rx = time.monotonic()
                 batch = notifies[:]
                 del notifies[:]
                 self._handle_notifies(batch, hc)

@@ -9,7 +9,8 @@ The library only logs through the standard ``logging`` module under the
     handler.setFormatter(JsonFormatter())
     logging.getLogger("pgnotify_sync").addHandler(handler)
 
-Each line has ``event`` (received, delivered, error, connected, ...), ``channel``,
+Each line has ``event`` (parsed, delivered, error, connected, disconnected,
+reconnecting, overflow, ...), ``channel``,
 ``timestamp`` (ISO 8601 UTC), ``event_id``, ``level``, ``logger``, ``message`` and
 ``details``. Fields come from the ``extra`` of the log call when present.
 """

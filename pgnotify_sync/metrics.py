@@ -115,7 +115,7 @@ class _LibraryCollector:
             counter("overflow_events", "Events dropped from memory when the buffer was full "
                                        "(re-read from the event log)", ["channel"]),
             counter("catchup_events", "Events read back from the event log (catch-up)", ["channel"]),
-            gauge("lag_events", "Newest log id of the channel minus the newest delivered id", ["channel"]),
+            gauge("lag_events", "Events of the channel in the event log not handled yet", ["channel"]),
             gauge("connection_state", "1 for the current connection state", ["state"]),
             gauge("connection_uptime_seconds", "Seconds since the listener connection was established", []),
             counter("reconnect_attempts", "Failed connection attempts", []),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent machine + virtualenv set-up for pgnotify_sync's tests and demo.
 #
-#  * openssh-server (the SSH-tunnel tests start a private sshd) and the
-#    PostgreSQL server binaries (the tests start a throwaway cluster) are
+#  * openssh-server (the SSH-tunnel tests start a private sshd), the
+#    PostgreSQL server binaries (the tests start a throwaway cluster) and
+#    chromium + chromium-driver (the browser test of the web demo) are
 #    installed with apt when missing - only as root; otherwise we say what is
 #    missing and carry on, so the tests that need it report the problem.
 #  * .venv in the repo root gets an editable install with the test and sse
@@ -53,11 +54,19 @@ if [ -x /usr/sbin/sshd ]; then
 else
     apt_install openssh-server
 fi
+if ! command -v promtool >/dev/null 2>&1; then apt_install --no-install-recommends prometheus; else say "promtool: ok"; fi  # tests/test_contrib.py
 
 if have_pg_server; then
     say "postgresql server binaries: ok"
 else
     apt_install postgresql
+fi
+
+# The browser test drives Debian's chromium through chromedriver (no selenium).
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    say "chromium + chromedriver: ok"
+else
+    apt_install chromium chromium-driver
 fi
 
 # -- virtualenv ------------------------------------------------------------------

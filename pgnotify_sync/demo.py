@@ -187,10 +187,9 @@ def run_demo(args):
 
 
 def _run_web_demo(args):
-    try:
-        import werkzeug  # noqa: F401
-    except ImportError:
-        raise PgNotifyError("demo --web needs the sse extra: pip install 'pgnotify_sync[sse]'") from None
+    import importlib.util
+    if importlib.util.find_spec("werkzeug") is None:
+        raise PgNotifyError("demo --web needs the sse extra: pip install 'pgnotify_sync[sse]'")
     _terminate_as_interrupt()
     cfg, cluster = _target(args)
     demo = None

@@ -64,8 +64,13 @@ class DatabaseEvent:
     xid: Optional[int] = attrs.field(default=None, repr=False)
 
     def to_dict(self):
-        """A JSON-ready dict (the shape the SSE bridge and the CLI print)."""
-        return converter.unstructure(self)
+        """A JSON-ready dict (the shape the SSE bridge and the CLI print).
+
+        ``xid`` is left out: transaction ids are internal bookkeeping, not for
+        browsers (``converter.unstructure(event)`` keeps it)."""
+        d = converter.unstructure(self)
+        d.pop("xid", None)
+        return d
 
     def to_json(self):
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)

@@ -43,7 +43,8 @@ from ._dispatch import Advance, CatchUpFailed, ChannelState, Dispatcher, SetPosi
 from ._pool import ConnectionPool
 from ._snapshot import Snapshot
 from .config import Config
-from .errors import ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError, PublishBufferFull
+from .errors import (ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError, PublishBufferFull,
+                     SchemaError)
 from .events import DatabaseEvent, EventRange, Operation, decode_payload
 from .metrics import Histogram, collector_for
 from .signals import ListenerSignals
@@ -105,7 +106,7 @@ class _Lost(Exception):
 
 # Errors that retrying cannot fix: fail start() at once instead of retrying forever.
 _FATAL_CONNECT_TEXT = ("authentication failed", "does not exist", "no pg_hba.conf entry",
-                       "permission denied")
+                       "permission denied", "is not installed")
 
 
 def _first_line(exc):
@@ -182,6 +183,7 @@ class Listener:
         self._publish_buffer = collections.deque()
         self._tunnel_stale = False
         self._had_session = False
+        self._installed = None      # is the schema (event log) there? known after connecting
         self._since_advance = 0
         self._since_checkpoint = 0
         # A consumer stores its handled ids with every checkpoint: keep them few.
@@ -204,6 +206,11 @@ class Listener:
     def state(self):
         """The :class:`ConnectionState`."""
         return self._state
+
+    @property
+    def closed(self):
+        """True once ``stop()`` was called: the listener cannot be started again."""
+        return self._closed
 
     @property
     def channels(self):
@@ -314,7 +321,10 @@ class Listener:
                     except OSError:
                         pass
             self._wake_r = self._wake_w = None
+        was_connected = self._had_session
         self._set_state(ConnectionState.STOPPED)
+        if was_connected:
+            self._emit(self.signals.disconnected, error=None)
         if self._metrics is not None:
             self._metrics.remove(self)
         log.info("%s: stopped", self.name, extra={"event": "stopped"})
@@ -609,10 +619,20 @@ class Listener:
             self._wait(conn, deadline, "LISTEN")
             # Every transaction not visible in this snapshot commits after our LISTEN,
             # so its notification reaches us.
-            cur.execute("SELECT pg_current_snapshot()::text")
+            cur.execute("SELECT pg_current_snapshot()::text, to_regclass('pgnotify_sync.event_log') IS NOT NULL")
             self._wait(conn, deadline, "snapshot")
-            start = Snapshot.parse(cur.fetchone()[0])
+            text, installed = cur.fetchone()
+            start = Snapshot.parse(text)
             cur.close()
+            if not installed:
+                if self.consumer:
+                    raise SchemaError(f"{self.name}: pgnotify_sync is not installed in database "
+                                      f"{cfg.postgres_db!r} (a durable consumer needs its event log): "
+                                      "run install() or 'pgnotify-sync install'")
+                if self._installed is not False:
+                    log.warning("%s: pgnotify_sync is not installed in database %r: plain payloads only, "
+                                "no catch-up (run install() or 'pgnotify-sync install')", self.name, cfg.postgres_db)
+            self._installed = installed
             if first and self.consumer:
                 self._load_consumer(start)
         except BaseException:
@@ -817,6 +837,8 @@ class Listener:
 
     def _catch_up(self, ch):
         pos = ch.position
+        if self._installed is False:
+            return pos, iter(())    # no event log to read (plain payloads only)
         try:
             with self._pool.connection() as conn, conn.cursor() as cur:
                 cur.execute("SELECT pg_current_snapshot()::text")
@@ -916,6 +938,8 @@ class Listener:
                 self._dispatcher.retry_overflowed()
                 if self._publish_buffer:
                     self.flush_publishes()
+                if self._installed is False:
+                    continue
                 if self._metrics is not None and time.monotonic() >= next_lag and \
                         self._state is ConnectionState.LISTENING:
                     next_lag = time.monotonic() + cfg.health_check_interval_s
@@ -924,7 +948,7 @@ class Listener:
                     next_cleanup = time.monotonic() + cfg.cleanup_interval_s
                     self.cleanup()
             except Exception as exc:
-                log.warning("%s: watchdog: %s", self.name, exc)
+                log.warning("%s: watchdog: %s", self.name, _first_line(exc))
 
     def cleanup(self):
         """Trim the event log now (also done every ``cleanup_interval_s``). Returns rows deleted.

@@ -79,8 +79,10 @@ Resume (``Last-Event-ID``)
 
 Shutdown
     :meth:`SSEBridge.close` ends every open stream (each server thread then
-    returns) and refuses new ones with HTTP 503. Streams also end once the
-    listener is stopped.
+    returns) and refuses new ones with HTTP 503 (an ``EventSource`` does not
+    retry a 503). Streams also end, and new ones are refused, once the listener
+    is stopped. A client that went away is noticed at the next write (an event
+    or a heartbeat), when its server thread ends.
 """
 
 import collections
@@ -92,6 +94,7 @@ from urllib.parse import parse_qs
 
 from .errors import ConfigError
 from .events import DatabaseEvent, Operation
+from .listener import ConnectionState
 
 log = logging.getLogger("pgnotify_sync.sse")
 
@@ -287,7 +290,7 @@ class SSEBridge:
         self._clients = {}                                   # id -> _Client
         self._ring = collections.deque(maxlen=replay_limit)  # _Entry, in delivery order
         self._seq_of = {}                                    # event id -> seq, for entries in the ring
-        self._seq = 0
+        self._seq = 0                                        # seq of the newest ring entry
         self._closed = False
         self.evicted = 0
         self.sent = 0
@@ -329,9 +332,11 @@ class SSEBridge:
         with self._lock:
             if self._closed:
                 return
-            self._seq += 1
-            entry = _Entry(self._seq, channel, event, frame)
             if event.id is not None and self.replay_limit:
+                # seq numbers ring entries consecutively: an id's position in the ring
+                # is seq - ring[0].seq. Events without a log id are never replayed.
+                self._seq += 1
+                entry = _Entry(self._seq, channel, event, frame)
                 ring = self._ring
                 if len(ring) == ring.maxlen:
                     old = ring[0]
@@ -339,6 +344,8 @@ class SSEBridge:
                         del self._seq_of[old.event.id]
                 ring.append(entry)
                 self._seq_of[event.id] = entry.seq
+            else:
+                entry = _Entry(0, channel, event, frame)
             for client in self._clients.values():
                 if channel in client.channels and not client.offer(entry):
                     evicted.append(client)
@@ -352,8 +359,12 @@ class SSEBridge:
     # -- requests -----------------------------------------------------------------------
 
     def _open(self, info, last_event_id):
-        """Check the request; register the client. Returns (client, replay plan) or raises _Refused."""
-        if self._closed:
+        """Check the request and register the client, or raise _Refused.
+
+        Returns ``(client, registered_at, replay)``: *replay* is the ring's events
+        after *last_event_id* (None: not in the ring, read the log instead).
+        """
+        if self._closed or _listener_stopped(self.listener):
             raise _Refused("503 Service Unavailable", "the event stream is shut down")
         requested = info.requested_channels or self.channels
         info.requested_channels = tuple(requested)
@@ -567,5 +578,4 @@ def _plain(status, reason):
 def _listener_stopped(listener):
     # STOPPED is also the state before start(): only a listener that was stopped
     # (closed) ends the streams.
-    from .listener import ConnectionState
-    return listener.state is ConnectionState.STOPPED and getattr(listener, "_closed", False)
+    return listener.state is ConnectionState.STOPPED and listener.closed

@@ -466,3 +466,31 @@ def test_partitions_fall_back_to_row_mode(db, make_listener):
     with db.cursor() as cur:
         cur.execute("INSERT INTO p SELECT g, g FROM generate_series(1, 20) g")
     assert [e.data["k"] for e in got.wait(20)] == list(range(1, 21))
+
+
+def test_database_without_the_schema_plain_payloads_only(db, make_listener, caplog):
+    from pgnotify_sync import SchemaError
+    listener = make_listener(channels=("legacy",))
+    got = Collector()
+    listener.on_event("legacy", got)
+    with caplog.at_level("WARNING", logger="pgnotify_sync"):
+        listener.start()
+    assert "not installed" in caplog.text
+    payload = json.dumps({"operation": "DELETE", "schema": "public", "table": "t", "data": {"id": 1}})
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_notify('legacy', %s)", (payload,))
+    (event,) = got.wait(1)
+    assert event.operation == "DELETE" and event.id is None
+    durable = make_listener(channels=("legacy",), consumer="needs-a-log")
+    with pytest.raises(SchemaError, match="not installed"):
+        durable.start()
+
+
+def test_disconnected_is_sent_on_stop(installed, make_listener):
+    listener = make_listener()
+    listener.on_event("messages", lambda e: None)
+    seen = []
+    listener.signals.disconnected.connect(lambda sender, **kw: seen.append(kw.get("error")), weak=False)
+    listener.start()
+    listener.stop()
+    assert seen == [None] and listener.closed

@@ -50,45 +50,39 @@ def _connect(cfg):
             from None
 
 
-def cmd_install(args):
-    from .schema import install
-    conn = _connect(_config(args))
+def _with_connection(args, action):
+    """Run *action(conn, cfg)* on a fresh connection, always closed afterwards."""
+    cfg = _config(args)
+    conn = _connect(cfg)
     try:
-        install(conn)
+        return action(conn, cfg)
     finally:
         conn.close()
+
+
+def cmd_install(args):
+    from .schema import install
+    _with_connection(args, lambda conn, cfg: install(conn))
     print("installed")
 
 
 def cmd_uninstall(args):
     from .schema import uninstall
-    conn = _connect(_config(args))
-    try:
-        uninstall(conn)
-    finally:
-        conn.close()
+    _with_connection(args, lambda conn, cfg: uninstall(conn))
     print("uninstalled")
 
 
 def cmd_watch(args):
     from .schema import watch_table
-    cfg = _config(args)
-    conn = _connect(cfg)
-    try:
-        watch_table(conn, args.table, channel=args.channel, exclude_columns=tuple(args.exclude or ()),
-                    channel_prefix=cfg.channel_prefix)
-    finally:
-        conn.close()
-    print(f"watching {args.table} on channel {args.channel!r}")
+    mode = _with_connection(args, lambda conn, cfg: watch_table(
+        conn, args.table, channel=args.channel, exclude_columns=tuple(args.exclude or ()),
+        channel_prefix=cfg.channel_prefix, mode=args.mode))
+    print(f"watching {args.table} on channel {args.channel!r} ({mode} mode)")
 
 
 def cmd_unwatch(args):
     from .schema import unwatch_table
-    conn = _connect(_config(args))
-    try:
-        unwatch_table(conn, args.table)
-    finally:
-        conn.close()
+    _with_connection(args, lambda conn, cfg: unwatch_table(conn, args.table))
     print(f"no longer watching {args.table}")
 
 
@@ -134,12 +128,7 @@ def cmd_listen(args):
 
 def cmd_status(args):
     from .status import server_status
-    cfg = _config(args)
-    conn = _connect(cfg)
-    try:
-        status = server_status(conn)
-    finally:
-        conn.close()
+    status = _with_connection(args, lambda conn, cfg: server_status(conn))
     print(json.dumps(status, indent=2, default=str))
 
 
@@ -179,6 +168,8 @@ def build_parser():
     p.add_argument("table", help='schema-qualified table, quoted as in SQL for odd names: \'public."My Table"\'')
     p.add_argument("--channel", required=True)
     p.add_argument("--exclude", action="append", metavar="COLUMN", help="a column that never leaves the database")
+    p.add_argument("--mode", choices=("statement", "row"), default="statement",
+                   help="statement (default): INSERT/DELETE captured per statement; row: everything per row")
     _add_db_flags(p)
     p.set_defaults(func=cmd_watch)
 

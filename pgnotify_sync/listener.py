@@ -512,15 +512,11 @@ class Listener:
                     error = exc if isinstance(exc, PgNotifyError) else ConnectError(_first_line(exc))
                     if (first or getattr(exc, "retryable", True) is False) and self._is_fatal(exc):
                         # Retrying cannot fix a wrong password or a missing database.
-                        log.error("%s: cannot connect (%s): %s", self.name, self.config.describe_target(), error,
-                                  extra={"event": "error", "details": {"error": str(error)}})
-                        self._fail(error)
+                        self._fail(error)     # logs it, once
                         return
                     failures += 1
                     self.stats["reconnect_attempts"] += 1
                     if self._backoff.exhausted(failures):
-                        log.error("%s: giving up after %d attempts: %s", self.name, failures, error,
-                                  extra={"event": "failed", "details": {"error": str(error), "attempts": failures}})
                         self._fail(ConnectError(f"{self.name}: gave up after {failures} attempts: {error}"))
                         return
                     delay = self._backoff.delay_s(failures)
@@ -917,7 +913,8 @@ class Listener:
         """A background failure: log line, counter, ``error`` signal."""
         level = logging.WARNING if kind in ("payload", "handler", "overflow", "catchup") else logging.ERROR
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        log.log(level, "%s: %s error on channel %r%s: %s", self.name, kind, channel,
+        where = f" on channel {channel!r}" if channel is not None else ""
+        log.log(level, "%s: %s error%s%s: %s", self.name, kind, where,
                 f" (event {event_id})" if event_id is not None else "", text, exc_info=exc_info,
                 extra={"event": "error", "channel": channel, "event_id": event_id,
                        "details": {"kind": kind, "error": text}})

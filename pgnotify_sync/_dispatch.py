@@ -69,7 +69,8 @@ class Advance:
 
 
 class ChannelState:
-    __slots__ = ("name", "wire", "items", "scheduled", "overflow", "position", "handled",
+    __slots__ = ("name", "wire", "items", "scheduled", "overflow", "position", "handled", "caught",
+                 "catchup_target", "catchup_upto",
                  "retry_at", "dropped", "delivered", "running", "received", "parse_errors", "handler_errors",
                  "delivered_by", "handler_hist", "caught_up", "max_id", "lag", "gap_events")
 
@@ -83,6 +84,9 @@ class ChannelState:
         self.retry_at = 0.0
         self.position = None
         self.handled = {}
+        self.caught = {}            # id -> xid, handled during the catch-up in progress
+        self.catchup_target = None  # the snapshot that catch-up reads up to
+        self.catchup_upto = 0       # ... and the id it has delivered up to
         self.dropped = 0
         self.delivered = 0
         # metrics (plain counters; read at scrape time)
@@ -344,10 +348,11 @@ class Dispatcher:
         pos = ch.position
         if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
             return True
-        return ident in ch.handled
+        return ident in ch.handled or ident in ch.caught
 
-    def _fresh(self, ch, event):
-        """True (and remembered) if *event* was not handled before."""
+    def _fresh(self, ch, event, into=None):
+        """True (and remembered in *into*, default ``ch.handled``) if *event* was not
+        handled before."""
         ident = event.id
         xid = event.xid
         if ident is None or xid is None:
@@ -355,16 +360,20 @@ class Dispatcher:
         pos = ch.position
         if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
             return False
-        handled = ch.handled
-        if ident in handled:
+        if ident in ch.handled or ident in ch.caught:
             return False
-        handled[ident] = xid
+        (ch.handled if into is None else into)[ident] = xid
         return True
 
     def _move(self, ch, snapshot):
         ch.position = snapshot
         visible = snapshot.visible
         ch.handled = {i: x for i, x in ch.handled.items() if not visible(x)}
+        if ch.caught:
+            ch.handled.update((i, x) for i, x in ch.caught.items() if not visible(x))
+            ch.caught = {}
+        ch.catchup_target = None
+        ch.catchup_upto = 0
         self._hooks._on_position(ch)
 
     def _catch_up(self, ch, reason):
@@ -373,9 +382,17 @@ class Dispatcher:
             self._hooks._caught_up(ch, reason, 0)
             return
         snapshot, pages = self._hooks._catch_up(ch)
+        # Events of a catch-up are remembered apart (ch.caught): a durable consumer
+        # stores them as "everything up to id K between position and target" instead
+        # of one id each, so a checkpoint stays small however long the catch-up.
+        if ch.caught:
+            ch.handled.update(ch.caught)        # an earlier catch-up that did not finish
+            ch.caught = {}
+        ch.catchup_target = snapshot
+        ch.catchup_upto = 0
         total = 0
         for events in pages:
-            fresh = [e for e in events if self._fresh(ch, e)]
+            fresh = [e for e in events if self._fresh(ch, e, ch.caught)]
             total += len(fresh)
             if fresh:
                 self._hooks._deliver(ch, fresh)

@@ -132,14 +132,34 @@ def load_host_key(config):
     return next(iter(entry.values()))
 
 
+def _nodelay(sock):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Forwarder(sshtunnel.SSHTunnelForwarder):
-    """Keeps the real reason a session could not be opened (sshtunnel only logs it)."""
+    """Keeps the real reason a session could not be opened (sshtunnel only logs it),
+    and turns Nagle's algorithm off on both hops: a query's answer otherwise waits for
+    delayed ACKs (~40 ms per round trip through the tunnel)."""
 
     gateway_error = None
+
+    def _make_ssh_forward_handler_class(self, remote_address_):
+        base = super()._make_ssh_forward_handler_class(remote_address_)
+
+        class Handler(base):
+            def handle(self):
+                _nodelay(self.request)
+                super().handle()
+
+        return Handler
 
     def _connect_to_gateway(self):
         try:
             self._transport = self._get_transport()
+            _nodelay(self._transport.sock)
             self._transport.connect(hostkey=self.ssh_host_key, username=self.ssh_username,
                                     pkey=self.ssh_pkeys[0])
         except Exception as exc:

@@ -135,3 +135,40 @@ def test_retention_trims_old_rows_but_keeps_what_a_consumer_needs(jobs_db, make_
     gap = [g for g in gaps if g["kind"] == "gap"][0]
     assert gap["channel"] == "jobs" and "missed 1 events" in str(gap["error"])
     assert back.get_stats()["consumer_gap_events"] == 1
+
+
+def test_consumer_crash_during_a_catch_up_repeats_only_the_event_in_flight(jobs_db, dsn, make_listener):
+    first = make_listener(channels=("jobs",), consumer="crashy")
+    first.start()
+    first.stop()                                   # registered; now away
+    names = [f"n{i}" for i in range(30)]
+    names[17] = "crash"
+    with jobs_db.cursor() as cur:                  # one statement: a range notification, read from the log
+        cur.execute("INSERT INTO jobs (name) SELECT unnest(%s::text[])", (names,))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = json.dumps(dict(postgres_host=dsn["host"], postgres_port=dsn["port"], postgres_user=dsn["user"],
+                          postgres_password=dsn["password"], postgres_db=dsn["dbname"], channels=["jobs"]))
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        while True:
+            line = proc.stdout.readline().strip()
+            if not line:
+                break
+            seen.append(line)
+        assert proc.wait(20) == 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert [s for s in seen if s != "ready"] == names[:18]       # caught up to 'crash', then died
+    restarted = make_listener(channels=("jobs",), consumer="crashy")
+    got = Collector()
+    restarted.on_event("jobs", got)
+    restarted.start()
+    events = got.wait(12)
+    assert [e.data["name"] for e in events] == names[17:]          # 'crash' again (in flight), then the rest
+    restarted.publish("jobs", {"end": True})
+    got.wait(13)
+    assert len(got) == 13

@@ -4,9 +4,13 @@
   :class:`pgnotify_sync._cluster.TemporaryCluster` (the default; always cleaned
   up), or the server named by the ``POSTGRES_*`` environment variables.
 * :func:`prepare_bench_table`, :func:`reset_bench_table`, :func:`drop_bench_table`
-  - the watched table ``public.bench_rows``;
-  :func:`write_burst` / :class:`BurstWriter` - the writer that fills it with
-  multi-row ``INSERT ... SELECT`` transactions (by default in its own process).
+  - the watched table ``public.bench_rows``; :func:`prepare_plain_table` - an
+  identical table ``public.bench_plain`` with the product spec's "plain row
+  trigger" (notify only, no log), the raw baselines' source;
+  :func:`write_burst` / :func:`write_transaction` / :class:`BurstWriter` - the
+  writer that fills them with multi-row ``INSERT ... SELECT`` statements, one
+  transaction each or all in one (by default in its own process).
+* :class:`RawReceiver` - the raw baseline: a bare psycopg2 LISTEN loop in a thread.
 * :class:`Tally` - counts received events from any thread, records the time of
   the last one and fails a run that stops making progress.
 * :data:`now`, :func:`process_cpu_s` - wall clock and CPU clock.
@@ -18,10 +22,12 @@ Nothing here asserts anything about speed: the scripts print, people judge.
 
 import contextlib
 import datetime
+import json
 import multiprocessing
 import os
 import platform
 import resource
+import select
 import statistics
 import sys
 import threading
@@ -45,6 +51,22 @@ def process_cpu_s():
 
 BENCH_TABLE = "public.bench_rows"
 BENCH_DB = "pgnotify_bench"
+
+#: The raw baselines' table: same columns as ``bench_rows``, with the product
+#: spec's plain row trigger (one pg_notify per row, no event log) on channel ``plain``.
+PLAIN_TABLE = "public.bench_plain"
+PLAIN_CHANNEL = "plain"
+
+#: The "plain row trigger" of the product spec, verbatim (only the channel is ours).
+PLAIN_FUNCTION_SQL = """
+CREATE OR REPLACE FUNCTION public.plain_notify() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('plain', json_build_object('operation', TG_OP, 'schema', TG_TABLE_SCHEMA,
+                                                 'table', TG_TABLE_NAME, 'data', row_to_json(NEW))::text);
+    RETURN NEW;
+END
+$fn$
+"""
 
 
 class BenchError(RuntimeError):
@@ -74,9 +96,10 @@ class Target:
         """The base config with *overrides* (channels, buffer size, ...)."""
         return attrs.evolve(self.config, **overrides)
 
-    def connect(self, application_name="pgnotify-bench", autocommit=True):
-        """A plain psycopg2 connection with the same connect arguments a Listener uses."""
-        kwargs = self.config.connect_kwargs()
+    def connect(self, application_name="pgnotify-bench", autocommit=True, address=None):
+        """A plain psycopg2 connection with the same connect arguments a Listener uses
+        (to *address* = ``(host, port)`` instead, e.g. the local end of a tunnel)."""
+        kwargs = self.config.connect_kwargs(*(address or ()))
         kwargs["application_name"] = application_name
         conn = psycopg2.connect(**kwargs)
         conn.autocommit = autocommit
@@ -125,6 +148,28 @@ def prepare_bench_table(conn, channel):
     watch_table(conn, BENCH_TABLE, channel=channel)
 
 
+def create_rows_table(conn, table):
+    """(Re)create *table* with the columns of ``bench_rows`` (no trigger)."""
+    with conn.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {table}")
+        cur.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, n int, body text)")
+
+
+def prepare_plain_table(conn, table=PLAIN_TABLE):
+    """(Re)create *table* like ``bench_rows`` with the plain row trigger on channel ``plain``."""
+    create_rows_table(conn, table)
+    with conn.cursor() as cur:
+        cur.execute(PLAIN_FUNCTION_SQL)
+        cur.execute(f"CREATE TRIGGER plain_notify AFTER INSERT OR UPDATE OR DELETE ON {table} "
+                    "FOR EACH ROW EXECUTE FUNCTION public.plain_notify()")
+
+
+def drop_plain_table(conn, table=PLAIN_TABLE):
+    with conn.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {table}")
+        cur.execute("DROP FUNCTION IF EXISTS public.plain_notify()")
+
+
 def reset_bench_table(conn, target):
     """Empty ``bench_rows`` and the event log between runs.
 
@@ -133,6 +178,9 @@ def reset_bench_table(conn, target):
     """
     with conn.cursor() as cur:
         cur.execute("TRUNCATE public.bench_rows RESTART IDENTITY")
+        cur.execute(f"SELECT to_regclass('{PLAIN_TABLE}') IS NOT NULL")
+        if cur.fetchone()[0]:
+            cur.execute(f"TRUNCATE {PLAIN_TABLE} RESTART IDENTITY")
         if target.owned:
             cur.execute("TRUNCATE pgnotify_sync.event_log")
         else:
@@ -156,19 +204,37 @@ def batch_sizes(rows, batch):
     return [batch] * full + ([rest] if rest else [])
 
 
-def write_burst(conn, rows, batch):
-    """Insert *rows* rows into ``bench_rows``, *batch* rows per autocommit
+def write_burst(conn, rows, batch, table=BENCH_TABLE):
+    """Insert *rows* rows into *table* (``bench_rows``), *batch* rows per autocommit
     transaction (one ``INSERT ... SELECT generate_series``). Returns the time the
     first INSERT was sent (the start of the measured interval).
     """
     if not conn.autocommit:
         raise BenchError("write_burst needs an autocommit connection (one transaction per batch)")
-    statement = "INSERT INTO public.bench_rows (n, body) SELECT g, 'x' FROM generate_series(1, %s) g"
+    statement = f"INSERT INTO {table} (n, body) SELECT g, 'x' FROM generate_series(1, %s) g"
     with conn.cursor() as cur:
         started = now()
         for size in batch_sizes(rows, batch):
             cur.execute(statement, (size,))
     return started
+
+
+def write_transaction(conn, rows, batch, table=BENCH_TABLE):
+    """Insert *rows* rows into *table* in *batch*-row statements, all in ONE
+    transaction. Returns the :data:`now` times ``(commit_sent, commit_returned)``:
+    just before COMMIT was sent and right after it returned."""
+    statement = f"INSERT INTO {table} (n, body) SELECT g, 'x' FROM generate_series(1, %s) g"
+    autocommit = conn.autocommit
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            for size in batch_sizes(rows, batch):
+                cur.execute(statement, (size,))
+        sent = now()
+        conn.commit()
+        return sent, now()
+    finally:
+        conn.autocommit = autocommit
 
 
 def _writer_process(config, pipe):
@@ -184,8 +250,12 @@ def _writer_process(config, pipe):
             request = pipe.recv()
             if request[0] == "stop":
                 return
-            _, rows, batch = request
-            started = write_burst(conn, rows, batch)
+            if request[0] == "transaction":
+                _, rows, batch, table = request
+                pipe.send(("done",) + write_transaction(conn, rows, batch, table))
+                continue
+            _, rows, batch, table = request
+            started = write_burst(conn, rows, batch, table)
             pipe.send(("done", started, now()))
     except (EOFError, KeyboardInterrupt):
         pass
@@ -244,13 +314,23 @@ class BurstWriter:
     def describe(self):
         return "in this process (shares the GIL with the receivers)" if self.in_process else "a separate process"
 
-    def burst(self, rows, batch):
+    def burst(self, rows, batch, table=BENCH_TABLE):
         if self.in_process:
-            started = write_burst(self._conn, rows, batch)
+            started = write_burst(self._conn, rows, batch, table)
             return started, now()
-        self._pipe.send(("burst", rows, batch))
+        self._pipe.send(("burst", rows, batch, table))
         _, started, done = self._reply(None)
         return started, done
+
+    def transaction(self, rows, batch, table=BENCH_TABLE):
+        """*rows* rows in ONE transaction; returns ``(commit_sent, commit_returned)``
+        as the writer saw them (in its own process by default: its clock is not
+        delayed by this process's threads holding the GIL)."""
+        if self.in_process:
+            return write_transaction(self._conn, rows, batch, table)
+        self._pipe.send(("transaction", rows, batch, table))
+        _, sent, returned = self._reply(None)
+        return sent, returned
 
     def _reply(self, timeout_s):
         deadline = None if timeout_s is None else now() + timeout_s
@@ -336,6 +416,87 @@ class Tally:
                 raise BenchError(f"stuck at {count} of {self.expected} events for {idle_timeout_s:.0f} s{extra}")
         if self.error is not None:
             raise BenchError(f"receiver failed: {self.error!r}") from self.error
+
+
+# -- the raw baseline ------------------------------------------------------------------
+
+
+class RawReceiver:
+    """The raw baseline in a thread: a bare psycopg2 LISTEN loop.
+
+    Autocommit connection, ``LISTEN <channel>``, ``select.select()`` +
+    ``conn.poll()``, drain ``conn.notifies`` in order and ``json.loads()`` every
+    payload; the events of each drained batch are counted in *tally* (one
+    ``add`` per batch: no per-event call that the raw loop would not need).
+    With *stamps* (a dict), the receive time (``time.perf_counter()``, read after
+    each payload is decoded) is recorded under the row's ``data.n``.
+
+    Use as a context manager: on enter the thread runs and has LISTENed.
+    *address* connects somewhere else than the target (a tunnel's local end).
+    """
+
+    def __init__(self, target, tally, channel=PLAIN_CHANNEL, stamps=None, address=None):
+        self._target = target
+        self._tally = tally
+        self._channel = channel
+        self._stamps = stamps
+        self._address = address
+        self._listening = threading.Event()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, name="bench-raw-receiver", daemon=True)
+        self._thread.start()
+        if not self._listening.wait(30):
+            self.close()
+            raise BenchError("raw receiver: not listening after 30 s")
+        if self._tally.error is not None:
+            self.close()
+            raise BenchError(f"raw receiver failed: {self._tally.error!r}") from self._tally.error
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def _run(self):
+        tally = self._tally
+        try:
+            conn = self._target.connect(application_name="pgnotify-bench-raw", address=self._address)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f'LISTEN "{self._channel}"')
+                self._listening.set()
+                notifies = conn.notifies
+                loads = json.loads
+                stamps = self._stamps
+                perf = time.perf_counter
+                stop = self._stop
+                while not stop.is_set():
+                    if select.select([conn], [], [], 0.2) == ([], [], []):
+                        continue
+                    conn.poll()
+                    if notifies:
+                        batch = notifies[:]
+                        del notifies[:]
+                        if stamps is None:
+                            for notify in batch:
+                                loads(notify.payload)
+                        else:
+                            for notify in batch:
+                                stamps[loads(notify.payload)["data"]["n"]] = perf()
+                        tally.add(len(batch))
+            finally:
+                conn.close()
+        except BaseException as exc:  # report it to the waiting main thread
+            tally.fail(exc)
+            self._listening.set()
 
 
 # -- figures ---------------------------------------------------------------------------

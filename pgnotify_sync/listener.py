@@ -70,7 +70,10 @@ _CATCHUP_SQL = _ROWS.format(where="""channel = %(channel)s
    AND pg_visible_in_snapshot(xid, %(to)s::pg_snapshot)
    AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)""", limit="LIMIT %(limit)s")
 
-_RANGE_SQL = _ROWS.format(where="id BETWEEN %(first)s AND %(last)s AND xid = %(xid)s::text::xid8 "
+# xid compared as text on purpose: not indexable, so the planner takes the id range on
+# the primary key. With "xid = X" it may pick the xid index and walk every entry of a
+# big transaction for each 1000-row range (seen on a log without statistics yet).
+_RANGE_SQL = _ROWS.format(where="id BETWEEN %(first)s AND %(last)s AND xid::text = %(xid)s "
                                 "AND channel = %(channel)s", limit="")
 
 _FETCH_SQL = _ROWS.format(where="id = %(id)s", limit="")
@@ -400,14 +403,21 @@ class Listener:
             return len(self._publish_buffer)
 
     def _publish_now(self, wire, body):
-        try:
-            with self._pool.connection(timeout_s=self.config.connect_timeout_s) as conn, conn.cursor() as cur:
-                cur.execute("SELECT pgnotify_sync.publish(%s, %s::jsonb)", (wire, body))
-                return cur.fetchone()[0]
-        except psycopg2.OperationalError as exc:
-            raise ConnectError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
-        except psycopg2.Error as exc:
-            raise PgNotifyError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
+        for attempt in (1, 2):
+            executed = False
+            try:
+                with self._pool.connection(timeout_s=self.config.connect_timeout_s) as conn, conn.cursor() as cur:
+                    cur.execute("SELECT pgnotify_sync.publish(%s, %s::jsonb)", (wire, body))
+                    executed = True
+                    return cur.fetchone()[0]
+            except psycopg2.OperationalError as exc:
+                # A pooled connection that died moments ago fails before the statement
+                # ran: nothing was written, so one more try on a fresh one is safe.
+                if attempt == 1 and not executed:
+                    continue
+                raise ConnectError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
+            except psycopg2.Error as exc:
+                raise PgNotifyError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
 
     # -- set-up -------------------------------------------------------------------
 

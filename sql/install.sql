@@ -148,36 +148,34 @@ DECLARE
     v_n       bigint;
     v_rows    jsonb;
 BEGIN
+    -- Only "none, up to 8, or more" matters: stop counting at 9.
     IF TG_OP = 'INSERT' THEN
-        SELECT count(*) INTO v_n FROM pgnotify_sync_new;
+        SELECT count(*) INTO v_n FROM (SELECT FROM pgnotify_sync_new LIMIT 9) s;
     ELSE
-        SELECT count(*) INTO v_n FROM pgnotify_sync_old;
+        SELECT count(*) INTO v_n FROM (SELECT FROM pgnotify_sync_old LIMIT 9) s;
     END IF;
     IF v_n = 0 THEN
         RETURN NULL;
     END IF;
     v_xid := pg_current_xact_id();
     v_xidn := v_xid::text::bigint;
-    IF TG_OP = 'INSERT' THEN
-        WITH ins AS (
-            INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
-            SELECT v_xid, v_channel, 'INSERT', TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(r) - v_exclude
-              FROM pgnotify_sync_new r
-            RETURNING id, data)
-        SELECT min(ins.id), max(ins.id),
-               CASE WHEN v_n <= 8 THEN jsonb_agg(jsonb_build_array(ins.id, ins.data) ORDER BY ins.id) END
-          INTO v_first, v_last, v_rows FROM ins;
-    ELSE
-        WITH ins AS (
-            INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
-            SELECT v_xid, v_channel, 'DELETE', TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(r) - v_exclude
-              FROM pgnotify_sync_old r
-            RETURNING id, data)
-        SELECT min(ins.id), max(ins.id),
-               CASE WHEN v_n <= 8 THEN jsonb_agg(jsonb_build_array(ins.id, ins.data) ORDER BY ins.id) END
-          INTO v_first, v_last, v_rows FROM ins;
-    END IF;
     IF v_n <= 8 THEN
+        -- Few rows: each notified with its full payload, in id order.
+        IF TG_OP = 'INSERT' THEN
+            WITH ins AS (
+                INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
+                SELECT v_xid, v_channel, 'INSERT', TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(r) - v_exclude
+                  FROM pgnotify_sync_new r
+                RETURNING id, data)
+            SELECT jsonb_agg(jsonb_build_array(ins.id, ins.data) ORDER BY ins.id) INTO v_rows FROM ins;
+        ELSE
+            WITH ins AS (
+                INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
+                SELECT v_xid, v_channel, 'DELETE', TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(r) - v_exclude
+                  FROM pgnotify_sync_old r
+                RETURNING id, data)
+            SELECT jsonb_agg(jsonb_build_array(ins.id, ins.data) ORDER BY ins.id) INTO v_rows FROM ins;
+        END IF;
         PERFORM pg_notify(v_channel,
                           CASE WHEN octet_length(p) < 8000 THEN p
                                ELSE json_build_object('id', r.id, 'xid', v_xidn, 'ref', true)::text END)
@@ -187,6 +185,22 @@ BEGIN
                                           'data', e->1, 'old', NULL)::text AS p
                    FROM jsonb_array_elements(v_rows) WITH ORDINALITY AS a(e, n) ORDER BY n) r;
     ELSE
+        -- Many rows: one notification with the id range and count.
+        IF TG_OP = 'INSERT' THEN
+            WITH ins AS (
+                INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
+                SELECT v_xid, v_channel, 'INSERT', TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(r) - v_exclude
+                  FROM pgnotify_sync_new r
+                RETURNING id)
+            SELECT min(ins.id), max(ins.id), count(*) INTO v_first, v_last, v_n FROM ins;
+        ELSE
+            WITH ins AS (
+                INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
+                SELECT v_xid, v_channel, 'DELETE', TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(r) - v_exclude
+                  FROM pgnotify_sync_old r
+                RETURNING id)
+            SELECT min(ins.id), max(ins.id), count(*) INTO v_first, v_last, v_n FROM ins;
+        END IF;
         PERFORM pg_notify(v_channel, json_build_object('xid', v_xidn, 'first', v_first, 'last', v_last,
                                                        'n', v_n)::text);
     END IF;

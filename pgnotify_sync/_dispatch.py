@@ -69,8 +69,8 @@ class Advance:
 
 
 class ChannelState:
-    __slots__ = ("name", "wire", "items", "scheduled", "overflow", "position", "handled", "caught",
-                 "catchup_target", "catchup_upto",
+    __slots__ = ("name", "wire", "items", "scheduled", "overflow", "position", "handled", "partial",
+                 "catchup_target", "catchup_upto", "in_catchup",
                  "retry_at", "dropped", "delivered", "running", "received", "parse_errors", "handler_errors",
                  "delivered_by", "handler_hist", "caught_up", "max_id", "lag", "gap_events")
 
@@ -84,9 +84,15 @@ class ChannelState:
         self.retry_at = 0.0
         self.position = None
         self.handled = {}
-        self.caught = {}            # id -> xid, handled during the catch-up in progress
-        self.catchup_target = None  # the snapshot that catch-up reads up to
+        # A catch-up delivers the rows between position and a target snapshot in id
+        # order, so its progress is a cursor, not a set of ids: memory stays flat
+        # however long the backlog.
+        self.catchup_target = None  # the snapshot the running catch-up reads up to
         self.catchup_upto = 0       # ... and the id it has delivered up to
+        self.in_catchup = False
+        # Cursors of catch-ups that failed midway: (target, upto) = every event of a
+        # transaction visible in target with an id up to upto was handled.
+        self.partial = []
         self.dropped = 0
         self.delivered = 0
         # metrics (plain counters; read at scrape time)
@@ -348,11 +354,12 @@ class Dispatcher:
         pos = ch.position
         if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
             return True
-        return ident in ch.handled or ident in ch.caught
+        if ident in ch.handled:
+            return True
+        return any(ident <= upto and target.visible(xid) for target, upto in ch.partial)
 
-    def _fresh(self, ch, event, into=None):
-        """True (and remembered in *into*, default ``ch.handled``) if *event* was not
-        handled before."""
+    def _fresh(self, ch, event, remember=True):
+        """True (and remembered as handled) if *event* was not handled before."""
         ident = event.id
         xid = event.xid
         if ident is None or xid is None:
@@ -360,18 +367,19 @@ class Dispatcher:
         pos = ch.position
         if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
             return False
-        if ident in ch.handled or ident in ch.caught:
+        if ident in ch.handled:
             return False
-        (ch.handled if into is None else into)[ident] = xid
+        if ch.partial and any(ident <= upto and target.visible(xid) for target, upto in ch.partial):
+            return False
+        if remember:
+            ch.handled[ident] = xid
         return True
 
     def _move(self, ch, snapshot):
         ch.position = snapshot
         visible = snapshot.visible
         ch.handled = {i: x for i, x in ch.handled.items() if not visible(x)}
-        if ch.caught:
-            ch.handled.update((i, x) for i, x in ch.caught.items() if not visible(x))
-            ch.caught = {}
+        ch.partial = [(t, u) for t, u in ch.partial if not snapshot.covers(t)]
         ch.catchup_target = None
         ch.catchup_upto = 0
         self._hooks._on_position(ch)
@@ -382,20 +390,27 @@ class Dispatcher:
             self._hooks._caught_up(ch, reason, 0)
             return
         snapshot, pages = self._hooks._catch_up(ch)
-        # Events of a catch-up are remembered apart (ch.caught): a durable consumer
-        # stores them as "everything up to id K between position and target" instead
-        # of one id each, so a checkpoint stays small however long the catch-up.
-        if ch.caught:
-            ch.handled.update(ch.caught)        # an earlier catch-up that did not finish
-            ch.caught = {}
+        # Rows come in id order and are not remembered one by one: live copies of them
+        # are dropped by the new position once the catch-up ends, and if it fails
+        # midway its cursor (target, upto) goes to ch.partial.
         ch.catchup_target = snapshot
         ch.catchup_upto = 0
+        ch.in_catchup = True
         total = 0
-        for events in pages:
-            fresh = [e for e in events if self._fresh(ch, e, ch.caught)]
-            total += len(fresh)
-            if fresh:
-                self._hooks._deliver(ch, fresh)
+        try:
+            for events in pages:
+                fresh = [e for e in events if self._fresh(ch, e, remember=False)]
+                total += len(fresh)
+                if fresh:
+                    self._hooks._deliver(ch, fresh)
+                ch.catchup_upto = events[-1].id
+        except CatchUpFailed:
+            if ch.catchup_upto:
+                ch.partial.append((snapshot, ch.catchup_upto))
+            ch.catchup_target = None
+            raise
+        finally:
+            ch.in_catchup = False
         self._move(ch, snapshot)
         if total:
             log.info("%s: channel %r: caught up %d events from the log (%s)", self.name, ch.name, total, reason)

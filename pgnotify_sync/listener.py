@@ -824,7 +824,7 @@ class Listener:
                                              "duration": round(elapsed * 1000, 3)}})
             if checkpoint:
                 undelivered.discard(event.id)
-                if ch.catchup_target is not None and event.id in ch.caught:
+                if ch.in_catchup:
                     ch.catchup_upto = event.id      # catch-up delivers in id order
                 self._since_checkpoint += 1
                 if self._since_checkpoint >= checkpoint:
@@ -989,15 +989,7 @@ class Listener:
                         cur.execute("SELECT id, xid::text::bigint FROM pgnotify_sync.event_log WHERE id = ANY(%s)",
                                     (ids,))
                         handled = dict(cur.fetchall())
-                    catchup = state.get("catchup")
-                    if catchup:
-                        # Everything up to id "upto" between position and target was handled.
-                        cur.execute("SELECT id, xid::text::bigint FROM pgnotify_sync.event_log "
-                                    "WHERE channel = %s AND id <= %s AND xid >= pg_snapshot_xmin(%s::pg_snapshot) "
-                                    "AND pg_visible_in_snapshot(xid, %s::pg_snapshot) "
-                                    "AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)",
-                                    (ch.wire, catchup["upto"], position, catchup["target"], position))
-                        handled.update(cur.fetchall())
+                    ch.partial = [(Snapshot.parse(t), u) for t, u in state.get("cursors", ())]
                     ch.position = Snapshot.parse(position)
                     ch.handled = handled
                     log.info("%s: consumer %r resumes channel %r", self.name, self.consumer, ch.name)
@@ -1016,8 +1008,11 @@ class Listener:
         if undelivered:
             handled = [i for i in handled if i not in undelivered]
         state = {"ranges": _ranges(handled)}
+        cursors = [(str(t), u) for t, u in ch.partial]
         if ch.catchup_target is not None and ch.catchup_upto:
-            state["catchup"] = {"target": str(ch.catchup_target), "upto": ch.catchup_upto}
+            cursors.append((str(ch.catchup_target), ch.catchup_upto))
+        if cursors:
+            state["cursors"] = cursors
         try:
             with self._pool.connection() as conn, conn.cursor() as cur:
                 cur.execute("UPDATE pgnotify_sync.consumers SET position = %s::pg_snapshot, handled = %s::jsonb, "

@@ -81,12 +81,18 @@ time.sleep(60)
 """
 
 
-def test_consumer_crash_redelivers_only_the_event_in_flight(jobs_db, dsn, make_listener):
+def start_crashing_consumer(dsn):
+    """A child process running consumer 'crashy' that prints each event's name and
+    dies (os._exit) inside the handler of the event named 'crash'."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = json.dumps(dict(postgres_host=dsn["host"], postgres_port=dsn["port"], postgres_user=dsn["user"],
                           postgres_password=dsn["password"], postgres_db=dsn["dbname"], channels=["jobs"]))
-    proc = subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg)],
+    return subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg)],
                             stdout=subprocess.PIPE, text=True)
+
+
+def test_consumer_crash_redelivers_only_the_event_in_flight(jobs_db, dsn, make_listener):
+    proc = start_crashing_consumer(dsn)
     try:
         assert proc.stdout.readline().strip() == "ready"
         insert(jobs_db, "one", "two", "crash", "after")
@@ -145,11 +151,7 @@ def test_consumer_crash_during_a_catch_up_repeats_only_the_event_in_flight(jobs_
     names[17] = "crash"
     with jobs_db.cursor() as cur:                  # one statement: a range notification, read from the log
         cur.execute("INSERT INTO jobs (name) SELECT unnest(%s::text[])", (names,))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = json.dumps(dict(postgres_host=dsn["host"], postgres_port=dsn["port"], postgres_user=dsn["user"],
-                          postgres_password=dsn["password"], postgres_db=dsn["dbname"], channels=["jobs"]))
-    proc = subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = start_crashing_consumer(dsn)
     try:
         seen = []
         while True:
@@ -167,8 +169,8 @@ def test_consumer_crash_during_a_catch_up_repeats_only_the_event_in_flight(jobs_
     got = Collector()
     restarted.on_event("jobs", got)
     restarted.start()
-    events = got.wait(12)
+    events = got.wait(13)
     assert [e.data["name"] for e in events] == names[17:]          # 'crash' again (in flight), then the rest
     restarted.publish("jobs", {"end": True})
-    got.wait(13)
-    assert len(got) == 13
+    got.wait(14)
+    assert len(got) == 14, [(e.id, e.operation.value, e.data) for e in got.events]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pgnotify_sync import ConfigError, ConnectError, ConnectionState, Listener
+from pgnotify_sync import ConfigError, ConnectionState, Listener
 from pgnotify_sync._tunnel import HostKeyError, SshAuthError
 
 from helpers import wait_for

@@ -351,12 +351,13 @@ class Dispatcher:
         self._hooks._report("catchup", exc, ch.name)
 
     def _seen(self, ch, ident, xid):
+        """True if event *ident* of transaction *xid* was handled already."""
         pos = ch.position
         if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
             return True
         if ident in ch.handled:
             return True
-        return any(ident <= upto and target.visible(xid) for target, upto in ch.partial)
+        return bool(ch.partial) and any(ident <= upto and target.visible(xid) for target, upto in ch.partial)
 
     def _fresh(self, ch, event, remember=True):
         """True (and remembered as handled) if *event* was not handled before."""
@@ -364,12 +365,7 @@ class Dispatcher:
         xid = event.xid
         if ident is None or xid is None:
             return True       # a plain payload without log id: nothing to compare
-        pos = ch.position
-        if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
-            return False
-        if ident in ch.handled:
-            return False
-        if ch.partial and any(ident <= upto and target.visible(xid) for target, upto in ch.partial):
+        if self._seen(ch, ident, xid):
             return False
         if remember:
             ch.handled[ident] = xid

@@ -25,6 +25,21 @@ MAX_CHANNEL_BYTES = 63
 PREFIX_SEPARATOR = "."
 
 
+def wire_channel_name(channel, prefix=""):
+    """The LISTEN/NOTIFY name of logical *channel* (``prefix.channel``).
+
+    Raises ValueError if it is empty or longer than PostgreSQL's identifier limit
+    (pg_notify() would fail inside a writer's transaction). Callers name the setting.
+    """
+    if not isinstance(channel, str) or not channel:
+        raise ValueError(f"every channel must be a non-empty string, got {channel!r}")
+    wire = f"{prefix}{PREFIX_SEPARATOR}{channel}" if prefix else channel
+    if len(wire.encode("utf-8")) > MAX_CHANNEL_BYTES:
+        raise ValueError(f"{wire!r} is longer than PostgreSQL's {MAX_CHANNEL_BYTES}-byte identifier limit "
+                         "(prefix included)")
+    return wire
+
+
 def _positive_int(name, minimum=1, maximum=None):
     def check(instance, attribute, value):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -132,13 +147,7 @@ class Config:
     @channels.validator
     def _check_channels(self, attribute, value):
         for name in value:
-            if not isinstance(name, str) or not name:
-                raise ConfigError(f"channels: every channel must be a non-empty string, got {name!r}")
-            wire = self.wire_channel(name)
-            if len(wire.encode("utf-8")) > MAX_CHANNEL_BYTES:
-                raise ConfigError(
-                    f"channels: {wire!r} is longer than PostgreSQL's {MAX_CHANNEL_BYTES}-byte "
-                    "identifier limit (prefix included)")
+            self.checked_wire_channel(name)
         if len(set(value)) != len(value):
             raise ConfigError(f"channels: duplicate channel names in {list(value)!r}")
 
@@ -173,9 +182,14 @@ class Config:
 
     def wire_channel(self, channel):
         """The channel name used in LISTEN/NOTIFY for a logical channel."""
-        if self.channel_prefix:
-            return f"{self.channel_prefix}{PREFIX_SEPARATOR}{channel}"
-        return channel
+        return f"{self.channel_prefix}{PREFIX_SEPARATOR}{channel}" if self.channel_prefix else channel
+
+    def checked_wire_channel(self, channel, setting="channels"):
+        """:meth:`wire_channel`, or ConfigError naming *setting* if PostgreSQL cannot take it."""
+        try:
+            return wire_channel_name(channel, self.channel_prefix)
+        except ValueError as exc:
+            raise ConfigError(f"{setting}: {exc}") from None
 
     def logical_channel(self, wire):
         """Inverse of :meth:`wire_channel`; None if *wire* does not carry our prefix."""

@@ -363,9 +363,7 @@ class Listener:
         :class:`PublishBufferFull` is raised. Without buffering :class:`ConnectError`
         is raised at once.
         """
-        wire = self.config.wire_channel(channel)
-        if len(wire.encode()) > 63:
-            raise ConfigError(f"channel: {wire!r} is longer than PostgreSQL's 63-byte identifier limit")
+        wire = self.config.checked_wire_channel(channel, setting="channel")
         try:
             body = json.dumps(payload)
         except (TypeError, ValueError) as exc:
@@ -422,14 +420,7 @@ class Listener:
     # -- set-up -------------------------------------------------------------------
 
     def _add_channel(self, channel):
-        if not isinstance(channel, str) or not channel:
-            raise ConfigError(f"channels: every channel must be a non-empty string, got {channel!r}")
-        # Re-validates length with the prefix.
-        attrs_cfg = self.config
-        wire = attrs_cfg.wire_channel(channel)
-        if len(wire.encode()) > 63:
-            raise ConfigError(f"channels: {wire!r} is longer than PostgreSQL's 63-byte identifier limit")
-        self._channels[channel] = ChannelState(channel, wire)
+        self._channels[channel] = ChannelState(channel, self.config.checked_wire_channel(channel))
 
     def _require_pool(self):
         with self._lock:
@@ -919,11 +910,7 @@ class Listener:
                 f" (event {event_id})" if event_id is not None else "", text, exc_info=exc_info,
                 extra={"event": "error", "channel": channel, "event_id": event_id,
                        "details": {"kind": kind, "error": text}})
-        for receiver in self.signals.error.receivers_for(self):
-            try:
-                receiver(self, error=error, kind=kind, channel=channel, event_id=event_id)
-            except Exception:
-                log.exception("%s: an error-signal receiver raised", self.name)
+        self._emit(self.signals.error, error=error, kind=kind, channel=channel, event_id=event_id)
 
     # -- watchdog ----------------------------------------------------------------
 

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - Python < 3.9
 
 import psycopg2
 
-from .config import MAX_CHANNEL_BYTES, PREFIX_SEPARATOR
+from .config import wire_channel_name
 from .errors import SchemaError
 
 SCHEMA = "pgnotify_sync"
@@ -84,12 +84,10 @@ def uninstall(conn):
 
 
 def _wire(channel, channel_prefix):
-    if not isinstance(channel, str) or not channel:
-        raise SchemaError(f"channel must be a non-empty string, got {channel!r}")
-    wire = f"{channel_prefix}{PREFIX_SEPARATOR}{channel}" if channel_prefix else channel
-    if len(wire.encode("utf-8")) > MAX_CHANNEL_BYTES:
-        raise SchemaError(f"channel {wire!r} is longer than PostgreSQL's {MAX_CHANNEL_BYTES}-byte limit")
-    return wire
+    try:
+        return wire_channel_name(channel, channel_prefix)
+    except ValueError as exc:
+        raise SchemaError(f"channel: {exc}") from None
 
 
 def watch_table(conn, table, channel, exclude_columns=(), channel_prefix="", mode="statement"):

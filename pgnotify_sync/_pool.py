@@ -17,7 +17,6 @@ import time
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
-import psycopg2.pool
 
 from .errors import ConnectError
 from .events import loads

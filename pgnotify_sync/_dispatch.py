@@ -30,6 +30,9 @@ from .metrics import Histogram
 log = logging.getLogger("pgnotify_sync")
 
 BATCH = 256
+# Ranges read ahead per worker while it delivers: two keep both the server (building
+# the next page) and this process (parsing one) busy.
+READ_AHEAD = 2
 _EVENTS = (DatabaseEvent, EventRef, EventRange)
 
 
@@ -111,6 +114,34 @@ class CatchUpFailed(Exception):
     """The log could not be read; the channel retries later."""
 
 
+class Job:
+    """A read running on a fetch thread (see Dispatcher.submit)."""
+
+    __slots__ = ("fn", "args", "done", "value", "error")
+
+    def __init__(self, fn, args):
+        self.fn = fn
+        self.args = args
+        self.done = threading.Event()
+        self.value = None
+        self.error = None
+
+    def run(self):
+        try:
+            self.value = self.fn(*self.args)
+        except BaseException as exc:   # handed to the worker that waits for it
+            self.error = exc
+        finally:
+            self.fn = self.args = None
+            self.done.set()
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class Dispatcher:
     """Owns the channel queues and the worker threads.
 
@@ -119,6 +150,13 @@ class Dispatcher:
     ``_fetch_ref(ch, ref)``, ``_fetch_range(ch, rng)``, ``_report(kind, error, channel)``,
     ``_caught_up(ch, reason, count)``, ``_on_position(ch)`` (a position
     moved) and ``_after_batch(ch)`` (durable consumers store their position).
+
+    Reads overlap delivery: while a worker hands one statement's rows (an
+    EventRange) to the handlers, a fetch thread already reads the next range of the
+    batch from the log (and a catch-up reads its next page, see ``submit``). The
+    server builds a page in about the time the handlers take for the previous one, so
+    this nearly halves the time of a burst. Only timing changes: every event still
+    goes through the same duplicate check, in order, on the channel's worker.
     """
 
     def __init__(self, name, channels, capacity, workers, hooks, metrics=None, retry_s=0.5):
@@ -136,6 +174,8 @@ class Dispatcher:
         self._ready = queue.SimpleQueue()
         self.buffered = 0
         self._threads = []
+        self._fetch_threads = []
+        self._jobs = queue.SimpleQueue()
         self._closing = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -145,6 +185,24 @@ class Dispatcher:
             t = threading.Thread(target=self._work, name=f"{self.name}-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        for i in range(self._nworkers * READ_AHEAD):
+            t = threading.Thread(target=self._fetch, name=f"{self.name}-fetch-{i}", daemon=True)
+            t.start()
+            self._fetch_threads.append(t)
+
+    def submit(self, fn, *args):
+        """Run ``fn(*args)`` on a fetch thread; ``.result()`` of the returned Job
+        waits for it and returns its value or raises its exception."""
+        job = Job(fn, args)
+        self._jobs.put(job)
+        return job
+
+    def _fetch(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job.run()
 
     def close(self, timeout_s):
         """Deliver what is queued (until *timeout_s*), then end the workers."""
@@ -162,7 +220,9 @@ class Dispatcher:
                     self._idle.wait(left)
         for _ in self._threads:
             self._ready.put(None)
-        for t in self._threads:
+        for _ in self._fetch_threads:
+            self._jobs.put(None)
+        for t in self._threads + self._fetch_threads:
             if t is me:
                 continue
             t.join(max(0.0, deadline - time.monotonic()))
@@ -173,7 +233,7 @@ class Dispatcher:
         return any(ch.scheduled for ch in self.channels.values())
 
     def threads(self):
-        return list(self._threads)
+        return self._threads + self._fetch_threads
 
     # -- called by the reader thread ----------------------------------------
 
@@ -298,6 +358,7 @@ class Dispatcher:
         with self._lock:
             items = self._take_locked(ch)
         pending = []   # consecutive events, delivered as one batch
+        ahead = {}     # index in items -> Job reading that range
         i = 0
         try:
             for i, item in enumerate(items):
@@ -313,7 +374,10 @@ class Dispatcher:
                     pos = ch.position
                     if pos is not None and pos.visible(item.xid):
                         continue        # the whole transaction was handled already
-                    fresh = [e for e in self._hooks._fetch_range(ch, item) if self._fresh(ch, e)]
+                    job = ahead.pop(i, None)
+                    self._read_ahead(ch, items, i + 1, ahead)
+                    events = job.result() if job is not None else self._hooks._fetch_range(ch, item)
+                    fresh = self._fresh_list(ch, events)
                     if fresh:
                         self._hooks._deliver(ch, fresh)
                 elif cls is EventRef:
@@ -338,6 +402,25 @@ class Dispatcher:
             # is still queued is in the log too: drop it and re-read when we retry.
             rest = items[i + 1:]
             self._fall_back(ch, rest, exc)
+
+    def _read_ahead(self, ch, items, start, ahead):
+        """Have the next READ_AHEAD ranges of *items* (from *start*, up to the next
+        control item) read on fetch threads: ``ahead`` maps their index to the Job."""
+        pos = ch.position
+        wanted = READ_AHEAD
+        for j in range(start, len(items)):
+            item = items[j]
+            cls = type(item)
+            if cls is EventRange:
+                if pos is not None and pos.visible(item.xid):
+                    continue
+                if j not in ahead:
+                    ahead[j] = self.submit(self._hooks._fetch_range, ch, item)
+                wanted -= 1
+                if not wanted:
+                    return
+            elif cls is not DatabaseEvent:
+                return      # a control item may move the position first
 
     def _fall_back(self, ch, rest, exc):
         with self._lock:
@@ -371,6 +454,33 @@ class Dispatcher:
             ch.handled[ident] = xid
         return True
 
+    def _fresh_list(self, ch, events, remember=True):
+        """The events of *events* not handled before (``_fresh`` for a whole page)."""
+        pos = ch.position
+        handled = ch.handled
+        partial = ch.partial
+        if pos is None:
+            xmin = xmax = 0
+            xip = ()
+        else:
+            xmin, xmax, xip = pos.xmin, pos.xmax, pos.xip
+        out = []
+        append = out.append
+        for event in events:
+            ident = event.id
+            xid = event.xid
+            if ident is None or xid is None:
+                append(event)
+                continue
+            if xid < xmin or (xid < xmax and xid not in xip) or ident in handled:
+                continue
+            if partial and any(ident <= upto and target.visible(xid) for target, upto in partial):
+                continue
+            if remember:
+                handled[ident] = xid
+            append(event)
+        return out
+
     def _move(self, ch, snapshot):
         ch.position = snapshot
         visible = snapshot.visible
@@ -395,7 +505,7 @@ class Dispatcher:
         total = 0
         try:
             for events in pages:
-                fresh = [e for e in events if self._fresh(ch, e, remember=False)]
+                fresh = self._fresh_list(ch, events, remember=False)
                 total += len(fresh)
                 if fresh:
                     self._hooks._deliver(ch, fresh)

@@ -23,9 +23,11 @@ round trip that proves the whole path) and reconnects with backoff.
 channels that fell back to the event log.
 """
 
+import bisect
 import collections
 import enum
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -58,11 +60,16 @@ CATCHUP_PAGE = 5000
 # shrink) at least every this many events, not only every health-check interval.
 ADVANCE_EVERY = 20_000
 
-# Rows come back as one JSON text per page: a single C-speed parse instead of a
-# Python typecaster call per row. Each row: [id, xid, operation, schema, table, data, old].
-_ROWS = ("SELECT coalesce(json_agg(json_build_array(id, xid::text::bigint, operation, schema_name, table_name, "
-         "data, old) ORDER BY id), '[]')::text FROM (SELECT * FROM pgnotify_sync.event_log WHERE {where} "
-         "ORDER BY id {limit}) r")
+# Rows come back as one JSON text per (operation, schema, table) group, a flat array
+# [id, xid, data, old, id, xid, data, old, ...] in id order: one C-speed parse per
+# page and no per-row repetition of the names. String concatenation costs the server
+# less than json_agg(json_build_array(...)) and the client parses a third less text.
+# A statement's range is one group; a catch-up page has a group per table and
+# operation, merged by id on the client.
+_ROWS = ("SELECT operation, schema_name, table_name, '[' || string_agg(id || ',' || xid || ',' || "
+         "coalesce(data::text, 'null') || ',' || coalesce(old::text, 'null'), ',' ORDER BY id) || ']' "
+         "FROM (SELECT id, xid, operation, schema_name, table_name, data, old FROM pgnotify_sync.event_log "
+         "WHERE {where} ORDER BY id {limit}) r GROUP BY 1, 2, 3")
 
 _CATCHUP_SQL = _ROWS.format(where="""channel = %(channel)s
    AND xid >= %(pos_xmin)s::text::xid8 AND xid < %(to_xmax)s::text::xid8
@@ -106,6 +113,14 @@ class _Lost(Exception):
 # Errors that retrying cannot fix: fail start() at once instead of retrying forever.
 _FATAL_CONNECT_TEXT = ("authentication failed", "does not exist", "no pg_hba.conf entry",
                        "permission denied", "is not installed")
+
+
+def _call_receiver(receiver, sender, event):
+    receiver(sender, event=event)
+
+
+def _event_id(event):
+    return event.id
 
 
 def _first_line(exc):
@@ -237,6 +252,7 @@ class Listener:
 
         receiver.__name__ = getattr(handler, "__name__", "handler")
         receiver.__wrapped__ = handler
+        receiver._pgnotify_handler = handler     # _deliver calls it directly
         self.signals.event.connect(receiver, sender=channel, weak=False)
         return handler
 
@@ -783,30 +799,43 @@ class Listener:
     # -- dispatcher hooks (worker threads) ------------------------------------------
 
     def _deliver(self, ch, events):
-        receivers = list(self.signals.event.receivers_for(ch.name))
         name = ch.name
+        calls = [getattr(r, "_pgnotify_handler", None) or functools.partial(_call_receiver, r, name)
+                 for r in self.signals.event.receivers_for(name)]
         debug = log.isEnabledFor(logging.DEBUG)
         perf = time.perf_counter
-        observe = ch.handler_hist.observe
+        hist = ch.handler_hist
+        counts, buckets = hist.counts, hist.buckets
         by = ch.delivered_by
         # A durable consumer stores its position after every event (checkpoint_every=1):
         # a crash then repeats only the event in flight. The ids of this batch not yet
         # handed to receivers must not be stored as handled.
         checkpoint = self.consumer and self.checkpoint_every
         undelivered = {e.id for e in events} if checkpoint else None
+        # delivered_by is counted per run of events of one (operation, table).
+        op = table = None
+        run = 0
+        total = 0.0
+        started = perf()
         for event in events:
-            started = perf()
-            for receiver in receivers:
+            for call in calls:
                 try:
-                    receiver(name, event=event)
+                    call(event)
                 except Exception as exc:
                     ch.handler_errors += 1
                     self.stats["handler_errors"] += 1
                     self._report("handler", exc, name, event_id=event.id, exc_info=True)
-            elapsed = perf() - started
-            observe(elapsed)
-            key = (event.operation, event.table)
-            by[key] = by.get(key, 0) + 1
+            done = perf()
+            elapsed = done - started
+            started = done
+            counts[bisect.bisect_left(buckets, elapsed)] += 1
+            total += elapsed
+            if event.operation is not op or event.table != table:
+                if run:
+                    key = (op, table)
+                    by[key] = by.get(key, 0) + run
+                op, table, run = event.operation, event.table, 0
+            run += 1
             if debug:
                 log.debug("%s: delivered event %s on %r (%s %s.%s)", self.name, event.id, name,
                           event.operation.value, event.schema, event.table,
@@ -820,6 +849,12 @@ class Listener:
                 self._since_checkpoint += 1
                 if self._since_checkpoint >= checkpoint:
                     self._save_consumer(ch, undelivered)
+                    started = perf()     # the write is not the handler's time
+        if run:
+            key = (op, table)
+            by[key] = by.get(key, 0) + run
+        hist.sum += total
+        hist.count += len(events)
         last = events[-1].id
         if last is not None and last > ch.max_id:
             ch.max_id = last
@@ -827,16 +862,24 @@ class Listener:
         self.stats["delivered"] += len(events)
 
     def _read_rows(self, ch, sql_text, params):
-        """Events from the log (one JSON page); CatchUpFailed if it cannot be read."""
+        """Events from the log (one page, see _ROWS); CatchUpFailed if it cannot be read."""
         try:
             with self._pool.connection() as conn, conn.cursor() as cur:
                 cur.execute(sql_text, params)
-                rows = loads(cur.fetchone()[0])
+                groups = cur.fetchall()
         except (psycopg2.Error, PgNotifyError) as exc:
             raise CatchUpFailed(_first_line(exc)) from exc
         name, ops = ch.name, _OPERATIONS
-        return [DatabaseEvent(name, ops[op], schema, table, data, old, ident, xid)
-                for ident, xid, op, schema, table, data, old in rows]
+        events = []
+        extend = events.extend
+        for op, schema, table, text in groups:
+            op = ops[op]
+            flat = iter(loads(text))
+            extend([DatabaseEvent(name, op, schema, table, data, old, ident, xid)
+                    for ident, xid, data, old in zip(flat, flat, flat, flat)])
+        if len(groups) > 1:
+            events.sort(key=_event_id)
+        return events
 
     def _catch_up(self, ch):
         pos = ch.position
@@ -849,21 +892,22 @@ class Listener:
         except (psycopg2.Error, PgNotifyError) as exc:
             raise CatchUpFailed(_first_line(exc)) from exc
 
-        def pages():
-            after = 0
+        def read(after):
             params = {"channel": ch.wire, "pos_xmin": str(pos.xmin), "to_xmax": str(target.xmax),
-                      "to": str(target), "pos": str(pos), "limit": CATCHUP_PAGE}
-            while True:
-                params["after"] = after
-                events = self._read_rows(ch, _CATCHUP_SQL, params)
-                if not events:
-                    return
+                      "to": str(target), "pos": str(pos), "limit": CATCHUP_PAGE, "after": after}
+            return self._read_rows(ch, _CATCHUP_SQL, params)
+
+        def pages():
+            # The next page is read on a fetch thread while this one is delivered.
+            events = read(0)
+            while events:
                 self.stats["caught_up"] += len(events)
                 ch.caught_up += len(events)
+                ahead = self._dispatcher.submit(read, events[-1].id) if len(events) == CATCHUP_PAGE else None
                 yield events
-                if len(events) < CATCHUP_PAGE:
+                if ahead is None:
                     return
-                after = events[-1].id
+                events = ahead.result()
 
         return target, pages()
 

@@ -13,9 +13,10 @@ import time
 import pytest
 
 from helpers import wait_for
-from pgnotify_sync._dispatch import (Advance, CatchUp, CatchUpFailed, ChannelState, Dispatcher, SetPosition)
+from pgnotify_sync._dispatch import (READ_AHEAD, Advance, CatchUp, CatchUpFailed, ChannelState, Dispatcher,
+                                      SetPosition)
 from pgnotify_sync._snapshot import Snapshot
-from pgnotify_sync.events import DatabaseEvent, EventRef, Operation
+from pgnotify_sync.events import DatabaseEvent, EventRange, EventRef, Operation
 
 GATE_TIMEOUT = 10.0
 
@@ -53,6 +54,8 @@ class FakeHooks:
         self.catch_up_script = collections.defaultdict(list)   # name -> [(snapshot, pages) | exception]
         self.refs = {}                            # log id -> event (or None: no longer in the log)
         self.fetched = []                         # EventRefs passed to _fetch_ref
+        self.ranges = {}                          # first id -> callable() returning the range's events
+        self.range_calls = []                     # first ids passed to _fetch_range, in call order
         self.handler = None                       # optional callable(ch, events), run inside _deliver
         self.active = collections.Counter()       # _deliver calls running now, per channel
         self.max_active = collections.Counter()   # the most seen at once, per channel
@@ -112,6 +115,11 @@ class FakeHooks:
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def _fetch_range(self, ch, rng):
+        with self.lock:
+            self.range_calls.append(rng.first)
+        return self.ranges[rng.first]()
 
     def __getattr__(self, name):
         # Hooks added to the Dispatcher later (e.g. _after_batch) are recorded, not fatal.
@@ -185,9 +193,10 @@ def test_by_wire_and_resume_level():
 def test_start_creates_named_daemon_workers(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=3)
     threads = d.threads()
-    assert len(threads) == 3
+    # the workers, and READ_AHEAD fetch threads for each (their reads ahead)
+    assert sorted(t.name for t in threads) == sorted(
+        [f"test-worker-{i}" for i in range(3)] + [f"test-fetch-{i}" for i in range(3 * READ_AHEAD)])
     assert all(t.daemon and t.is_alive() for t in threads)
-    assert len({t.name for t in threads}) == 3
 
 
 # -- order and concurrency ------------------------------------------------------------------
@@ -666,6 +675,112 @@ def test_fetch_ref_failure_falls_back(make_dispatcher):
     assert hooks.ids("a") == [4]
     assert a.overflow
     assert d.buffered == 0
+    assert all(t.is_alive() for t in d.threads())
+
+
+# -- ranges read ahead ------------------------------------------------------------------------
+
+
+def _range(channel, first, n, xid):
+    """An EventRange and the events its read returns."""
+    return EventRange(channel, xid, first, first + n - 1, n), [ev(channel, i, xid) for i in range(first, first + n)]
+
+
+def test_next_range_is_read_while_the_current_one_is_delivered(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    r1, e1 = _range("a", 1, 3, 101)
+    r2, e2 = _range("a", 4, 3, 102)
+    second_read = threading.Event()
+
+    def read_second():
+        second_read.set()
+        return e2
+
+    hooks.ranges = {1: lambda: e1, 4: read_second}
+    overlapped = []
+
+    def handler(ch, events):
+        if events[0].id == 1:
+            # Delivery of the first range waits for the read of the second: without
+            # the read ahead this would time out.
+            overlapped.append(second_read.wait(GATE_TIMEOUT))
+
+    hooks.handler = handler
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [r1, r2])
+    d.start()
+    wait_for(lambda: len(hooks.ids("a")) == 6)
+    assert overlapped == [True]
+    assert hooks.ids("a") == [1, 2, 3, 4, 5, 6]
+    no_internal_errors(hooks)
+
+
+def test_ranges_read_out_of_order_are_delivered_in_order(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    ranges = [_range("a", 1 + 10 * k, 10, 101 + k) for k in range(6)]
+    done = {first: threading.Event() for first in (1, 11, 21, 31, 41, 51)}
+
+    def reader(k):
+        rng, events = ranges[k]
+
+        def read():
+            # Each read ahead finishes only after the one behind it: completion order
+            # is the reverse of the ranges' order within each read-ahead window.
+            later = rng.first + 10
+            if k % 2 == 1 and later in done:
+                done[later].wait(GATE_TIMEOUT)
+            done[rng.first].set()
+            return events
+        return read
+
+    hooks.ranges = {rng.first: reader(k) for k, (rng, _) in enumerate(ranges)}
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [ev("a", 0, 100)] + [rng for rng, _ in ranges])   # xid 100 is not visible in 100:100:
+    d.start()
+    wait_for(lambda: len(hooks.ids("a")) == 61)
+    assert hooks.ids("a") == list(range(0, 61))
+    no_internal_errors(hooks)
+
+
+def test_read_ahead_stops_at_a_control_item(make_dispatcher):
+    # An Advance between two ranges may make the second one visible (handled): it is
+    # not read before the Advance is applied.
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    r1, e1 = _range("a", 1, 3, 101)
+    r2, e2 = _range("a", 4, 3, 102)
+    hooks.ranges = {1: lambda: e1, 4: lambda: e2}
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [r1])
+    d.push_control(a, Advance(snap("103:103:")))
+    d.push(a, [r2])
+    d.start()
+    wait_idle(d, chans)
+    assert hooks.ids("a") == [1, 2, 3]
+    assert hooks.range_calls == [1]
+    no_internal_errors(hooks)
+
+
+def test_failed_read_ahead_falls_back_after_the_ranges_before_it(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, retry_s=3600, start=False)
+    a = chans["a"]
+    r1, e1 = _range("a", 1, 3, 101)
+    r2, _ = _range("a", 4, 3, 102)
+    r3, e3 = _range("a", 7, 3, 103)
+
+    def fail():
+        raise CatchUpFailed("log away")
+
+    hooks.ranges = {1: lambda: e1, 4: fail, 7: lambda: e3}
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [r1, r2, r3])
+    d.start()
+    wait_for(lambda: "catchup" in hooks.kinds())
+    wait_idle(d, chans)
+    assert hooks.ids("a") == [1, 2, 3]      # nothing of r2 or after it: they come from the log later
+    assert a.overflow and d.buffered == 0
     assert all(t.is_alive() for t in d.threads())
 
 

@@ -30,9 +30,10 @@ from .metrics import Histogram
 log = logging.getLogger("pgnotify_sync")
 
 BATCH = 256
-# Ranges read ahead per worker while it delivers: two keep both the server (building
-# the next page) and this process (parsing one) busy.
-READ_AHEAD = 2
+# Ranges read ahead per worker while it delivers. Measured on a 200,000-row burst
+# (1000-row statements): 2 gave 1.7x the events/s of no read-ahead, 4 another 1.2x
+# direct and 1.3x through SSH tunnels, where each read waits longer for its answer.
+READ_AHEAD = 4
 _EVENTS = (DatabaseEvent, EventRef, EventRange)
 
 
@@ -159,13 +160,15 @@ class Dispatcher:
     goes through the same duplicate check, in order, on the channel's worker.
     """
 
-    def __init__(self, name, channels, capacity, workers, hooks, metrics=None, retry_s=0.5):
+    def __init__(self, name, channels, capacity, workers, hooks, metrics=None, retry_s=0.5, fetchers=None):
         self.name = name
         self.channels = channels               # logical name -> ChannelState
         self.by_wire = {ch.wire: ch for ch in channels.values()}
         self.capacity = capacity
         self.resume_level = capacity // 2
         self._nworkers = workers
+        # Reads ahead wait for a free fetch thread (and a pooled connection) if all are busy.
+        self._nfetchers = fetchers if fetchers is not None else workers * READ_AHEAD
         self._hooks = hooks
         self._metrics = metrics
         self._retry_s = retry_s
@@ -185,7 +188,7 @@ class Dispatcher:
             t = threading.Thread(target=self._work, name=f"{self.name}-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
-        for i in range(self._nworkers * READ_AHEAD):
+        for i in range(self._nfetchers):
             t = threading.Thread(target=self._fetch, name=f"{self.name}-fetch-{i}", daemon=True)
             t.start()
             self._fetch_threads.append(t)
@@ -377,7 +380,7 @@ class Dispatcher:
                     job = ahead.pop(i, None)
                     self._read_ahead(ch, items, i + 1, ahead)
                     events = job.result() if job is not None else self._hooks._fetch_range(ch, item)
-                    fresh = self._fresh_list(ch, events)
+                    fresh = self._fresh_range(ch, events, item.xid)
                     if fresh:
                         self._hooks._deliver(ch, fresh)
                 elif cls is EventRef:
@@ -481,10 +484,24 @@ class Dispatcher:
             append(event)
         return out
 
+    def _fresh_range(self, ch, events, xid):
+        """``_fresh_list`` for the rows of one statement (transaction *xid*, which
+        the caller found not visible in the position). Usually none was handled:
+        checked and remembered with set operations instead of row by row."""
+        if ch.partial:
+            return self._fresh_list(ch, events)
+        ids = [e.id for e in events]
+        handled = ch.handled
+        if None in ids or not handled.keys().isdisjoint(ids):
+            return self._fresh_list(ch, events)
+        handled.update(dict.fromkeys(ids, xid))
+        return events
+
     def _move(self, ch, snapshot):
         ch.position = snapshot
-        visible = snapshot.visible
-        ch.handled = {i: x for i, x in ch.handled.items() if not visible(x)}
+        xmin, xmax, xip = snapshot.xmin, snapshot.xmax, snapshot.xip
+        # keep the ids of transactions not visible in the new position (Snapshot.visible, inlined)
+        ch.handled = {i: x for i, x in ch.handled.items() if x >= xmin and (x >= xmax or x in xip)}
         ch.partial = [(t, u) for t, u in ch.partial if not snapshot.covers(t)]
         ch.catchup_target = None
         ch.catchup_upto = 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from pgnotify_sync import install, watch_table
+from pgnotify_sync.listener import DEFAULT_CHECKPOINT_EVERY
 
 from helpers import wait_for
 from pgutil import Collector
@@ -69,7 +70,7 @@ import os, sys, json, time
 sys.path.insert(0, {root!r})
 from pgnotify_sync import Config, Listener
 cfg = Config(**json.loads({cfg!r}))
-listener = Listener(cfg, consumer="crashy")
+listener = Listener(cfg, consumer="crashy", **json.loads({kwargs!r}))
 @listener.on_event("jobs")
 def handle(event):
     print(event.data["name"], flush=True)
@@ -81,18 +82,20 @@ time.sleep(60)
 """
 
 
-def start_crashing_consumer(dsn):
-    """A child process running consumer 'crashy' that prints each event's name and
-    dies (os._exit) inside the handler of the event named 'crash'."""
+def start_crashing_consumer(dsn, **kwargs):
+    """A child process running consumer 'crashy' (Listener keyword arguments
+    *kwargs*) that prints each event's name and dies (os._exit) inside the handler of
+    the event named 'crash'."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = json.dumps(dict(postgres_host=dsn["host"], postgres_port=dsn["port"], postgres_user=dsn["user"],
                           postgres_password=dsn["password"], postgres_db=dsn["dbname"], channels=["jobs"]))
-    return subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg)],
+    return subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg,
+                                                                                 kwargs=json.dumps(kwargs))],
                             stdout=subprocess.PIPE, text=True)
 
 
 def test_consumer_crash_redelivers_only_the_event_in_flight(jobs_db, dsn, make_listener):
-    proc = start_crashing_consumer(dsn)
+    proc = start_crashing_consumer(dsn, checkpoint_every=1)
     try:
         assert proc.stdout.readline().strip() == "ready"
         insert(jobs_db, "one", "two", "crash", "after")
@@ -151,7 +154,7 @@ def test_consumer_crash_during_a_catch_up_repeats_only_the_event_in_flight(jobs_
     names[17] = "crash"
     with jobs_db.cursor() as cur:                  # one statement: a range notification, read from the log
         cur.execute("INSERT INTO jobs (name) SELECT unnest(%s::text[])", (names,))
-    proc = start_crashing_consumer(dsn)
+    proc = start_crashing_consumer(dsn, checkpoint_every=1)
     try:
         seen = []
         while True:
@@ -174,3 +177,35 @@ def test_consumer_crash_during_a_catch_up_repeats_only_the_event_in_flight(jobs_
     restarted.publish("jobs", {"end": True})
     got.wait(14)
     assert len(got) == 14, [(e.id, e.operation.value, e.data) for e in got.events]
+
+
+def test_default_checkpoints_bound_the_repeats_after_a_crash(jobs_db, dsn, make_listener):
+    # The default stores the position every DEFAULT_CHECKPOINT_EVERY events (and after
+    # every batch): a crash in a burst repeats at most that many events, and loses none.
+    first = make_listener(channels=("jobs",), consumer="crashy")
+    first.start()
+    first.stop()
+    names = [f"n{i}" for i in range(400)]
+    crash_at = 350
+    names[crash_at] = "crash"
+    with jobs_db.cursor() as cur:
+        cur.execute("INSERT INTO jobs (name) SELECT unnest(%s::text[])", (names,))
+    proc = start_crashing_consumer(dsn)
+    try:
+        seen = [line for line in iter(proc.stdout.readline, "") if line.strip() != "ready"]
+        assert proc.wait(20) == 1
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert [s.strip() for s in seen] == names[:crash_at + 1]
+    restarted = make_listener(channels=("jobs",), consumer="crashy")
+    got = Collector()
+    restarted.on_event("jobs", got)
+    restarted.start()
+    wait_for(lambda: got.events and got.events[-1].data["name"] == names[-1], timeout=10,
+             message="the restarted consumer did not reach the last event")
+    again = [e.data["name"] for e in got.events]
+    resumed_at = names.index(again[0])
+    assert again == names[resumed_at:]                              # in order, nothing lost after it
+    assert crash_at - DEFAULT_CHECKPOINT_EVERY <= resumed_at <= crash_at   # repeats bounded

@@ -784,6 +784,20 @@ def test_failed_read_ahead_falls_back_after_the_ranges_before_it(make_dispatcher
     assert all(t.is_alive() for t in d.threads())
 
 
+def test_range_rows_handled_before_are_not_delivered_again(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    r1, e1 = _range("a", 1, 5, 101)
+    hooks.ranges = {1: lambda: e1}
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [e1[1], e1[3], r1, r1])     # two rows came inline first; the range twice
+    d.start()
+    wait_idle(d, chans)
+    assert hooks.ids("a") == [2, 4, 1, 3, 5]
+    assert a.handled == {i: 101 for i in range(1, 6)}
+    no_internal_errors(hooks)
+
+
 def test_handler_bug_reported_and_worker_survives(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1)
 

@@ -19,6 +19,7 @@ the duplicates that catch-up reads and live notifications produce.
 """
 
 import collections
+import itertools
 import logging
 import queue
 import threading
@@ -73,7 +74,7 @@ class Advance:
 
 
 class ChannelState:
-    __slots__ = ("name", "wire", "items", "scheduled", "overflow", "position", "handled", "partial",
+    __slots__ = ("name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "partial",
                  "catchup_target", "catchup_upto", "in_catchup",
                  "retry_at", "dropped", "delivered", "running", "received", "parse_errors", "handler_errors",
                  "delivered_by", "handler_hist", "caught_up", "max_id", "lag", "gap_events")
@@ -82,6 +83,7 @@ class ChannelState:
         self.name = name
         self.wire = wire
         self.items = collections.deque()
+        self.ahead = {}     # id(EventRange) -> Job reading it (see Dispatcher._read_ahead)
         self.scheduled = False
         self.running = False
         self.overflow = False
@@ -361,7 +363,6 @@ class Dispatcher:
         with self._lock:
             items = self._take_locked(ch)
         pending = []   # consecutive events, delivered as one batch
-        ahead = {}     # index in items -> Job reading that range
         i = 0
         try:
             for i, item in enumerate(items):
@@ -374,11 +375,11 @@ class Dispatcher:
                     self._hooks._deliver(ch, pending)
                     pending = []
                 if cls is EventRange:
+                    job = ch.ahead.pop(id(item), None)
                     pos = ch.position
                     if pos is not None and pos.visible(item.xid):
                         continue        # the whole transaction was handled already
-                    job = ahead.pop(i, None)
-                    self._read_ahead(ch, items, i + 1, ahead)
+                    self._read_ahead(ch, items, i + 1)
                     events = job.result() if job is not None else self._hooks._fetch_range(ch, item)
                     fresh = self._fresh_range(ch, events, item.xid)
                     if fresh:
@@ -406,26 +407,39 @@ class Dispatcher:
             rest = items[i + 1:]
             self._fall_back(ch, rest, exc)
 
-    def _read_ahead(self, ch, items, start, ahead):
-        """Have the next READ_AHEAD ranges of *items* (from *start*, up to the next
-        control item) read on fetch threads: ``ahead`` maps their index to the Job."""
+    def _read_ahead(self, ch, items, start):
+        """Have the next READ_AHEAD ranges of the channel read on fetch threads: the
+        rest of this batch (*items* from *start*), then what is queued behind it, up
+        to the first control item (it may move the position first). ``ch.ahead`` maps
+        each such EventRange (by identity) to its Job; only the channel's worker
+        touches it."""
+        ahead = ch.ahead
+        wanted = READ_AHEAD - len(ahead)
+        if wanted <= 0:
+            return
         pos = ch.position
-        wanted = READ_AHEAD
-        for j in range(start, len(items)):
-            item = items[j]
-            cls = type(item)
-            if cls is EventRange:
-                if pos is not None and pos.visible(item.xid):
-                    continue
-                if j not in ahead:
-                    ahead[j] = self.submit(self._hooks._fetch_range, ch, item)
-                wanted -= 1
-                if not wanted:
+        for source in (items, None):
+            if source is None:
+                with self._lock:
+                    source = list(itertools.islice(ch.items, 0, 4 * READ_AHEAD))
+                start = 0
+            for j in range(start, len(source)):
+                item = source[j]
+                cls = type(item)
+                if cls is EventRange:
+                    if pos is not None and pos.visible(item.xid):
+                        continue
+                    key = id(item)
+                    if key not in ahead:
+                        ahead[key] = self.submit(self._hooks._fetch_range, ch, item)
+                        wanted -= 1
+                        if not wanted:
+                            return
+                elif cls is not DatabaseEvent:
                     return
-            elif cls is not DatabaseEvent:
-                return      # a control item may move the position first
 
     def _fall_back(self, ch, rest, exc):
+        ch.ahead.clear()     # their items are dropped: they come from the log later
         with self._lock:
             queued = sum(map(weight, ch.items))
             self.buffered -= queued

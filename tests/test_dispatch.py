@@ -13,7 +13,7 @@ import time
 import pytest
 
 from helpers import wait_for
-from pgnotify_sync._dispatch import (READ_AHEAD, Advance, CatchUp, CatchUpFailed, ChannelState, Dispatcher,
+from pgnotify_sync._dispatch import (BATCH, READ_AHEAD, Advance, CatchUp, CatchUpFailed, ChannelState, Dispatcher,
                                       SetPosition)
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync.events import DatabaseEvent, EventRange, EventRef, Operation
@@ -713,6 +713,37 @@ def test_next_range_is_read_while_the_current_one_is_delivered(make_dispatcher):
     wait_for(lambda: len(hooks.ids("a")) == 6)
     assert overlapped == [True]
     assert hooks.ids("a") == [1, 2, 3, 4, 5, 6]
+    no_internal_errors(hooks)
+
+
+def test_ranges_queued_behind_the_batch_are_read_ahead_too(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, capacity=100_000, start=False)
+    a = chans["a"]
+    r1, e1 = _range("a", 1, 3, 101)
+    r2, e2 = _range("a", 10_001, 3, 102)
+    second_read = threading.Event()
+
+    def read_second():
+        second_read.set()
+        return e2
+
+    hooks.ranges = {1: lambda: e1, 10_001: read_second}
+    overlapped = []
+
+    def handler(ch, events):
+        if events[0].id == 1:
+            overlapped.append(second_read.wait(GATE_TIMEOUT))
+
+    hooks.handler = handler
+    d.push_control(a, SetPosition(snap("100:100:")))
+    # The worker takes BATCH items at a time: r2 stays queued behind r1's batch.
+    filler = [ev("a", 100 + k, 100) for k in range(BATCH - 2)]
+    d.push(a, [r1] + filler + [r2])
+    d.start()
+    wait_for(lambda: len(hooks.ids("a")) == 6 + len(filler))
+    assert overlapped == [True]
+    assert hooks.ids("a") == [1, 2, 3] + [e.id for e in filler] + [10_001, 10_002, 10_003]
+    assert a.ahead == {}
     no_internal_errors(hooks)
 
 

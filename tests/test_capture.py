@@ -1,0 +1,348 @@
+"""The capture triggers (sql/install.sql) at the SQL level: what they log and notify.
+
+No Listener here: a bare LISTEN connection receives the notifications, and every
+per-row payload is compared byte for byte with the text json_build_object() makes
+from the logged row, the format the listener parses.
+"""
+
+import json
+import select
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from pgnotify_sync import install, watch_table
+
+# What a per-row notification must be, built from the logged row.
+_EXPECTED_ROW_PAYLOADS = """
+SELECT id, CASE WHEN octet_length(p) < 8000 THEN p
+                ELSE json_build_object('id', id, 'xid', xid::text::bigint, 'ref', true)::text END
+  FROM (SELECT id, xid, json_build_object('id', id, 'xid', xid::text::bigint, 'operation', operation,
+                                          'schema', schema_name, 'table', table_name,
+                                          'data', data, 'old', old)::text AS p
+          FROM pgnotify_sync.event_log WHERE channel = %s) s
+ ORDER BY id
+"""
+
+ODD_SCHEMA = 'Sch "q" \\ é'
+ODD_TABLE = 'Tab\nle "x"'
+
+
+def _q(name):
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Notifications:
+    """A LISTEN connection on some channels; drain() returns what arrived so far."""
+
+    def __init__(self, pg_cluster, dbname, *channels):
+        self.conn = pg_cluster.connect(dbname, autocommit=True)
+        with self.conn.cursor() as cur:
+            for channel in channels:
+                cur.execute(f"LISTEN {_q(channel)}")
+
+    def drain(self, expect=None, timeout=5.0):
+        got = []
+        deadline = time.monotonic() + timeout
+        while True:
+            self.conn.poll()
+            while self.conn.notifies:
+                n = self.conn.notifies.pop(0)
+                got.append((n.channel, n.payload))
+            if expect is None or len(got) >= expect or time.monotonic() > deadline:
+                break
+            select.select([self.conn], [], [], 0.05)
+        if expect is None:
+            return got
+        # Nothing more may follow.
+        time.sleep(0.1)
+        self.conn.poll()
+        got.extend((n.channel, n.payload) for n in self.conn.notifies)
+        self.conn.notifies.clear()
+        return got
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def notes(pg_cluster, dbname):
+    made = []
+
+    def make(*channels):
+        n = Notifications(pg_cluster, dbname, *channels)
+        made.append(n)
+        return n
+    yield make
+    for n in made:
+        n.close()
+
+
+def _log(db, channel):
+    with db.cursor() as cur:
+        cur.execute("SELECT id, xid::text::bigint, operation, schema_name, table_name, data::text, old::text "
+                    "FROM pgnotify_sync.event_log WHERE channel = %s ORDER BY id", (channel,))
+        return cur.fetchall()
+
+
+def _expected_payloads(db, channel):
+    with db.cursor() as cur:
+        cur.execute(_EXPECTED_ROW_PAYLOADS, (channel,))
+        return cur.fetchall()
+
+
+def _table(db, name="t", schema="public", mode="statement", exclude=(), channel="c"):
+    with db.cursor() as cur:
+        if schema != "public":
+            cur.execute(f"CREATE SCHEMA {_q(schema)}")
+        # Column names jsonb would reorder (it sorts keys by length, then bytes).
+        cur.execute(f"CREATE TABLE {_q(schema)}.{_q(name)} (zeta_long_name int, id bigserial PRIMARY KEY, "
+                    "b text, secret text, aa int)")
+    assert watch_table(db, f"{_q(schema)}.{_q(name)}", channel=channel, exclude_columns=exclude,
+                       mode=mode) == mode
+    return f"{_q(schema)}.{_q(name)}"
+
+
+@pytest.fixture
+def idb(db):
+    install(db)
+    return db
+
+
+def test_event_log_stores_json_keeping_column_order(idb, notes):
+    table = _table(idb)
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                    "WHERE attrelid = 'pgnotify_sync.event_log'::regclass AND attname IN ('data', 'old') "
+                    "ORDER BY attname")
+        assert [r[0] for r in cur.fetchall()] == ["json", "json"]
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b, secret, aa) VALUES (7, 'x', 's', 1)")
+    (row,) = _log(idb, "c")
+    assert row[5] == '{"zeta_long_name":7,"id":1,"b":"x","secret":"s","aa":1}'
+    ((channel, payload),) = listen.drain(expect=1)
+    assert channel == "c"
+    assert list(json.loads(payload)["data"]) == ["zeta_long_name", "id", "b", "secret", "aa"]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_small_statements_notify_each_row_in_id_order(idb, notes, rows):
+    table = _table(idb, name=ODD_TABLE, schema=ODD_SCHEMA)
+    listen = notes("c")
+    values = ", ".join(f"({100 - i}, 'row {i}', 's', {i})" for i in range(rows))
+    with idb.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b, secret, aa) VALUES {values}")
+    log = _log(idb, "c")
+    assert len(log) == rows
+    # ids follow the statement's row order
+    assert [json.loads(r[5])["aa"] for r in log] == list(range(rows))
+    assert all(r[2] == "INSERT" and (r[3], r[4]) == (ODD_SCHEMA, ODD_TABLE) and r[6] is None for r in log)
+    assert len({r[1] for r in log}) == 1
+    got = listen.drain(expect=rows)
+    assert [p for _c, p in got] == [p for _id, p in _expected_payloads(idb, "c")]
+    assert json.loads(got[0][1])["schema"] == ODD_SCHEMA and json.loads(got[0][1])["table"] == ODD_TABLE
+
+
+@pytest.mark.parametrize("rows", [9, 1000])
+def test_big_statements_send_one_range_notification(idb, notes, rows):
+    table = _table(idb)
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b) SELECT g, 'x' FROM generate_series(1, %s) g",
+                    (rows,))
+        cur.execute("SELECT json_build_object('xid', min(xid::text::bigint), 'first', min(id), 'last', max(id), "
+                    "'n', count(*))::text, count(DISTINCT xid) FROM pgnotify_sync.event_log WHERE channel = 'c'")
+        expected, xids = cur.fetchone()
+    assert xids == 1
+    assert listen.drain(expect=1) == [("c", expected)]
+    assert [json.loads(r[5])["zeta_long_name"] for r in _log(idb, "c")] == list(range(1, rows + 1))
+
+
+def test_statement_without_rows_logs_and_notifies_nothing(idb, notes):
+    table = _table(idb)
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} (b) SELECT 'x' WHERE false")
+        cur.execute(f"DELETE FROM {table}")
+    assert _log(idb, "c") == []
+    assert listen.drain(expect=0, timeout=0.3) == []
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_statement_deletes(idb, notes, rows):
+    table = _table(idb)
+    with idb.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b) SELECT g, 'x' FROM generate_series(1, %s) g",
+                    (rows,))
+        cur.execute("TRUNCATE pgnotify_sync.event_log")
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute(f"DELETE FROM {table}")
+    log = _log(idb, "c")
+    assert len(log) == rows and all(r[2] == "DELETE" and r[6] is None for r in log)
+    assert sorted(json.loads(r[5])["zeta_long_name"] for r in log) == list(range(1, rows + 1))
+    got = listen.drain(expect=1 if rows > 8 else rows)
+    if rows > 8:
+        assert json.loads(got[0][1]) == {"xid": log[0][1], "first": log[0][0], "last": log[-1][0], "n": rows}
+    else:
+        assert [p for _c, p in got] == [p for _id, p in _expected_payloads(idb, "c")]
+
+
+@pytest.mark.parametrize("mode", ["statement", "row"])
+@pytest.mark.parametrize("rows", [1, 9])
+def test_excluded_columns_are_neither_logged_nor_notified(idb, notes, mode, rows):
+    table = _table(idb, mode=mode, exclude=("secret", "aa"))
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b, secret, aa) "
+                    "SELECT g, 'x', 'TOPSECRET', 42 FROM generate_series(1, %s) g", (rows,))
+        cur.execute(f"UPDATE {table} SET secret = 'OTHERSECRET', b = 'y'")
+        cur.execute(f"DELETE FROM {table}")
+    log = _log(idb, "c")
+    assert len(log) == 3 * rows
+    for row in log:
+        for text in row[5:]:
+            assert text is None or ("SECRET" not in text and '"aa"' not in text)
+        assert set(json.loads(row[5])) == {"zeta_long_name", "id", "b"}
+    expected = dict(_expected_payloads(idb, "c"))
+    # statement mode, 9 rows: a range for the INSERT and one for the DELETE, UPDATE per row
+    count = 3 * rows if mode == "row" or rows == 1 else rows + 2
+    got = listen.drain(expect=count)
+    assert len(got) == count
+    for _channel, payload in got:
+        assert "SECRET" not in payload and '"aa"' not in payload
+        body = json.loads(payload)
+        if "id" in body:
+            assert payload == expected[body["id"]]
+
+
+@pytest.mark.parametrize("mode", ["statement", "row"])
+def test_row_mode_and_updates_make_the_same_payload_text(idb, notes, mode):
+    table = _table(idb, name=ODD_TABLE, schema=ODD_SCHEMA, mode=mode)
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b, secret, aa) VALUES (1, E'a\\nb \"c\" \\\\', NULL, 2)")
+        cur.execute(f"UPDATE {table} SET b = 'é☃'")
+        cur.execute(f"DELETE FROM {table}")
+    log = _log(idb, "c")
+    assert [r[2] for r in log] == ["INSERT", "UPDATE", "DELETE"]
+    assert json.loads(log[1][6])["b"] == 'a\nb "c" \\' and json.loads(log[1][5])["b"] == "é☃"
+    got = listen.drain(expect=3)
+    assert [p for _c, p in got] == [p for _id, p in _expected_payloads(idb, "c")]
+
+
+@pytest.mark.parametrize("mode", ["statement", "row"])
+def test_rows_over_8000_bytes_are_announced_by_reference(idb, notes, mode):
+    table = _table(idb, mode=mode)
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} (b) VALUES (%s)", ("é" * 5000,))          # 10 kB
+        cur.execute(f"INSERT INTO {table} (b) VALUES ('small'), (%s), ('small')", ("x" * 7900,))
+    log = _log(idb, "c")
+    got = listen.drain(expect=4)
+    assert [p for _c, p in got] == [p for _id, p in _expected_payloads(idb, "c")]
+    refs = [json.loads(p) for _c, p in got]
+    assert refs[0] == {"id": log[0][0], "xid": log[0][1], "ref": True}
+    assert "data" in refs[1] and refs[2] == {"id": log[2][0], "xid": log[2][1], "ref": True} and "data" in refs[3]
+    # The log keeps the whole rows.
+    assert json.loads(log[0][5])["b"] == "é" * 5000
+
+
+def test_concurrent_small_statements_each_notify_exactly_their_rows(idb, notes, dsn):
+    """2 to 8 rows are read back from the log by id range and xid: rows of other
+    transactions that fall inside the range must not be announced."""
+    table = _table(idb)
+    listen = notes("c")
+    stop = threading.Event()
+    errors = []
+
+    def writer(w):
+        conn = psycopg2.connect(**dsn)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    rows = (1, 2, 5, 8, 9, 3)[i % 6]
+                    cur.execute(f"INSERT INTO {table} (zeta_long_name, b) "
+                                "SELECT %s, 'w' || g FROM generate_series(1, %s) g", (w, rows))
+        except Exception as exc:           # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    expected = dict(_expected_payloads(idb, "c"))
+    with idb.cursor() as cur:
+        # autocommit writers: one statement per transaction
+        cur.execute("SELECT coalesce(sum(CASE WHEN n <= 8 THEN n ELSE 1 END), 0), count(*) FILTER (WHERE n > 1) "
+                    "FROM (SELECT count(*) AS n FROM pgnotify_sync.event_log WHERE channel = 'c' GROUP BY xid) s")
+        count, multi = cur.fetchone()
+    assert multi > 10
+    got = listen.drain(expect=count, timeout=15)
+    assert len(got) == count
+    log = {r[0]: r for r in _log(idb, "c")}
+    seen = []
+    for _channel, payload in got:
+        body = json.loads(payload)
+        if "first" in body:
+            ids = [i for i in log if body["first"] <= i <= body["last"] and log[i][1] == body["xid"]]
+            assert len(ids) == body["n"] > 8
+            seen.extend(ids)
+        else:
+            assert payload == expected[body["id"]]
+            seen.append(body["id"])
+    assert sorted(seen) == sorted(log) and len(seen) == len(set(seen))
+
+
+def test_install_converts_a_jsonb_log_and_stays_idempotent(idb, notes):
+    """Logs of earlier versions had jsonb columns: install() converts them, rows kept."""
+    table = _table(idb)
+    with idb.cursor() as cur:
+        cur.execute("ALTER TABLE pgnotify_sync.event_log ALTER COLUMN data TYPE jsonb USING data::jsonb, "
+                    "ALTER COLUMN old TYPE jsonb USING old::jsonb")
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b) VALUES (1, 'before')")
+    install(idb)
+    install(idb)
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b) VALUES (2, 'after')")
+        cur.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                    "WHERE attrelid = 'pgnotify_sync.event_log'::regclass AND attname IN ('data', 'old')")
+        assert {r[0] for r in cur.fetchall()} == {"json"}
+    log = _log(idb, "c")
+    assert [json.loads(r[5])["b"] for r in log] == ["before", "after"]
+    ((_c, payload),) = listen.drain(expect=1)
+    assert payload == dict(_expected_payloads(idb, "c"))[log[1][0]]
+
+
+def test_triggers_also_work_on_a_jsonb_log(idb, notes):
+    """Should a log still have jsonb columns, the capture functions work unchanged."""
+    table = _table(idb)
+    row_table = _table(idb, name="r", mode="row", channel="c")
+    with idb.cursor() as cur:
+        cur.execute("ALTER TABLE pgnotify_sync.event_log ALTER COLUMN data TYPE jsonb USING data::jsonb, "
+                    "ALTER COLUMN old TYPE jsonb USING old::jsonb")
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b) VALUES (1, 'one')")
+        cur.execute(f"INSERT INTO {table} (zeta_long_name, b) SELECT g, 'x' FROM generate_series(1, 3) g")
+        cur.execute(f"INSERT INTO {row_table} (zeta_long_name, b) VALUES (1, 'row')")
+        cur.execute(f"UPDATE {row_table} SET b = 'row2'")
+    got = listen.drain(expect=6)
+    assert len(got) == 6
+    expected = dict(_expected_payloads(idb, "c"))
+    for _c, payload in got:
+        body = json.loads(payload)
+        assert body == json.loads(expected[body["id"]])
+    assert [json.loads(p)["data"]["b"] for _c, p in got] == ["one", "x", "x", "x", "row", "row2"]

@@ -686,29 +686,35 @@ def _range(channel, first, n, xid):
     return EventRange(channel, xid, first, first + n - 1, n), [ev(channel, i, xid) for i in range(first, first + n)]
 
 
-def test_next_range_is_read_while_the_current_one_is_delivered(make_dispatcher):
-    d, chans, hooks = make_dispatcher(workers=1, start=False)
-    a = chans["a"]
-    r1, e1 = _range("a", 1, 3, 101)
-    r2, e2 = _range("a", 4, 3, 102)
+def _second_range_read_during_first_delivery(hooks, first, second):
+    """Script *hooks* for two ranges ``(EventRange, events)``: delivering the first
+    waits for the read of the second to start (without a read ahead it never would,
+    and the wait times out). Returns the list the wait results go to."""
+    (r1, e1), (r2, e2) = first, second
     second_read = threading.Event()
 
     def read_second():
         second_read.set()
         return e2
 
-    hooks.ranges = {1: lambda: e1, 4: read_second}
+    hooks.ranges = {r1.first: lambda: e1, r2.first: read_second}
     overlapped = []
 
     def handler(ch, events):
-        if events[0].id == 1:
-            # Delivery of the first range waits for the read of the second: without
-            # the read ahead this would time out.
+        if events[0].id == r1.first:
             overlapped.append(second_read.wait(GATE_TIMEOUT))
 
     hooks.handler = handler
+    return overlapped
+
+
+def test_next_range_is_read_while_the_current_one_is_delivered(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    r1, r2 = _range("a", 1, 3, 101), _range("a", 4, 3, 102)
+    overlapped = _second_range_read_during_first_delivery(hooks, r1, r2)
     d.push_control(a, SetPosition(snap("100:100:")))
-    d.push(a, [r1, r2])
+    d.push(a, [r1[0], r2[0]])
     d.start()
     wait_for(lambda: len(hooks.ids("a")) == 6)
     assert overlapped == [True]
@@ -719,26 +725,12 @@ def test_next_range_is_read_while_the_current_one_is_delivered(make_dispatcher):
 def test_ranges_queued_behind_the_batch_are_read_ahead_too(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1, capacity=100_000, start=False)
     a = chans["a"]
-    r1, e1 = _range("a", 1, 3, 101)
-    r2, e2 = _range("a", 10_001, 3, 102)
-    second_read = threading.Event()
-
-    def read_second():
-        second_read.set()
-        return e2
-
-    hooks.ranges = {1: lambda: e1, 10_001: read_second}
-    overlapped = []
-
-    def handler(ch, events):
-        if events[0].id == 1:
-            overlapped.append(second_read.wait(GATE_TIMEOUT))
-
-    hooks.handler = handler
+    r1, r2 = _range("a", 1, 3, 101), _range("a", 10_001, 3, 102)
+    overlapped = _second_range_read_during_first_delivery(hooks, r1, r2)
     d.push_control(a, SetPosition(snap("100:100:")))
     # The worker takes BATCH items at a time: r2 stays queued behind r1's batch.
     filler = [ev("a", 100 + k, 100) for k in range(BATCH - 2)]
-    d.push(a, [r1] + filler + [r2])
+    d.push(a, [r1[0]] + filler + [r2[0]])
     d.start()
     wait_for(lambda: len(hooks.ids("a")) == 6 + len(filler))
     assert overlapped == [True]

@@ -43,8 +43,10 @@ BEGIN
 END
 $do$;
 CREATE INDEX IF NOT EXISTS event_log_xid_idx ON pgnotify_sync.event_log (xid);
--- BRIN: nearly free to maintain on an append-only table, enough for retention deletes.
-CREATE INDEX IF NOT EXISTS event_log_created_at_idx ON pgnotify_sync.event_log USING brin (created_at);
+-- No index on created_at: every insert raises its maximum, so even a BRIN index is
+-- updated by every insert (it cost single-row writers about 5%). Retention finds old
+-- rows from the start of the primary key instead (trim_event_log).
+DROP INDEX IF EXISTS pgnotify_sync.event_log_created_at_idx;
 
 CREATE TABLE IF NOT EXISTS pgnotify_sync.watched_tables (
     schema_name     text NOT NULL,
@@ -81,14 +83,21 @@ CREATE OR REPLACE FUNCTION pgnotify_sync.trim_event_log(p_retention_s double pre
 RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_deleted bigint;
+    v_cutoff  timestamptz := now() - make_interval(secs => p_retention_s);
+    v_bound   bigint;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(7310694521807741550) THEN
         RETURN 0;
     END IF;
+    -- Ids grow with time (created_at is the writing transaction's start): the rows old
+    -- enough to go lie before the first recent one, found by walking the primary key
+    -- from the start. A row of a long transaction with a higher id goes at a later trim.
+    SELECT l.id INTO v_bound FROM pgnotify_sync.event_log l WHERE l.created_at >= v_cutoff ORDER BY l.id LIMIT 1;
     CREATE TEMP TABLE IF NOT EXISTS pgnotify_sync_doomed (id bigint, channel text, xid xid8) ON COMMIT DROP;
     INSERT INTO pgnotify_sync_doomed
     SELECT l.id, l.channel, l.xid FROM pgnotify_sync.event_log l
-     WHERE l.created_at < now() - make_interval(secs => p_retention_s)
+     WHERE l.id < coalesce(v_bound, 9223372036854775807)
+       AND l.created_at < v_cutoff
        AND (l.created_at < now() - make_interval(secs => p_consumer_retention_s)
             OR NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
                             WHERE c.channel = l.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)));

@@ -146,6 +146,27 @@ def test_retention_trims_old_rows_but_keeps_what_a_consumer_needs(jobs_db, make_
     assert back.get_stats()["consumer_gap_events"] == 1
 
 
+def test_retention_walks_the_log_from_its_oldest_id(jobs_db):
+    # No index on created_at: trim_event_log deletes the old rows before the first
+    # recent one. An old row behind it (a long transaction's) goes at a later trim.
+    insert(jobs_db, "old-1", "old-2", "recent", "late-old")
+    with jobs_db.cursor() as cur:
+        cur.execute("UPDATE pgnotify_sync.event_log SET created_at = now() - interval '2 days' "
+                    "WHERE data->>'name' <> 'recent'")
+        cur.execute("SELECT pgnotify_sync.trim_event_log(3600, 3600)")
+        assert cur.fetchone()[0] == 2
+        cur.execute("SELECT data->>'name' FROM pgnotify_sync.event_log ORDER BY id")
+        assert cur.fetchall() == [("recent",), ("late-old",)]
+        cur.execute("UPDATE pgnotify_sync.event_log SET created_at = now() - interval '2 days'")
+        cur.execute("SELECT pgnotify_sync.trim_event_log(3600, 3600)")
+        assert cur.fetchone()[0] == 2
+        cur.execute("SELECT count(*) FROM pgnotify_sync.event_log")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = 'pgnotify_sync' "
+                    "AND indexname = 'event_log_created_at_idx'")
+        assert cur.fetchone()[0] == 0
+
+
 def test_consumer_crash_during_a_catch_up_repeats_only_the_event_in_flight(jobs_db, dsn, make_listener):
     first = make_listener(channels=("jobs",), consumer="crashy")
     first.start()

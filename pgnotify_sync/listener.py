@@ -19,8 +19,9 @@ connection: it connects (with the retry policy), LISTENs, waits with poll() on t
 socket and a wake-up pipe, drains notifications in order, decodes them and hands
 them to the dispatcher without ever blocking; it also runs the health check (a
 round trip that proves the whole path) and reconnects with backoff.
-``<name>-worker-N`` run handlers (see _dispatch.py). ``<name>-watchdog`` retries
-channels that fell back to the event log.
+``<name>-worker-N`` run handlers (see _dispatch.py); ``<name>-fetch-N`` read
+statements' rows and catch-up pages from the log ahead of them. ``<name>-watchdog``
+retries channels that fell back to the event log.
 """
 
 import bisect

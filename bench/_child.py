@@ -194,9 +194,11 @@ def rss_bytes():
 
 
 def held_ids(channels):
-    """Event ids the dispatcher holds as handled: ``ch.handled`` and, where the
-    library has it, ``ch.caught`` (ids handled by the catch-up in progress)."""
-    return sum(len(ch.handled) + len(getattr(ch, "caught", ())) for ch in channels)
+    """Entries the dispatcher holds as handled: ids in ``ch.handled``, records of
+    whole statements in ``ch.xranges`` (one per statement) and, where the library
+    has it, ``ch.caught`` (ids handled by the catch-up in progress)."""
+    return sum(len(ch.handled) + sum(map(len, getattr(ch, "xranges", {}).values())) + len(getattr(ch, "caught", ()))
+               for ch in channels)
 
 
 def memory_child(pipe, config, expected, handler_s, sample_s, period_s=0.02):

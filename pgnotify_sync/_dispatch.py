@@ -74,7 +74,8 @@ class Advance:
 
 
 class ChannelState:
-    __slots__ = ("name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "partial",
+    __slots__ = ("name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "xranges",
+                 "partial",
                  "catchup_target", "catchup_upto", "in_catchup",
                  "retry_at", "dropped", "delivered", "running", "received", "parse_errors", "handler_errors",
                  "delivered_by", "handler_hist", "caught_up", "max_id", "lag", "gap_events")
@@ -90,6 +91,10 @@ class ChannelState:
         self.retry_at = 0.0
         self.position = None
         self.handled = {}
+        # Statements delivered whole, by transaction: xid -> [(first, last, n)]: every
+        # row of that transaction with an id in first..last (n rows) was handled.
+        # One entry instead of n ids (see Dispatcher._fresh_range).
+        self.xranges = {}
         # A catch-up delivers the rows between position and a target snapshot in id
         # order, so its progress is a cursor, not a set of ids: memory stays flat
         # however long the backlog.
@@ -111,6 +116,11 @@ class ChannelState:
         self.max_id = 0
         self.lag = None
         self.gap_events = 0
+
+
+def handled_count(ch):
+    """How many events of transactions not visible in the position were handled."""
+    return len(ch.handled) + sum(n for ranges in ch.xranges.values() for _, _, n in ranges)
 
 
 class CatchUpFailed(Exception):
@@ -163,7 +173,8 @@ class Dispatcher:
     worker.
     """
 
-    def __init__(self, name, channels, capacity, workers, hooks, metrics=None, retry_s=0.5, fetchers=None):
+    def __init__(self, name, channels, capacity, workers, hooks, metrics=None, retry_s=0.5, fetchers=None,
+                 compact_ranges=True):
         self.name = name
         self.channels = channels               # logical name -> ChannelState
         self.by_wire = {ch.wire: ch for ch in channels.values()}
@@ -173,6 +184,9 @@ class Dispatcher:
         # Reads ahead wait for a free fetch thread (and a pooled connection) if all are busy.
         self._nfetchers = fetchers if fetchers is not None else workers * READ_AHEAD
         self._hooks = hooks
+        # Durable consumers store handled ids one by one, cut at the event in flight
+        # (listener._save_consumer): they keep ranges as ids.
+        self._compact_ranges = compact_ranges
         self._metrics = metrics
         self._retry_s = retry_s
         self._lock = threading.Lock()
@@ -458,6 +472,9 @@ class Dispatcher:
             return True
         if ident in ch.handled:
             return True
+        ranges = ch.xranges.get(xid) if ch.xranges else None
+        if ranges and any(first <= ident <= last for first, last, _ in ranges):
+            return True
         return bool(ch.partial) and any(ident <= upto and target.visible(xid) for target, upto in ch.partial)
 
     def _fresh(self, ch, event, remember=True):
@@ -482,6 +499,7 @@ class Dispatcher:
             xip = ()
         else:
             xmin, xmax, xip = pos.xmin, pos.xmax, pos.xip
+        xranges = ch.xranges
         out = []
         append = out.append
         for event in events:
@@ -492,6 +510,8 @@ class Dispatcher:
                 continue
             if xid < xmin or (xid < xmax and xid not in xip) or ident in handled:
                 continue
+            if xranges and xid in xranges and any(first <= ident <= last for first, last, _ in xranges[xid]):
+                continue
             if partial and any(ident <= upto and target.visible(xid) for target, upto in partial):
                 continue
             if remember:
@@ -501,15 +521,27 @@ class Dispatcher:
 
     def _fresh_range(self, ch, events, xid):
         """``_fresh_list`` for the rows of one statement (transaction *xid*, which
-        the caller found not visible in the position). Usually none was handled:
-        checked and remembered with set operations instead of row by row."""
-        if ch.partial:
+        the caller found not visible in the position, ids in increasing order).
+        Usually none was handled: that is checked with one set operation, and the
+        statement is remembered as one (first, last, n) record of its transaction
+        instead of n ids (a 200,000-row burst otherwise fills a dict of 200,000 ids
+        until the position moves past it)."""
+        if ch.partial or not events:
             return self._fresh_list(ch, events)
         ids = [e.id for e in events]
-        handled = ch.handled
-        if None in ids or not handled.keys().isdisjoint(ids):
+        if not ch.handled.keys().isdisjoint(ids):
             return self._fresh_list(ch, events)
-        handled.update(dict.fromkeys(ids, xid))
+        first, last = ids[0], ids[-1]
+        ranges = ch.xranges.get(xid)
+        if ranges and any(f <= last and first <= l for f, l, _ in ranges):
+            return self._fresh_list(ch, events)
+        if self._compact_ranges:
+            if ranges is None:
+                ch.xranges[xid] = [(first, last, len(ids))]
+            else:
+                ranges.append((first, last, len(ids)))
+        else:
+            ch.handled.update(dict.fromkeys(ids, xid))
         return events
 
     def _move(self, ch, snapshot):
@@ -517,6 +549,8 @@ class Dispatcher:
         xmin, xmax, xip = snapshot.xmin, snapshot.xmax, snapshot.xip
         # keep the ids of transactions not visible in the new position (Snapshot.visible, inlined)
         ch.handled = {i: x for i, x in ch.handled.items() if x >= xmin and (x >= xmax or x in xip)}
+        if ch.xranges:
+            ch.xranges = {x: r for x, r in ch.xranges.items() if x >= xmin and (x >= xmax or x in xip)}
         ch.partial = [(t, u) for t, u in ch.partial if not snapshot.covers(t)]
         ch.catchup_target = None
         ch.catchup_upto = 0

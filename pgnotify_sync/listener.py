@@ -42,7 +42,8 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from ._backoff import Backoff
-from ._dispatch import READ_AHEAD, Advance, CatchUpFailed, ChannelState, Dispatcher, SetPosition
+from ._dispatch import (READ_AHEAD, Advance, CatchUpFailed, ChannelState, Dispatcher, SetPosition,
+                        handled_count)
 from ._pool import ConnectionPool
 from ._snapshot import Snapshot
 from .config import Config
@@ -490,7 +491,7 @@ class Listener:
         # publish() and the workers' own reads.
         fetchers = max(1, min(workers * READ_AHEAD, self.config.pool_max_connections - 1))
         self._dispatcher = Dispatcher(self.name, self._channels, self.config.event_buffer_size, workers, self,
-                                      fetchers=fetchers)
+                                      fetchers=fetchers, compact_ranges=not self.consumer)
         self._dispatcher.start()
         self._watchdog = threading.Thread(target=self._run_watchdog, name=f"{self.name}-watchdog", daemon=True)
         self._watchdog.start()
@@ -1160,7 +1161,7 @@ class Listener:
                             "AND xid >= %s::text::xid8 AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)",
                             (ch.wire, str(pos.xmin), str(pos)))
                 pending = cur.fetchone()[0]
-            ch.lag = max(0, pending - len(ch.handled))
+            ch.lag = max(0, pending - handled_count(ch))
 
 def _ranges(handled):
     """Sorted ids as [first, last] ranges (compact: ids handled live are mostly consecutive)."""

@@ -821,6 +821,48 @@ def test_range_rows_handled_before_are_not_delivered_again(make_dispatcher):
     no_internal_errors(hooks)
 
 
+def test_statements_are_remembered_whole_and_dedupe_a_catch_up(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    # Two statements of transaction 101 whose id spans hold rows of transaction 102.
+    r1, e1 = _range("a", 1, 3, 101)
+    r2, e2 = _range("a", 10, 2, 101)
+    hooks.ranges = {1: lambda: e1, 10: lambda: e2}
+    other = ev("a", 2, 102)                   # id inside r1's span, another transaction
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [r1, r2])
+    d.start()
+    wait_for(lambda: len(hooks.ids("a")) == 5)
+    wait_idle(d, chans)
+    assert a.xranges == {101: [(1, 3, 3), (10, 11, 2)]} and a.handled == {}
+    # A catch-up reads them again with a row of transaction 102: only that one is new.
+    hooks.catch_up_script["a"].append((snap("103:103:"), [[e1[0], other, e1[1], e1[2], e2[0], e2[1]]]))
+    d.push_control(a, CatchUp("reconnect"))
+    wait_for(lambda: hooks.caught_up)
+    wait_idle(d, chans)
+    assert hooks.ids("a") == [1, 2, 3, 10, 11, 2]
+    assert a.position == snap("103:103:") and a.xranges == {}     # pruned by the new position
+    no_internal_errors(hooks)
+
+
+def test_durable_consumers_keep_statements_as_ids(make_dispatcher):
+    # Their checkpoints store handled ids cut at the event in flight (listener._save_consumer).
+    hooks = FakeHooks()
+    chans = {"a": ChannelState("a", "app.a")}
+    d = Dispatcher("test", chans, 1000, 1, hooks, compact_ranges=False)
+    r1, e1 = _range("a", 1, 3, 101)
+    hooks.ranges = {1: lambda: e1}
+    d.push_control(chans["a"], SetPosition(snap("100:100:")))
+    d.push(chans["a"], [r1])
+    d.start()
+    try:
+        wait_for(lambda: len(hooks.ids("a")) == 3)
+        wait_idle(d, chans)
+        assert chans["a"].handled == {1: 101, 2: 101, 3: 101} and chans["a"].xranges == {}
+    finally:
+        d.close(5.0)
+
+
 def test_handler_bug_reported_and_worker_survives(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1)
 

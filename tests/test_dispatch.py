@@ -824,23 +824,24 @@ def test_range_rows_handled_before_are_not_delivered_again(make_dispatcher):
 def test_statements_are_remembered_whole_and_dedupe_a_catch_up(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1, start=False)
     a = chans["a"]
-    # Two statements of transaction 101 whose id spans hold rows of transaction 102.
-    r1, e1 = _range("a", 1, 3, 101)
+    # Two statements of transaction 101; the first one's id span holds a row of
+    # transaction 102 (ids are taken at insert time, concurrent writers interleave).
+    r1, e1 = EventRange("a", 101, 1, 4, 3), [ev("a", 1, 101), ev("a", 3, 101), ev("a", 4, 101)]
     r2, e2 = _range("a", 10, 2, 101)
     hooks.ranges = {1: lambda: e1, 10: lambda: e2}
-    other = ev("a", 2, 102)                   # id inside r1's span, another transaction
+    other = ev("a", 2, 102)
     d.push_control(a, SetPosition(snap("100:100:")))
     d.push(a, [r1, r2])
     d.start()
     wait_for(lambda: len(hooks.ids("a")) == 5)
     wait_idle(d, chans)
-    assert a.xranges == {101: [(1, 3, 3), (10, 11, 2)]} and a.handled == {}
+    assert a.xranges == {101: [(1, 4, 3), (10, 11, 2)]} and a.handled == {}
     # A catch-up reads them again with a row of transaction 102: only that one is new.
     hooks.catch_up_script["a"].append((snap("103:103:"), [[e1[0], other, e1[1], e1[2], e2[0], e2[1]]]))
     d.push_control(a, CatchUp("reconnect"))
     wait_for(lambda: hooks.caught_up)
     wait_idle(d, chans)
-    assert hooks.ids("a") == [1, 2, 3, 10, 11, 2]
+    assert hooks.ids("a") == [1, 3, 4, 10, 11, 2]
     assert a.position == snap("103:103:") and a.xranges == {}     # pruned by the new position
     no_internal_errors(hooks)
 

@@ -491,33 +491,7 @@ class Dispatcher:
 
     def _fresh_list(self, ch, events, remember=True):
         """The events of *events* not handled before (``_fresh`` for a whole page)."""
-        pos = ch.position
-        handled = ch.handled
-        partial = ch.partial
-        if pos is None:
-            xmin = xmax = 0
-            xip = ()
-        else:
-            xmin, xmax, xip = pos.xmin, pos.xmax, pos.xip
-        xranges = ch.xranges
-        out = []
-        append = out.append
-        for event in events:
-            ident = event.id
-            xid = event.xid
-            if ident is None or xid is None:
-                append(event)
-                continue
-            if xid < xmin or (xid < xmax and xid not in xip) or ident in handled:
-                continue
-            if xranges and xid in xranges and any(first <= ident <= last for first, last, _ in xranges[xid]):
-                continue
-            if partial and any(ident <= upto and target.visible(xid) for target, upto in partial):
-                continue
-            if remember:
-                handled[ident] = xid
-            append(event)
-        return out
+        return [event for event in events if self._fresh(ch, event, remember)]
 
     def _fresh_range(self, ch, events, xid):
         """``_fresh_list`` for the rows of one statement (transaction *xid*, which

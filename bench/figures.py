@@ -196,29 +196,38 @@ _BULK_SQL = "INSERT INTO {} (n, body) SELECT g, 'x' FROM generate_series(1, %s) 
 _SINGLE_SQL = _child.SINGLE_SQL
 
 
-def writer_bulk(ctx):
-    """Rows/s of 1000-row ``INSERT ... SELECT`` autocommit statements, no listener
-    connected (the trigger's cost; NOTIFY queues the same with or without one)."""
-    kinds = (("plain", PLAIN_TABLE), ("ours", BENCH_TABLE), ("ours_row", ROWMODE_TABLE))
-    statements = ctx.sizes.bulk_statements
+def _writer_rates(ctx, kinds, sql, args_of, count, warmups, rows_each, unit):
+    """Rows/s of *count* autocommit executions of *sql* (``{}`` is the table,
+    ``args_of(i)`` the parameters of the i-th) for each ``(kind, table)``, on one
+    connection, kinds alternating run by run; no listener connected."""
     results = {kind: [] for kind, _ in kinds}
     conn = ctx.target.connect(application_name="pgnotify-bench-writer")
     try:
         with conn.cursor() as cur:
             for _kind, table in kinds:           # warm-up: plans, caches
-                for _ in range(3):
-                    cur.execute(_BULK_SQL.format(table), (BATCH,))
+                for i in range(warmups):
+                    cur.execute(sql.format(table), args_of(i))
             for run in range(ctx.runs):
                 for kind, table in alternate(kinds, run):
                     ctx.reset()
-                    statement = _BULK_SQL.format(table)
+                    statement = sql.format(table)
                     started = now()
-                    for _ in range(statements):
-                        cur.execute(statement, (BATCH,))
-                    results[kind].append(statements * BATCH / (now() - started))
-                ctx.log(f"  run {run + 1}: " + "  ".join(f"{k} {fmt_rate(results[k][-1])} rows/s" for k, _ in kinds))
+                    for i in range(count):
+                        cur.execute(statement, args_of(i))
+                    results[kind].append(count * rows_each / (now() - started))
+                ctx.log(f"  run {run + 1}: " + "  ".join(f"{k} {fmt_rate(results[k][-1])} {unit}"
+                                                       for k, _ in kinds))
     finally:
         conn.close()
+    return results
+
+
+def writer_bulk(ctx):
+    """Rows/s of 1000-row ``INSERT ... SELECT`` autocommit statements, no listener
+    connected (the trigger's cost; NOTIFY queues the same with or without one)."""
+    kinds = (("plain", PLAIN_TABLE), ("ours", BENCH_TABLE), ("ours_row", ROWMODE_TABLE))
+    statements = ctx.sizes.bulk_statements
+    results = _writer_rates(ctx, kinds, _BULK_SQL, lambda i: (BATCH,), statements, 3, BATCH, "rows/s")
     lines = [
         Line("writer_bulk (1000-row INSERT...SELECT)", "rows/s", results["ours"], results["plain"],
              target=">= 1.0x", judge=at_least(1.0)),
@@ -231,25 +240,7 @@ def writer_single(ctx):
     """Single-row autocommit INSERTs/s, one connection, no listener connected."""
     kinds = (("plain", PLAIN_TABLE), ("ours", BENCH_TABLE))
     inserts = ctx.sizes.single_inserts
-    results = {kind: [] for kind, _ in kinds}
-    conn = ctx.target.connect(application_name="pgnotify-bench-writer")
-    try:
-        with conn.cursor() as cur:
-            for _kind, table in kinds:
-                for i in range(50):
-                    cur.execute(_SINGLE_SQL.format(table), (i,))
-            for run in range(ctx.runs):
-                for kind, table in alternate(kinds, run):
-                    ctx.reset()
-                    statement = _SINGLE_SQL.format(table)
-                    started = now()
-                    for i in range(inserts):
-                        cur.execute(statement, (i,))
-                    results[kind].append(inserts / (now() - started))
-                ctx.log(f"  run {run + 1}: " + "  ".join(f"{k} {fmt_rate(results[k][-1])} inserts/s"
-                                                       for k, _ in kinds))
-    finally:
-        conn.close()
+    results = _writer_rates(ctx, kinds, _SINGLE_SQL, lambda i: (i,), inserts, 50, 1, "inserts/s")
     lines = [Line("writer_single (autocommit 1-row INSERT)", "inserts/s", results["ours"], results["plain"],
                   target=">= 0.8x", judge=at_least(0.8))]
     return lines, {"unit": "inserts/s", "inserts": inserts, **results}

@@ -78,7 +78,8 @@ class ChannelState:
                  "partial",
                  "catchup_target", "catchup_upto", "in_catchup",
                  "retry_at", "dropped", "delivered", "running", "received", "parse_errors", "handler_errors",
-                 "delivered_by", "handler_hist", "caught_up", "max_id", "lag", "gap_events")
+                 "delivered_by", "handler_hist", "caught_up", "max_id", "lag", "gap_events", "since_checkpoint",
+                 "last_event_at")
 
     def __init__(self, name, wire):
         self.name = name
@@ -116,6 +117,8 @@ class ChannelState:
         self.max_id = 0
         self.lag = None
         self.gap_events = 0
+        self.since_checkpoint = 0   # events delivered since the consumer's position was stored
+        self.last_event_at = None   # wall-clock time of the last delivery
 
 
 def handled_count(ch):
@@ -197,6 +200,9 @@ class Dispatcher:
         self._fetch_threads = []
         self._jobs = queue.SimpleQueue()
         self._closing = False
+        # Reports made under the lock, sent once it is released: the error signal's
+        # receivers are user code and may call stop() (which takes the lock).
+        self._reports = []
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -264,31 +270,44 @@ class Dispatcher:
         """
         if total is None:
             total = sum(map(weight, events))
+        try:
+            with self._lock:
+                self._push_locked(ch, events, total)
+        finally:
+            if self._reports:
+                self._send_reports()
+
+    def _send_reports(self):
         with self._lock:
-            if ch.overflow:
-                if self.buffered <= self.resume_level and time.monotonic() >= ch.retry_at:
-                    self._resume_locked(ch, "overflow")
-                else:
-                    self._drop_locked(ch, events)
-                    return
-            room = self.capacity - self.buffered
-            if total > room:
-                # Keep the prefix that fits; the rest is in the log.
-                kept, used = 0, 0
-                for item in events:
-                    w = weight(item)
-                    if used + w > room:
-                        break
-                    used += w
-                    kept += 1
-                self._drop_locked(ch, events[kept:])
-                events, total = events[:kept], used
-                ch.overflow = True
-                ch.retry_at = 0.0
-            if events:
-                ch.items.extend(events)
-                self.buffered += total
-                self._schedule_locked(ch)
+            reports, self._reports = self._reports, []
+        for args in reports:
+            self._hooks._report(*args)
+
+    def _push_locked(self, ch, events, total):
+        if ch.overflow:
+            if self.buffered <= self.resume_level and time.monotonic() >= ch.retry_at:
+                self._resume_locked(ch, "overflow")
+            else:
+                self._drop_locked(ch, events)
+                return
+        room = self.capacity - self.buffered
+        if total > room:
+            # Keep the prefix that fits; the rest is in the log.
+            kept, used = 0, 0
+            for item in events:
+                w = weight(item)
+                if used + w > room:
+                    break
+                used += w
+                kept += 1
+            self._drop_locked(ch, events[kept:])
+            events, total = events[:kept], used
+            ch.overflow = True
+            ch.retry_at = 0.0
+        if events:
+            ch.items.extend(events)
+            self.buffered += total
+            self._schedule_locked(ch)
 
     def push_control(self, ch, item, skip_overflowing=False):
         with self._lock:
@@ -327,7 +346,7 @@ class Dispatcher:
         ch.dropped += dropped
         if plain:
             # Payloads without a log id (a foreign trigger) cannot be re-read.
-            self._hooks._report("overflow", f"{plain} events without a log id dropped: buffer full", ch.name)
+            self._reports.append(("overflow", f"{plain} events without a log id dropped: buffer full", ch.name))
 
     def _resume_locked(self, ch, reason):
         # Order matters: the reader accepts this channel's events again *before* the
@@ -351,9 +370,12 @@ class Dispatcher:
                 return
             try:
                 self._run(ch)
-            except Exception as exc:  # a bug; keep the worker alive
+            except BaseException as exc:  # a bug (_run falls back itself); keep the worker alive
                 log.exception("%s: worker failed on channel %r", self.name, ch.name)
-                self._hooks._report("internal", exc, ch.name)
+                try:
+                    self._hooks._report("internal", exc, ch.name)
+                except BaseException:
+                    log.exception("%s: reporting a worker failure failed", self.name)
             with self._lock:
                 if ch.items:
                     self._ready.put(ch)
@@ -371,13 +393,22 @@ class Dispatcher:
             items.append(item)
             count += 1
             n += weight(item)
-        self.buffered -= n
-        return items
+        # Still counted in ``buffered`` until the worker is done with them (_run): what
+        # a worker holds (and reads ahead for) is memory too.
+        return items, n
 
     def _run(self, ch):
         with self._lock:
-            items = self._take_locked(ch)
+            items, held = self._take_locked(ch)
+        try:
+            self._run_items(ch, items)
+        finally:
+            with self._lock:
+                self.buffered -= held
+
+    def _run_items(self, ch, items):
         pending = []   # consecutive events, delivered as one batch
+        delivering = None
         i = 0
         try:
             for i, item in enumerate(items):
@@ -387,8 +418,9 @@ class Dispatcher:
                         pending.append(item)
                     continue
                 if pending:
-                    self._hooks._deliver(ch, pending)
-                    pending = []
+                    delivering, pending = pending, []
+                    self._hooks._deliver(ch, delivering)
+                    delivering = None
                 if cls is EventRange:
                     job = ch.ahead.pop(id(item), None)
                     pos = ch.position
@@ -396,15 +428,18 @@ class Dispatcher:
                         continue        # the whole transaction was handled already
                     self._read_ahead(ch, items, i + 1)
                     events = job.result() if job is not None else self._hooks._fetch_range(ch, item)
-                    fresh = self._fresh_range(ch, events, item.xid)
-                    if fresh:
-                        self._hooks._deliver(ch, fresh)
+                    delivering = self._fresh_range(ch, events, item.xid)
+                    if delivering:
+                        self._hooks._deliver(ch, delivering)
+                    delivering = None
                 elif cls is EventRef:
                     if item.xid is not None and self._seen(ch, item.id, item.xid):
                         continue
                     event = self._hooks._fetch_ref(ch, item)
                     if event is not None and self._fresh(ch, event):
-                        self._hooks._deliver(ch, [event])
+                        delivering = [event]
+                        self._hooks._deliver(ch, delivering)
+                        delivering = None
                 elif cls is CatchUp:
                     self._catch_up(ch, item.reason)
                 elif cls is Advance:
@@ -414,13 +449,20 @@ class Dispatcher:
                     if ch.position is None:
                         self._move(ch, item.snapshot)
             if pending:
-                self._hooks._deliver(ch, pending)
+                delivering, pending = pending, []
+                self._hooks._deliver(ch, delivering)
+                delivering = None
             self._hooks._after_batch(ch)
         except CatchUpFailed as exc:
             # The log cannot be read now (server away). Everything of this channel that
             # is still queued is in the log too: drop it and re-read when we retry.
-            rest = items[i + 1:]
-            self._fall_back(ch, rest, exc)
+            self._fall_back(ch, items[i + 1:], exc)
+        except BaseException as exc:
+            # A bug (handlers are isolated in _deliver): never let it drop events. What
+            # was not delivered is forgotten as handled and re-read from the log.
+            log.exception("%s: channel %r: delivery failed; re-reading from the event log", self.name, ch.name)
+            self._forget(ch, (delivering or []) + pending)
+            self._fall_back(ch, items[i + 1:], exc, kind="internal")
 
     def _read_ahead(self, ch, items, start):
         """Have the next READ_AHEAD ranges of the channel read on fetch threads: the
@@ -453,7 +495,18 @@ class Dispatcher:
                 elif cls is not DatabaseEvent:
                     return
 
-    def _fall_back(self, ch, rest, exc):
+    def _forget(self, ch, events):
+        """Events marked handled but not delivered (see _run_items): unmark them. Their
+        statement records are dropped whole, so a row delivered before comes again
+        (at least once), never one that was not."""
+        xids = set()
+        for event in events:
+            ch.handled.pop(event.id, None)
+            xids.add(event.xid)
+        for xid in xids:
+            ch.xranges.pop(xid, None)
+
+    def _fall_back(self, ch, rest, exc, kind="catchup"):
         ch.ahead.clear()     # their items are dropped: they come from the log later
         with self._lock:
             queued = sum(map(weight, ch.items))
@@ -462,8 +515,9 @@ class Dispatcher:
             ch.overflow = True
             ch.retry_at = time.monotonic() + self._retry_s
             ch.dropped += sum(map(weight, rest)) + queued
-        log.warning("%s: channel %r: cannot read the event log (%s); retrying", self.name, ch.name, exc)
-        self._hooks._report("catchup", exc, ch.name)
+        if kind == "catchup":
+            log.warning("%s: channel %r: cannot read the event log (%s); retrying", self.name, ch.name, exc)
+        self._hooks._report(kind, exc, ch.name)
 
     def _seen(self, ch, ident, xid):
         """True if event *ident* of transaction *xid* was handled already."""
@@ -550,7 +604,9 @@ class Dispatcher:
                 if fresh:
                     self._hooks._deliver(ch, fresh)
                 ch.catchup_upto = events[-1].id
-        except CatchUpFailed:
+        except BaseException:
+            # Failed midway (log unreachable, or a bug): what was delivered up to the
+            # cursor is kept as handled; the rest is read again.
             if ch.catchup_upto:
                 ch.partial.append((snapshot, ch.catchup_upto))
             ch.catchup_target = None

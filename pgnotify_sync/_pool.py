@@ -7,10 +7,19 @@ connection killed while idle (server restart, tunnel death) is discarded and
 replaced rather than handed out; one used moments ago is handed out as is (a check
 per checkout doubled the cost of short queries), and if it did die meanwhile the
 query fails with a connection error and the connection is discarded.
+
+Every checkout has a client-side deadline: on a frozen path (a paused proxy or SSH
+session, whose kernel still ACKs) a query never gets an answer, TCP keepalives see
+nothing and the server's statement_timeout cannot reach us. A watcher thread shuts
+the socket of a connection past its deadline down, which makes the blocked libpq
+call fail at once; the connection is discarded and the caller gets QueryTimeout
+(and redoes the work on a fresh connection).
 """
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 
@@ -18,20 +27,19 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from .errors import ConnectError
+from .errors import ConnectError, QueryTimeout
 from .events import loads
 
 log = logging.getLogger("pgnotify_sync")
 
 
 class ConnectionPool:
-    def __init__(self, name, connect_kwargs_fn, maxconn, statement_timeout_ms=30_000, on_discard=None,
-                 validate_after_s=1.0):
+    def __init__(self, name, connect_kwargs_fn, maxconn, statement_timeout_ms=30_000, validate_after_s=1.0,
+                 deadline_s=None):
         # connect_kwargs_fn() is called for every new connection: with an SSH tunnel
         # the local port can change when the tunnel is rebuilt.
         self.name = name
         self._connect_kwargs_fn = connect_kwargs_fn
-        self._maxconn = maxconn
         self._slots = threading.BoundedSemaphore(maxconn)
         self._lock = threading.Lock()
         self._idle = []                 # (connection, monotonic time it was returned)
@@ -39,8 +47,17 @@ class ConnectionPool:
         self._in_use = 0
         self._closed = False
         self._statement_timeout_ms = statement_timeout_ms
-        self._on_discard = on_discard
+        # The client-side deadline leaves the server's statement_timeout the first word.
+        self._deadline_s = deadline_s if deadline_s is not None else statement_timeout_ms / 1000.0 + 1.0
+        self._deadlines = {}            # connection -> monotonic deadline (checked out)
+        self._expired = set()           # connections whose socket the watcher shut down
+        self._watcher = None
+        self._wake = threading.Condition(self._lock)
         self.discarded = 0
+        self.timeouts = 0
+
+    def threads(self):
+        return [self._watcher] if self._watcher is not None else []
 
     @property
     def in_use(self):
@@ -76,6 +93,8 @@ class ConnectionPool:
         """Yield a connection in a transaction; commit on success, rollback on error.
 
         A connection that failed with a connection-level error is closed, not reused.
+        The whole block has the pool's deadline; past it the connection is closed and
+        :class:`QueryTimeout` raised.
         """
         if not self._slots.acquire(timeout=timeout_s):
             raise ConnectError(f"{self.name}: no pooled connection free after {timeout_s} s")
@@ -84,31 +103,62 @@ class ConnectionPool:
                 if self._closed:
                     raise ConnectError(f"{self.name}: pool is closed")
                 self._in_use += 1
+                self._start_watcher_locked()
             conn = None
+            reusable = False
             try:
                 conn = self._checkout()
+                self._guard(conn)
                 try:
                     yield conn
                     conn.commit()
-                except BaseException:
-                    if not conn.closed:
+                except BaseException as exc:
+                    if not conn.closed and conn not in self._expired:
                         try:
                             conn.rollback()
                         except psycopg2.Error:
                             pass
+                    if conn in self._expired and isinstance(exc, psycopg2.Error):
+                        raise QueryTimeout(f"{self.name}: no answer within {self._deadline_s:g} s "
+                                           "(frozen network path?); connection closed") from exc
                     raise
             finally:
                 with self._lock:
                     self._in_use -= 1
                     if conn is not None:
-                        reusable = (not conn.closed and not self._closed and
+                        self._deadlines.pop(conn, None)
+                        expired = conn in self._expired
+                        self._expired.discard(conn)
+                        reusable = (not expired and not conn.closed and not self._closed and
                                     conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE)
                         if reusable:
                             self._idle.append((conn, time.monotonic()))
                 if conn is not None and not reusable:
-                    self._discard(conn, dead=conn.closed != 0)
+                    self._discard(conn, dead=conn.closed != 0 or expired)
         finally:
             self._slots.release()
+
+    def _guard(self, conn):
+        with self._lock:
+            self._deadlines[conn] = time.monotonic() + self._deadline_s
+
+    def _start_watcher_locked(self):
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name=f"{self.name}-deadlines", daemon=True)
+            self._watcher.start()
+
+    def _watch(self):
+        with self._lock:
+            while not self._closed:
+                self._wake.wait(0.2)
+                now = time.monotonic()
+                for conn, deadline in list(self._deadlines.items()):
+                    if now >= deadline and conn not in self._expired:
+                        self._expired.add(conn)
+                        self.timeouts += 1
+                        _shut_down(conn)
+                        log.warning("%s: a pooled query got no answer within %g s: connection closed",
+                                    self.name, self._deadline_s)
 
     def _checkout(self):
         """An idle connection that still answers, or a new one."""
@@ -119,7 +169,13 @@ class ConnectionPool:
                 return self._new_connection()
             if time.monotonic() - returned_at < self._validate_after_s and not conn.closed:
                 return conn
-            if self._healthy(conn):
+            self._guard(conn)
+            healthy = self._healthy(conn)
+            with self._lock:
+                self._deadlines.pop(conn, None)
+                healthy = healthy and conn not in self._expired
+                self._expired.discard(conn)
+            if healthy:
                 return conn
             self._discard(conn)
 
@@ -127,22 +183,49 @@ class ConnectionPool:
         if dead:
             with self._lock:
                 self.discarded += 1
-            if self._on_discard:
-                self._on_discard()
         try:
             conn.close()
         except Exception:
             pass
 
     def close(self):
+        watcher = None
         with self._lock:
             self._closed = True
+            self._wake.notify_all()
             idle, self._idle = self._idle, []
+            # A thread still blocked on a frozen path must not outlive stop().
+            for conn in self._deadlines:
+                self._expired.add(conn)
+                _shut_down(conn)
+            watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(2.0)
         for conn, _ in idle:
             try:
                 conn.close()
             except Exception:
                 pass
+
+
+def _shut_down(conn):
+    """Make every blocked or later libpq call on *conn* fail at once (the socket is
+    shut down through a duplicate of its descriptor; libpq still owns and closes it)."""
+    try:
+        fd = os.dup(conn.fileno())
+    except (OSError, psycopg2.Error):
+        return
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def _first_line(exc):

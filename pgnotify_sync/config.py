@@ -90,6 +90,12 @@ class Config:
         rest are re-read from the event log when there is room (nothing is lost).
     :param worker_pool_size: threads running handlers; one channel's handlers run one
         event at a time, different channels in parallel.
+    :param query_timeout_s: deadline of every query on a pooled connection (catch-up
+        pages, ranges, publish, consumer positions, retention): the server's
+        ``statement_timeout`` and, a second later, a client-side deadline that closes
+        the connection, since a frozen path (a paused proxy or SSH session) never
+        answers and TCP keepalives do not notice it. The work is redone on a fresh
+        connection.
     :param retention_s: event-log rows older than this are deleted every
         ``cleanup_interval_s`` (0 disables cleanup by this listener), except rows a
         durable consumer has not handled yet; those are kept up to
@@ -119,6 +125,7 @@ class Config:
     connect_timeout_s: float = attrs.field(default=5.0, validator=_positive_float("connect_timeout_s"))
     health_check_interval_s: float = attrs.field(default=10.0, validator=_positive_float("health_check_interval_s"))
     health_check_timeout_s: float = attrs.field(default=5.0, validator=_positive_float("health_check_timeout_s"))
+    query_timeout_s: float = attrs.field(default=30.0, validator=_positive_float("query_timeout_s"))
 
     enable_db_events: bool = attrs.field(default=True)
     enable_event_buffering: bool = attrs.field(default=False)
@@ -311,6 +318,7 @@ _ENV_VARS = (
     ("PG_NOTIFY_CONNECT_TIMEOUT", "connect_timeout_s", _parse_float),
     ("PG_NOTIFY_HEALTH_CHECK_INTERVAL", "health_check_interval_s", _parse_float),
     ("PG_NOTIFY_HEALTH_CHECK_TIMEOUT", "health_check_timeout_s", _parse_float),
+    ("PG_NOTIFY_QUERY_TIMEOUT", "query_timeout_s", _parse_float),
     ("ENABLE_DB_EVENTS", "enable_db_events", _parse_bool),
     ("ENABLE_EVENT_BUFFERING", "enable_event_buffering", _parse_bool),
     ("PG_NOTIFY_WORKERS", "worker_pool_size", _parse_int),

@@ -17,6 +17,11 @@ class ConnectError(PgNotifyError):
     """The database (or the SSH tunnel in front of it) could not be reached."""
 
 
+class QueryTimeout(ConnectError):
+    """A query on a pooled connection got no answer within ``query_timeout_s`` (a
+    frozen network path, a paused proxy or SSH session): the connection was closed."""
+
+
 class PayloadError(PgNotifyError, ValueError):
     """A notification payload could not be decoded into a DatabaseEvent."""
 

@@ -18,6 +18,7 @@ channel (and kept by the SSE replay ring): treat it as read-only. :data:`convert
 import decimal
 import enum
 import json
+import re
 from typing import Any, Dict, Optional
 
 import attrs
@@ -132,11 +133,133 @@ converter.register_unstructure_hook(Operation, lambda op: op.value)
 
 _KNOWN_OPERATIONS = {op.value: op for op in Operation}
 
-#: JSON decoding used for payloads and event-log rows. Non-integer numbers become
-#: ``decimal.Decimal``: a ``numeric`` column keeps every digit (as psycopg2 does for
-#: plain queries); integers stay ``int``.
-#: (One decoder built once: json.loads with a keyword builds a new one per call.)
-loads = json.JSONDecoder(parse_float=decimal.Decimal).decode
+_fast_loads = json.JSONDecoder(parse_float=decimal.Decimal).decode
+
+
+def loads(text):
+    """JSON decoding used for payloads and event-log rows.
+
+    Non-integer numbers become ``decimal.Decimal``: a ``numeric`` column keeps every
+    digit (as psycopg2 does for plain queries); integers stay ``int``. Anything
+    PostgreSQL's json accepts is decoded: the C decoder (one built once) does the
+    common case; a document it refuses for a limit of Python's, not of JSON
+    (nesting past the recursion limit, an integer of more than 4,300 digits), goes
+    to :func:`loads_unlimited`. Invalid JSON raises ``json.JSONDecodeError``.
+    """
+    try:
+        return _fast_loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (RecursionError, ValueError):
+        return loads_unlimited(text)
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_CONSTANTS = {"true": True, "false": False, "null": None}
+_scanstring = json.decoder.scanstring
+
+
+def _number(match):
+    text = match.group(0)
+    if match.group(1) or match.group(2):
+        return decimal.Decimal(text)
+    if len(text) <= 4000:
+        return int(text)
+    # int(str) refuses more than sys.get_int_max_str_digits() digits; via Decimal it
+    # has no such limit.
+    with decimal.localcontext() as ctx:
+        ctx.prec = len(text) + 1
+        return int(decimal.Decimal(text))
+
+
+def loads_unlimited(text):
+    """A JSON decoder without recursion (any nesting depth) or integer-size limit.
+
+    Slower than ``json.loads`` (pure Python); used only for what that refuses.
+    """
+    def fail(msg, pos):
+        raise json.JSONDecodeError(msg, text, pos)
+
+    end = len(text)
+    # Each frame: [container, key or None]; a value completes the top frame.
+    stack = []
+    pos = _WS.match(text, 0).end()
+    result = _MISSING = object()
+    while True:
+        if pos >= end:
+            fail("Expecting value", pos)
+        ch = text[pos]
+        # -- read one value (or open a container) at pos
+        if ch == "{":
+            pos = _WS.match(text, pos + 1).end()
+            if text.startswith("}", pos):
+                value, pos = {}, pos + 1
+            else:
+                if not text.startswith('"', pos):
+                    fail("Expecting property name enclosed in double quotes", pos)
+                key, pos = _scanstring(text, pos + 1)
+                pos = _WS.match(text, pos).end()
+                if not text.startswith(":", pos):
+                    fail("Expecting ':' delimiter", pos)
+                pos = _WS.match(text, pos + 1).end()
+                stack.append([{}, key])
+                continue
+        elif ch == "[":
+            pos = _WS.match(text, pos + 1).end()
+            if text.startswith("]", pos):
+                value, pos = [], pos + 1
+            else:
+                stack.append([[], None])
+                continue
+        elif ch == '"':
+            value, pos = _scanstring(text, pos + 1)
+        else:
+            m = _NUMBER.match(text, pos)
+            if m is not None and m.end() > pos:
+                value, pos = _number(m), m.end()
+            else:
+                for word, const in _CONSTANTS.items():
+                    if text.startswith(word, pos):
+                        value, pos = const, pos + len(word)
+                        break
+                else:
+                    fail("Expecting value", pos)
+        # -- hand the value to its container; close containers that end here
+        while True:
+            pos = _WS.match(text, pos).end()
+            if not stack:
+                result = value
+                break
+            frame = stack[-1]
+            container = frame[0]
+            if frame[1] is None:
+                container.append(value)
+                closer = "]"
+            else:
+                container[frame[1]] = value
+                closer = "}"
+            if text.startswith(",", pos):
+                pos = _WS.match(text, pos + 1).end()
+                if closer == "}":
+                    if not text.startswith('"', pos):
+                        fail("Expecting property name enclosed in double quotes", pos)
+                    key, pos = _scanstring(text, pos + 1)
+                    pos = _WS.match(text, pos).end()
+                    if not text.startswith(":", pos):
+                        fail("Expecting ':' delimiter", pos)
+                    pos = _WS.match(text, pos + 1).end()
+                    frame[1] = key
+                break           # read the next value
+            if text.startswith(closer, pos):
+                stack.pop()
+                value, pos = container, pos + 1
+                continue        # the container is a value of the one below
+            fail(f"Expecting ',' delimiter", pos)
+        if result is not _MISSING:
+            if pos != end:
+                fail("Extra data", pos)
+            return result
 
 
 @attrs.frozen(slots=True)

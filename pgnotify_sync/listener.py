@@ -36,12 +36,14 @@ import os
 import select
 import threading
 import time
+import uuid
 
 import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
 from ._backoff import Backoff
+from ._counters import Counters
 from ._dispatch import (READ_AHEAD, Advance, CatchUpFailed, ChannelState, Dispatcher, SetPosition,
                         handled_count)
 from ._pool import ConnectionPool
@@ -67,6 +69,8 @@ DEFAULT_CHECKPOINT_EVERY = 100
 # Send the marker round trip (which lets positions advance and handled-id sets
 # shrink) at least every this many events, not only every health-check interval.
 ADVANCE_EVERY = 20_000
+# Retention examines at most this many event-log rows per statement.
+TRIM_BATCH = 10_000
 
 # Rows come back as one JSON text per (operation, schema, table) group, a flat array
 # [id, xid, data, old, id, xid, data, old, ...] in id order: one C-speed parse per
@@ -136,9 +140,20 @@ def _first_line(exc):
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _describe(exc):
+    """'Type: first line' of an exception raised by user code (its text is theirs)."""
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _must_propagate(exc):
+    """User code is isolated from everything but Ctrl-C in the main thread, which is
+    the user's own way to stop their program (in our threads it cannot arrive)."""
+    return isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+
+
 class _HealthCheck:
     __slots__ = ("channel", "token", "next_at", "sent_at", "deadline", "cursor", "snapshot", "marker_seen",
-                 "pending", "counter")
+                 "pending", "counter", "backend")
 
     def __init__(self, channel, first_at):
         self.channel = channel
@@ -151,6 +166,7 @@ class _HealthCheck:
         self.snapshot = None
         self.marker_seen = False
         self.pending = False
+        self.backend = None     # (pid, backend_start) of the session
 
 
 class Listener:
@@ -201,6 +217,7 @@ class Listener:
         self._ready = threading.Event()
         self._start_error = None
         self._pending_catchup = set()
+        self._stale_backends = []   # (pid, backend_start) of sessions lost (see _end_stale_backends)
         self._listener_tunnel = self._pool_tunnel = None
         self._publish_lock = threading.Lock()
         self._decode_hist = Histogram()
@@ -212,16 +229,16 @@ class Listener:
         self._had_session = False
         self._installed = None      # is the schema (event log) there? known after connecting
         self._since_advance = 0
-        self._since_checkpoint = 0
         # A consumer stores its handled ids with every checkpoint: keep them few.
         self._advance_every = ADVANCE_EVERY if not consumer else 1_000
         self._backoff = Backoff(config.reconnect_delay_ms / 1000.0, config.reconnect_delay_max_ms / 1000.0,
                                 config.max_reconnect_attempts)
-        self.stats = {
-            "received": 0, "delivered": 0, "parse_errors": 0, "handler_errors": 0, "reconnects": 0,
-            "reconnect_attempts": 0, "health_checks": 0, "health_check_failures": 0, "caught_up": 0,
-            "last_health_rtt_s": None, "connected_since": None,
-        }
+        # Thread-safe: counted from the reader, the workers, the fetch threads and the watchdog.
+        self.stats = Counters(
+            received=0, delivered=0, parse_errors=0, handler_errors=0, receiver_errors=0, reconnects=0,
+            reconnect_attempts=0, health_checks=0, health_check_failures=0, caught_up=0, publish_flushed=0,
+            publish_dropped=0, retention_deleted=0, consumer_gap_events=0, internal_errors=0,
+            last_health_rtt_s=None, connected_since=None, last_event_at=None, last_error=None)
 
     # -- public API ------------------------------------------------------------
 
@@ -335,6 +352,8 @@ class Listener:
                     log.warning("%s: thread %s did not stop in time", self.name, thread.name)
         if self._dispatcher is not None:
             self._dispatcher.close(max(0.0, deadline - time.monotonic()))
+        if self._publish_buffer:
+            self._flush_at_stop(deadline)
         if self._pool is not None:
             self._pool.close()
         for tunnel in (self._listener_tunnel, self._pool_tunnel):
@@ -352,10 +371,22 @@ class Listener:
         was_connected = self._had_session
         self._set_state(ConnectionState.STOPPED)
         if was_connected:
-            self._emit(self.signals.disconnected, error=None)
+            self._emit("disconnected", error=None)
         if self._metrics is not None:
             self._metrics.remove(self)
         log.info("%s: stopped", self.name, extra={"event": "stopped"})
+
+    def _flush_at_stop(self, deadline):
+        """Send buffered publishes until *deadline*; report what could not be sent."""
+        while self.flush_publishes() and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        with self._publish_lock:
+            lost = len(self._publish_buffer)
+            self._publish_buffer.clear()
+        if lost:
+            self.stats.inc("publish_dropped", lost)
+            self._report("publish", f"stop(): {lost} buffered publishes could not be sent "
+                                    "(database unreachable until the timeout)", None)
 
     def __enter__(self):
         return self.start()
@@ -368,11 +399,13 @@ class Listener:
         threads = [t for t in (self._reader, self._watchdog) if t is not None]
         if self._dispatcher is not None:
             threads.extend(self._dispatcher.threads())
+        if self._pool is not None:
+            threads.extend(self._pool.threads())
         return threads
 
     def get_stats(self):
         """A plain dict of counters and gauges."""
-        stats = dict(self.stats)
+        stats = self.stats.snapshot()
         stats["state"] = self._state.value
         stats["publish_buffered"] = len(self._publish_buffer)
         if self._dispatcher is not None:
@@ -381,28 +414,70 @@ class Listener:
             stats["dropped_to_log"] = sum(ch.dropped for ch in self._channels.values())
         return stats
 
+    def health(self):
+        """A plain, JSON-ready dict for a health endpoint.
+
+        ``ok`` is true while the listener is LISTENING and no channel is falling back
+        to the event log. Times are Unix timestamps (``time.time()``) or None.
+        ``lag`` per channel is the count of logged events not handled yet (updated
+        every ``health_check_interval_s``; None before the first count)::
+
+            {"ok": True, "state": "LISTENING", "connected_since": 1764579000.1,
+             "last_event_at": 1764579012.5, "queue_size": 0, "queue_capacity": 10000,
+             "reconnects": 0, "last_error": None, "last_health_check_rtt_s": 0.0004,
+             "channels": {"messages": {"lag": 0, "delivered": 12, "last_event_at": ...,
+                                       "falling_back": False}}}
+        """
+        st = self.stats.snapshot()
+        dispatcher = self._dispatcher
+        channels = {}
+        for ch in list(self._channels.values()):
+            channels[ch.name] = {"lag": ch.lag, "delivered": ch.delivered, "last_event_at": ch.last_event_at,
+                                 "falling_back": ch.overflow}
+        times = [c["last_event_at"] for c in channels.values() if c["last_event_at"] is not None]
+        state = self._state
+        return {
+            "ok": state is ConnectionState.LISTENING and not any(c["falling_back"] for c in channels.values()),
+            "state": state.value,
+            "connected_since": st["connected_since"],
+            "last_event_at": max(times) if times else None,
+            "queue_size": dispatcher.buffered if dispatcher is not None else 0,
+            "queue_capacity": self.config.event_buffer_size,
+            "reconnects": st["reconnects"],
+            "last_error": st["last_error"],
+            "last_health_check_rtt_s": st["last_health_rtt_s"],
+            "channels": channels,
+        }
+
     def publish(self, channel, payload):
         """Send an application event on *channel*: written to the event log and
         notified in one transaction, so it has the same no-loss guarantees as table
         events. *payload* must be JSON-serialisable. Returns the event's log id.
 
+        Each call carries a unique key stored with the event, so a retry (after a
+        commit whose reply was lost) never logs it twice.
+
         If the database cannot be reached: with ``enable_event_buffering`` the event
         is kept in a bounded in-memory buffer (``publish_buffer_size``), sent in order
-        once the database is back, and ``None`` is returned; when that buffer is full
+        once the database is back (by the watchdog, or the next ``publish()``), and
+        ``None`` is returned; while events wait there, ``publish()`` adds to the
+        buffer at once instead of trying the database again. When that buffer is full
         :class:`PublishBufferFull` is raised. Without buffering :class:`ConnectError`
-        is raised at once.
+        is raised at once. ``stop()`` sends what is buffered, within its timeout.
+        After ``stop()``, :class:`ListenerStateError`.
         """
         wire = self.config.checked_wire_channel(channel, setting="channel")
         try:
             body = json.dumps(payload)
         except (TypeError, ValueError) as exc:
             raise PgNotifyError(f"publish on {channel!r}: payload is not JSON-serialisable: {exc}") from None
+        if self._closed:
+            raise ListenerStateError(f"{self.name}: stopped; publish() needs a running listener")
         self._require_pool()
-        if self._publish_buffer:
-            self.flush_publishes()          # keep the order: older buffered events go first
+        key = str(uuid.uuid4())
         if not self._publish_buffer:
             try:
-                return self._publish_now(wire, body)
+                return self._publish_now(wire, body, key)
             except ConnectError:
                 if not self.config.enable_event_buffering:
                     raise
@@ -411,7 +486,8 @@ class Listener:
                 raise PublishBufferFull(
                     f"{self.name}: database unreachable and the publish buffer is full "
                     f"({self.config.publish_buffer_size} events): the event on {channel!r} was not sent")
-            self._publish_buffer.append((wire, body))
+            # Behind older buffered events, to keep the order; the watchdog sends them.
+            self._publish_buffer.append((wire, body, key))
             log.warning("%s: database unreachable: publish on %r buffered (%d waiting)", self.name, channel,
                         len(self._publish_buffer))
         return None
@@ -420,28 +496,28 @@ class Listener:
         """Send buffered publishes in order; returns how many are still waiting."""
         with self._publish_lock:
             while self._publish_buffer:
-                wire, body = self._publish_buffer[0]
+                wire, body, key = self._publish_buffer[0]
                 try:
-                    self._publish_now(wire, body)
+                    self._publish_now(wire, body, key)
                 except ConnectError:
                     break
                 self._publish_buffer.popleft()
-                self.stats["publish_flushed"] = self.stats.get("publish_flushed", 0) + 1
+                self.stats.inc("publish_flushed", 1)
             return len(self._publish_buffer)
 
-    def _publish_now(self, wire, body):
+    def _publish_now(self, wire, body, key):
         for attempt in (1, 2):
-            executed = False
             try:
                 with self._pool.connection(timeout_s=self.config.connect_timeout_s) as conn, conn.cursor() as cur:
-                    cur.execute("SELECT pgnotify_sync.publish(%s, %s::jsonb)", (wire, body))
-                    executed = True
+                    cur.execute("SELECT pgnotify_sync.publish(%s, %s::jsonb, %s::uuid)", (wire, body, key))
                     return cur.fetchone()[0]
-            except psycopg2.OperationalError as exc:
-                # A pooled connection that died moments ago fails before the statement
-                # ran: nothing was written, so one more try on a fresh one is safe.
-                if attempt == 1 and not executed:
+            except (psycopg2.OperationalError, ConnectError) as exc:
+                # A pooled connection that died moments ago (or a reply lost): the key
+                # makes one more try on a fresh connection safe either way.
+                if attempt == 1:
                     continue
+                if isinstance(exc, ConnectError):
+                    raise
                 raise ConnectError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
             except psycopg2.Error as exc:
                 raise PgNotifyError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
@@ -458,7 +534,8 @@ class Listener:
                     raise ListenerStateError(f"{self.name}: stopped")
                 self._make_tunnels()
                 self._pool = ConnectionPool(f"{self.name}-pool", self._pool_connect_kwargs,
-                                            self.config.pool_max_connections)
+                                            self.config.pool_max_connections,
+                                            statement_timeout_ms=self.config.query_timeout_s * 1000)
         return self._pool
 
     def _pool_connect_kwargs(self):
@@ -518,13 +595,27 @@ class Listener:
             log.debug("%s: state %s -> %s", self.name, self._state.value, state.value)
             self._state = state
 
-    def _emit(self, signal, **kwargs):
-        """Send a lifecycle signal; a receiver that raises is logged, not propagated."""
-        for receiver in signal.receivers_for(self):
+    def _emit(self, name, **kwargs):
+        """Send the lifecycle signal *name* to its receivers one by one.
+
+        Receivers are user code: whatever one raises (SystemExit included) is logged,
+        counted (``receiver_errors``) and reported through ``error`` (kind
+        ``receiver``), and the next receiver still runs. Never called with one of our
+        locks held, so a receiver may call ``stop()``.
+        """
+        for receiver in getattr(self.signals, name).receivers_for(self):
             try:
                 receiver(self, **kwargs)
-            except Exception:
-                log.exception("%s: a receiver of %r raised", self.name, signal.name)
+            except BaseException as exc:
+                if _must_propagate(exc):
+                    raise
+                self.stats.inc("receiver_errors")
+                if name == "error":
+                    # Not reported through the signal that failed (no loop).
+                    log.error("%s: a receiver of the error signal raised %s", self.name, _describe(exc),
+                              exc_info=True, extra={"event": "error", "details": {"kind": "receiver"}})
+                else:
+                    self._report("receiver", exc, None, exc_info=True, what=f"a receiver of {name!r}")
 
     # -- reader thread --------------------------------------------------------------
 
@@ -545,7 +636,7 @@ class Listener:
                         self._fail(error)     # logs it, once
                         return
                     failures += 1
-                    self.stats["reconnect_attempts"] += 1
+                    self.stats.inc("reconnect_attempts", 1)
                     if self._backoff.exhausted(failures):
                         self._fail(ConnectError(f"{self.name}: gave up after {failures} attempts: {error}"))
                         return
@@ -555,12 +646,12 @@ class Listener:
                                 extra={"event": "reconnecting", "details": {"error": str(error), "attempt": failures + 1,
                                                                             "delay": round(delay * 1000)}})
                     self._set_state(ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING)
-                    self._emit(self.signals.reconnecting, attempt=failures + 1, delay_s=delay, error=error)
+                    self._emit("reconnecting", attempt=failures + 1, delay_s=delay, error=error)
                     if self._stop_event.wait(delay):
                         return
                     continue
                 if not first:
-                    self.stats["reconnects"] += 1
+                    self.stats.inc("reconnects", 1)
                 first = False
                 self._had_session = True
                 failures = 0
@@ -570,6 +661,10 @@ class Listener:
                 except _Lost as exc:
                     error = exc
                     self._tunnel_stale = True
+                    # Behind a frozen path the old backend lives on, LISTENing, and holds
+                    # the cluster's notification queue tail: the next session ends it.
+                    if hc.backend is not None:
+                        self._stale_backends.append(hc.backend)
                     log.warning("%s: connection lost: %s", self.name, exc,
                                 extra={"event": "disconnected", "details": {"error": str(exc)}})
                 finally:
@@ -577,13 +672,13 @@ class Listener:
                         conn.close()
                     except Exception:
                         pass
-                self.stats["connected_since"] = None
+                self.stats.set("connected_since", None)
                 if error is None:
                     return          # stopped
                 self._set_state(ConnectionState.RECONNECTING)
-                self._emit(self.signals.disconnected, error=error)
+                self._emit("disconnected", error=error)
                 # The first attempt goes at once: a killed backend is usually back immediately.
-                self._emit(self.signals.reconnecting, attempt=1, delay_s=0.0, error=error)
+                self._emit("reconnecting", attempt=1, delay_s=0.0, error=error)
         except Exception as exc:  # a bug: never die silently
             log.exception("%s: reader thread failed", self.name)
             self._fail(PgNotifyError(f"{self.name}: reader failed: {exc!r}"))
@@ -601,7 +696,7 @@ class Listener:
         self._start_error = error if isinstance(error, PgNotifyError) else ConnectError(str(error))
         self._ready.set()
         self._report("connect", error, None)
-        self._emit(self.signals.failed, error=error)
+        self._emit("failed", error=error)
 
     def _wait(self, conn, deadline, what):
         """Drive an async connection until its current operation completes."""
@@ -645,10 +740,14 @@ class Listener:
             self._wait(conn, deadline, "LISTEN")
             # Every transaction not visible in this snapshot commits after our LISTEN,
             # so its notification reaches us.
-            cur.execute("SELECT pg_current_snapshot()::text, to_regclass('pgnotify_sync.event_log') IS NOT NULL")
+            cur.execute("SELECT pg_current_snapshot()::text, to_regclass('pgnotify_sync.event_log') IS NOT NULL, "
+                        "(SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid())")
             self._wait(conn, deadline, "snapshot")
-            text, installed = cur.fetchone()
+            text, installed, backend_start = cur.fetchone()
             start = Snapshot.parse(text)
+            hc.backend = (pid, backend_start)
+            if self._stale_backends:
+                self._end_stale_backends(conn, cur, deadline)
             cur.close()
             if not installed:
                 if self.consumer:
@@ -664,7 +763,7 @@ class Listener:
         except BaseException:
             conn.close()
             raise
-        self.stats["connected_since"] = time.time()
+        self.stats.set("connected_since", time.time())
         log.info("%s: listening on %s (%s)", self.name, ", ".join(repr(c) for c in self._channels),
                  cfg.describe_target(), extra={"event": "listening", "details": {"channels": list(self._channels)}})
         dispatcher = self._dispatcher
@@ -673,13 +772,39 @@ class Listener:
             for ch in self._channels.values():
                 dispatcher.push_control(ch, SetPosition(start))
             self._ready.set()
-            self._emit(self.signals.connected)
+            self._emit("connected")
         else:
             with self._lock:
                 self._pending_catchup = set(self._channels)
             self._ready.set()
             dispatcher.catch_up_all("reconnect" if not first else "resume")
         return conn, hc
+
+    def _end_stale_backends(self, conn, cur, deadline):
+        """End the backends of earlier sessions that may still live behind a dead or
+        frozen path (matched by pid *and* start time: a pid can be reused)."""
+        pids = [p for p, _ in self._stale_backends]
+        starts = [t for _, t in self._stale_backends]
+        try:
+            cur.execute("SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_stat_activity a "
+                        "JOIN unnest(%s::int[], %s::timestamptz[]) s(pid, started) "
+                        "ON a.pid = s.pid AND a.backend_start = s.started WHERE a.pid <> pg_backend_pid()",
+                        (pids, starts))
+            self._wait(conn, deadline, "ending the previous session")
+            ended = cur.fetchall()
+        except (ConnectError, psycopg2.Error) as exc:
+            if conn.closed:
+                raise
+            # e.g. a role without the right to signal it: the session goes on.
+            log.warning("%s: cannot end the previous session's backend (pids %s): %s", self.name, pids,
+                        _first_line(exc))
+            return
+        self._stale_backends.clear()
+        for backend_pid, done in ended:
+            if done:
+                self.stats.inc("stale_backends_ended")
+                log.info("%s: ended the previous session's backend %d (it held the notification queue)",
+                         self.name, backend_pid, extra={"event": "stale_backend", "details": {"pid": backend_pid}})
 
     def _read_loop(self, conn, hc):
         cfg = self.config
@@ -704,7 +829,7 @@ class Listener:
                 left = hc.deadline - now
             if left <= 0:
                 if hc.pending:
-                    self.stats["health_check_failures"] += 1
+                    self.stats.inc("health_check_failures", 1)
                     raise _Lost(f"health check got no answer within {cfg.health_check_timeout_s} s")
                 self._send_health_check(conn, hc)
                 writing = True
@@ -759,8 +884,8 @@ class Listener:
         now = time.monotonic()
         hc.pending = False
         hc.next_at = now + self.config.health_check_interval_s
-        self.stats["health_checks"] += 1
-        self.stats["last_health_rtt_s"] = now - hc.sent_at
+        self.stats.inc("health_checks", 1)
+        self.stats.set("last_health_rtt_s", now - hc.sent_at)
         self._rtt_hist.observe(now - hc.sent_at)
         advance = Advance(hc.snapshot)
         for ch in self._channels.values():
@@ -790,7 +915,7 @@ class Listener:
                 event = decode_payload(ch.name, notify.payload)
             except PayloadError as exc:
                 ch.parse_errors += 1
-                self.stats["parse_errors"] += 1
+                self.stats.inc("parse_errors", 1)
                 self._report("payload", exc, ch.name)
                 continue
             if debug:
@@ -806,7 +931,7 @@ class Listener:
             if type(event) is EventRange:
                 received += event.n - 1
                 ch.received += event.n - 1
-        self.stats["received"] += received
+        self.stats.inc("received", received)
         self._since_advance += received
         if received:
             self._decode_hist.observe((time.perf_counter() - started) / received)
@@ -838,16 +963,18 @@ class Listener:
         fast = 0            # events faster than the first bucket bound (most, in a burst)
         only = calls[0] if len(calls) == 1 else None
         for event in events:
+            # Handlers are user code: whatever they raise (SystemExit too) is reported
+            # and the next handler and event still run.
             if only is not None:
                 try:
                     only(event)
-                except Exception as exc:
+                except BaseException as exc:
                     self._handler_failed(ch, exc, event)
             else:
                 for call in calls:
                     try:
                         call(event)
-                    except Exception as exc:
+                    except BaseException as exc:
                         self._handler_failed(ch, exc, event)
             done = perf()
             elapsed = done - started
@@ -873,8 +1000,10 @@ class Listener:
                 undelivered.discard(event.id)
                 if ch.in_catchup:
                     ch.catchup_upto = event.id      # catch-up delivers in id order
-                self._since_checkpoint += 1
-                if self._since_checkpoint >= checkpoint:
+                # Counted per channel, as positions are stored per channel: the bound
+                # on repeats after a crash holds for each of several busy channels.
+                ch.since_checkpoint += 1
+                if ch.since_checkpoint >= checkpoint:
                     self._save_consumer(ch, undelivered)
                     started = perf()     # the write is not the handler's time
         if run:
@@ -887,11 +1016,14 @@ class Listener:
         if last is not None and last > ch.max_id:
             ch.max_id = last
         ch.delivered += len(events)
-        self.stats["delivered"] += len(events)
+        ch.last_event_at = time.time()
+        self.stats.inc("delivered", len(events))
 
     def _handler_failed(self, ch, exc, event):
+        if _must_propagate(exc):
+            raise exc
         ch.handler_errors += 1
-        self.stats["handler_errors"] += 1
+        self.stats.inc("handler_errors", 1)
         self._report("handler", exc, ch.name, event_id=event.id, exc_info=True)
 
     def _read_rows(self, ch, sql_text, params):
@@ -935,7 +1067,7 @@ class Listener:
             # The next page is read on a fetch thread while this one is delivered.
             events = read(0)
             while events:
-                self.stats["caught_up"] += len(events)
+                self.stats.inc("caught_up", len(events))
                 ch.caught_up += len(events)
                 ahead = self._dispatcher.submit(read, events[-1].id) if len(events) == CATCHUP_PAGE else None
                 yield events
@@ -970,7 +1102,7 @@ class Listener:
         if done and self._state is ConnectionState.LISTENING:
             log.info("%s: connected and caught up (%s)", self.name, reason,
                      extra={"event": "connected", "details": {"reason": reason}})
-            self._emit(self.signals.connected)
+            self._emit("connected")
 
     def _on_position(self, ch):
         pass    # stored with the batch that moved it (_after_batch)
@@ -979,16 +1111,23 @@ class Listener:
         if self.consumer:
             self._save_consumer(ch)
 
-    def _report(self, kind, error, channel, event_id=None, exc_info=False):
-        """A background failure: log line, counter, ``error`` signal."""
-        level = logging.WARNING if kind in ("payload", "handler", "overflow", "catchup") else logging.ERROR
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    def _report(self, kind, error, channel, event_id=None, exc_info=False, what=None):
+        """A background failure: log line, counter, ``error`` signal.
+
+        Never called with one of our locks held: the ``error`` receivers run here.
+        """
+        level = logging.WARNING if kind in ("payload", "handler", "overflow", "catchup", "receiver") else logging.ERROR
+        text = error if isinstance(error, str) else _describe(error)
+        if what:
+            text = f"{what}: {text}"
         where = f" on channel {channel!r}" if channel is not None else ""
+        self.stats.inc(f"errors_{kind}")
+        self.stats.set("last_error", {"kind": kind, "channel": channel, "error": text, "at": time.time()})
         log.log(level, "%s: %s error%s%s: %s", self.name, kind, where,
                 f" (event {event_id})" if event_id is not None else "", text, exc_info=exc_info,
                 extra={"event": "error", "channel": channel, "event_id": event_id,
                        "details": {"kind": kind, "error": text}})
-        self._emit(self.signals.error, error=error, kind=kind, channel=channel, event_id=event_id)
+        self._emit("error", error=error, kind=kind, channel=channel, event_id=event_id)
 
     # -- watchdog ----------------------------------------------------------------
 
@@ -1003,8 +1142,8 @@ class Listener:
                     self.flush_publishes()
                 if self._installed is False:
                     continue
-                if self._metrics is not None and time.monotonic() >= next_lag and \
-                        self._state is ConnectionState.LISTENING:
+                # Lag feeds the metrics and health().
+                if time.monotonic() >= next_lag and self._state is ConnectionState.LISTENING:
                     next_lag = time.monotonic() + cfg.health_check_interval_s
                     self._update_lag()
                 if next_cleanup is not None and time.monotonic() >= next_cleanup:
@@ -1021,13 +1160,21 @@ class Listener:
         """
         pool = self._require_pool()
         cfg = self.config
+        deleted = 0
+        after = 0
         try:
-            with pool.connection() as conn, conn.cursor() as cur:
-                cur.execute("SELECT pgnotify_sync.trim_event_log(%s, %s)", (cfg.retention_s, cfg.consumer_retention_s))
-                deleted = cur.fetchone()[0]
+            # Bounded batches, each its own short transaction (a large backlog in one
+            # statement would never finish within the statement timeout).
+            while after is not None and not self._stop_event.is_set():
+                with pool.connection() as conn, conn.cursor() as cur:
+                    cur.execute("SELECT deleted, last_id FROM pgnotify_sync.trim_event_log_batch(%s, %s, %s, %s)",
+                                (cfg.retention_s, cfg.consumer_retention_s, after, TRIM_BATCH))
+                    n, after = cur.fetchone()
+                deleted += n
+                self.stats.inc("retention_deleted", n)
         except psycopg2.Error as exc:
-            raise ConnectError(f"{self.name}: cleanup failed: {_first_line(exc)}") from exc
-        self.stats["retention_deleted"] = self.stats.get("retention_deleted", 0) + deleted
+            raise ConnectError(f"{self.name}: cleanup failed after deleting {deleted} rows: "
+                               f"{_first_line(exc)}") from exc
         if deleted:
             log.info("%s: retention deleted %d event-log rows", self.name, deleted,
                      extra={"event": "retention", "details": {"deleted": deleted}})
@@ -1068,7 +1215,7 @@ class Listener:
         self._check_consumer_gaps()
 
     def _save_consumer(self, ch, undelivered=None):
-        self._since_checkpoint = 0
+        ch.since_checkpoint = 0
         handled = ch.handled
         if undelivered:
             handled = [i for i in handled if i not in undelivered]
@@ -1099,7 +1246,7 @@ class Listener:
             gaps = cur.fetchall()
         for wire, lost in gaps:
             channel = self.config.logical_channel(wire) or wire
-            self.stats["consumer_gap_events"] = self.stats.get("consumer_gap_events", 0) + lost
+            self.stats.inc("consumer_gap_events", lost)
             if channel in self._channels:
                 self._channels[channel].gap_events += lost
             self._report("gap", f"consumer {self.consumer!r} missed {lost} events: the event log was trimmed "
@@ -1110,7 +1257,7 @@ class Listener:
     def _collect_metrics(self, fams):
         """Add this listener's samples to the metric families (scrape time)."""
         me = self.name
-        st = self.stats
+        st = self.stats.snapshot()
 
         def add(name, labels, value):
             fams[f"pgnotify_sync_{name}"].add_metric([me] + labels, value)

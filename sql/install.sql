@@ -43,6 +43,12 @@ BEGIN
 END
 $do$;
 CREATE INDEX IF NOT EXISTS event_log_xid_idx ON pgnotify_sync.event_log (xid);
+-- publish()'s idempotency key: a publish retried after its commit's reply was lost
+-- finds its first copy instead of logging the event twice. Partial: table rows
+-- (no key) pay only the predicate.
+ALTER TABLE pgnotify_sync.event_log ADD COLUMN IF NOT EXISTS publish_key uuid;
+CREATE UNIQUE INDEX IF NOT EXISTS event_log_publish_key_idx ON pgnotify_sync.event_log (publish_key)
+    WHERE publish_key IS NOT NULL;
 -- No index on created_at: every insert raises its maximum, so even a BRIN index is
 -- updated by every insert (it cost single-row writers about 5%). Retention finds old
 -- rows from the start of the primary key instead (trim_event_log).
@@ -76,43 +82,109 @@ CREATE TABLE IF NOT EXISTS pgnotify_sync.consumers (
 
 -- Trim the event log: rows older than p_retention_s, except rows a durable consumer
 -- has not handled yet; those go only once older than p_consumer_retention_s, and the
--- consumer's "lost" counter says how many it will never see. Returns rows deleted.
--- One caller at a time (several listeners may run it on the same interval).
-CREATE OR REPLACE FUNCTION pgnotify_sync.trim_event_log(p_retention_s double precision,
-                                                        p_consumer_retention_s double precision)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+-- consumer's "lost" counter says how many it will never see (rows it handled
+-- already, listed in its "handled" state, are not counted). One bounded batch:
+-- the doomed rows among ids > p_after, at most p_limit of them, in id order.
+-- Returns the rows deleted and the last id examined (NULL when the batch reached
+-- the end): the caller calls again after that id, each batch its own transaction,
+-- so a large backlog is trimmed in short statements. One trimmer at a time (several
+-- listeners may run it on the same interval): a batch that cannot take the lock
+-- deletes nothing and returns (0, NULL).
+CREATE OR REPLACE FUNCTION pgnotify_sync.trim_event_log_batch(p_retention_s double precision,
+                                                              p_consumer_retention_s double precision,
+                                                              p_after bigint, p_limit integer,
+                                                              OUT deleted bigint, OUT last_id bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    v_deleted bigint;
     v_cutoff  timestamptz := now() - make_interval(secs => p_retention_s);
     v_bound   bigint;
+    v_scanned bigint;
 BEGIN
+    deleted := 0;
     IF NOT pg_try_advisory_xact_lock(7310694521807741550) THEN
-        RETURN 0;
+        RETURN;
     END IF;
     -- Ids grow with time (created_at is the writing transaction's start): the rows old
     -- enough to go lie before the first recent one, found by walking the primary key
     -- from the start. A row of a long transaction with a higher id goes at a later trim.
-    SELECT l.id INTO v_bound FROM pgnotify_sync.event_log l WHERE l.created_at >= v_cutoff ORDER BY l.id LIMIT 1;
+    SELECT l.id INTO v_bound FROM pgnotify_sync.event_log l
+     WHERE l.id > p_after AND l.created_at >= v_cutoff ORDER BY l.id LIMIT 1;
     CREATE TEMP TABLE IF NOT EXISTS pgnotify_sync_doomed (id bigint, channel text, xid xid8) ON COMMIT DROP;
-    INSERT INTO pgnotify_sync_doomed
-    SELECT l.id, l.channel, l.xid FROM pgnotify_sync.event_log l
-     WHERE l.id < coalesce(v_bound, 9223372036854775807)
-       AND l.created_at < v_cutoff
-       AND (l.created_at < now() - make_interval(secs => p_consumer_retention_s)
-            OR NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
-                            WHERE c.channel = l.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)));
+    -- At most p_limit rows examined: kept rows (a consumer's backlog) count too, so a
+    -- batch stays short whatever the log holds.
+    WITH examined AS (
+        SELECT l.id, l.channel, l.xid, l.created_at FROM pgnotify_sync.event_log l
+         WHERE l.id > p_after AND l.id < coalesce(v_bound, 9223372036854775807)
+         ORDER BY l.id LIMIT p_limit
+    ), doomed AS (
+        INSERT INTO pgnotify_sync_doomed
+        SELECT e.id, e.channel, e.xid FROM examined e
+         WHERE e.created_at < v_cutoff
+           AND (e.created_at < now() - make_interval(secs => p_consumer_retention_s)
+                OR NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
+                                WHERE c.channel = e.channel AND NOT pg_visible_in_snapshot(e.xid, c.position)))
+        RETURNING 1
+    )
+    SELECT max(e.id), count(*) INTO last_id, v_scanned FROM examined e;
+    IF v_scanned < p_limit THEN
+        last_id := NULL;        -- the end of what may go
+    END IF;
     UPDATE pgnotify_sync.consumers c SET lost = c.lost + g.n
       FROM (SELECT c2.name, c2.channel, count(*) AS n
               FROM pgnotify_sync_doomed d
               JOIN pgnotify_sync.consumers c2
                 ON c2.channel = d.channel AND NOT pg_visible_in_snapshot(d.xid, c2.position)
+             WHERE NOT pgnotify_sync.consumer_handled(c2.handled, d.id, d.xid)
              GROUP BY 1, 2) g
      WHERE c.name = g.name AND c.channel = g.channel;
     DELETE FROM pgnotify_sync.event_log l USING pgnotify_sync_doomed d WHERE l.id = d.id;
-    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
     DROP TABLE pgnotify_sync_doomed;
-    RETURN v_deleted;
 END
+$fn$;
+
+-- Did a consumer whose stored state is p_handled handle event p_id of transaction
+-- p_xid beyond its position? (Its handled ids as [first, last] ranges, and the
+-- cursors of catch-ups cut midway: (snapshot, upto). See listener._save_consumer.)
+CREATE OR REPLACE FUNCTION pgnotify_sync.consumer_handled(p_handled jsonb, p_id bigint, p_xid xid8)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM jsonb_array_elements(CASE jsonb_typeof(p_handled) WHEN 'array' THEN p_handled
+                                                           ELSE coalesce(p_handled->'ranges', '[]') END) r
+                    WHERE p_id BETWEEN (r->>0)::bigint AND (r->>1)::bigint)
+        OR EXISTS (SELECT 1 FROM jsonb_array_elements(CASE jsonb_typeof(p_handled) WHEN 'object'
+                                                           THEN coalesce(p_handled->'cursors', '[]') ELSE '[]' END) k
+                    WHERE p_id <= (k->>1)::bigint AND pg_visible_in_snapshot(p_xid, (k->>0)::pg_snapshot))
+$fn$;
+
+-- The whole trim in one call and one transaction (psql, cron): batches of 10,000.
+CREATE OR REPLACE FUNCTION pgnotify_sync.trim_event_log(p_retention_s double precision,
+                                                        p_consumer_retention_s double precision)
+RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_total bigint := 0;
+    v_after bigint := 0;
+    v_n     bigint;
+BEGIN
+    LOOP
+        SELECT b.deleted, b.last_id INTO v_n, v_after
+          FROM pgnotify_sync.trim_event_log_batch(p_retention_s, p_consumer_retention_s, v_after, 10000) b;
+        v_total := v_total + v_n;
+        EXIT WHEN v_after IS NULL;
+    END LOOP;
+    RETURN v_total;
+END
+$fn$;
+
+-- A row's JSON without the excluded columns, built from json, never jsonb: jsonb
+-- refuses content that json keeps as written (\u0000 in a json column, and in a
+-- database that is not UTF8 any \u escape above 007F), and the writer's statement
+-- would fail. json_each() hands each value back as json text, untouched.
+-- Names qualified instead of SET search_path, which would keep it from being inlined.
+CREATE OR REPLACE FUNCTION pgnotify_sync.without_columns(p_row json, p_exclude text[]) RETURNS json
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT COALESCE(pg_catalog.json_object_agg(e.key, e.value), '{}'::pg_catalog.json)
+      FROM pg_catalog.json_each(p_row) AS e
+     WHERE e.key OPERATOR(pg_catalog.<>) ALL (p_exclude)
 $fn$;
 
 -- The trigger functions. TG_ARGV[0] is the channel, TG_ARGV[1..] the excluded columns.
@@ -124,8 +196,8 @@ $fn$;
 -- expression costs its set-up once per transaction (about a microsecond, and a
 -- single-row INSERT is a transaction of its own), so the common path evaluates as
 -- few as possible, and pg_notify() is called in an assignment, not by PERFORM
--- (which always starts the executor); the row is row_to_json() (exclusions: to_jsonb()
--- minus the keys, then json); the per-row payload is built by format(), byte for
+-- (which always starts the executor); the row is row_to_json() (exclusions: see
+-- without_columns); the per-row payload is built by format(), byte for
 -- byte the text json_build_object() makes (the names go through to_json() for JSON
 -- escaping) at a fraction of its cost.
 CREATE OR REPLACE FUNCTION pgnotify_sync.capture_row() RETURNS trigger
@@ -148,12 +220,12 @@ BEGIN
             v_data := row_to_json(OLD);
         END IF;
     ELSIF TG_OP = 'INSERT' THEN
-        v_data := (to_jsonb(NEW) - TG_ARGV[1:])::json;
+        v_data := pgnotify_sync.without_columns(row_to_json(NEW), TG_ARGV[1:]);
     ELSIF TG_OP = 'UPDATE' THEN
-        v_data := (to_jsonb(NEW) - TG_ARGV[1:])::json;
-        v_old := (to_jsonb(OLD) - TG_ARGV[1:])::json;
+        v_data := pgnotify_sync.without_columns(row_to_json(NEW), TG_ARGV[1:]);
+        v_old := pgnotify_sync.without_columns(row_to_json(OLD), TG_ARGV[1:]);
     ELSE
-        v_data := (to_jsonb(OLD) - TG_ARGV[1:])::json;
+        v_data := pgnotify_sync.without_columns(row_to_json(OLD), TG_ARGV[1:]);
     END IF;
     INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, old)
     VALUES (pg_current_xact_id(), TG_ARGV[0], TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, v_data, v_old)
@@ -163,6 +235,49 @@ BEGIN
     v_payload := format('{"id" : %s, "xid" : %s, "operation" : "%s", "schema" : %s, "table" : %s, '
                         '"data" : %s, "old" : %s}',
                         v_id, v_xid, TG_OP, to_json(TG_TABLE_SCHEMA::text), to_json(TG_TABLE_NAME::text),
+                        v_data, coalesce(v_old::text, 'null'));
+    IF octet_length(v_payload) >= 8000 THEN
+        v_payload := json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'ref', true)::text;
+    END IF;
+    v_void := pg_notify(TG_ARGV[0], v_payload);
+    RETURN NULL;
+END
+$fn$;
+
+-- Row capture for a partitioned table watched at its parent. A row trigger on the
+-- parent is cloned to every partition, present and future, and fires whichever
+-- table a statement names (a statement trigger on the parent fires only for
+-- statements naming the parent). TG_TABLE_NAME is the partition's: the watched
+-- parent's name comes as arguments, TG_ARGV = (channel, schema, table, excluded
+-- columns...), so event.table is always the name that was watched. An UPDATE that
+-- moves a row to another partition runs as a DELETE on the old partition and an
+-- INSERT on the new one (PostgreSQL fires no UPDATE row trigger for it): delivered
+-- as DELETE then INSERT of the parent's row, in that order, which keeps a mirror of
+-- the table right.
+CREATE OR REPLACE FUNCTION pgnotify_sync.capture_partition_row() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_data    json;
+    v_old     json;
+    v_id      bigint;
+    v_xid     xid8;
+    v_payload text;
+    v_void    text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        v_data := pgnotify_sync.without_columns(row_to_json(OLD), TG_ARGV[3:]);
+    ELSE
+        v_data := pgnotify_sync.without_columns(row_to_json(NEW), TG_ARGV[3:]);
+        IF TG_OP = 'UPDATE' THEN
+            v_old := pgnotify_sync.without_columns(row_to_json(OLD), TG_ARGV[3:]);
+        END IF;
+    END IF;
+    INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, old)
+    VALUES (pg_current_xact_id(), TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], v_data, v_old)
+    RETURNING id, xid INTO v_id, v_xid;
+    v_payload := format('{"id" : %s, "xid" : %s, "operation" : "%s", "schema" : %s, "table" : %s, '
+                        '"data" : %s, "old" : %s}',
+                        v_id, v_xid, TG_OP, to_json(TG_ARGV[1]), to_json(TG_ARGV[2]),
                         v_data, coalesce(v_old::text, 'null'));
     IF octet_length(v_payload) >= 8000 THEN
         v_payload := json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'ref', true)::text;
@@ -211,7 +326,7 @@ BEGIN
         FOR v_id, v_data, v_xid IN
             INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
             SELECT pg_current_xact_id(), TG_ARGV[0], 'INSERT', TG_TABLE_SCHEMA, TG_TABLE_NAME,
-                   (to_jsonb(r) - TG_ARGV[1:])::json
+                   pgnotify_sync.without_columns(row_to_json(r), TG_ARGV[1:])
               FROM pgnotify_sync_new r
             RETURNING id, data, xid
         LOOP
@@ -230,7 +345,7 @@ BEGIN
         FOR v_id, v_data, v_xid IN
             INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
             SELECT pg_current_xact_id(), TG_ARGV[0], 'DELETE', TG_TABLE_SCHEMA, TG_TABLE_NAME,
-                   (to_jsonb(r) - TG_ARGV[1:])::json
+                   pgnotify_sync.without_columns(row_to_json(r), TG_ARGV[1:])
               FROM pgnotify_sync_old r
             RETURNING id, data, xid
         LOOP
@@ -284,7 +399,11 @@ END
 $fn$;
 
 -- Application events: written to the log and notified in one transaction.
-CREATE OR REPLACE FUNCTION pgnotify_sync.publish(p_channel text, p_payload jsonb) RETURNS bigint
+-- p_key (optional) makes it idempotent: a second call with the same key logs and
+-- notifies nothing and returns the first call's id.
+DROP FUNCTION IF EXISTS pgnotify_sync.publish(text, jsonb);
+CREATE OR REPLACE FUNCTION pgnotify_sync.publish(p_channel text, p_payload jsonb, p_key uuid DEFAULT NULL)
+RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_id      bigint;
@@ -296,9 +415,14 @@ BEGIN
         RAISE EXCEPTION 'pgnotify_sync: channel name % is longer than 63 bytes', quote_literal(p_channel)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
-    VALUES (v_xid, p_channel, 'PUBLISH', '', '', p_payload)
+    INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, publish_key)
+    VALUES (v_xid, p_channel, 'PUBLISH', '', '', p_payload, p_key)
+    ON CONFLICT (publish_key) WHERE publish_key IS NOT NULL DO NOTHING
     RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
+        SELECT l.id INTO v_id FROM pgnotify_sync.event_log l WHERE l.publish_key = p_key;
+        RETURN v_id;            -- sent before: its first copy stands
+    END IF;
     v_payload := json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'operation', 'PUBLISH',
                                    'schema', '', 'table', '', 'data', p_payload, 'old', NULL)::text;
     IF octet_length(v_payload) >= 8000 THEN
@@ -315,7 +439,8 @@ DROP FUNCTION IF EXISTS pgnotify_sync.watch_table(regclass, text, text[]);
 -- p_mode 'statement' (default): INSERT and DELETE are captured per statement from
 -- transition tables, UPDATE per row (its old and new rows must be paired); 'row':
 -- everything per row. Partitions and inheritance children, which cannot have
--- transition tables, always use 'row'.
+-- transition tables, always use 'row'; so does a partitioned parent, whose row
+-- triggers (capture_partition_row) reach every partition.
 -- Identifiers and trigger arguments are quoted by format(%s of regclass, %L), never
 -- concatenated: any legal table or channel name works.
 CREATE OR REPLACE FUNCTION pgnotify_sync.watch_table(p_table regclass, p_channel text,
@@ -328,6 +453,7 @@ DECLARE
     v_col    text;
     v_args   text;
     v_mode   text := p_mode;
+    v_kind   "char";
 BEGIN
     IF p_channel IS NULL OR p_channel = '' THEN
         RAISE EXCEPTION 'pgnotify_sync: channel name must not be empty' USING ERRCODE = 'invalid_parameter_value';
@@ -341,9 +467,11 @@ BEGIN
         RAISE EXCEPTION 'pgnotify_sync: mode must be ''statement'' or ''row'', got %', quote_literal(v_mode)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT n.nspname, c.relname INTO v_schema, v_name
+    SELECT n.nspname, c.relname, c.relkind INTO v_schema, v_name, v_kind
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
-    IF v_mode = 'statement' AND (EXISTS (SELECT 1 FROM pg_class WHERE oid = p_table AND relispartition)
+    IF v_kind = 'p' THEN
+        v_mode := 'row';
+    ELSIF v_mode = 'statement' AND (EXISTS (SELECT 1 FROM pg_class WHERE oid = p_table AND relispartition)
                                  OR EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = p_table)) THEN
         v_mode := 'row';
     END IF;
@@ -360,7 +488,12 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture ON %s', p_table);
     EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_insert ON %s', p_table);
     EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_delete ON %s', p_table);
-    IF v_mode = 'row' THEN
+    IF v_kind = 'p' THEN
+        SELECT string_agg(quote_literal(a), ', ') INTO v_args
+          FROM unnest(ARRAY[p_channel, v_schema, v_name] || coalesce(p_exclude, '{}')) AS a;
+        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION pgnotify_sync.capture_partition_row(%s)', p_table, v_args);
+    ELSIF v_mode = 'row' THEN
         EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                        'FOR EACH ROW EXECUTE FUNCTION pgnotify_sync.capture_row(%s)', p_table, v_args);
     ELSE

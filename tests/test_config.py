@@ -233,6 +233,7 @@ FULL_ENV = {
     "PG_NOTIFY_CONNECT_TIMEOUT": ("2.5", "connect_timeout_s", 2.5),
     "PG_NOTIFY_HEALTH_CHECK_INTERVAL": ("3", "health_check_interval_s", 3.0),
     "PG_NOTIFY_HEALTH_CHECK_TIMEOUT": ("1.5", "health_check_timeout_s", 1.5),
+    "PG_NOTIFY_QUERY_TIMEOUT": ("12.5", "query_timeout_s", 12.5),
     "ENABLE_DB_EVENTS": ("false", "enable_db_events", False),
     "ENABLE_EVENT_BUFFERING": ("YES", "enable_event_buffering", True),
     "PG_NOTIFY_WORKERS": ("8", "worker_pool_size", 8),

@@ -2,12 +2,13 @@
 
 import decimal
 import json
+import random
 import sys
 
 import pytest
 
 from pgnotify_sync.errors import PayloadError, PgNotifyError
-from pgnotify_sync.events import DatabaseEvent, EventRef, Operation, converter, decode_payload, loads
+from pgnotify_sync.events import DatabaseEvent, EventRef, Operation, converter, decode_payload, loads, loads_unlimited
 
 SECRET = "s3cret-row-value-8842"
 
@@ -201,8 +202,47 @@ def test_deeply_nested_payload_is_payload_error():
 
 
 @pytest.mark.skipif(not hasattr(sys, "get_int_max_str_digits"), reason="no int-string limit in this Python")
-def test_overlong_integer_is_payload_error():
-    decode_error('{"operation": "INSERT", "schema": "s", "table": "t", "data": {"n": 1' + "0" * 5000 + "}}")
+def test_overlong_integer_is_decoded_exactly():
+    # int() refuses more than 4,300 digits; a numeric(10^5000) column must still arrive.
+    event = decode_payload("chan", '{"operation": "INSERT", "schema": "s", "table": "t", "data": {"n": 1'
+                           + "0" * 5000 + ', "f": 1.' + "5" * 5000 + "}}")
+    assert event.data["n"] == 10 ** 5000
+    assert event.data["f"] == decimal.Decimal("1." + "5" * 5000)
+
+
+def test_deeply_nested_payload_is_decoded():
+    # json.loads raises RecursionError past ~1,000 levels; PostgreSQL's json accepts them.
+    depth = 3000
+    event = decode_payload("chan", '{"operation": "INSERT", "schema": "s", "table": "t", "data": {"j": '
+                           + "[" * depth + '{"k": "v"}' + "]" * depth + "}}")
+    value, levels = event.data["j"], 0
+    while isinstance(value, list):
+        value, levels = value[0], levels + 1
+    assert (levels, value) == (depth, {"k": "v"})
+
+
+@pytest.mark.parametrize("text", ["[1,]", '{"a" 1}', "[1 2]", "", '{"a":1}x', "[", "nul", '{"a":1,}', "01"])
+def test_unlimited_decoder_refuses_what_json_refuses(text):
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError):
+        loads_unlimited(text)
+
+
+def test_unlimited_decoder_agrees_with_json():
+    rng = random.Random(7)
+
+    def gen(depth=0):
+        r = rng.random()
+        if depth > 4 or r < 0.3:
+            return rng.choice([0, -2, 3.5, -1e-7, "a\"b\\", "\u0000", "é😀", None, True, False, ""])
+        if r < 0.65:
+            return [gen(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {f"k{i}\n": gen(depth + 1) for i in range(rng.randint(0, 3))}
+
+    for _ in range(500):
+        text = json.dumps(gen(), indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
+        assert loads_unlimited(text) == json.loads(text, parse_float=decimal.Decimal), text
 
 
 # -- converter / serialisation --------------------------------------------------------------------

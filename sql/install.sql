@@ -175,17 +175,31 @@ BEGIN
 END
 $fn$;
 
--- A row's JSON without the excluded columns, built from json, never jsonb: jsonb
--- refuses content that json keeps as written (\u0000 in a json column, and in a
--- database that is not UTF8 any \u escape above 007F), and the writer's statement
--- would fail. json_each() hands each value back as json text, untouched.
--- Names qualified instead of SET search_path, which would keep it from being inlined.
-CREATE OR REPLACE FUNCTION pgnotify_sync.without_columns(p_row json, p_exclude text[]) RETURNS json
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
-    SELECT COALESCE(pg_catalog.json_object_agg(e.key, e.value), '{}'::pg_catalog.json)
-      FROM pg_catalog.json_each(p_row) AS e
-     WHERE e.key OPERATOR(pg_catalog.<>) ALL (p_exclude)
+-- A row's JSON without the excluded columns: row_to_json() over the columns kept,
+-- never a parse of the row's JSON. jsonb (to_jsonb() minus the keys) and even
+-- json_each() decode every string's escapes, and refuse what json keeps as written
+-- (\u0000 in a json column; in a database that is not UTF8, any \u escape it cannot
+-- represent): the writer's statement would fail. The kept columns come from the
+-- catalog at each call, so columns added or dropped later are right at once.
+CREATE OR REPLACE FUNCTION pgnotify_sync.kept_columns(p_rel oid, p_exclude text[], p_prefix text DEFAULT '')
+RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(string_agg(p_prefix || quote_ident(a.attname) || ' AS ' || quote_ident(a.attname), ', '
+                               ORDER BY a.attnum), 'NULL::text AS "?"')
+      FROM pg_attribute a
+     WHERE a.attrelid = p_rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attname <> ALL (p_exclude)
 $fn$;
+
+CREATE OR REPLACE FUNCTION pgnotify_sync.without_columns(p_row anyelement, p_rel oid, p_exclude text[])
+RETURNS json LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_json json;
+BEGIN
+    EXECUTE 'SELECT row_to_json(r) FROM (SELECT ' || pgnotify_sync.kept_columns(p_rel, p_exclude, '($1).')
+            || ') r' INTO v_json USING p_row;
+    RETURN v_json;
+END
+$fn$;
+DROP FUNCTION IF EXISTS pgnotify_sync.without_columns(json, text[]);
 
 -- The trigger functions. TG_ARGV[0] is the channel, TG_ARGV[1..] the excluded columns.
 -- They must never make the writer's statement fail: a row too big for a notification
@@ -220,12 +234,12 @@ BEGIN
             v_data := row_to_json(OLD);
         END IF;
     ELSIF TG_OP = 'INSERT' THEN
-        v_data := pgnotify_sync.without_columns(row_to_json(NEW), TG_ARGV[1:]);
+        v_data := pgnotify_sync.without_columns(NEW, TG_RELID, TG_ARGV[1:]);
     ELSIF TG_OP = 'UPDATE' THEN
-        v_data := pgnotify_sync.without_columns(row_to_json(NEW), TG_ARGV[1:]);
-        v_old := pgnotify_sync.without_columns(row_to_json(OLD), TG_ARGV[1:]);
+        v_data := pgnotify_sync.without_columns(NEW, TG_RELID, TG_ARGV[1:]);
+        v_old := pgnotify_sync.without_columns(OLD, TG_RELID, TG_ARGV[1:]);
     ELSE
-        v_data := pgnotify_sync.without_columns(row_to_json(OLD), TG_ARGV[1:]);
+        v_data := pgnotify_sync.without_columns(OLD, TG_RELID, TG_ARGV[1:]);
     END IF;
     INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, old)
     VALUES (pg_current_xact_id(), TG_ARGV[0], TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, v_data, v_old)
@@ -264,12 +278,21 @@ DECLARE
     v_payload text;
     v_void    text;
 BEGIN
-    IF TG_OP = 'DELETE' THEN
-        v_data := pgnotify_sync.without_columns(row_to_json(OLD), TG_ARGV[3:]);
+    IF TG_NARGS = 3 THEN
+        IF TG_OP = 'DELETE' THEN
+            v_data := row_to_json(OLD);
+        ELSE
+            v_data := row_to_json(NEW);
+            IF TG_OP = 'UPDATE' THEN
+                v_old := row_to_json(OLD);
+            END IF;
+        END IF;
+    ELSIF TG_OP = 'DELETE' THEN
+        v_data := pgnotify_sync.without_columns(OLD, TG_RELID, TG_ARGV[3:]);
     ELSE
-        v_data := pgnotify_sync.without_columns(row_to_json(NEW), TG_ARGV[3:]);
+        v_data := pgnotify_sync.without_columns(NEW, TG_RELID, TG_ARGV[3:]);
         IF TG_OP = 'UPDATE' THEN
-            v_old := pgnotify_sync.without_columns(row_to_json(OLD), TG_ARGV[3:]);
+            v_old := pgnotify_sync.without_columns(OLD, TG_RELID, TG_ARGV[3:]);
         END IF;
     END IF;
     INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, old)
@@ -323,12 +346,12 @@ BEGIN
             v_first := coalesce(v_first, v_id);
         END LOOP;
     ELSIF TG_OP = 'INSERT' THEN
-        FOR v_id, v_data, v_xid IN
-            INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
-            SELECT pg_current_xact_id(), TG_ARGV[0], 'INSERT', TG_TABLE_SCHEMA, TG_TABLE_NAME,
-                   pgnotify_sync.without_columns(row_to_json(r), TG_ARGV[1:])
-              FROM pgnotify_sync_new r
-            RETURNING id, data, xid
+        -- The kept columns by name (see without_columns), once per statement.
+        FOR v_id, v_data, v_xid IN EXECUTE
+            'INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data) '
+            'SELECT pg_current_xact_id(), $1, ''INSERT'', $2, $3, row_to_json(r) FROM (SELECT '
+            || pgnotify_sync.kept_columns(TG_RELID, TG_ARGV[1:]) || ' FROM pgnotify_sync_new) r RETURNING id, data, xid'
+            USING TG_ARGV[0], TG_TABLE_SCHEMA, TG_TABLE_NAME
         LOOP
             v_first := coalesce(v_first, v_id);
         END LOOP;
@@ -342,12 +365,12 @@ BEGIN
             v_first := coalesce(v_first, v_id);
         END LOOP;
     ELSE
-        FOR v_id, v_data, v_xid IN
-            INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
-            SELECT pg_current_xact_id(), TG_ARGV[0], 'DELETE', TG_TABLE_SCHEMA, TG_TABLE_NAME,
-                   pgnotify_sync.without_columns(row_to_json(r), TG_ARGV[1:])
-              FROM pgnotify_sync_old r
-            RETURNING id, data, xid
+        -- The kept columns by name (see without_columns), once per statement.
+        FOR v_id, v_data, v_xid IN EXECUTE
+            'INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data) '
+            'SELECT pg_current_xact_id(), $1, ''DELETE'', $2, $3, row_to_json(r) FROM (SELECT '
+            || pgnotify_sync.kept_columns(TG_RELID, TG_ARGV[1:]) || ' FROM pgnotify_sync_old) r RETURNING id, data, xid'
+            USING TG_ARGV[0], TG_TABLE_SCHEMA, TG_TABLE_NAME
         LOOP
             v_first := coalesce(v_first, v_id);
         END LOOP;

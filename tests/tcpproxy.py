@@ -23,6 +23,7 @@ class TcpProxy:
         self._pairs = []
         self._refusing = False
         self._closed = False
+        self.accepted = 0       # connections accepted, refused ones included
         self._thread = threading.Thread(target=self._accept, name="tcpproxy-accept", daemon=True)
         self._thread.start()
 
@@ -34,6 +35,7 @@ class TcpProxy:
                 return
             with self._lock:
                 refusing = self._refusing
+                self.accepted += 1
             if refusing:
                 client.close()
                 continue

@@ -181,6 +181,16 @@ def loads_unlimited(text):
     def fail(msg, pos):
         raise json.JSONDecodeError(msg, text, pos)
 
+    def key_at(pos):
+        """An object's key and its colon at *pos*: (key, where its value starts)."""
+        if not text.startswith('"', pos):
+            fail("Expecting property name enclosed in double quotes", pos)
+        key, pos = _scanstring(text, pos + 1)
+        pos = _WS.match(text, pos).end()
+        if not text.startswith(":", pos):
+            fail("Expecting ':' delimiter", pos)
+        return key, _WS.match(text, pos + 1).end()
+
     end = len(text)
     # Each frame: [container, key or None]; a value completes the top frame.
     stack = []
@@ -196,13 +206,7 @@ def loads_unlimited(text):
             if text.startswith("}", pos):
                 value, pos = {}, pos + 1
             else:
-                if not text.startswith('"', pos):
-                    fail("Expecting property name enclosed in double quotes", pos)
-                key, pos = _scanstring(text, pos + 1)
-                pos = _WS.match(text, pos).end()
-                if not text.startswith(":", pos):
-                    fail("Expecting ':' delimiter", pos)
-                pos = _WS.match(text, pos + 1).end()
+                key, pos = key_at(pos)
                 stack.append([{}, key])
                 continue
         elif ch == "[":
@@ -242,20 +246,13 @@ def loads_unlimited(text):
             if text.startswith(",", pos):
                 pos = _WS.match(text, pos + 1).end()
                 if closer == "}":
-                    if not text.startswith('"', pos):
-                        fail("Expecting property name enclosed in double quotes", pos)
-                    key, pos = _scanstring(text, pos + 1)
-                    pos = _WS.match(text, pos).end()
-                    if not text.startswith(":", pos):
-                        fail("Expecting ':' delimiter", pos)
-                    pos = _WS.match(text, pos + 1).end()
-                    frame[1] = key
+                    frame[1], pos = key_at(pos)
                 break           # read the next value
             if text.startswith(closer, pos):
                 stack.pop()
                 value, pos = container, pos + 1
                 continue        # the container is a value of the one below
-            fail(f"Expecting ',' delimiter", pos)
+            fail("Expecting ',' delimiter", pos)
         if result is not _MISSING:
             if pos != end:
                 fail("Extra data", pos)

@@ -141,6 +141,14 @@ def test_handler_raising_systemexit_or_baseexception_stops_nothing(stream_db, ma
     assert all(t.is_alive() for t in listener.threads())
 
 
+@pytest.fixture
+def proxy(dsn):
+    """A TcpProxy (tests/tcpproxy.py) in front of the test database."""
+    p = TcpProxy(dsn["host"], dsn["port"])
+    yield p
+    p.close()
+
+
 # -- frozen paths ---------------------------------------------------------------------------
 
 
@@ -154,71 +162,63 @@ def row_stream(db):
     return db
 
 
-def test_frozen_path_old_backend_ended_and_queue_drains(row_stream, make_listener, dsn, admin_db):
-    proxy = TcpProxy(dsn["host"], dsn["port"])
-    try:
-        listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="frozenq",
-                                 health_check_interval_s=1.0, health_check_timeout_s=1.0)
-        got = Collector()
-        listener.on_event("stream", got)
-        lost = counter(listener.signals.disconnected)
-        listener.start()
-        _insert(row_stream, "stream")
-        got.wait(1)
-        proxy.freeze()
-        # Notifications of ~1 kB rows, several MB: the frozen backend's socket fills and
-        # it stops reading the queue, so it holds the tail for the whole cluster.
-        note = "n" * 1000
-        for _ in range(30):
-            _insert(row_stream, "stream", 1000, note=note)
-        wait_for(lambda: lost, timeout=15, message="the frozen path was never noticed")
-        wait_for(lambda: listener.state is ConnectionState.LISTENING, timeout=15)
-        _marker(row_stream, got)
-        ids = got.ids()
-        assert len(ids) == len(set(ids))
-        assert sorted(ids) == _logged(row_stream)
-        with admin_db.cursor() as cur:
-            def drained():
-                cur.execute("SELECT pg_notification_queue_usage()")
-                return cur.fetchone()[0] == 0
-            wait_for(drained, timeout=15, message="the notification queue stays held")
-        assert listener.stats["stale_backends_ended"] == 1
-    finally:
-        proxy.close()
+def test_frozen_path_old_backend_ended_and_queue_drains(row_stream, make_listener, admin_db, proxy):
+    listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="frozenq",
+                             health_check_interval_s=1.0, health_check_timeout_s=1.0)
+    got = Collector()
+    listener.on_event("stream", got)
+    lost = counter(listener.signals.disconnected)
+    listener.start()
+    _insert(row_stream, "stream")
+    got.wait(1)
+    proxy.freeze()
+    # Notifications of ~1 kB rows, several MB: the frozen backend's socket fills and
+    # it stops reading the queue, so it holds the tail for the whole cluster.
+    note = "n" * 1000
+    for _ in range(30):
+        _insert(row_stream, "stream", 1000, note=note)
+    wait_for(lambda: lost, timeout=15, message="the frozen path was never noticed")
+    wait_for(lambda: listener.state is ConnectionState.LISTENING, timeout=15)
+    _marker(row_stream, got)
+    ids = got.ids()
+    assert len(ids) == len(set(ids))
+    assert sorted(ids) == _logged(row_stream)
+    with admin_db.cursor() as cur:
+        def drained():
+            cur.execute("SELECT pg_notification_queue_usage()")
+            return cur.fetchone()[0] == 0
+        wait_for(drained, timeout=15, message="the notification queue stays held")
+    assert listener.stats["stale_backends_ended"] == 1
 
 
-def test_pooled_query_on_a_frozen_path_has_a_deadline(stream_db, make_listener, dsn):
-    proxy = TcpProxy(dsn["host"], dsn["port"])
-    try:
-        listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="frozenpool",
-                                 query_timeout_s=1.0, health_check_interval_s=30.0, health_check_timeout_s=30.0)
-        got = Collector()
-        listener.on_event("stream", got)
-        listener.start()
-        assert listener.publish("stream", {"warm": 1}) is not None     # a pooled connection exists
-        proxy.freeze()          # every connection so far: listener's and pool's
-        result = {}
+def test_pooled_query_on_a_frozen_path_has_a_deadline(stream_db, make_listener, proxy):
+    listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="frozenpool",
+                             query_timeout_s=1.0, health_check_interval_s=30.0, health_check_timeout_s=30.0)
+    got = Collector()
+    listener.on_event("stream", got)
+    listener.start()
+    assert listener.publish("stream", {"warm": 1}) is not None     # a pooled connection exists
+    proxy.freeze()          # every connection so far: listener's and pool's
+    result = {}
 
-        def publish():
-            try:
-                result["id"] = listener.publish("stream", {"during": "freeze"})
-            except BaseException as exc:   # reported to the test below
-                result["error"] = exc
+    def publish():
+        try:
+            result["id"] = listener.publish("stream", {"during": "freeze"})
+        except BaseException as exc:   # reported to the test below
+            result["error"] = exc
 
-        t = threading.Thread(target=publish, daemon=True)
-        t.start()
-        t.join(15)
-        assert not t.is_alive(), "publish() hangs on a frozen pooled connection"
-        assert "error" not in result, result.get("error")
-        with stream_db.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pgnotify_sync.event_log WHERE data->>'during' = 'freeze'")
-            assert cur.fetchone()[0] == 1          # redone on a fresh connection, once
-        assert listener._pool.timeouts >= 1
-        proxy.thaw()
-        listener.stop(timeout=5)
-        assert not any(t.is_alive() for t in listener.threads())
-    finally:
-        proxy.close()
+    t = threading.Thread(target=publish, daemon=True)
+    t.start()
+    t.join(15)
+    assert not t.is_alive(), "publish() hangs on a frozen pooled connection"
+    assert "error" not in result, result.get("error")
+    with stream_db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pgnotify_sync.event_log WHERE data->>'during' = 'freeze'")
+        assert cur.fetchone()[0] == 1          # redone on a fresh connection, once
+    assert listener._pool.timeouts >= 1
+    proxy.thaw()
+    listener.stop(timeout=5)
+    assert not any(t.is_alive() for t in listener.threads())
 
 
 # -- odd data -------------------------------------------------------------------------------
@@ -360,47 +360,39 @@ def test_delivered_counter_matches_every_channel(db, make_listener):
 # -- publish --------------------------------------------------------------------------------
 
 
-def test_publish_buffer_flushed_at_stop_without_duplicates_and_refused_after(stream_db, make_listener, dsn):
-    proxy = TcpProxy(dsn["host"], dsn["port"])
-    try:
-        listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="pubbuf",
-                                 enable_event_buffering=True, connect_timeout_s=1.0)
-        listener.start()
-        assert listener.publish("stream", {"n": 0}) is not None
-        proxy.cut()             # every connection closed, new ones refused
-        assert listener.publish("stream", {"n": 1}) is None           # tried once, then buffered
-        tried = proxy.accepted
-        for n in range(2, 6):
-            assert listener.publish("stream", {"n": n}) is None       # buffered at once: no new attempt
-        assert proxy.accepted == tried
-        assert listener.get_stats()["publish_buffered"] == 5
-        proxy.restore()
-        listener.stop(timeout=10)
-        with stream_db.cursor() as cur:
-            cur.execute("SELECT (data->>'n')::int FROM pgnotify_sync.event_log WHERE channel = 'stream' ORDER BY id")
-            assert [r[0] for r in cur.fetchall()] == [0, 1, 2, 3, 4, 5]
-        assert listener.stats["publish_dropped"] == 0
-        with pytest.raises(ListenerStateError):
-            listener.publish("stream", {"n": 6})
-    finally:
-        proxy.close()
+def test_publish_buffer_flushed_at_stop_without_duplicates_and_refused_after(stream_db, make_listener, proxy):
+    listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="pubbuf",
+                             enable_event_buffering=True, connect_timeout_s=1.0)
+    listener.start()
+    assert listener.publish("stream", {"n": 0}) is not None
+    proxy.cut()             # every connection closed, new ones refused
+    assert listener.publish("stream", {"n": 1}) is None           # tried once, then buffered
+    tried = proxy.accepted
+    for n in range(2, 6):
+        assert listener.publish("stream", {"n": n}) is None       # buffered at once: no new attempt
+    assert proxy.accepted == tried
+    assert listener.get_stats()["publish_buffered"] == 5
+    proxy.restore()
+    listener.stop(timeout=10)
+    with stream_db.cursor() as cur:
+        cur.execute("SELECT (data->>'n')::int FROM pgnotify_sync.event_log WHERE channel = 'stream' ORDER BY id")
+        assert [r[0] for r in cur.fetchall()] == [0, 1, 2, 3, 4, 5]
+    assert listener.stats["publish_dropped"] == 0
+    with pytest.raises(ListenerStateError):
+        listener.publish("stream", {"n": 6})
 
 
-def test_publish_buffer_that_cannot_be_sent_at_stop_is_reported(stream_db, make_listener, dsn):
-    proxy = TcpProxy(dsn["host"], dsn["port"])
-    try:
-        listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="pubdrop",
-                                 enable_event_buffering=True, connect_timeout_s=1.0)
-        errors = counter(listener.signals.error)
-        listener.start()
-        proxy.cut()
-        for n in range(3):
-            assert listener.publish("stream", {"n": n}) is None
-        listener.stop(timeout=1.5)
-        assert listener.stats["publish_dropped"] == 3
-        assert [e for e in errors if e["kind"] == "publish" and "3 buffered publishes" in str(e["error"])]
-    finally:
-        proxy.close()
+def test_publish_buffer_that_cannot_be_sent_at_stop_is_reported(stream_db, make_listener, proxy):
+    listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="pubdrop",
+                             enable_event_buffering=True, connect_timeout_s=1.0)
+    errors = counter(listener.signals.error)
+    listener.start()
+    proxy.cut()
+    for n in range(3):
+        assert listener.publish("stream", {"n": n}) is None
+    listener.stop(timeout=1.5)
+    assert listener.stats["publish_dropped"] == 3
+    assert [e for e in errors if e["kind"] == "publish" and "3 buffered publishes" in str(e["error"])]
 
 
 def test_publish_with_the_same_key_is_logged_once(stream_db):

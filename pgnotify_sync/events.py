@@ -173,90 +173,84 @@ def _number(match):
         return int(decimal.Decimal(text))
 
 
+def _fail(text, msg, pos):
+    raise json.JSONDecodeError(msg, text, pos)
+
+
+def _key_at(text, pos):
+    """An object's key and its colon at *pos*: (key, where its value starts)."""
+    if not text.startswith('"', pos):
+        _fail(text, "Expecting property name enclosed in double quotes", pos)
+    key, pos = _scanstring(text, pos + 1)
+    pos = _WS.match(text, pos).end()
+    if not text.startswith(":", pos):
+        _fail(text, "Expecting ':' delimiter", pos)
+    return key, _WS.match(text, pos + 1).end()
+
+
+def _scalar_at(text, pos):
+    """A string, number, true, false or null at *pos*: (value, end)."""
+    if text.startswith('"', pos):
+        return _scanstring(text, pos + 1)
+    m = _NUMBER.match(text, pos)
+    if m is not None and m.end() > pos:
+        return _number(m), m.end()
+    for word, const in _CONSTANTS.items():
+        if text.startswith(word, pos):
+            return const, pos + len(word)
+    _fail(text, "Expecting value", pos)
+
+
 def loads_unlimited(text):
     """A JSON decoder without recursion (any nesting depth) or integer-size limit.
 
     Slower than ``json.loads`` (pure Python); used only for what that refuses.
     """
-    def fail(msg, pos):
-        raise json.JSONDecodeError(msg, text, pos)
-
-    def key_at(pos):
-        """An object's key and its colon at *pos*: (key, where its value starts)."""
-        if not text.startswith('"', pos):
-            fail("Expecting property name enclosed in double quotes", pos)
-        key, pos = _scanstring(text, pos + 1)
-        pos = _WS.match(text, pos).end()
-        if not text.startswith(":", pos):
-            fail("Expecting ':' delimiter", pos)
-        return key, _WS.match(text, pos + 1).end()
-
     end = len(text)
     # Each frame: [container, key or None]; a value completes the top frame.
     stack = []
     pos = _WS.match(text, 0).end()
-    result = _MISSING = object()
     while True:
-        if pos >= end:
-            fail("Expecting value", pos)
-        ch = text[pos]
         # -- read one value (or open a container) at pos
-        if ch == "{":
+        if pos >= end:
+            _fail(text, "Expecting value", pos)
+        opener = text[pos]
+        if opener == "{" or opener == "[":
             pos = _WS.match(text, pos + 1).end()
-            if text.startswith("}", pos):
-                value, pos = {}, pos + 1
-            else:
-                key, pos = key_at(pos)
+            if text.startswith("}" if opener == "{" else "]", pos):
+                value, pos = ({} if opener == "{" else []), pos + 1
+            elif opener == "{":
+                key, pos = _key_at(text, pos)
                 stack.append([{}, key])
                 continue
-        elif ch == "[":
-            pos = _WS.match(text, pos + 1).end()
-            if text.startswith("]", pos):
-                value, pos = [], pos + 1
             else:
                 stack.append([[], None])
                 continue
-        elif ch == '"':
-            value, pos = _scanstring(text, pos + 1)
         else:
-            m = _NUMBER.match(text, pos)
-            if m is not None and m.end() > pos:
-                value, pos = _number(m), m.end()
-            else:
-                for word, const in _CONSTANTS.items():
-                    if text.startswith(word, pos):
-                        value, pos = const, pos + len(word)
-                        break
-                else:
-                    fail("Expecting value", pos)
-        # -- hand the value to its container; close containers that end here
+            value, pos = _scalar_at(text, pos)
+        # -- hand the value to its container; close the containers that end here
         while True:
             pos = _WS.match(text, pos).end()
             if not stack:
-                result = value
-                break
+                if pos != end:
+                    _fail(text, "Extra data", pos)
+                return value
             frame = stack[-1]
-            container = frame[0]
-            if frame[1] is None:
+            container, key = frame
+            if key is None:
                 container.append(value)
-                closer = "]"
             else:
-                container[frame[1]] = value
-                closer = "}"
+                container[key] = value
             if text.startswith(",", pos):
                 pos = _WS.match(text, pos + 1).end()
-                if closer == "}":
-                    frame[1], pos = key_at(pos)
+                if key is not None:
+                    frame[1], pos = _key_at(text, pos)
                 break           # read the next value
-            if text.startswith(closer, pos):
+            if text.startswith("]" if key is None else "}", pos):
                 stack.pop()
                 value, pos = container, pos + 1
                 continue        # the container is a value of the one below
-            fail("Expecting ',' delimiter", pos)
-        if result is not _MISSING:
-            if pos != end:
-                fail("Extra data", pos)
-            return result
+            _fail(text, "Expecting ',' delimiter", pos)
 
 
 @attrs.frozen(slots=True)

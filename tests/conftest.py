@@ -111,15 +111,34 @@ def installed(db):
     return db
 
 
-@pytest.fixture
-def stream_db(db):
-    """Pgnotify_sync installed and a watched ``stream`` table (the no-loss workload's)."""
+def _stream_table(db, mode):
     from pgnotify_sync import install, watch_table
     install(db)
     with db.cursor() as cur:
         cur.execute("CREATE TABLE stream (id serial PRIMARY KEY, w int, v int NOT NULL DEFAULT 0, note text)")
-    watch_table(db, "public.stream", channel="stream")
+    watch_table(db, "public.stream", channel="stream", mode=mode)
     return db
+
+
+@pytest.fixture
+def stream_db(db):
+    """Pgnotify_sync installed and a watched ``stream`` table (the no-loss workload's)."""
+    return _stream_table(db, "statement")
+
+
+@pytest.fixture
+def row_stream_db(db):
+    """``stream_db`` in row mode: one notification per row (fills the server's queue)."""
+    return _stream_table(db, "row")
+
+
+@pytest.fixture
+def proxy(dsn):
+    """A TcpProxy (tests/tcpproxy.py: freeze, cut, restore) in front of the test database."""
+    from tcpproxy import TcpProxy
+    p = TcpProxy(dsn["host"], dsn["port"])
+    yield p
+    p.close()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from pgnotify_sync import ConnectionState, Listener, ListenerStateError, install
 
 from helpers import wait_for
 from pgutil import Collector, config_for, counter
-from tcpproxy import TcpProxy
 
 
 def _insert(db, table, n=1, note="x"):
@@ -141,48 +140,30 @@ def test_handler_raising_systemexit_or_baseexception_stops_nothing(stream_db, ma
     assert all(t.is_alive() for t in listener.threads())
 
 
-@pytest.fixture
-def proxy(dsn):
-    """A TcpProxy (tests/tcpproxy.py) in front of the test database."""
-    p = TcpProxy(dsn["host"], dsn["port"])
-    yield p
-    p.close()
-
-
 # -- frozen paths ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def row_stream(db):
-    """A watched table in row mode: one notification per row (fills the queue)."""
-    install(db)
-    with db.cursor() as cur:
-        cur.execute("CREATE TABLE stream (id serial PRIMARY KEY, v int NOT NULL DEFAULT 0, note text)")
-    watch_table(db, "public.stream", channel="stream", mode="row")
-    return db
-
-
-def test_frozen_path_old_backend_ended_and_queue_drains(row_stream, make_listener, admin_db, proxy):
+def test_frozen_path_old_backend_ended_and_queue_drains(row_stream_db, make_listener, admin_db, proxy):
     listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="frozenq",
                              health_check_interval_s=1.0, health_check_timeout_s=1.0)
     got = Collector()
     listener.on_event("stream", got)
     lost = counter(listener.signals.disconnected)
     listener.start()
-    _insert(row_stream, "stream")
+    _insert(row_stream_db, "stream")
     got.wait(1)
     proxy.freeze()
     # Notifications of ~1 kB rows, several MB: the frozen backend's socket fills and
     # it stops reading the queue, so it holds the tail for the whole cluster.
     note = "n" * 1000
     for _ in range(30):
-        _insert(row_stream, "stream", 1000, note=note)
+        _insert(row_stream_db, "stream", 1000, note=note)
     wait_for(lambda: lost, timeout=15, message="the frozen path was never noticed")
     wait_for(lambda: listener.state is ConnectionState.LISTENING, timeout=15)
-    _marker(row_stream, got)
+    _marker(row_stream_db, got)
     ids = got.ids()
     assert len(ids) == len(set(ids))
-    assert sorted(ids) == _logged(row_stream)
+    assert sorted(ids) == _logged(row_stream_db)
     with admin_db.cursor() as cur:
         def drained():
             cur.execute("SELECT pg_notification_queue_usage()")

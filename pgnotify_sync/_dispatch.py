@@ -163,7 +163,8 @@ class Dispatcher:
 
     *hooks* is the listener; it provides ``_deliver(ch, events)``,
     ``_catch_up(ch)`` (returns the events to deliver and the new position),
-    ``_fetch_ref(ch, ref)``, ``_fetch_range(ch, rng)``, ``_report(kind, error, channel)``,
+    ``_fetch_ref(ch, ref)``, ``_fetch_range(ch, rng, after=0, previous=None)`` (a page of
+    the range's rows after id *after*, and whether more follow), ``_report(kind, error, channel)``,
     ``_caught_up(ch, reason, count)``, ``_on_position(ch)`` (a position
     moved) and ``_after_batch(ch)`` (durable consumers store their position).
 
@@ -427,11 +428,24 @@ class Dispatcher:
                     if pos is not None and pos.visible(item.xid):
                         continue        # the whole transaction was handled already
                     self._read_ahead(ch, items, i + 1)
-                    events = job.result() if job is not None else self._hooks._fetch_range(ch, item)
-                    delivering = self._fresh_range(ch, events, item.xid)
-                    if delivering:
-                        self._hooks._deliver(ch, delivering)
-                    delivering = None
+                    events, more = job.result() if job is not None else self._hooks._fetch_range(ch, item)
+                    read = 0
+                    while True:
+                        # A big statement (or one of wide rows) comes in bounded pages;
+                        # the next is read on a fetch thread while this one is delivered.
+                        read += len(events)
+                        after = self.submit(self._hooks._fetch_range, ch, item, events[-1].id, len(events)) \
+                            if more and events else None
+                        delivering = self._fresh_range(ch, events, item.xid)
+                        if delivering:
+                            self._hooks._deliver(ch, delivering)
+                        delivering = None
+                        if after is None:
+                            break
+                        events, more = after.result()
+                    if read != item.n:
+                        self._hooks._report("missing", f"{item.n - read} events of ids {item.first}..{item.last} "
+                                                       "are no longer in the event log", ch.name)
                 elif cls is EventRef:
                     if item.xid is not None and self._seen(ch, item.id, item.xid):
                         continue

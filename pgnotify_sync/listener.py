@@ -61,6 +61,8 @@ _names = itertools.count(1)
 _repeat = itertools.repeat
 
 CATCHUP_PAGE = 5000
+# A statement's rows are read in pages of at most this many rows (and PAGE_BYTES).
+RANGE_PAGE = 20_000
 # A durable consumer's default: store the position at least every this many events.
 # A write per event (1) bounds the repeats after a crash to the event in flight but
 # caps a catch-up at ~3,000 events/s (one round trip and commit each); 100 makes the
@@ -78,10 +80,22 @@ TRIM_BATCH = 10_000
 # less than json_agg(json_build_array(...)) and the client parses a third less text.
 # A statement's range is one group; a catch-up page has a group per table and
 # operation, merged by id on the client.
+#
+# A page is bounded by bytes as well as rows: it ends with the row that reaches
+# PAGE_BYTES of row text (at least one row), so wide rows never build a text near
+# PostgreSQL's 1 GB limit, and what a page holds in memory stays small. The last
+# column says the page was cut there (the caller reads on after its last id).
+PAGE_BYTES = 4 << 20
 _ROWS = ("SELECT operation, schema_name, table_name, '[' || string_agg(id || ',' || xid || ',' || "
-         "coalesce(data::text, 'null') || ',' || coalesce(old::text, 'null'), ',' ORDER BY id) || ']' "
-         "FROM (SELECT id, xid, operation, schema_name, table_name, data, old FROM pgnotify_sync.event_log "
-         "WHERE {where} ORDER BY id {limit}) r GROUP BY 1, 2, 3")
+         "coalesce(data::text, 'null') || ',' || coalesce(old::text, 'null'), ',' ORDER BY id) || ']', "
+         "bool_or(upto >= %(max_bytes)s) "
+         "FROM (SELECT *, sum(size) OVER (ORDER BY id) AS upto "
+         "      FROM (SELECT *, coalesce(octet_length(data::text), 4) + coalesce(octet_length(old::text), 4) AS size "
+         # sized after the LIMIT (its own level: a subquery with LIMIT is not flattened),
+         # else the planner may size every row of the range for each page
+         "            FROM (SELECT id, xid, operation, schema_name, table_name, data, old "
+         "                    FROM pgnotify_sync.event_log WHERE {where} ORDER BY id {limit}) l) w) r "
+         "WHERE upto - size < %(max_bytes)s GROUP BY 1, 2, 3")
 
 _CATCHUP_SQL = _ROWS.format(where="""channel = %(channel)s
    AND xid >= %(pos_xmin)s::text::xid8 AND xid < %(to_xmax)s::text::xid8
@@ -93,7 +107,7 @@ _CATCHUP_SQL = _ROWS.format(where="""channel = %(channel)s
 # the primary key. With "xid = X" it may pick the xid index and walk every entry of a
 # big transaction for each 1000-row range (seen on a log without statistics yet).
 _RANGE_SQL = _ROWS.format(where="id BETWEEN %(first)s AND %(last)s AND xid::text = %(xid)s "
-                                "AND channel = %(channel)s", limit="")
+                                "AND channel = %(channel)s", limit="LIMIT %(limit)s")
 
 _FETCH_SQL = _ROWS.format(where="id = %(id)s", limit="")
 
@@ -1027,7 +1041,10 @@ class Listener:
         self._report("handler", exc, ch.name, event_id=event.id, exc_info=True)
 
     def _read_rows(self, ch, sql_text, params):
-        """Events from the log (one page, see _ROWS); CatchUpFailed if it cannot be read."""
+        """Events from the log (one page, see _ROWS) and whether the page was cut by
+        its byte bound (more rows may follow its last id); CatchUpFailed if it
+        cannot be read."""
+        params["max_bytes"] = PAGE_BYTES
         try:
             with self._pool.connection() as conn, conn.cursor() as cur:
                 cur.execute(sql_text, params)
@@ -1037,15 +1054,17 @@ class Listener:
         name, ops = ch.name, _OPERATIONS
         events = []
         extend = events.extend
-        for op, schema, table, text in groups:
+        cut = False
+        for op, schema, table, text, group_cut in groups:
             flat = loads(text)
+            cut = cut or group_cut
             # map() over slices builds the events from C: a quarter cheaper than a
             # comprehension unpacking the flat list.
             extend(map(DatabaseEvent, _repeat(name), _repeat(ops[op]), _repeat(schema), _repeat(table),
                        flat[2::4], flat[3::4], flat[0::4], flat[1::4]))
         if len(groups) > 1:
             events.sort(key=_event_id)
-        return events
+        return events, cut
 
     def _catch_up(self, ch):
         pos = ch.position
@@ -1058,40 +1077,42 @@ class Listener:
         except (psycopg2.Error, PgNotifyError) as exc:
             raise CatchUpFailed(_first_line(exc)) from exc
 
-        def read(after):
+        def read(after, previous=None):
+            limit = _page_rows(CATCHUP_PAGE, previous)
             params = {"channel": ch.wire, "pos_xmin": str(pos.xmin), "to_xmax": str(target.xmax),
-                      "to": str(target), "pos": str(pos), "limit": CATCHUP_PAGE, "after": after}
-            return self._read_rows(ch, _CATCHUP_SQL, params)
+                      "to": str(target), "pos": str(pos), "limit": limit, "after": after}
+            events, cut = self._read_rows(ch, _CATCHUP_SQL, params)
+            return events, cut or len(events) == limit
 
         def pages():
             # The next page is read on a fetch thread while this one is delivered.
-            events = read(0)
+            events, more = read(0)
             while events:
                 self.stats.inc("caught_up", len(events))
                 ch.caught_up += len(events)
-                ahead = self._dispatcher.submit(read, events[-1].id) if len(events) == CATCHUP_PAGE else None
+                ahead = self._dispatcher.submit(read, events[-1].id, len(events)) if more else None
                 yield events
                 if ahead is None:
                     return
-                events = ahead.result()
+                events, more = ahead.result()
 
         return target, pages()
 
     def _fetch_ref(self, ch, ref):
-        events = self._read_rows(ch, _FETCH_SQL, {"id": ref.id})
+        events, _ = self._read_rows(ch, _FETCH_SQL, {"id": ref.id})
         if not events:
             self._report("missing", f"event {ref.id} is no longer in the event log", ch.name)
             return None
         return events[0]
 
-    def _fetch_range(self, ch, rng):
-        """The rows of one statement, announced by id range."""
-        events = self._read_rows(ch, _RANGE_SQL, {"first": rng.first, "last": rng.last, "xid": str(rng.xid),
-                                                  "channel": ch.wire})
-        if len(events) != rng.n:
-            self._report("missing", f"{rng.n - len(events)} events of ids {rng.first}..{rng.last} are no longer "
-                                    "in the event log", ch.name)
-        return events
+    def _fetch_range(self, ch, rng, after=0, previous=None):
+        """The rows of one statement, announced by id range, after id *after*: one
+        page (see _ROWS; *previous* is the row count of the page before it) and
+        whether more follow it."""
+        limit = _page_rows(RANGE_PAGE, previous)
+        events, cut = self._read_rows(ch, _RANGE_SQL, {"first": max(rng.first, after + 1), "last": rng.last,
+                                                       "xid": str(rng.xid), "channel": ch.wire, "limit": limit})
+        return events, cut or len(events) == limit
 
     def _caught_up(self, ch, reason, count):
         with self._lock:
@@ -1311,6 +1332,16 @@ class Listener:
                             (ch.wire, str(pos.xmin), str(pos)))
                 pending = cur.fetchone()[0]
             ch.lag = max(0, pending - handled_count(ch))
+
+def _page_rows(most, previous):
+    """Rows to ask for in the next page, after one of *previous* rows (None: the
+    first page). Each page query sizes every row it may return (the byte bound),
+    so after a page cut short by wide rows the next asks for twice as many as it
+    got, not *most*: reading n wide rows stays linear, not quadratic, in n."""
+    if previous is None:
+        return most
+    return min(most, max(64, 2 * previous))
+
 
 def _ranges(handled):
     """Sorted ids as [first, last] ranges (compact: ids handled live are mostly consecutive)."""

@@ -116,10 +116,10 @@ class FakeHooks:
             raise result
         return result
 
-    def _fetch_range(self, ch, rng):
+    def _fetch_range(self, ch, rng, after=0, previous=None):
         with self.lock:
             self.range_calls.append(rng.first)
-        return self.ranges[rng.first]()
+        return self.ranges[rng.first](), False
 
     def __getattr__(self, name):
         # Hooks added to the Dispatcher later (e.g. _after_batch) are recorded, not fatal.

@@ -432,3 +432,65 @@ def test_health_reports_state_queue_reconnects_and_lag(stream_db, make_listener,
     assert health["channels"]["stream"]["delivered"] == 3
     pg_cluster.terminate_backends(dbname, application_name="pgnotify_sync")
     wait_for(lambda: listener.health()["reconnects"] == 1 and listener.health()["ok"], timeout=15)
+
+
+# -- pages bounded by bytes -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_statement_of_wide_rows_past_1_gb_is_delivered_in_pages(db, make_listener):
+    # One statement of 4,800 rows of 230 kB: 1.1 GB of row text, over PostgreSQL's
+    # 1 GB limit for one text value if the range were read as one page.
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE wide (id serial PRIMARY KEY, body text)")
+    watch_table(db, "public.wide", channel="wide")
+    got = []
+    listener = make_listener(channels=("wide",), name="wide", query_timeout_s=120.0)
+    listener.on_event("wide", lambda e: got.append((e.id, e.data["id"], len(e.data["body"]))))
+    errors = counter(listener.signals.error)
+    listener.start()
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO wide (body) SELECT repeat(chr(97 + i % 26), 230000) FROM generate_series(1, 4800) i")
+    wait_for(lambda: len(got) >= 4800 or errors, timeout=240, message=f"delivered {len(got)} of 4800")
+    assert not errors, errors[0]
+    assert [ident for ident, _, _ in got] == _logged(db, "wide")
+    assert [row for _, row, _ in got] == list(range(1, 4801))
+    assert {size for _, _, size in got} == {230000}
+
+
+def test_catch_up_pages_bounded_by_bytes_deliver_every_row_once(db, make_listener, monkeypatch):
+    import pgnotify_sync.listener as listener_module
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE wide (id serial PRIMARY KEY, body text, note text)")
+    watch_table(db, "public.wide", channel="wide")
+    monkeypatch.setattr(listener_module, "PAGE_BYTES", 50_000)      # ~24 rows of 2 kB a page
+    pages = []
+    read_rows = listener_module.Listener._read_rows
+
+    def counting(self, ch, sql_text, params):
+        result = read_rows(self, ch, sql_text, params)
+        pages.append((sql_text is listener_module._CATCHUP_SQL, len(result[0]), result[1]))
+        return result
+
+    monkeypatch.setattr(listener_module.Listener, "_read_rows", counting)
+    first = make_listener(channels=("wide",), consumer="pages", name="pages1")
+    first.start()
+    first.stop()
+    with db.cursor() as cur:
+        for _ in range(3):
+            cur.execute("INSERT INTO wide (body) SELECT repeat('w', 2000) FROM generate_series(1, 100)")
+    got = Collector()
+    second = make_listener(channels=("wide",), consumer="pages", name="pages2")
+    second.on_event("wide", got)
+    second.start()
+    got.wait(300)
+    _marker(db, got, table="wide")
+    ids = got.ids()
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    assert ids == _logged(db, "wide")
+    catchup_pages = [p for p in pages if p[0]]
+    assert len(catchup_pages) >= 12 and max(n for _, n, _ in catchup_pages) <= 30
+    full = [cut for _, n, cut in catchup_pages if n]
+    assert all(full[:-1])          # every page but the last was cut by its byte bound

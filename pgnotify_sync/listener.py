@@ -1137,7 +1137,7 @@ class Listener:
 
         Never called with one of our locks held: the ``error`` receivers run here.
         """
-        level = logging.WARNING if kind in ("payload", "handler", "overflow", "catchup", "receiver") else logging.ERROR
+        level = logging.WARNING if kind in ("payload", "handler", "overflow", "catchup", "receiver", "sse") else logging.ERROR
         text = error if isinstance(error, str) else _describe(error)
         if what:
             text = f"{what}: {text}"

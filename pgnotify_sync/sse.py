@@ -294,6 +294,7 @@ class SSEBridge:
         self._closed = False
         self.evicted = 0
         self.sent = 0
+        self.user_code_errors = 0       # authorize / row_filter raised
         self.replayed = 0
         self.replayed_from_log = 0
         for channel in channels:
@@ -309,7 +310,17 @@ class SSEBridge:
 
     def stats(self):
         return {"clients": self.clients, "evicted": self.evicted, "sent": self.sent, "replayed": self.replayed,
-                "replayed_from_log": self.replayed_from_log, "ring": len(self._ring)}
+                "replayed_from_log": self.replayed_from_log, "ring": len(self._ring),
+                "user_code_errors": self.user_code_errors}
+
+    def _user_code_failed(self, what, exc, channel=None, event_id=None):
+        """authorize / row_filter raised: logged (by the caller), counted, reported
+        through the listener's ``error`` signal (kind ``sse``). Never under our lock."""
+        with self._lock:
+            self.user_code_errors += 1
+        report = getattr(self.listener, "_report", None)
+        if report is not None:
+            report("sse", exc, channel, event_id=event_id, what=what)
 
     def close(self):
         """End every open stream and refuse new ones (503). Idempotent."""
@@ -370,8 +381,9 @@ class SSEBridge:
         info.requested_channels = tuple(requested)
         try:
             allowed = self.authorize(info)
-        except Exception:
+        except Exception as exc:
             log.exception("SSE authorize() raised; refusing the client")
+            self._user_code_failed("SSE authorize()", exc)
             raise _Refused("500 Internal Server Error", "authorization failed") from None
         if allowed is None:
             raise _Refused("403 Forbidden", "not authorized")
@@ -427,8 +439,9 @@ class SSEBridge:
             return True
         try:
             return bool(self.row_filter(client.info, entry.event))
-        except Exception:
+        except Exception as exc:
             log.exception("SSE row_filter raised for event %s; not sent", entry.event.id)
+            self._user_code_failed("SSE row_filter()", exc, entry.event.channel, entry.event.id)
             return False
 
     def _stream(self, client, registered_at, replay, last_event_id):

@@ -18,7 +18,7 @@ import psycopg2
 import pytest
 
 from helpers import wait_for
-from pgutil import logged_ids
+from pgutil import counter, logged_ids
 from pgnotify_sync.errors import ConfigError
 from pgnotify_sync.sse import SSEBridge, allow_all
 from pgnotify_sync.web import make_server
@@ -521,3 +521,35 @@ def test_flask_blueprint(installed, make_listener, sse, pg_cluster, dbname):
     resumed.close()
     # A client that went away is unregistered at the next write (heartbeat).
     wait_for(lambda: bridge.clients == 0, message="closed Flask streams still registered")
+
+
+def test_authorize_and_row_filter_that_raise_are_counted_and_reported(installed, make_listener, sse, pg_cluster,
+                                                                     dbname):
+    listener = make_listener(channels=("messages",))
+    errors = counter(listener.signals.error)
+
+    def authorize(info):
+        if info.headers.get("x-user") == "bug":
+            raise KeyError("session store down")
+        return {"messages"}
+
+    def row_filter(info, event):
+        if event.data.get("room") == "boom":
+            raise ValueError("filter bug")
+        return True
+
+    bridge, url = sse.start(listener, channels=("messages",), authorize=authorize, row_filter=row_filter)
+    listener.start()
+    refused = sse.client(f"{url}/stream?channels=messages", headers={"X-User": "bug"})
+    assert refused.status == 500
+    client = sse.client(f"{url}/stream?channels=messages", headers={"X-User": "alice"})
+    assert client.status == 200
+    insert(installed, 1, room="public")
+    insert(installed, 1, room="boom")
+    insert(installed, 1, room="public")
+    logged = messages_ids(pg_cluster, dbname)
+    assert client.wait_ids(2) == [logged[0], logged[2]]
+    wait_for(lambda: bridge.stats()["user_code_errors"] == 2, timeout=10)
+    reported = [e for e in errors if e["kind"] == "sse"]
+    assert sorted(type(e["error"]).__name__ for e in reported) == ["KeyError", "ValueError"]
+    assert [e["event_id"] for e in reported if isinstance(e["error"], ValueError)] == [logged[1]]

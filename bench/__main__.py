@@ -24,6 +24,8 @@ catchup        a durable consumer 100,000 events behind: start -> all delivered
 memory         peak VmRSS growth of the Listener's process during a 1,000,000-
                event burst with a slow handler (event_buffer_size=10,000) vs a 10x
                smaller burst: flat or not.
+faults         freeze -> disconnected (vs interval + timeout), stop() in a 10 s
+               backoff, a wrong password refused (vs a good start); bench/faults.py.
 
 Figures are medians over ``--runs`` (min - max in brackets); kinds alternate run
 by run. The machine is shared and noisy: compare ours with its baseline of the
@@ -56,7 +58,7 @@ from pgnotify_sync import PgNotifyError
 from pgnotify_sync._cluster import ClusterError
 
 DEFAULT_PLOT = pathlib.Path(__file__).resolve().parent / "results" / "load.png"
-ORDER = ("writer_bulk", "writer_single", "delivery", "delivery_ssh", "latency", "load", "catchup", "memory")
+ORDER = ("writer_bulk", "writer_single", "delivery", "delivery_ssh", "latency", "load", "catchup", "memory", "faults")
 
 
 def parse_args(argv=None):

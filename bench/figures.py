@@ -32,6 +32,7 @@ import time
 import attrs
 
 from bench import _child
+from bench.faults import faults
 from bench._common import (BENCH_TABLE, PLAIN_CHANNEL, PLAIN_TABLE, BenchError, BurstWriter, RawReceiver, Tally,
                            create_rows_table, fmt_rate, now, prepare_bench_table, prepare_plain_table,
                            process_cpu_s, summarize, write_burst)
@@ -622,6 +623,7 @@ FIGURES = {
     "load": load,
     "catchup": catchup,
     "memory": memory,
+    "faults": faults,
 }
 
 

@@ -256,7 +256,9 @@ def test_row_values_are_never_logged(installed, make_listener, pg_cluster, dbnam
     wait_for(lambda: listener.stats["reconnects"] == 1 and listener.stats.get("errors_payload") == 1
              and listener.stats["handler_errors"] == 1, timeout=15)
     assert {e.data["body"] for e in got.events if e.operation == "INSERT"} >= {ROW_VALUE}   # it was sent
-    assert listener.get_stats()["dropped_to_log"] == 100 and listener.stats["caught_up"] >= 100  # paths taken
+    # The overflow and catch-up paths were taken (the DELETE behind the 100 rows may be
+    # dropped too, while the channel is still in overflow: 100 or 101).
+    assert listener.get_stats()["dropped_to_log"] >= 100 and listener.stats["caught_up"] >= 100
     delivered_ids = {r.event_id for r in all_logs if getattr(r, "event", None) == "delivered"}
     assert delivered_ids >= {e.id for e in got.events}      # every event was logged (at DEBUG)
     levels = {r.levelno for r in all_logs}

@@ -119,7 +119,7 @@ def test_ssh_complete_is_accepted():
 
 def test_missing_required_argument_is_a_type_error_for_direct_construction():
     # Direct construction follows Python's calling convention for required arguments.
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'postgres_user'"):
         Config(postgres_db="d")
 
 
@@ -205,7 +205,7 @@ def test_frozen():
 def test_evolve_validates():
     cfg = make()
     assert attrs.evolve(cfg, postgres_port=6000).postgres_port == 6000
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^postgres_port: must be between 1 and 65535, got 70000$"):
         attrs.evolve(cfg, postgres_port=70000)
 
 

@@ -12,7 +12,7 @@ from pgnotify_sync import (ConnectError, ConnectionState, DatabaseEvent, Listene
                            install, uninstall, unwatch_table, watch_table)
 
 from helpers import wait_for
-from pgutil import Collector, config_for
+from pgutil import Collector, config_for, counter
 
 
 def test_insert_update_delete_carry_exact_fields(installed, make_listener):
@@ -172,9 +172,12 @@ def test_blinker_signal_filtered_by_channel(db, make_listener):
     listener.start()
     with db.cursor() as cur:
         cur.execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (2)")
-    wait_for(lambda: len(every) == 2)
+        cur.execute("INSERT INTO b VALUES (3)")      # a barrier on chan_b
+    # Events of a channel are delivered one at a time, in commit order: once the
+    # barrier reached `every`, every receiver is done with the event before it.
+    wait_for(lambda: ("chan_b", "b") in every and len(every) == 3)
     assert only_a == [("chan_a", "a")]
-    assert sorted(every) == [("chan_a", "a"), ("chan_b", "b")]
+    assert sorted(every) == [("chan_a", "a"), ("chan_b", "b"), ("chan_b", "b")]
 
 
 def test_per_channel_order_and_one_at_a_time_with_four_workers(db, make_listener):
@@ -256,7 +259,7 @@ def test_stop_twice_leaves_no_thread_and_no_connection(installed, make_listener,
                         (dbname, "pgnotify_sync"))
             return cur.fetchone()[0]
     wait_for(lambda: backends() == 0, message="listener connections still open")
-    with pytest.raises(ListenerStateError):
+    with pytest.raises(ListenerStateError, match="a stopped listener cannot be started again"):
         listener.start()
 
 
@@ -298,11 +301,15 @@ def test_disabled_events_start_does_nothing(installed, make_listener, caplog):
 
 def test_wrong_password_fails_start_at_once_without_leaking_it(installed, dsn, make_listener, caplog):
     listener = make_listener(postgres_password="wrong-Pa55word", max_reconnect_attempts=0)
-    started = time.monotonic()
-    with pytest.raises(ConnectError) as info:
+    retries = counter(listener.signals.reconnecting)
+    failed = counter(listener.signals.failed)
+    with pytest.raises(ConnectError, match="password authentication failed") as info:
         listener.start(timeout_s=20)
-    assert time.monotonic() - started < 10
-    assert "authentication failed" in str(info.value)
+    # Not retried: no reconnecting signal, one attempt, one failed signal (sent
+    # after start() is woken: counted once the reader thread has ended).
+    wait_for(lambda: not listener._reader.is_alive(), message="reader still running")
+    assert retries == [] and listener.stats["reconnect_attempts"] == 0
+    assert len(failed) == 1 and failed[0]["error"] is info.value
     assert "wrong-Pa55word" not in str(info.value) and "wrong-Pa55word" not in caplog.text
     assert "wrong-Pa55word" not in repr(listener) and "wrong-Pa55word" not in repr(listener.config)
     assert listener.state is ConnectionState.FAILED
@@ -316,9 +323,12 @@ def test_unreachable_server_gives_up_after_max_attempts(dsn, make_listener):
     listener = make_listener(postgres_port=port, max_reconnect_attempts=3)
     attempts = []
     listener.signals.reconnecting.connect(lambda sender, **kw: attempts.append(kw["attempt"]), weak=False)
+    failed = counter(listener.signals.failed)
     with pytest.raises(ConnectError, match="gave up after 3 attempts"):
         listener.start(timeout_s=30)
+    wait_for(lambda: not listener._reader.is_alive(), message="reader still running")
     assert attempts == [2, 3]    # the attempt about to be made
+    assert listener.stats["reconnect_attempts"] == 3 and len(failed) == 1
     assert listener.state is ConnectionState.FAILED
 
 
@@ -416,7 +426,13 @@ def test_channel_prefix_is_applied_on_the_wire(db, make_listener):
     assert event.channel == "messages"
     mine.publish("messages", {"x": 1})
     got_mine.wait(2)
-    assert len(got_other) == 0
+    # A barrier: an unprefixed event, committed after app1's, that `other` does get.
+    # One connection receives in commit order and a channel delivers in order, so
+    # anything of app1's that reached `other` would be delivered before it.
+    other.publish("messages", {"barrier": True})
+    (barrier,) = got_other.wait(1)
+    assert barrier.data == {"barrier": True}
+    assert [e.data for e in got_mine.events] == [{"id": 1}, {"x": 1}]
 
 
 @pytest.mark.parametrize("mode", ["statement", "row"])
@@ -475,10 +491,14 @@ def test_database_without_the_schema_plain_payloads_only(db, make_listener, capl
         listener.start()
     assert "not installed" in caplog.text
     payload = json.dumps({"operation": "DELETE", "schema": "public", "table": "t", "data": {"id": 1}})
+    barrier = json.dumps({"operation": "INSERT", "schema": "public", "table": "t", "data": {"id": 2}})
     with db.cursor() as cur:
         cur.execute("SELECT pg_notify('legacy', %s)", (payload,))
-    (event,) = got.wait(1)
-    assert event.operation == "DELETE" and event.id is None
+        cur.execute("SELECT pg_notify('legacy', %s)", (barrier,))
+    event, after = got.wait(2)
+    assert event.operation == "DELETE" and event.id is None and event.data == {"id": 1}
+    assert after.data == {"id": 2}          # nothing else (no duplicate) came between them
+    assert len(got) == 2
     durable = make_listener(channels=("legacy",), consumer="needs-a-log")
     with pytest.raises(SchemaError, match="not installed"):
         durable.start()

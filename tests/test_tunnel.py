@@ -1,12 +1,13 @@
 """SSH tunnels against a real OpenSSH server: faults, recovery, refusals."""
 
+import logging
 import os
+import shutil
 import threading
-import time
 
 import pytest
 
-from pgnotify_sync import ConfigError, ConnectionState, Listener
+from pgnotify_sync import Config, ConfigError, ConnectionState, Listener
 from pgnotify_sync._tunnel import HostKeyError, SshAuthError
 
 from helpers import wait_for
@@ -86,12 +87,13 @@ def test_frozen_listener_session_noticed_by_the_health_check(stream_db, make_ssh
     lost = counter(listener.signals.disconnected)
     listener.start()
     ssh_server.freeze_session(session_of(ssh_server, listener._listener_tunnel))
-    frozen_at = time.monotonic()
     with stream_db.cursor() as cur:
         cur.execute("INSERT INTO stream (note) VALUES ('while frozen')")
-    wait_for(lambda: lost, timeout=10, message="a frozen SSH session was never noticed")
-    assert time.monotonic() - frozen_at < 3.5       # interval 1 s + timeout 1 s + slack
-    (event,) = got.wait(1, timeout=20)
+    wait_for(lambda: lost, timeout=30, message="a frozen SSH session was never noticed")
+    # Noticed by the health check's deadline (nothing else can see a frozen session).
+    assert "health check got no answer" in str(lost[0]["error"])
+    assert listener.stats["health_check_failures"] >= 1
+    (event,) = got.wait(1, timeout=30)
     assert event.data["note"] == "while frozen"
     assert listener._listener_tunnel.restarts >= 1
     assert_exactly_once_in_row_order(got, pg_cluster, dbname)
@@ -121,10 +123,16 @@ def test_pool_session_killed_pool_recovers_listener_unaffected(stream_db, make_s
     listener.start()
     listener.publish("stream", {"n": 1})
     got.wait(1)
+    lost = counter(listener.signals.disconnected)
     ssh_server.kill_session(session_of(ssh_server, listener._pool_tunnel))
     wait_for(lambda: not listener._pool_tunnel._forwarder.is_active)
+    checks = listener.stats["health_checks"]
     listener.publish("stream", {"n": 2})             # a dead pooled connection is replaced
     got.wait(2)
+    # A barrier: a health-check round trip after the kill. Had the listener's own
+    # connection been hurt, it would have been lost (and reported) before it.
+    wait_for(lambda: listener.stats["health_checks"] > checks, timeout=20, message="no health check")
+    assert lost == [] and listener.state is ConnectionState.LISTENING
     assert listener._pool_tunnel.restarts == 1
     assert listener._pool.discarded >= 1
     assert listener.stats["reconnects"] == 0 and listener._listener_tunnel.restarts == 0
@@ -146,10 +154,11 @@ def test_stop_ends_every_thread_and_tunnel(stream_db, make_ssh_listener, ssh_ser
 def test_wrong_key_is_refused_without_retrying(stream_db, make_ssh_listener, ssh_server):
     other = ssh_server.make_key("tunnel-stranger")
     listener = make_ssh_listener(ssh_key_path=other)
-    started = time.monotonic()
+    retries = counter(listener.signals.reconnecting)
     with pytest.raises(SshAuthError, match="refused the key for user 'root'"):
         listener.start(timeout_s=20)
-    assert time.monotonic() - started < 5
+    wait_for(lambda: not listener._reader.is_alive(), message="reader still running")
+    assert retries == [] and listener.stats["reconnect_attempts"] == 0     # not retried
     assert listener.state is ConnectionState.FAILED
 
 
@@ -175,10 +184,12 @@ def test_changed_host_key_is_refused(stream_db, make_ssh_listener, ssh_server, t
     known = tmp_path / "known_hosts"
     known.write_text(f"[{ssh_server.host}]:{ssh_server.port} {key_type} {blob}\n")
     listener = make_ssh_listener(ssh_known_hosts=str(known))
-    started = time.monotonic()
+    retries = counter(listener.signals.reconnecting)
     with pytest.raises(HostKeyError, match="does not match known_hosts"):
         listener.start(timeout_s=20)
-    assert time.monotonic() - started < 5
+    wait_for(lambda: not listener._reader.is_alive(), message="reader still running")
+    assert retries == [] and listener.stats["reconnect_attempts"] == 0     # not retried
+    assert listener.state is ConnectionState.FAILED
 
 
 def test_key_readable_by_others_is_refused(stream_db, make_ssh_listener, ssh_server):
@@ -219,7 +230,7 @@ def test_missing_and_malformed_key_files(stream_db, make_ssh_listener, tmp_path)
 
 def test_secrets_never_in_errors(stream_db, make_ssh_listener, ssh_server, caplog):
     locked = ssh_server.make_key("tunnel-locked2", passphrase="Pass-Phrase-9931", authorize=True, kdf_rounds=1)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigError, match="wrong passphrase") as info:
         make_ssh_listener(ssh_key_path=locked, ssh_key_passphrase="Wrong-Phrase-1177").start()
     listener = make_ssh_listener(ssh_key_path=locked, ssh_key_passphrase="Pass-Phrase-9931")
     listener.start()
@@ -229,3 +240,164 @@ def test_secrets_never_in_errors(stream_db, make_ssh_listener, ssh_server, caplo
     with open(locked) as fh:
         key_body = fh.read().splitlines()[1]
     assert key_body not in caplog.text
+
+
+# -- README promises: public keys, SSH_PASSWORD, the insecure opt-out, the security logger ----
+
+def security_records(caplog):
+    return [r for r in caplog.records if r.name == "pgnotify_sync.security" and r.levelno >= logging.WARNING]
+
+
+def private_copy(path, tmp_path, name, mode=0o600):
+    """A copy of *path* under *name*, with *mode* (a key's own mode would hide what is tested)."""
+    target = tmp_path / name
+    shutil.copyfile(path, target)
+    os.chmod(target, mode)
+    return str(target)
+
+
+def test_public_key_file_refused_saying_so(stream_db, make_ssh_listener, ssh_server, tmp_path):
+    pub = private_copy(ssh_server.client_key_path + ".pub", tmp_path, "id_test.pub")
+    with pytest.raises(ConfigError, match=r"^SSH_KEY_PATH: .*id_test\.pub is a public key; give the private key"):
+        make_ssh_listener(ssh_key_path=pub).start()
+    # Recognised by its content too, whatever its name.
+    renamed = private_copy(ssh_server.client_key_path + ".pub", tmp_path, "id_test")
+    with pytest.raises(ConfigError, match=r"id_test is a public key; give the private key"):
+        make_ssh_listener(ssh_key_path=renamed).start()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a .pub file with its usual mode 0644 is refused as 'accessible by "
+                                       "group or others ... run chmod 600', not as a public key: the mode is "
+                                       "checked before the file is recognised as a public key")
+def test_public_key_with_its_usual_mode_refused_as_a_public_key(stream_db, make_ssh_listener, ssh_server,
+                                                                tmp_path):
+    pub = private_copy(ssh_server.client_key_path + ".pub", tmp_path, "id_usual.pub", mode=0o644)
+    with pytest.raises(ConfigError, match=r"id_usual\.pub is a public key; give the private key"):
+        make_ssh_listener(ssh_key_path=pub).start()
+
+
+def test_ssh_password_refused_for_a_listener_from_the_environment(stream_db, ssh_server, dsn, monkeypatch):
+    secret = "ssh-Pw-Listener-3390"
+    environ = {"POSTGRES_HOST": dsn["host"], "POSTGRES_PORT": str(dsn["port"]), "POSTGRES_USER": dsn["user"],
+               "POSTGRES_PASSWORD": dsn["password"], "POSTGRES_DB": dsn["dbname"], "PG_NOTIFY_CHANNELS": "stream",
+               "SSH_HOST": ssh_server.host, "SSH_PORT": str(ssh_server.port), "SSH_USER": ssh_server.user,
+               "SSH_KEY_PATH": ssh_server.client_key_path, "SSH_KNOWN_HOSTS": ssh_server.known_hosts_path}
+    for var, value in environ.items():
+        monkeypatch.setenv(var, value)
+    assert Listener(Config.from_env(), registry=False).config.use_ssh      # the same environment, no password
+    monkeypatch.setenv("SSH_PASSWORD", secret)
+    before = set(threading.enumerate())
+    made = []
+    try:
+        with pytest.raises(ConfigError, match=r"^SSH_PASSWORD: password authentication is not supported; "
+                                              r"use a private key \(SSH_KEY_PATH\)$") as info:
+            made.append(Listener(Config.from_env(), registry=False))
+            made[-1].start()
+    finally:
+        for listener in made:
+            listener.stop()
+    assert made == []                                   # refused before any Listener exists
+    assert secret not in str(info.value) and secret not in repr(info.value)
+    assert dsn["password"] not in str(info.value)
+    assert set(threading.enumerate()) - before == set()
+    assert ssh_server.sessions() == []                  # no SSH session was even tried
+
+
+def test_insecure_skip_warns_on_every_listener(stream_db, make_ssh_listener, ssh_server, tmp_path, caplog):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")                                 # not consulted with the opt-out
+    caplog.set_level(logging.WARNING, logger="pgnotify_sync.security")
+    warned = []
+    for n in (1, 2):
+        listener = make_ssh_listener(ssh_insecure_skip_host_key_check=True, ssh_known_hosts=str(empty))
+        listener.start()
+        assert listener.state is ConnectionState.LISTENING
+        records = [r for r in security_records(caplog) if "NOT verified" in r.getMessage()]
+        assert len(records) >= n, f"listener {n}: no warning"        # once per process is not enough
+        warned = records
+    for record in warned:
+        assert record.levelno == logging.WARNING
+        assert f"{ssh_server.host}:{ssh_server.port}" in record.getMessage()
+
+
+@pytest.mark.xfail(strict=True, reason="README: the opt-out 'logs a warning every time'; it is logged once per "
+                                       "Listener (when its tunnels are made), not when a tunnel is rebuilt "
+                                       "and opens a new, unverified SSH session")
+def test_insecure_skip_warns_again_when_a_tunnel_is_rebuilt(stream_db, make_ssh_listener, ssh_server, caplog):
+    caplog.set_level(logging.WARNING, logger="pgnotify_sync.security")
+    listener = make_ssh_listener(ssh_insecure_skip_host_key_check=True)
+    listener.start()
+    before = len([r for r in security_records(caplog) if "NOT verified" in r.getMessage()])
+    ssh_server.kill_session(session_of(ssh_server, listener._listener_tunnel))
+    wait_for(lambda: listener._listener_tunnel.restarts >= 1 and listener.state is ConnectionState.LISTENING,
+             timeout=30)
+    after = len([r for r in security_records(caplog) if "NOT verified" in r.getMessage()])
+    assert after > before
+
+
+def _refusal(case, server, tmp_path):
+    """Config overrides that make the listener refuse to connect, and the error expected."""
+    if case == "permissions":
+        return dict(ssh_key_path=private_copy(server.client_key_path, tmp_path, "loose", 0o644)), ConfigError
+    if case == "unknown-host":
+        empty = tmp_path / "known_hosts"
+        empty.write_text("")
+        return dict(ssh_known_hosts=str(empty)), HostKeyError
+    if case == "changed-host-key":
+        with open(server.client_key_path + ".pub") as fh:           # any other key will do
+            key_type, blob = fh.read().split()[:2]
+        known = tmp_path / "known_hosts"
+        known.write_text(f"[{server.host}]:{server.port} {key_type} {blob}\n")
+        return dict(ssh_known_hosts=str(known)), HostKeyError
+    if case == "user-refused":
+        return dict(ssh_user="nobody-here"), SshAuthError
+    if case == "key-refused":
+        return dict(ssh_key_path=server.make_key("tunnel-stranger-logged")), SshAuthError
+    if case in ("encrypted-no-passphrase", "wrong-passphrase"):
+        key = server.make_key(f"tunnel-locked-{case}", passphrase="Right-Phrase-5", authorize=True, kdf_rounds=1)
+        return dict(ssh_key_path=key, ssh_key_passphrase="Wrong-Phrase-6" if case == "wrong-passphrase"
+                    else None), ConfigError
+    if case == "missing-key":
+        return dict(ssh_key_path=str(tmp_path / "nope")), ConfigError
+    if case == "public-key":
+        return dict(ssh_key_path=private_copy(server.client_key_path + ".pub", tmp_path, "k.pub")), ConfigError
+    if case == "not-a-key":
+        junk = tmp_path / "junk"
+        junk.write_text("hello\n")
+        os.chmod(junk, 0o600)
+        return dict(ssh_key_path=str(junk)), ConfigError
+    raise AssertionError(case)
+
+
+_NOT_LOGGED = pytest.mark.xfail(strict=True, reason="README: each SSH refusal is 'logged on the "
+                                                    "pgnotify_sync.security logger'; this one is only raised")
+
+
+@pytest.mark.parametrize("case", ["permissions", "unknown-host", "changed-host-key", "user-refused", "key-refused",
+                                  pytest.param("missing-key", marks=_NOT_LOGGED),
+                                  pytest.param("public-key", marks=_NOT_LOGGED),
+                                  pytest.param("not-a-key", marks=_NOT_LOGGED),
+                                  pytest.param("encrypted-no-passphrase", marks=_NOT_LOGGED),
+                                  pytest.param("wrong-passphrase", marks=_NOT_LOGGED)])
+def test_each_refusal_is_logged_on_the_security_logger(stream_db, make_ssh_listener, ssh_server, tmp_path,
+                                                       caplog, case):
+    overrides, error = _refusal(case, ssh_server, tmp_path)
+    caplog.set_level(logging.WARNING, logger="pgnotify_sync.security")
+    listener = make_ssh_listener(**overrides)
+    retries = counter(listener.signals.reconnecting)
+    with pytest.raises(error):
+        listener.start(timeout_s=20)
+    if listener._reader is not None:
+        wait_for(lambda: not listener._reader.is_alive(), message="reader still running")
+    assert retries == []                                # none retried
+    assert security_records(caplog), f"{case}: nothing on the pgnotify_sync.security logger"
+
+
+@pytest.mark.xfail(strict=True, reason="README: each SSH refusal is 'logged on the pgnotify_sync.security "
+                                       "logger'; SSH_PASSWORD is only raised by Config.from_env")
+def test_ssh_password_refusal_is_logged_on_the_security_logger(caplog):
+    caplog.set_level(logging.WARNING, logger="pgnotify_sync.security")
+    with pytest.raises(ConfigError, match="^SSH_PASSWORD"):
+        Config.from_env(environ={"POSTGRES_USER": "u", "POSTGRES_DB": "d", "SSH_HOST": "h", "SSH_USER": "u",
+                                 "SSH_KEY_PATH": "/k", "SSH_PASSWORD": "x-Pw-1"})
+    assert security_records(caplog)

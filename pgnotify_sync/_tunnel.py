@@ -48,36 +48,45 @@ class HostKeyError(ConnectError):
 _KEY_CLASSES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
 
 
+def _refuse(reason, message):
+    """Log a refused key on the security logger and return the ConfigError to raise.
+    Every refusal goes there (README), so an operator can alert on one logger."""
+    security_log.warning("refused SSH key: %s", message, extra={"event": "security", "details": {"reason": reason}})
+    return ConfigError(message)
+
+
 def load_private_key(path, passphrase=None):
-    """Load and check a private key file; ConfigError saying what is wrong."""
+    """Load and check a private key file; ConfigError saying what is wrong (also
+    logged on ``pgnotify_sync.security``). The passphrase is never in a message."""
     var = "SSH_KEY_PATH"
     if not path:
-        raise ConfigError(f"{var}: required when SSH_HOST is set (private-key authentication only)")
+        raise _refuse("key-missing", f"{var}: required when SSH_HOST is set (private-key authentication only)")
     path = os.path.expanduser(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ConfigError(f"{var}: key file {path} does not exist") from None
+        raise _refuse("key-missing", f"{var}: key file {path} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"{var}: cannot access key file {path}: {exc.strerror}") from None
+        raise _refuse("key-unreadable", f"{var}: cannot access key file {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{var}: {path} is not a regular file")
-    if st.st_mode & 0o077:
-        security_log.warning("refused SSH key %s: permissions %04o are too open", path, stat.S_IMODE(st.st_mode),
-                             extra={"event": "security", "details": {"reason": "key-permissions"}})
-        raise ConfigError(f"{var}: key file {path} is accessible by group or others (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}); private keys must not be: run chmod 600 {path}")
+        raise _refuse("key-not-a-file", f"{var}: {path} is not a regular file")
     try:
         with open(path, "r", encoding="utf-8", errors="replace") as fh:
             head = fh.read(4096)
     except OSError as exc:
-        raise ConfigError(f"{var}: cannot read key file {path}: {exc.strerror}") from None
+        raise _refuse("key-unreadable", f"{var}: cannot read key file {path}: {exc.strerror}") from None
+    # What the file is comes before its mode: a .pub is usually 0644, and "run chmod
+    # 600" would send the user the wrong way.
     if head.startswith(("ssh-", "ecdsa-")) or ".pub" in os.path.basename(path) and "PRIVATE KEY" not in head:
-        raise ConfigError(f"{var}: {path} is a public key; give the private key file")
+        raise _refuse("public-key", f"{var}: {path} is a public key; give the private key file")
     if "PRIVATE KEY" not in head:
-        raise ConfigError(f"{var}: {path} is not a private key file (no PRIVATE KEY block)")
+        raise _refuse("not-a-key", f"{var}: {path} is not a private key file (no PRIVATE KEY block)")
+    if st.st_mode & 0o077:
+        raise _refuse("key-permissions", f"{var}: key file {path} is accessible by group or others (mode "
+                                         f"{stat.S_IMODE(st.st_mode):04o}); private keys must not be: run chmod 600 "
+                                         f"{path}")
     if "DSA PRIVATE KEY" in head and "ECDSA" not in head:
-        raise ConfigError(f"{var}: {path} is a DSA key, which is not supported; use ed25519, ECDSA or RSA")
+        raise _refuse("dsa-key", f"{var}: {path} is a DSA key, which is not supported; use ed25519, ECDSA or RSA")
     encrypted = False
     for cls in _KEY_CLASSES:
         try:
@@ -88,15 +97,15 @@ def load_private_key(path, passphrase=None):
         except (paramiko.SSHException, ValueError, TypeError):
             continue
     if not encrypted:
-        raise ConfigError(f"{var}: {path} is not a usable ed25519, ECDSA or RSA private key")
+        raise _refuse("not-a-key", f"{var}: {path} is not a usable ed25519, ECDSA or RSA private key")
     if not passphrase:
-        raise ConfigError(f"{var}: key file {path} is encrypted: set its passphrase (SSH_KEY_PASSPHRASE)")
+        raise _refuse("key-encrypted", f"{var}: key file {path} is encrypted: set its passphrase (SSH_KEY_PASSPHRASE)")
     for cls in _KEY_CLASSES:
         try:
             return cls.from_private_key_file(path, password=passphrase)
         except (paramiko.SSHException, ValueError, TypeError):
             continue
-    raise ConfigError(f"{var}: cannot decrypt key file {path}: wrong passphrase (SSH_KEY_PASSPHRASE)")
+    raise _refuse("wrong-passphrase", f"{var}: cannot decrypt key file {path}: wrong passphrase (SSH_KEY_PASSPHRASE)")
 
 
 def _known_hosts_name(host, port):
@@ -106,10 +115,7 @@ def _known_hosts_name(host, port):
 def load_host_key(config):
     """The server's expected host key from known_hosts, or None with the insecure opt-out."""
     if config.ssh_insecure_skip_host_key_check:
-        security_log.warning("SSH host key of %s:%s is NOT verified (ssh_insecure_skip_host_key_check): "
-                             "anyone on the path can impersonate the server", config.ssh_host, config.ssh_port,
-                             extra={"event": "security", "details": {"reason": "host-key-check-disabled"}})
-        return None
+        return None             # warned by SshTunnel each time it opens a session
     path = os.path.expanduser(config.ssh_known_hosts or "~/.ssh/known_hosts")
     name = _known_hosts_name(config.ssh_host, config.ssh_port)
     scan = f"ssh-keyscan -p {config.ssh_port} {config.ssh_host} >> {path}"
@@ -234,6 +240,13 @@ class SshTunnel:
     def _open_locked(self, rebuild):
         cfg = self.config
         self._close_locked()
+        if self._host_key is None:
+            # Every unverified session, rebuilt ones too: the README promises a warning
+            # "every time", and each new session could be a different server.
+            security_log.warning("%s: SSH host key of %s:%s is NOT verified (ssh_insecure_skip_host_key_check): "
+                                 "anyone on the path can impersonate the server", self.name, cfg.ssh_host,
+                                 cfg.ssh_port,
+                                 extra={"event": "security", "details": {"reason": "host-key-check-disabled"}})
         fwd = _Forwarder(
             (cfg.ssh_host, cfg.ssh_port), ssh_username=cfg.ssh_user, ssh_pkey=self._key,
             ssh_host_key=self._host_key, remote_bind_address=(cfg.postgres_host, cfg.postgres_port),

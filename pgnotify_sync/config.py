@@ -13,6 +13,7 @@ Every invalid value raises :class:`ConfigError` naming the setting (and, from
 password is never part of ``repr()`` or of any message.
 """
 
+import logging
 import math
 import os
 
@@ -235,8 +236,10 @@ class Config:
         """
         env = os.environ if environ is None else environ
         if env.get("SSH_PASSWORD"):
-            raise ConfigError("SSH_PASSWORD: password authentication is not supported; "
-                              "use a private key (SSH_KEY_PATH)")
+            message = "SSH_PASSWORD: password authentication is not supported; use a private key (SSH_KEY_PATH)"
+            logging.getLogger("pgnotify_sync.security").warning(
+                "refused: %s", message, extra={"event": "security", "details": {"reason": "ssh-password"}})
+            raise ConfigError(message)
         values = {}
         for var, field, parse in _ENV_VARS:
             raw = env.get(var)

@@ -266,9 +266,6 @@ def test_public_key_file_refused_saying_so(stream_db, make_ssh_listener, ssh_ser
         make_ssh_listener(ssh_key_path=renamed).start()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a .pub file with its usual mode 0644 is refused as 'accessible by "
-                                       "group or others ... run chmod 600', not as a public key: the mode is "
-                                       "checked before the file is recognised as a public key")
 def test_public_key_with_its_usual_mode_refused_as_a_public_key(stream_db, make_ssh_listener, ssh_server,
                                                                 tmp_path):
     pub = private_copy(ssh_server.client_key_path + ".pub", tmp_path, "id_usual.pub", mode=0o644)
@@ -320,9 +317,6 @@ def test_insecure_skip_warns_on_every_listener(stream_db, make_ssh_listener, ssh
         assert f"{ssh_server.host}:{ssh_server.port}" in record.getMessage()
 
 
-@pytest.mark.xfail(strict=True, reason="README: the opt-out 'logs a warning every time'; it is logged once per "
-                                       "Listener (when its tunnels are made), not when a tunnel is rebuilt "
-                                       "and opens a new, unverified SSH session")
 def test_insecure_skip_warns_again_when_a_tunnel_is_rebuilt(stream_db, make_ssh_listener, ssh_server, caplog):
     caplog.set_level(logging.WARNING, logger="pgnotify_sync.security")
     listener = make_ssh_listener(ssh_insecure_skip_host_key_check=True)
@@ -369,16 +363,9 @@ def _refusal(case, server, tmp_path):
     raise AssertionError(case)
 
 
-_NOT_LOGGED = pytest.mark.xfail(strict=True, reason="README: each SSH refusal is 'logged on the "
-                                                    "pgnotify_sync.security logger'; this one is only raised")
-
-
 @pytest.mark.parametrize("case", ["permissions", "unknown-host", "changed-host-key", "user-refused", "key-refused",
-                                  pytest.param("missing-key", marks=_NOT_LOGGED),
-                                  pytest.param("public-key", marks=_NOT_LOGGED),
-                                  pytest.param("not-a-key", marks=_NOT_LOGGED),
-                                  pytest.param("encrypted-no-passphrase", marks=_NOT_LOGGED),
-                                  pytest.param("wrong-passphrase", marks=_NOT_LOGGED)])
+                                  "missing-key", "public-key", "not-a-key", "encrypted-no-passphrase",
+                                  "wrong-passphrase"])
 def test_each_refusal_is_logged_on_the_security_logger(stream_db, make_ssh_listener, ssh_server, tmp_path,
                                                        caplog, case):
     overrides, error = _refusal(case, ssh_server, tmp_path)
@@ -393,8 +380,6 @@ def test_each_refusal_is_logged_on_the_security_logger(stream_db, make_ssh_liste
     assert security_records(caplog), f"{case}: nothing on the pgnotify_sync.security logger"
 
 
-@pytest.mark.xfail(strict=True, reason="README: each SSH refusal is 'logged on the pgnotify_sync.security "
-                                       "logger'; SSH_PASSWORD is only raised by Config.from_env")
 def test_ssh_password_refusal_is_logged_on_the_security_logger(caplog):
     caplog.set_level(logging.WARNING, logger="pgnotify_sync.security")
     with pytest.raises(ConfigError, match="^SSH_PASSWORD"):

@@ -20,10 +20,11 @@ def refused_port():
     """A 127.0.0.1 port nothing listens on: every connection attempt is refused at once.
 
     (The ``proxy`` fixture cut would do the same, but its teardown waits 5 s for its
-    accept thread when no connection comes in after close.)"""
+    accept thread when no connection comes in after close.) The socket stays bound
+    but not listening for the whole test, so no other process can take the port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def test_reconnect_delays_grow_with_jitter_up_to_the_cap(refused_port, make_listener):

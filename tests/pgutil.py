@@ -1,6 +1,9 @@
 """Helpers for integration tests: configs, listeners that always stop, collectors."""
 
+import collections
+import json
 import threading
+import uuid
 
 import psycopg2
 
@@ -131,23 +134,60 @@ def logged_ids(pg_cluster, dbname, channel="stream"):
     return ids
 
 
+def publish_end_marker(pg_cluster, dbname, channel="stream"):
+    """Publish one event on *channel* (committed now) and return its log id.
+
+    Events of one channel reach handlers in commit order, so once this marker is
+    delivered, everything committed before it has been delivered before it.
+    """
+    conn = pg_cluster.connect(dbname)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pgnotify_sync.publish(%s, %s::jsonb)",
+                        (channel, json.dumps({"end_marker": uuid.uuid4().hex})))
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
 def assert_exactly_once_in_row_order(got, pg_cluster, dbname):
-    """Wait for the logged events, then: same ids, no duplicate, per-row order."""
+    """Call once the writers have stopped. Publishes an end marker on ``stream`` and
+    waits for it (everything committed before it is delivered before it, so a late
+    duplicate or a late event shows), then checks: delivered ids == logged ids, no
+    duplicate, nothing after the marker, per-row commit order (update versions) and
+    per-writer commit order (each Workload writer ``w`` commits sequentially, so its
+    events must arrive in increasing log-id order, across rows).
+
+    Returns the logged ids of the events before the marker.
+    """
+    marker = publish_end_marker(pg_cluster, dbname)
+    wait_for(lambda: marker in got.ids(), timeout=60,
+             message=f"the end marker {marker} was not delivered ({len(got)} events so far)")
     expected = logged_ids(pg_cluster, dbname)
-    wait_for(lambda: len(got) >= len(expected), timeout=30,
-             message=f"delivered {len(got)} of {len(expected)} logged events")
     ids = got.ids()
-    assert len(ids) == len(set(ids)), "an event was delivered twice"
-    assert sorted(ids) == expected
+    events = list(got.events)
+    duplicates = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+    assert not duplicates, f"events delivered twice: {duplicates[:10]}"
+    assert sorted(ids) == expected, (f"delivered != logged: missing {sorted(set(expected) - set(ids))[:10]}, "
+                                     f"not logged {sorted(set(ids) - set(expected))[:10]}")
+    assert ids[-1] == marker, f"delivered after the end marker: {ids[ids.index(marker) + 1:][:10]}"
     last_v = {}
-    for event in got.events:
+    last_id_of_writer = {}
+    for event in events:
         if event.operation == "PUBLISH":
             continue
         row = event.data["id"]
         if event.operation == "UPDATE":
             assert event.data["v"] > last_v.get(row, 0), f"row {row}: update events out of commit order"
             last_v[row] = event.data["v"]
-    return expected
+        w = event.data.get("w")
+        if w is not None:
+            previous = last_id_of_writer.get(w)
+            assert previous is None or event.id > previous, (
+                f"writer {w}: event {event.id} ({event.operation} row {row}) delivered after event {previous}: "
+                "out of commit order")
+            last_id_of_writer[w] = event.id
+    return [i for i in expected if i != marker]
 
 
 def counter(signal):

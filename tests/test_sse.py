@@ -164,6 +164,20 @@ def messages_ids(pg_cluster, dbname):
     return logged_ids(pg_cluster, dbname, channel="messages")
 
 
+def end_marker(listener, *clients, channel="messages"):
+    """Publish a marker on *channel* and wait until every client streamed it.
+
+    Events of a channel are delivered (and streamed) in commit order: once the
+    marker is there, everything committed before it has been sent, so a late
+    duplicate or a late event shows in the comparison that follows.
+    """
+    marker = listener.publish(channel, {"end_marker": True})
+    for client in clients:
+        wait_for(lambda: marker in client.ids(), timeout=30,
+                 message=f"the end marker {marker} was not streamed (got {client.ids()}, ended={client.ended.is_set()})")
+    return marker
+
+
 # -- the stream ------------------------------------------------------------------------
 
 def test_stream_format_headers_and_events(installed, make_listener, sse, pg_cluster, dbname):
@@ -181,17 +195,20 @@ def test_stream_format_headers_and_events(installed, make_listener, sse, pg_clus
         row = cur.fetchone()[0]
         cur.execute("UPDATE messages SET body = 'edited' WHERE id = %s", (row,))
         cur.execute("DELETE FROM messages WHERE id = %s", (row,))
-    ids = client.wait_ids(3)
-    assert ids == messages_ids(pg_cluster, dbname)
-    events = [json.loads(e["data"]) for e in client.events]
-    assert [e["event"] for e in client.events] == ["messages"] * 3
+    client.wait_ids(3)
+    marker = end_marker(listener, client)
+    ids = client.ids()
+    assert ids == messages_ids(pg_cluster, dbname) and ids[-1] == marker
+    ids = ids[:3]
+    events = [json.loads(e["data"]) for e in client.events[:3]]
+    assert [e["event"] for e in client.events] == ["messages"] * 4
     assert [e["operation"] for e in events] == ["INSERT", "UPDATE", "DELETE"]
     assert [e["id"] for e in events] == ids
     assert events[0]["data"] == {"id": row, "room": "a", "body": "hi", "n": None}
     assert events[1]["old"]["body"] == "hi" and events[1]["data"]["body"] == "edited"
     assert all("password_hash" not in (e["data"] or {}) and "password_hash" not in (e["old"] or {})
                for e in events)
-    assert bridge.sent == 3 and bridge.clients == 1
+    assert bridge.sent == 4 and bridge.clients == 1
 
 
 def test_resume_after_client_disconnect_no_gap_no_duplicate(installed, make_listener, sse, pg_cluster, dbname):
@@ -209,9 +226,11 @@ def test_resume_after_client_disconnect_no_gap_no_duplicate(installed, make_list
     second = sse.client(f"{url}/stream?channels=messages", headers={"Last-Event-ID": str(seen[-1])})
     missed = second.wait_ids(4)
     insert(installed, 2)
-    got = second.wait_ids(6)
+    second.wait_ids(6)
+    marker = end_marker(listener, second)
     logged = messages_ids(pg_cluster, dbname)
-    assert seen + got == logged, "resumed stream has a gap or a duplicate"
+    assert logged[-1] == marker
+    assert seen + second.ids() == logged, "resumed stream has a gap or a duplicate"
     assert missed == logged[3:7]
     assert bridge.replayed == 4 and bridge.replayed_from_log == 0
 
@@ -239,6 +258,8 @@ def test_resume_replays_late_commit_in_delivery_order(installed, make_listener, 
     wait_for(lambda: bridge.stats()["ring"] == 2, message="late commit not delivered")
     second = sse.client(f"{url}/stream?channels=messages", headers={"Last-Event-ID": str(early_id)})
     assert second.wait_ids(1) == [late_id]
+    marker = end_marker(listener, second)
+    assert second.ids() == [late_id, marker]
     assert bridge.replayed == 1
 
 
@@ -262,8 +283,10 @@ def test_events_without_log_id_are_streamed_but_not_replayed(installed, make_lis
     resumed = sse.client(f"{url}/stream?channels=messages", headers={"Last-Event-ID": str(logged[1])})
     assert resumed.wait_ids(1) == logged[2:]
     insert(installed, 1)
-    assert resumed.wait_ids(2) == messages_ids(pg_cluster, dbname)[2:]
-    assert len(resumed.events) == 2
+    resumed.wait_ids(2)
+    end_marker(listener, resumed)
+    assert resumed.ids() == messages_ids(pg_cluster, dbname)[2:]
+    assert len(resumed.events) == 3
 
 
 def test_resume_after_ring_miss_reads_the_event_log(installed, make_listener, sse, pg_cluster, dbname):
@@ -303,9 +326,10 @@ def test_resume_after_ring_miss_reads_the_event_log(installed, make_listener, ss
         stop.set()
         thread.join(10)
     assert not writer_error
+    end_marker(listener, watcher, resumed, racing)
     logged = messages_ids(pg_cluster, dbname)
-    got = racing.wait_ids(len(logged) - 1)
-    assert got == logged[1:], "duplicate or gap between the log replay and the live stream"
+    assert racing.ids() == logged[1:], "duplicate or gap between the log replay and the live stream"
+    assert resumed.ids() == logged[2:], "duplicate or gap between the log replay and the live stream"
     assert watcher.ids() == logged
 
 
@@ -327,6 +351,9 @@ def test_log_replay_with_channel_prefix_and_no_ring(db, make_listener, sse, pg_c
     assert ids == logged_ids(pg_cluster, dbname, channel="app.messages")
     resumed = sse.client(f"{url}/stream?channels=messages", headers={"Last-Event-ID": str(ids[0])})
     assert resumed.wait_ids(2) == ids[1:]
+    marker = end_marker(listener, live, resumed)
+    assert live.ids() == ids + [marker] == logged_ids(pg_cluster, dbname, channel="app.messages")
+    assert resumed.ids() == ids[1:] + [marker]
     assert {e["event"] for e in resumed.events} == {"messages"}
     assert {json.loads(e["data"])["channel"] for e in resumed.events} == {"messages"}
     assert bridge.replayed_from_log == 2 and bridge.stats()["ring"] == 0
@@ -345,10 +372,11 @@ def test_open_stream_survives_postgres_restart(installed, make_listener, sse, pg
         insert(conn, 3, room="after restart")    # the listener is still reconnecting
     finally:
         conn.close()
-    got = client.wait_ids(5, timeout=30)
-    assert got == messages_ids(pg_cluster, dbname)
+    client.wait_ids(5, timeout=30)
+    end_marker(listener, client)
+    assert client.ids() == messages_ids(pg_cluster, dbname)
     assert not client.ended.is_set()
-    assert listener.stats["reconnects"] >= 1
+    assert listener.stats["reconnects"] == 1
 
 
 def test_slow_client_is_evicted_others_get_everything(installed, make_listener, sse, pg_cluster, dbname):
@@ -392,7 +420,9 @@ def test_slow_client_is_evicted_others_get_everything(installed, make_listener, 
     finally:
         slow.close()
     insert(installed, 1)
-    assert fast.wait_ids(total + 1) == messages_ids(pg_cluster, dbname)
+    fast.wait_ids(total + 1)
+    end_marker(listener, fast)
+    assert fast.ids() == messages_ids(pg_cluster, dbname)
     assert not fast.ended.is_set()
 
 
@@ -443,6 +473,9 @@ def test_authorize_subset_unknown_channel_and_row_filter(installed, make_listene
     resumed = sse.client(f"{url}/stream?channels=messages", headers={**alice, "Last-Event-ID": str(logged[0])})
     insert(installed, 1, room="public")
     assert resumed.wait_ids(2) == [logged[2], logged[2] + 1]
+    marker = end_marker(listener, client, resumed)
+    assert client.ids() == [logged[0], logged[2], logged[2] + 1, marker]
+    assert resumed.ids() == [logged[2], logged[2] + 1, marker]
     assert all("classified" not in e["data"] for e in resumed.events)
 
 
@@ -517,6 +550,9 @@ def test_flask_blueprint(installed, make_listener, sse, pg_cluster, dbname):
     assert client.wait_ids(2) == messages_ids(pg_cluster, dbname)
     resumed = sse.client(f"{url}/events/stream", headers={"Last-Event-ID": str(client.ids()[0])})
     assert resumed.wait_ids(1) == client.ids()[1:]
+    marker = end_marker(listener, client, resumed)
+    assert client.ids() == messages_ids(pg_cluster, dbname) and client.ids()[-1] == marker
+    assert resumed.ids() == client.ids()[1:]
     client.close()
     resumed.close()
     # A client that went away is unregistered at the next write (heartbeat).

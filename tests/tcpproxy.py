@@ -80,8 +80,16 @@ class TcpProxy:
     def close(self):
         self._closed = True
         self.cut()
+        try:
+            # close() alone does not wake a thread blocked in accept() on Linux (the
+            # join used to wait its whole 5 s); shutdown() does, with EINVAL.
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._server.close()
         self._thread.join(5)
+        if self._thread.is_alive():
+            raise RuntimeError("tcpproxy: the accept thread did not end")
 
 
 class _Pair:

@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+# The benchmark starts a throwaway PostgreSQL of its own (in its subprocess).
+pytestmark = pytest.mark.integration
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -5,6 +5,7 @@ per-row payload is compared byte for byte with the text json_build_object() make
 from the logged row, the format the listener parses.
 """
 
+import itertools
 import json
 import select
 import threading
@@ -14,6 +15,8 @@ import psycopg2
 import pytest
 
 from pgnotify_sync import install, watch_table
+
+from helpers import wait_for
 
 # What a per-row notification must be, built from the logged row.
 _EXPECTED_ROW_PAYLOADS = """
@@ -35,33 +38,38 @@ def _q(name):
 
 
 class Notifications:
-    """A LISTEN connection on some channels; drain() returns what arrived so far."""
+    """A LISTEN connection on some channels; drain() returns what was notified so far."""
 
     def __init__(self, pg_cluster, dbname, *channels):
         self.conn = pg_cluster.connect(dbname, autocommit=True)
+        self.channels = channels
+        self._markers = itertools.count(1)
         with self.conn.cursor() as cur:
             for channel in channels:
                 cur.execute(f"LISTEN {_q(channel)}")
 
-    def drain(self, expect=None, timeout=5.0):
+    def drain(self, timeout=15.0):
+        """Every notification of a transaction committed before this call, and nothing else.
+
+        A barrier instead of a wait for silence: a marker is NOTIFYed now, in a
+        transaction of its own, and notifications arrive in commit order, so what was
+        committed earlier arrives before the marker and the marker ends the drain.
+        """
+        marker = f"drain-marker-{next(self._markers)}"
+        with self.conn.cursor() as cur:
+            cur.execute(f"NOTIFY {_q(self.channels[0])}, '{marker}'")
         got = []
         deadline = time.monotonic() + timeout
         while True:
             self.conn.poll()
             while self.conn.notifies:
                 n = self.conn.notifies.pop(0)
+                if (n.channel, n.payload) == (self.channels[0], marker):
+                    return got
                 got.append((n.channel, n.payload))
-            if expect is None or len(got) >= expect or time.monotonic() > deadline:
-                break
-            select.select([self.conn], [], [], 0.05)
-        if expect is None:
-            return got
-        # Nothing more may follow.
-        time.sleep(0.1)
-        self.conn.poll()
-        got.extend((n.channel, n.payload) for n in self.conn.notifies)
-        self.conn.notifies.clear()
-        return got
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"the drain marker did not come back within {timeout}s; got {got!r}"
+            select.select([self.conn], [], [], min(remaining, 0.5))
 
     def close(self):
         self.conn.close()
@@ -122,7 +130,7 @@ def test_event_log_stores_json_keeping_column_order(idb, notes):
         cur.execute(f"INSERT INTO {table} (zeta_long_name, b, secret, aa) VALUES (7, 'x', 's', 1)")
     (row,) = _log(idb, "c")
     assert row[5] == '{"zeta_long_name":7,"id":1,"b":"x","secret":"s","aa":1}'
-    ((channel, payload),) = listen.drain(expect=1)
+    ((channel, payload),) = listen.drain()
     assert channel == "c"
     assert list(json.loads(payload)["data"]) == ["zeta_long_name", "id", "b", "secret", "aa"]
 
@@ -140,7 +148,7 @@ def test_small_statements_notify_each_row_in_id_order(idb, notes, rows):
     assert [json.loads(r[5])["aa"] for r in log] == list(range(rows))
     assert all(r[2] == "INSERT" and (r[3], r[4]) == (ODD_SCHEMA, ODD_TABLE) and r[6] is None for r in log)
     assert len({r[1] for r in log}) == 1
-    got = listen.drain(expect=rows)
+    got = listen.drain()
     assert [p for _c, p in got] == [p for _id, p in _expected_payloads(idb, "c")]
     assert json.loads(got[0][1])["schema"] == ODD_SCHEMA and json.loads(got[0][1])["table"] == ODD_TABLE
 
@@ -156,7 +164,7 @@ def test_big_statements_send_one_range_notification(idb, notes, rows):
                     "'n', count(*))::text, count(DISTINCT xid) FROM pgnotify_sync.event_log WHERE channel = 'c'")
         expected, xids = cur.fetchone()
     assert xids == 1
-    assert listen.drain(expect=1) == [("c", expected)]
+    assert listen.drain() == [("c", expected)]
     assert [json.loads(r[5])["zeta_long_name"] for r in _log(idb, "c")] == list(range(1, rows + 1))
 
 
@@ -167,7 +175,7 @@ def test_statement_without_rows_logs_and_notifies_nothing(idb, notes):
         cur.execute(f"INSERT INTO {table} (b) SELECT 'x' WHERE false")
         cur.execute(f"DELETE FROM {table}")
     assert _log(idb, "c") == []
-    assert listen.drain(expect=0, timeout=0.3) == []
+    assert listen.drain() == []
 
 
 @pytest.mark.parametrize("rows", [1, 3, 9])
@@ -183,8 +191,9 @@ def test_statement_deletes(idb, notes, rows):
     log = _log(idb, "c")
     assert len(log) == rows and all(r[2] == "DELETE" and r[6] is None for r in log)
     assert sorted(json.loads(r[5])["zeta_long_name"] for r in log) == list(range(1, rows + 1))
-    got = listen.drain(expect=1 if rows > 8 else rows)
+    got = listen.drain()
     if rows > 8:
+        assert len(got) == 1
         assert json.loads(got[0][1]) == {"xid": log[0][1], "first": log[0][0], "last": log[-1][0], "n": rows}
     else:
         assert [p for _c, p in got] == [p for _id, p in _expected_payloads(idb, "c")]
@@ -209,7 +218,7 @@ def test_excluded_columns_are_neither_logged_nor_notified(idb, notes, mode, rows
     expected = dict(_expected_payloads(idb, "c"))
     # statement mode, 9 rows: a range for the INSERT and one for the DELETE, UPDATE per row
     count = 3 * rows if mode == "row" or rows == 1 else rows + 2
-    got = listen.drain(expect=count)
+    got = listen.drain()
     assert len(got) == count
     for _channel, payload in got:
         assert "SECRET" not in payload and '"aa"' not in payload
@@ -229,7 +238,7 @@ def test_row_mode_and_updates_make_the_same_payload_text(idb, notes, mode):
     log = _log(idb, "c")
     assert [r[2] for r in log] == ["INSERT", "UPDATE", "DELETE"]
     assert json.loads(log[1][6])["b"] == 'a\nb "c" \\' and json.loads(log[1][5])["b"] == "é☃"
-    got = listen.drain(expect=3)
+    got = listen.drain()
     assert [p for _c, p in got] == [p for _id, p in _expected_payloads(idb, "c")]
 
 
@@ -241,13 +250,23 @@ def test_rows_over_8000_bytes_are_announced_by_reference(idb, notes, mode):
         cur.execute(f"INSERT INTO {table} (b) VALUES (%s)", ("é" * 5000,))          # 10 kB
         cur.execute(f"INSERT INTO {table} (b) VALUES ('small'), (%s), ('small')", ("x" * 7900,))
     log = _log(idb, "c")
-    got = listen.drain(expect=4)
+    got = listen.drain()
     assert [p for _c, p in got] == [p for _id, p in _expected_payloads(idb, "c")]
     refs = [json.loads(p) for _c, p in got]
     assert refs[0] == {"id": log[0][0], "xid": log[0][1], "ref": True}
     assert "data" in refs[1] and refs[2] == {"id": log[2][0], "xid": log[2][1], "ref": True} and "data" in refs[3]
     # The log keeps the whole rows.
     assert json.loads(log[0][5])["b"] == "é" * 5000
+
+
+def _interleaved_small_statements(db):
+    with db.cursor() as cur:
+        cur.execute("""
+            SELECT count(*) FROM (SELECT xid, min(id) AS lo, max(id) AS hi FROM pgnotify_sync.event_log
+                                   WHERE channel = 'c' GROUP BY xid HAVING count(*) BETWEEN 2 AND 8) s
+             WHERE EXISTS (SELECT 1 FROM pgnotify_sync.event_log l
+                            WHERE l.channel = 'c' AND l.id BETWEEN s.lo AND s.hi AND l.xid <> s.xid)""")
+        return cur.fetchone()[0]
 
 
 def test_concurrent_small_statements_each_notify_exactly_their_rows(idb, notes, dsn):
@@ -277,11 +296,17 @@ def test_concurrent_small_statements_each_notify_exactly_their_rows(idb, notes, 
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
     for t in threads:
         t.start()
-    time.sleep(2.0)
-    stop.set()
-    for t in threads:
-        t.join(10)
+    try:
+        # Write until the case under test happened often enough: small statements (2 to 8
+        # rows) whose id range holds rows of another transaction.
+        wait_for(lambda: errors or _interleaved_small_statements(idb) >= 10, timeout=90,
+                 interval=0.05, message="writers made too few interleaved small statements")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
     assert not errors
+    assert not any(t.is_alive() for t in threads)
     expected = dict(_expected_payloads(idb, "c"))
     with idb.cursor() as cur:
         # autocommit writers: one statement per transaction
@@ -289,7 +314,7 @@ def test_concurrent_small_statements_each_notify_exactly_their_rows(idb, notes, 
                     "FROM (SELECT count(*) AS n FROM pgnotify_sync.event_log WHERE channel = 'c' GROUP BY xid) s")
         count, multi = cur.fetchone()
     assert multi > 10
-    got = listen.drain(expect=count, timeout=15)
+    got = listen.drain()
     assert len(got) == count
     log = {r[0]: r for r in _log(idb, "c")}
     seen = []
@@ -322,7 +347,7 @@ def test_install_converts_a_jsonb_log_and_stays_idempotent(idb, notes):
         assert {r[0] for r in cur.fetchall()} == {"json"}
     log = _log(idb, "c")
     assert [json.loads(r[5])["b"] for r in log] == ["before", "after"]
-    ((_c, payload),) = listen.drain(expect=1)
+    ((_c, payload),) = listen.drain()
     assert payload == dict(_expected_payloads(idb, "c"))[log[1][0]]
 
 
@@ -339,7 +364,7 @@ def test_triggers_also_work_on_a_jsonb_log(idb, notes):
         cur.execute(f"INSERT INTO {table} (zeta_long_name, b) SELECT g, 'x' FROM generate_series(1, 3) g")
         cur.execute(f"INSERT INTO {row_table} (zeta_long_name, b) VALUES (1, 'row')")
         cur.execute(f"UPDATE {row_table} SET b = 'row2'")
-    got = listen.drain(expect=6)
+    got = listen.drain()
     assert len(got) == 6
     expected = dict(_expected_payloads(idb, "c"))
     for _c, payload in got:

@@ -273,3 +273,32 @@ def test_any_database_encoding_with_excluded_columns(pg_cluster, admin_db):
         if conn is not None:
             conn.close()
         pg_cluster.drop_database(name)
+
+
+# -- value formats (README, "Events": timestamps as ISO strings, bytea as \x.. text) ----
+
+@pytest.mark.parametrize("mode", ["statement", "row"])
+def test_timestamps_bytea_and_uuid_arrive_in_their_promised_formats(db, make_listener, mode):
+    import datetime
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE typed (id serial PRIMARY KEY, tz timestamptz, ts timestamp, d date, "
+                    "by bytea, u uuid, secret text)")
+    watch_table(db, "public.typed", channel="typed", exclude_columns=("secret",), mode=mode)
+    listener = make_listener(channels=("typed",))
+    got = Collector()
+    listener.on_event("typed", got)
+    listener.start()
+    with db.cursor() as cur:
+        cur.execute("SET TIME ZONE 'Europe/Paris'")       # the writer's session decides the offset
+        cur.execute("INSERT INTO typed (tz, ts, d, by, u) VALUES ('2026-01-02T03:04:05.25Z', "
+                    "'2026-07-08 09:10:11.123456', '2026-02-28', '\\x00ff7f'::bytea, "
+                    "'6F1C8E52-8F4B-4D3A-9B1E-0C3F1F2A9D10')")
+        cur.execute("UPDATE typed SET by = ''::bytea, tz = '2026-07-01 12:00:00+00'")
+    ins, upd = got.wait(2)
+    assert ins.data == {"id": 1, "tz": "2026-01-02T04:04:05.25+01:00", "ts": "2026-07-08T09:10:11.123456",
+                        "d": "2026-02-28", "by": "\\x00ff7f", "u": "6f1c8e52-8f4b-4d3a-9b1e-0c3f1f2a9d10"}
+    assert datetime.datetime.fromisoformat(ins.data["tz"]) == datetime.datetime(
+        2026, 1, 2, 3, 4, 5, 250000, tzinfo=datetime.timezone.utc)
+    assert upd.old == ins.data
+    assert upd.data == dict(ins.data, by="\\x", tz="2026-07-01T14:00:00+02:00")

@@ -3,9 +3,12 @@ against the test cluster: configuration from POSTGRES_* variables, exit codes,
 one-line errors, JSON output, durable consumers, and the web demo's server.
 """
 
+import contextlib
+import datetime
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -162,9 +165,23 @@ def test_bad_config_exits_2_naming_the_variable(cli):
     assert "POSTGRES_PORT" in proc.stderr
 
 
+@contextlib.contextmanager
+def refused_port():
+    """A 127.0.0.1 port where connections are refused, for as long as the block runs: it
+    is bound (so no other process can take it and answer) but never listened on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
 def test_unreachable_database_exits_1_with_one_line(cli, pg_cluster):
-    from pgnotify_sync._cluster import free_port
-    port = str(free_port())
+    with refused_port() as port:
+        _unreachable(cli, str(port))
+
+
+def _unreachable(cli, port):
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
     for command in (["status"], ["install"], ["publish", "messages", "{}"]):
         proc = cli.run(*command, POSTGRES_PORT=port)
         assert proc.returncode == 1, (command, proc.stderr)
@@ -184,20 +201,46 @@ def test_wrong_password_is_never_shown(cli):
 
 # -- schema commands --------------------------------------------------------------------
 
+def _server(db):
+    with db.cursor() as cur:
+        cur.execute("SELECT version()")
+        return cur.fetchone()[0].split(",")[0]
+
+
+def _log_state(db):
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*), min(id), max(id), min(created_at), max(created_at), "
+                    "pg_total_relation_size('pgnotify_sync.event_log') FROM pgnotify_sync.event_log")
+        rows, first, last, oldest, newest, size = cur.fetchone()
+    return {"rows": rows, "first_id": first, "last_id": last,
+            "oldest": None if oldest is None else str(oldest), "newest": None if newest is None else str(newest),
+            "bytes": size}
+
+
 def test_install_is_idempotent_and_watch_unwatch_exclude(cli, messages_table):
+    server = _server(messages_table)
+    assert server.startswith("PostgreSQL ")
+    # Nothing runs on this cluster but this test: no listener holds the notification queue.
+    assert json.loads(cli.run("status").stdout) == {"server": server, "notification_queue_usage": 0.0,
+                                                    "installed": False}
     for _ in range(2):
         proc = cli.run("install")
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == "installed"
     proc = cli.run("watch", "public.messages", "--channel", "messages", "--exclude", "password_hash")
     assert proc.returncode == 0, proc.stderr
-    status = json.loads(cli.run("status").stdout)
-    assert status["watched_tables"] == [{"table": "public.messages", "channel": "messages",
-                                         "exclude_columns": ["password_hash"]}]
-    assert isinstance(status["notification_queue_usage"], float)
     insert(messages_table, "one")
     rows = logged(messages_table)
     assert len(rows) == 1 and rows[0][1]["body"] == "one" and "password_hash" not in rows[0][1]
+    status = json.loads(cli.run("status").stdout)
+    log_state = _log_state(messages_table)
+    assert log_state["rows"] == 1 and log_state["first_id"] == log_state["last_id"] == rows[0][0]
+    assert datetime.datetime.fromisoformat(log_state["oldest"]).tzinfo is not None
+    assert status == {"server": server, "notification_queue_usage": 0.0, "installed": True,
+                      "event_log": log_state,
+                      "watched_tables": [{"table": "public.messages", "channel": "messages",
+                                          "exclude_columns": ["password_hash"]}],
+                      "consumers": []}
 
     proc = cli.run("unwatch", "public.messages")
     assert proc.returncode == 0, proc.stderr
@@ -227,17 +270,77 @@ def _listening(proc):
     proc.wait_line(lambda line: "listening on" in line, stream="stderr", message="the listener did not start")
 
 
-def test_listen_prints_json_lines_for_the_given_seconds(cli, messages_table):
+def _publish_marker(cli, channel="messages"):
+    """Publish a marker event on *channel* (after what the test wrote: events of one
+    channel are printed in commit order, so the marker comes last); returns its id."""
+    proc = cli.run("publish", channel, '{"marker": true}')
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout)
+
+
+def _until_marker(proc, marker_id):
+    proc.wait_line(lambda line: line.startswith("{") and json.loads(line)["id"] == marker_id,
+                   message="the marker event was not printed")
+    proc.interrupt()
+    assert proc.wait(timeout=30) == 0, "".join(proc.stderr)
+    *events, marker = proc.events()
+    assert marker["operation"] == "PUBLISH" and marker["data"] == {"marker": True}
+    return events
+
+
+def test_listen_prints_json_lines(cli, messages_table):
     _watched(cli, messages_table)
-    proc = cli.start("-v", "listen", "messages", "--seconds", "3")
+    proc = cli.start("-v", "listen", "messages")
     _listening(proc)
     insert(messages_table, "a", "b", "c")
-    assert proc.wait(timeout=30) == 0, "".join(proc.stderr)
-    events = proc.events()
-    assert [e["id"] for e in events] == [row[0] for row in logged(messages_table)]
+    marker = _publish_marker(cli)
+    events = _until_marker(proc, marker)
+    assert [e["id"] for e in events] + [marker] == [row[0] for row in logged(messages_table)]
     assert [e["data"]["body"] for e in events] == ["a", "b", "c"]
     assert all(e["channel"] == "messages" and e["operation"] == "INSERT" and "password_hash" not in e["data"]
                for e in events)
+
+
+def test_listen_seconds_ends_the_command_by_itself(cli, messages_table):
+    _watched(cli, messages_table)
+    proc = cli.start("-v", "listen", "messages", "--seconds", "0.5")
+    assert proc.wait(timeout=60) == 0, "".join(proc.stderr)      # not interrupted: it stopped itself
+    assert any("listening on" in line for line in proc.stderr)
+    assert proc.stdout == []
+
+
+LOG_FIELDS = {"timestamp", "level", "logger", "event", "channel", "event_id", "message", "details"}
+
+
+def test_listen_log_format_json_writes_one_json_object_per_stderr_line(cli, messages_table):
+    _watched(cli, messages_table)
+    proc = cli.start("-vv", "--log-format", "json", "listen", "messages")
+    proc.wait_line(lambda line: "listening on" in line, stream="stderr",
+                   message="the listener did not start")
+    insert(messages_table, "row-value-never-logged")
+    marker = _publish_marker(cli)
+    events = _until_marker(proc, marker)
+    assert [e["data"]["body"] for e in events] == ["row-value-never-logged"]
+    records = []
+    for line in proc.stderr:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"a stderr line is not JSON: {line!r}") from None
+        assert type(record) is dict and set(record) == LOG_FIELDS, record
+        stamp = datetime.datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
+        assert record["timestamp"].endswith("Z") and stamp.utcoffset() == datetime.timedelta(0), record
+        assert record["level"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        assert record["logger"].startswith("pgnotify_sync") and type(record["details"]) is dict
+        records.append(record)
+    assert "row-value-never-logged" not in "".join(proc.stderr)
+    (listening,) = [r for r in records if r["event"] == "listening"]
+    assert listening["level"] == "INFO" and listening["details"] == {"channels": ["messages"]}
+    delivered = [r for r in records if r["event"] == "delivered"]
+    assert [(r["level"], r["channel"], r["event_id"]) for r in delivered] == \
+        [("DEBUG", "messages", events[0]["id"]), ("DEBUG", "messages", marker)]
+    assert delivered[0]["details"]["operation"] == "INSERT" and delivered[0]["details"]["table"] == "messages"
+    assert records[-1]["event"] == "stopped"
 
 
 def test_listen_with_consumer_resumes_across_runs(cli, messages_table):
@@ -260,6 +363,18 @@ def test_listen_with_consumer_resumes_across_runs(cli, messages_table):
     assert bodies == ["1", "2", "3", "4", "5"]
     ids = [e["id"] for e in first.events() + second.events()]
     assert ids == [row[0] for row in logged(messages_table)]
+    with messages_table.cursor() as cur:
+        cur.execute("SELECT updated_at FROM pgnotify_sync.consumers WHERE name = 'indexer' AND channel = 'messages'")
+        (updated_at,) = cur.fetchone()
+    (consumer,) = json.loads(cli.run("status").stdout)["consumers"]
+    # Every event was handled. The bound counts what the stored snapshot does not cover:
+    # the live event '5' may be remembered by id (consumers.handled) rather than by it.
+    assert consumer == {"name": "indexer", "channel": "messages", "updated_at": str(updated_at),
+                        "lag_upper_bound": consumer["lag_upper_bound"]}
+    assert consumer["lag_upper_bound"] in (0, 1)
+    insert(messages_table, "6", "7")                  # nobody listening: two events to go
+    assert json.loads(cli.run("status").stdout)["consumers"] == [
+        dict(consumer, lag_upper_bound=consumer["lag_upper_bound"] + 2)]
 
 
 # -- the web demo ---------------------------------------------------------------------

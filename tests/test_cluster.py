@@ -10,6 +10,10 @@ from pgnotify_sync import _cluster
 from pgnotify_sync._cluster import ClusterError, TemporaryCluster, find_pg_bindir, free_port
 
 
+# What a session sees once the server ended it (the FATAL message, or only the close).
+TERMINATED = "terminating connection due to administrator command|server closed the connection unexpectedly"
+
+
 def _scalar(conn, query, params=None):
     with conn.cursor() as cur:
         cur.execute(query, params)
@@ -48,6 +52,29 @@ def test_stop_before_start_is_a_no_op(tmp_path):
     assert not cluster.is_running()
 
 
+def test_tests_not_marked_integration_cannot_reach_postgres(tmp_path):
+    """tests/conftest.py's guard, seen from a test not marked integration: the binaries
+    found here and in a subprocess are the fakes, and TemporaryCluster refuses initdb
+    (the guard then fails the test whatever it caught, so only look, do not run)."""
+    import subprocess
+    import sys
+    import conftest
+    fake = str(conftest._no_postgres.bindir)
+    assert find_pg_bindir() == fake
+    child = subprocess.run([sys.executable, "-c", "from pgnotify_sync._cluster import find_pg_bindir; "
+                            "print(find_pg_bindir())"], capture_output=True, text=True, timeout=60)
+    assert child.stdout.strip() == fake, child.stderr
+    assert TemporaryCluster._run is not conftest._no_postgres._real_run
+    assert conftest._no_postgres.item is not None
+
+
+@pytest.mark.integration
+def test_integration_tests_reach_the_real_binaries():
+    import conftest
+    assert find_pg_bindir() != str(conftest._no_postgres.bindir)
+    assert conftest._no_postgres.item is None
+
+
 # -- shared session cluster -------------------------------------------------------
 
 
@@ -80,7 +107,7 @@ def test_create_and_drop_database_disconnects_users(pg_cluster, admin_db):
 
     pg_cluster.drop_database("scratch_db")  # must not wait for `user` to leave
     assert _scalar(admin_db, "SELECT count(*) FROM pg_database WHERE datname = 'scratch_db'") == 0
-    with pytest.raises(psycopg2.OperationalError):
+    with pytest.raises(psycopg2.OperationalError, match=TERMINATED):
         _scalar(user, "SELECT 1")
     pg_cluster.drop_database("scratch_db")  # already gone: fine
 
@@ -91,7 +118,7 @@ def test_terminate_backends_by_application_name(pg_cluster, dsn, db):
     try:
         assert pg_cluster.terminate_backends(application_name="victim") == 1
         # On PG 14+ terminate_backends waits until the backend has exited.
-        with pytest.raises(psycopg2.OperationalError):
+        with pytest.raises(psycopg2.OperationalError, match=TERMINATED):
             _scalar(victim, "SELECT 1")
         assert _scalar(db, "SELECT 1") == 1  # other sessions are untouched
         assert pg_cluster.terminate_backends(application_name="victim") == 0
@@ -101,7 +128,7 @@ def test_terminate_backends_by_application_name(pg_cluster, dsn, db):
 
 def test_terminate_backends_by_database(pg_cluster, dbname, db, admin_db):
     assert pg_cluster.terminate_backends(dbname=dbname) == 1
-    with pytest.raises(psycopg2.OperationalError):
+    with pytest.raises(psycopg2.OperationalError, match=TERMINATED):
         _scalar(db, "SELECT 1")
     assert _scalar(admin_db, "SELECT 1") == 1
 
@@ -114,7 +141,7 @@ def test_restart_keeps_data_and_drops_connections(pg_cluster, db, dsn):
     # because the cluster runs with synchronous_commit=off.)
     pg_cluster.restart("fast")
     assert pg_cluster.port == port
-    with pytest.raises(psycopg2.OperationalError):
+    with pytest.raises(psycopg2.OperationalError, match=TERMINATED):
         _scalar(db, "SELECT 1")
     fresh = psycopg2.connect(**dsn)
     try:
@@ -136,6 +163,7 @@ def test_stop_twice_then_start(pg_cluster):
 # -- a private cluster (costs one initdb) ----------------------------------------------
 
 
+@pytest.mark.integration          # starts a server of its own, without the pg_cluster fixture
 def test_private_cluster_lifecycle_and_port_conflicts(monkeypatch):
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))

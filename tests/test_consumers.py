@@ -2,9 +2,11 @@
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 
 from pgnotify_sync import install, watch_table
 from pgnotify_sync.listener import DEFAULT_CHECKPOINT_EVERY
@@ -66,7 +68,7 @@ def test_new_consumer_starts_now_and_plain_listener_is_independent(jobs_db, make
 
 
 CRASHING_CONSUMER = r"""
-import os, sys, json, time
+import os, sys, json, threading, time
 sys.path.insert(0, {root!r})
 from pgnotify_sync import Config, Listener
 cfg = Config(**json.loads({cfg!r}))
@@ -76,31 +78,74 @@ def handle(event):
     print(event.data["name"], flush=True)
     if event.data["name"] == "crash":
         os._exit(1)                      # dies mid-handler: no stop(), no cleanup
+    if event.data["name"] == "hang":
+        threading.Event().wait()         # in flight until the test SIGKILLs the process
 listener.start()
 print("ready", flush=True)
 time.sleep(60)
 """
 
 
+class ChildLines:
+    """A child's stdout lines, read by a thread: waiting for one has a deadline, so a
+    hung child fails the test instead of hanging it."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self._lines = queue.Queue()
+        threading.Thread(target=self._pump, name="child-stdout", daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def next(self, timeout=30):
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the child printed no line within {timeout}s") from None
+        if line is None:
+            self._lines.put(None)
+            raise AssertionError(f"the child's output ended (exit code {self.proc.poll()})")
+        return line
+
+    def until_eof(self, timeout=60):
+        """Every line up to the end of the output (the child exited or closed it)."""
+        import time
+        deadline = time.monotonic() + timeout
+        lines = []
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"the child's output did not end within {timeout}s; "
+                                     f"lines so far: {lines}") from None
+            if line is None:
+                return lines
+            lines.append(line)
+
+
 def start_crashing_consumer(dsn, **kwargs):
     """A child process running consumer 'crashy' (Listener keyword arguments
     *kwargs*) that prints each event's name and dies (os._exit) inside the handler of
-    the event named 'crash'."""
+    the event named 'crash', or blocks forever inside the handler of 'hang'.
+    Returns (Popen, ChildLines)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = json.dumps(dict(postgres_host=dsn["host"], postgres_port=dsn["port"], postgres_user=dsn["user"],
                           postgres_password=dsn["password"], postgres_db=dsn["dbname"], channels=["jobs"]))
-    return subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg,
-                                                                                 kwargs=json.dumps(kwargs))],
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg,
+                                                                            kwargs=json.dumps(kwargs))],
                             stdout=subprocess.PIPE, text=True)
+    return proc, ChildLines(proc)
 
 
 def test_consumer_crash_redelivers_only_the_event_in_flight(jobs_db, dsn, make_listener):
-    proc = start_crashing_consumer(dsn, checkpoint_every=1)
+    proc, out = start_crashing_consumer(dsn, checkpoint_every=1)
     try:
-        assert proc.stdout.readline().strip() == "ready"
+        assert out.next() == "ready"
         insert(jobs_db, "one", "two", "crash", "after")
-        lines = [proc.stdout.readline().strip() for _ in range(3)]
-        assert lines == ["one", "two", "crash"]
+        assert out.until_eof() == ["one", "two", "crash"]
         assert proc.wait(20) == 1
     finally:
         if proc.poll() is None:
@@ -175,14 +220,9 @@ def test_consumer_crash_during_a_catch_up_repeats_only_the_event_in_flight(jobs_
     names[17] = "crash"
     with jobs_db.cursor() as cur:                  # one statement: a range notification, read from the log
         cur.execute("INSERT INTO jobs (name) SELECT unnest(%s::text[])", (names,))
-    proc = start_crashing_consumer(dsn, checkpoint_every=1)
+    proc, out = start_crashing_consumer(dsn, checkpoint_every=1)
     try:
-        seen = []
-        while True:
-            line = proc.stdout.readline().strip()
-            if not line:
-                break
-            seen.append(line)
+        seen = out.until_eof()
         assert proc.wait(20) == 1
     finally:
         if proc.poll() is None:
@@ -211,15 +251,15 @@ def test_default_checkpoints_bound_the_repeats_after_a_crash(jobs_db, dsn, make_
     names[crash_at] = "crash"
     with jobs_db.cursor() as cur:
         cur.execute("INSERT INTO jobs (name) SELECT unnest(%s::text[])", (names,))
-    proc = start_crashing_consumer(dsn)
+    proc, out = start_crashing_consumer(dsn)
     try:
-        seen = [line for line in iter(proc.stdout.readline, "") if line.strip() != "ready"]
+        seen = [line for line in out.until_eof() if line != "ready"]
         assert proc.wait(20) == 1
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-    assert [s.strip() for s in seen] == names[:crash_at + 1]
+    assert seen == names[:crash_at + 1]
     restarted = make_listener(channels=("jobs",), consumer="crashy")
     got = Collector()
     restarted.on_event("jobs", got)
@@ -230,3 +270,30 @@ def test_default_checkpoints_bound_the_repeats_after_a_crash(jobs_db, dsn, make_
     resumed_at = names.index(again[0])
     assert again == names[resumed_at:]                              # in order, nothing lost after it
     assert crash_at - DEFAULT_CHECKPOINT_EVERY <= resumed_at <= crash_at   # repeats bounded
+
+
+def test_default_checkpoints_repeat_only_the_event_in_flight_under_light_traffic(jobs_db, dsn, make_listener):
+    # README: with the default checkpoint_every, light traffic repeats after a crash
+    # only the event in flight (the position is stored after every batch).
+    proc, out = start_crashing_consumer(dsn)
+    try:
+        assert out.next() == "ready"
+        for name in ("one", "two", "three", "hang"):       # spaced out: one batch each
+            insert(jobs_db, name)
+            assert out.next() == name
+        # 'hang' is now in its handler: the process dies there.
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(20) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    insert(jobs_db, "after")                               # while no process runs
+    restarted = make_listener(channels=("jobs",), consumer="crashy")
+    got = Collector()
+    restarted.on_event("jobs", got)
+    restarted.start()
+    restarted.publish("jobs", {"end": True})
+    wait_for(lambda: any(e.operation == "PUBLISH" for e in got.events), timeout=15,
+             message="the restarted consumer did not reach the end marker")
+    assert [e.data.get("name", "end") for e in got.events] == ["hang", "after", "end"]

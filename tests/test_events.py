@@ -5,6 +5,7 @@ import json
 import random
 import sys
 
+import cattrs.errors
 import pytest
 
 from pgnotify_sync.errors import PayloadError, PgNotifyError
@@ -270,8 +271,11 @@ def test_round_trip_keeps_decimals_and_none():
 def test_structure_rejects_bad_operation():
     d = converter.unstructure(decode_payload("c", payload(**full())))
     d["operation"] = "NOPE"
-    with pytest.raises(Exception):
+    with pytest.raises(cattrs.errors.ClassValidationError, match="While structuring DatabaseEvent") as info:
         converter.structure(d, DatabaseEvent)
+    (cause,) = info.value.exceptions
+    assert type(cause) is ValueError
+    assert str(cause) == "operation must be one of INSERT, UPDATE, DELETE, PUBLISH, got 'NOPE'"
 
 
 def test_to_dict_and_to_json():

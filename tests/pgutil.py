@@ -36,10 +36,32 @@ class Collector:
         with self._lock:
             return len(self.events)
 
-    def wait(self, count, timeout=15.0):
+    def wait(self, count, timeout=15.0, settle=None):
+        """Wait for *count* events and return them.
+
+        With *settle* (the Listener feeding this collector) it is *exactly* count: an
+        end marker is then published on the channel of the last event and waited for
+        (a channel's events arrive in commit order), so a late duplicate or an extra
+        event shows. The marker is a real logged event and stays in ``events`` (log
+        comparisons count it); it is not in the returned list.
+        """
         wait_for(lambda: len(self) >= count, timeout=timeout,
                  message=f"expected {count} events, have {len(self)}")
-        return list(self.events)
+        if settle is None:
+            return list(self.events)
+        token = uuid.uuid4().hex
+        settle.publish(self.events[count - 1].channel, {"end_marker": token})
+
+        def is_marker(event):
+            return isinstance(event.data, dict) and event.data.get("end_marker") == token
+        wait_for(lambda: any(is_marker(e) for e in list(self.events)), timeout=timeout,
+                 message=f"the end marker after {count} events was not delivered")
+        with self._lock:
+            events = list(self.events)
+        at = next(i for i, e in enumerate(events) if is_marker(e))
+        assert at == count and len(events) == count + 1, (
+            f"expected exactly {count} events before the end marker, got {at} (and {len(events) - at - 1} after it)")
+        return events[:count]
 
     def ids(self):
         with self._lock:

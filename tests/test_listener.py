@@ -25,7 +25,7 @@ def test_insert_update_delete_carry_exact_fields(installed, make_listener):
         cur.execute("INSERT INTO messages (room, body, password_hash, n) VALUES ('r1', 'hello', 'SECRET', 1)")
         cur.execute("UPDATE messages SET body = 'edited' WHERE room = 'r1'")
         cur.execute("DELETE FROM messages WHERE room = 'r1'")
-    ins, upd, dele = got.wait(3)
+    ins, upd, dele = got.wait(3, settle=listener)
     assert ins.channel == "messages" and ins.operation == "INSERT" and ins.operation is Operation.INSERT
     assert (ins.schema, ins.table) == ("public", "messages")
     assert ins.data == {"id": 1, "room": "r1", "body": "hello", "n": 1}
@@ -49,7 +49,7 @@ def test_excluded_columns_never_leave_the_database(installed, make_listener):
         cur.execute("SELECT count(*) FROM pgnotify_sync.event_log WHERE data::text LIKE '%%SECRET%%' "
                     "OR old::text LIKE '%%SECRET%%' OR data::text LIKE '%%OTHER%%'")
         assert cur.fetchone()[0] == 0
-    events = got.wait(2)
+    events = got.wait(2, settle=listener)
     for event in events:
         assert "password_hash" not in event.data
         assert event.old is None or "password_hash" not in event.old
@@ -71,7 +71,7 @@ def test_huge_row_is_delivered_whole_and_the_writer_succeeds(installed, make_lis
         cur.execute("INSERT INTO messages (body) VALUES (%s) RETURNING id", (body,))
         row_id = cur.fetchone()[0]
         cur.execute("UPDATE messages SET room = 'big' WHERE id = %s", (row_id,))
-    ins, upd = got.wait(2)
+    ins, upd = got.wait(2, settle=listener)
     assert ins.data["body"] == body and ins.operation == "INSERT"
     assert upd.data["body"] == body and upd.old["room"] is None and upd.data["room"] == "big"
 
@@ -92,7 +92,7 @@ def test_unicode_nulls_and_many_column_types(db, make_listener):
             ('日本語 🎉 \\ "quote" '' ', 12345678901234567890.5, 'NaN', true, '2026-01-02T03:04:05Z',
              '{"k": [1, null]}', '{1,2,NULL}', '\\x00ff', NULL, '6f1c8e52-8f4b-4d3a-9b1e-0c3f1f2a9d10')""")
         cur.execute("""INSERT INTO "Odd ""Table"" Ü" (f) VALUES ('Infinity')""")
-    event, inf = got.wait(2)
+    event, inf = got.wait(2, settle=listener)
     assert event.table == 'Odd "Table" Ü' and event.channel == 'Chan "Q" Mixed Case'
     d = event.data
     assert d["t"] == '日本語 🎉 \\ "quote" \' '
@@ -110,7 +110,7 @@ def test_plain_payload_of_the_spec_example_trigger_is_accepted(installed, make_l
     payload = json.dumps({"operation": "INSERT", "schema": "public", "table": "messages", "data": {"id": 7}})
     with installed.cursor() as cur:
         cur.execute("SELECT pg_notify('messages', %s)", (payload,))
-    (event,) = got.wait(1)
+    (event,) = got.wait(1, settle=listener)
     assert event.id is None and event.data == {"id": 7} and event.operation == "INSERT"
 
 
@@ -126,7 +126,7 @@ def test_malformed_payloads_are_reported_and_the_listener_carries_on(installed, 
         cur.execute("""NOTIFY messages, '{"operation": "EXPLODE", "schema": "s", "table": "t", "data": {}}'""")
         cur.execute("""NOTIFY messages, '[1, 2]'""")
         cur.execute("INSERT INTO messages (body) VALUES ('after')")
-    (event,) = got.wait(1)
+    (event,) = got.wait(1, settle=listener)
     assert event.data["body"] == "after"
     wait_for(lambda: len(errors) == 3)
     assert [e["kind"] for e in errors] == ["payload"] * 3
@@ -232,7 +232,7 @@ def test_burst_of_10000_events_all_delivered(installed, make_listener):
     with installed.cursor() as cur:
         for _ in range(10):
             cur.execute("INSERT INTO messages (n) SELECT g FROM generate_series(1, 1000) g")
-    events = got.wait(10_000, timeout=60)
+    events = got.wait(10_000, timeout=60, settle=listener)
     ids = [e.id for e in events]
     assert len(ids) == 10_000 and len(set(ids)) == 10_000
     assert ids == sorted(ids)
@@ -389,7 +389,7 @@ def test_writer_without_privileges_on_our_schema_still_succeeds(installed, make_
             with writer.cursor() as cur:
                 cur.execute("INSERT INTO messages (body) VALUES ('from app_writer')")
         writer.close()
-        (event,) = got.wait(1)
+        (event,) = got.wait(1, settle=listener)
         assert event.data["body"] == "from app_writer"
     finally:
         with installed.cursor() as cur:
@@ -402,7 +402,7 @@ def test_publish_reaches_listeners_with_a_log_id(installed, make_listener):
     listener.on_event("app", got)
     listener.start()
     ident = listener.publish("app", {"hello": "world", "n": [1, 2]})
-    (event,) = got.wait(1)
+    (event,) = got.wait(1, settle=listener)
     assert event.id == ident and event.operation == "PUBLISH" and event.data == {"hello": "world", "n": [1, 2]}
 
 

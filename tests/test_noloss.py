@@ -241,7 +241,7 @@ def test_failed_listener_starts_again_and_catches_up(stream_db, make_listener, d
         proxy.restore()
         listener.start()
         assert listener.state is ConnectionState.LISTENING
-        (event,) = got.wait(1)
+        (event,) = got.wait(1, settle=listener)
         assert event.data["note"] == "while failed"
         assert_exactly_once_in_row_order(got, pg_cluster, dbname)
     finally:

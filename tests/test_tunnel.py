@@ -50,7 +50,7 @@ def test_events_flow_through_two_separate_tunnels(stream_db, make_ssh_listener, 
     listener.publish("stream", {"via": "pool tunnel"})
     with stream_db.cursor() as cur:
         cur.execute("INSERT INTO stream (note) VALUES ('through ssh')")
-    events = got.wait(2)
+    events = got.wait(2, settle=listener)
     assert {e.operation for e in events} == {"PUBLISH", "INSERT"}
     mine = session_of(ssh_server, listener._listener_tunnel)
     pools = session_of(ssh_server, listener._pool_tunnel)
@@ -93,7 +93,7 @@ def test_frozen_listener_session_noticed_by_the_health_check(stream_db, make_ssh
     # Noticed by the health check's deadline (nothing else can see a frozen session).
     assert "health check got no answer" in str(lost[0]["error"])
     assert listener.stats["health_check_failures"] >= 1
-    (event,) = got.wait(1, timeout=30)
+    (event,) = got.wait(1, timeout=30, settle=listener)
     assert event.data["note"] == "while frozen"
     assert listener._listener_tunnel.restarts >= 1
     assert_exactly_once_in_row_order(got, pg_cluster, dbname)
@@ -111,7 +111,7 @@ def test_sshd_down_then_back(stream_db, make_ssh_listener, ssh_server, pg_cluste
     wait_for(lambda: len(attempts) >= 3, timeout=20, message="no retries while sshd is down")
     assert listener.state is ConnectionState.RECONNECTING
     ssh_server.start()
-    (event,) = got.wait(1, timeout=20)
+    (event,) = got.wait(1, timeout=20, settle=listener)
     assert event.data["note"] == "while sshd is down"
     assert_exactly_once_in_row_order(got, pg_cluster, dbname)
 

@@ -14,6 +14,7 @@ faults_refusal    ``start()`` with a wrong password -> ConnectError (not retried
                   Baseline: a successful ``start()`` of the same listener.  < 1 s
 """
 
+import contextlib
 import pathlib
 import sys
 import threading
@@ -41,41 +42,39 @@ def _wait(event, timeout_s, what):
         raise BenchError(f"faults: {what} did not happen within {timeout_s:.0f} s")
 
 
-def _frozen_once(ctx):
+@contextlib.contextmanager
+def _behind_proxy(ctx, name, signal, **overrides):
+    """A started Listener connected through a fresh TcpProxy, and an Event set by
+    its *signal*; both closed on exit."""
     proxy = _proxy_class()(ctx.target.config.postgres_host, ctx.target.config.postgres_port)
-    listener = Listener(ctx.listener_config(postgres_port=proxy.port, health_check_interval_s=FROZEN_INTERVAL_S,
-                                            health_check_timeout_s=FROZEN_TIMEOUT_S),
-                        name="bench-frozen", registry=False)
-    lost = threading.Event()
-    listener.signals.disconnected.connect(lambda sender, **kw: lost.set(), weak=False)
+    listener = Listener(ctx.listener_config(postgres_port=proxy.port, **overrides), name=name, registry=False)
+    fired = threading.Event()
+    getattr(listener.signals, signal).connect(lambda sender, **kw: fired.set(), weak=False)
     try:
         listener.start(timeout_s=30)
-        proxy.freeze()
-        frozen_at = time.monotonic()
-        _wait(lost, 30, "the frozen path was noticed")
-        return time.monotonic() - frozen_at
+        yield listener, proxy, fired
     finally:
         listener.stop(timeout=5)
         proxy.close()
 
 
+def _frozen_once(ctx):
+    with _behind_proxy(ctx, "bench-frozen", "disconnected", health_check_interval_s=FROZEN_INTERVAL_S,
+                       health_check_timeout_s=FROZEN_TIMEOUT_S) as (_listener, proxy, lost):
+        proxy.freeze()
+        frozen_at = time.monotonic()
+        _wait(lost, 30, "the frozen path was noticed")
+        return time.monotonic() - frozen_at
+
+
 def _stop_once(ctx):
-    proxy = _proxy_class()(ctx.target.config.postgres_host, ctx.target.config.postgres_port)
-    listener = Listener(ctx.listener_config(postgres_port=proxy.port, reconnect_delay_ms=STOP_BACKOFF_MS,
-                                            reconnect_delay_max_ms=STOP_BACKOFF_MS * 2),
-                        name="bench-stop", registry=False)
-    waiting = threading.Event()
-    listener.signals.reconnecting.connect(lambda sender, **kw: waiting.set(), weak=False)
-    try:
-        listener.start(timeout_s=30)
+    with _behind_proxy(ctx, "bench-stop", "reconnecting", reconnect_delay_ms=STOP_BACKOFF_MS,
+                       reconnect_delay_max_ms=STOP_BACKOFF_MS * 2) as (listener, proxy, waiting):
         proxy.cut()
         _wait(waiting, 30, "a reconnect backoff")
         started = time.monotonic()
         listener.stop(timeout=30)
         return time.monotonic() - started
-    finally:
-        listener.stop(timeout=5)
-        proxy.close()
 
 
 def _refusal_once(ctx, password):

@@ -20,8 +20,8 @@ Example::
 """
 
 from .config import Config
-from .errors import (ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError, PublishBufferFull,
-                     SchemaError)
+from .errors import (ConfigError, ConnectError, ErrorKind, ListenerStateError, PayloadError, PgNotifyError,
+                     PublishBufferFull, SchemaError)
 from .events import DatabaseEvent, Operation, converter
 from .listener import ConnectionState, Listener
 from .schema import install, uninstall, unwatch_table, watch_table, watched_tables
@@ -29,7 +29,8 @@ from .schema import install, uninstall, unwatch_table, watch_table, watched_tabl
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "ConfigError", "ConnectError", "ConnectionState", "DatabaseEvent", "Listener",
-    "ListenerStateError", "Operation", "PayloadError", "PgNotifyError", "PublishBufferFull", "SchemaError", "converter",
+    "Config", "ConfigError", "ConnectError", "ConnectionState", "DatabaseEvent", "ErrorKind", "Listener",
+    "ListenerStateError", "Operation", "PayloadError", "PgNotifyError", "PublishBufferFull", "SchemaError",
+    "converter",
     "install", "uninstall", "unwatch_table", "watch_table", "watched_tables",
 ]

@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 
+from ._eventlog import CatchUpFailed
 from .events import DatabaseEvent, EventRange, EventRef
 from .metrics import Histogram
 
@@ -124,10 +125,6 @@ class ChannelState:
 def handled_count(ch):
     """How many events of transactions not visible in the position were handled."""
     return len(ch.handled) + sum(n for ranges in ch.xranges.values() for _, _, n in ranges)
-
-
-class CatchUpFailed(Exception):
-    """The log could not be read; the channel retries later."""
 
 
 class Job:

@@ -27,7 +27,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from .errors import ConnectError, QueryTimeout
+from .errors import ConnectError, QueryTimeout, first_line
 from .events import loads
 
 log = logging.getLogger("pgnotify_sync")
@@ -73,7 +73,7 @@ class ConnectionPool:
             psycopg2.extras.register_default_json(conn, loads=loads)
             return conn
         except psycopg2.Error as exc:
-            raise ConnectError(f"{self.name}: cannot open a pooled connection: {_first_line(exc)}") from exc
+            raise ConnectError(f"{self.name}: cannot open a pooled connection: {first_line(exc)}") from exc
 
     def _healthy(self, conn):
         if conn.closed:
@@ -227,6 +227,3 @@ def _shut_down(conn):
     finally:
         sock.close()
 
-
-def _first_line(exc):
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -16,7 +16,7 @@ import time
 
 from . import __version__
 from .config import Config
-from .errors import ConfigError, PgNotifyError
+from .errors import ConfigError, PgNotifyError, first_line
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -46,8 +46,7 @@ def _connect(cfg):
     try:
         return psycopg2.connect(**cfg.connect_kwargs())
     except psycopg2.Error as exc:
-        raise PgNotifyError(f"cannot connect to {cfg.describe_target()}: {str(exc).strip().splitlines()[0]}") \
-            from None
+        raise PgNotifyError(f"cannot connect to {cfg.describe_target()}: {first_line(exc)}") from None
 
 
 def _with_connection(args, action):

@@ -1,8 +1,31 @@
-"""The exception hierarchy: one root, grouped by kind.
+"""The exception hierarchy (one root, grouped by kind), the kinds of the ``error``
+signal, and the two rules every module shares about foreign errors: how one is
+described in a line, and whether retrying can fix it.
 
 Exceptions are raised only in the caller's thread. Failures in background
 threads become a log line, a metric and an ``error`` signal instead.
 """
+
+import enum
+
+
+class ErrorKind(str, enum.Enum):
+    """The ``kind`` of an ``error`` signal (a ``str``: ``kind == "handler"`` works)."""
+
+    PAYLOAD = "payload"         # a notification that is not an event (counted, ignored)
+    HANDLER = "handler"         # an on_event handler raised
+    RECEIVER = "receiver"       # a lifecycle signal receiver raised
+    CATCHUP = "catchup"         # reading the event log failed; the channel falls back and retries
+    OVERFLOW = "overflow"       # handlers fell behind; the channel reads from the log
+    CONNECT = "connect"         # the listener could not connect (FAILED)
+    GAP = "gap"                 # a durable consumer's position was trimmed past
+    MISSING = "missing"         # announced events no longer in the log
+    PUBLISH = "publish"         # buffered publishes could not be sent
+    INTERNAL = "internal"       # a bug of ours, caught so delivery goes on
+    SSE = "sse"                 # an SSE authorize or row_filter raised
+
+    def __str__(self):
+        return self.value
 
 
 class PgNotifyError(Exception):
@@ -43,3 +66,31 @@ class SchemaError(PgNotifyError):
 class PublishBufferFull(PgNotifyError):
     """publish() could not reach the database and the publish buffer is full: the
     event was NOT sent and NOT kept. Nothing is ever dropped silently."""
+
+
+def first_line(exc):
+    """The first line of *exc*'s text, or its type's name: server errors span lines
+    (DETAIL, HINT), log lines and messages take one."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe(exc):
+    """'Type: first line' of an exception raised by user code (its text is theirs)."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+# Server answers that retrying cannot change (libpq's texts; the SQLSTATE is not
+# available before a session exists).
+_NOT_RETRYABLE_TEXT = ("authentication failed", "does not exist", "no pg_hba.conf entry",
+                       "permission denied", "is not installed")
+
+
+def retry_can_fix(exc, first_session=True):
+    """Whether retrying a failed connect can succeed: not for an exception marked
+    ``retryable = False`` (a refused SSH key, an unknown host key); not, before the
+    first session, for a wrong password or a missing database (after a session
+    they may be a moment's trouble: a database being restored)."""
+    if getattr(exc, "retryable", True) is False:
+        return False
+    return not (first_session and any(part in str(exc) for part in _NOT_RETRYABLE_TEXT))

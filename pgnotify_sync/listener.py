@@ -20,23 +20,20 @@ socket and a wake-up pipe, drains notifications in order, decodes them and hands
 them to the dispatcher without ever blocking; it also runs the health check (a
 round trip that proves the whole path) and reconnects with backoff.
 ``<name>-worker-N`` run handlers (see _dispatch.py); ``<name>-fetch-N`` read
-statements' rows and catch-up pages from the log ahead of them. ``<name>-watchdog``
-retries channels that fell back to the event log.
+statements' rows and catch-up pages from the log ahead of them.
+``<name>-maintenance`` runs the periodic tasks (see _maintenance.py).
 """
 
 import bisect
-import collections
 import enum
 import errno
 import functools
 import itertools
-import json
 import logging
 import os
 import select
 import threading
 import time
-import uuid
 
 import psycopg2
 import psycopg2.extensions
@@ -44,25 +41,24 @@ from psycopg2 import sql
 
 from ._backoff import Backoff
 from ._counters import Counters
-from ._dispatch import (READ_AHEAD, Advance, CatchUpFailed, ChannelState, Dispatcher, SetPosition,
-                        handled_count)
+from ._dispatch import READ_AHEAD, Advance, ChannelState, Dispatcher, SetPosition, handled_count
+from ._consumers import ConsumerStore
+from ._eventlog import EventLog
+from ._maintenance import Every, Maintenance
 from ._pool import ConnectionPool
+from ._publisher import Publisher
 from ._snapshot import Snapshot
 from .config import Config
-from .errors import (ConfigError, ConnectError, ListenerStateError, PayloadError, PgNotifyError, PublishBufferFull,
-                     SchemaError)
-from .events import DatabaseEvent, EventRange, Operation, decode_payload, loads
+from .errors import (ConfigError, ConnectError, ErrorKind, ListenerStateError, PayloadError, PgNotifyError,
+                     SchemaError, describe, first_line, retry_can_fix)
+from .events import EventRange, decode_payload
 from .metrics import Histogram, collector_for
 from .signals import ListenerSignals
 
 log = logging.getLogger("pgnotify_sync")
 
 _names = itertools.count(1)
-_repeat = itertools.repeat
 
-CATCHUP_PAGE = 5000
-# A statement's rows are read in pages of at most this many rows (and PAGE_BYTES).
-RANGE_PAGE = 20_000
 # A durable consumer's default: store the position at least every this many events.
 # A write per event (1) bounds the repeats after a crash to the event in flight but
 # caps a catch-up at ~3,000 events/s (one round trip and commit each); 100 makes the
@@ -71,45 +67,6 @@ DEFAULT_CHECKPOINT_EVERY = 100
 # Send the marker round trip (which lets positions advance and handled-id sets
 # shrink) at least every this many events, not only every health-check interval.
 ADVANCE_EVERY = 20_000
-# Retention examines at most this many event-log rows per statement.
-TRIM_BATCH = 10_000
-
-# Rows come back as one JSON text per (operation, schema, table) group, a flat array
-# [id, xid, data, old, id, xid, data, old, ...] in id order: one C-speed parse per
-# page and no per-row repetition of the names. String concatenation costs the server
-# less than json_agg(json_build_array(...)) and the client parses a third less text.
-# A statement's range is one group; a catch-up page has a group per table and
-# operation, merged by id on the client.
-#
-# A page is bounded by bytes as well as rows: it ends with the row that reaches
-# PAGE_BYTES of row text (at least one row), so wide rows never build a text near
-# PostgreSQL's 1 GB limit, and what a page holds in memory stays small. The last
-# column says the page was cut there (the caller reads on after its last id).
-PAGE_BYTES = 4 << 20
-_ROWS = ("SELECT operation, schema_name, table_name, '[' || string_agg(id || ',' || xid || ',' || "
-         "coalesce(data::text, 'null') || ',' || coalesce(old::text, 'null'), ',' ORDER BY id) || ']', "
-         "bool_or(upto >= %(max_bytes)s) "
-         "FROM (SELECT *, sum(size) OVER (ORDER BY id) AS upto "
-         "      FROM (SELECT *, coalesce(octet_length(data::text), 4) + coalesce(octet_length(old::text), 4) AS size "
-         # sized after the LIMIT (its own level: a subquery with LIMIT is not flattened),
-         # else the planner may size every row of the range for each page
-         "            FROM (SELECT id, xid, operation, schema_name, table_name, data, old "
-         "                    FROM pgnotify_sync.event_log WHERE {where} ORDER BY id {limit}) l) w) r "
-         "WHERE upto - size < %(max_bytes)s GROUP BY 1, 2, 3")
-
-_CATCHUP_SQL = _ROWS.format(where="""channel = %(channel)s
-   AND xid >= %(pos_xmin)s::text::xid8 AND xid < %(to_xmax)s::text::xid8
-   AND id > %(after)s
-   AND pg_visible_in_snapshot(xid, %(to)s::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)""", limit="LIMIT %(limit)s")
-
-# xid compared as text on purpose: not indexable, so the planner takes the id range on
-# the primary key. With "xid = X" it may pick the xid index and walk every entry of a
-# big transaction for each 1000-row range (seen on a log without statistics yet).
-_RANGE_SQL = _ROWS.format(where="id BETWEEN %(first)s AND %(last)s AND xid::text = %(xid)s "
-                                "AND channel = %(channel)s", limit="LIMIT %(limit)s")
-
-_FETCH_SQL = _ROWS.format(where="id = %(id)s", limit="")
 
 
 class ConnectionState(str, enum.Enum):
@@ -125,9 +82,6 @@ class ConnectionState(str, enum.Enum):
         return self.value
 
 
-_OPERATIONS = {op.value: op for op in Operation}
-
-
 class _Stopped(Exception):
     """stop() was called while the reader was waiting."""
 
@@ -136,27 +90,14 @@ class _Lost(Exception):
     """The listener connection is gone (or did not answer a health check in time)."""
 
 
-# Errors that retrying cannot fix: fail start() at once instead of retrying forever.
-_FATAL_CONNECT_TEXT = ("authentication failed", "does not exist", "no pg_hba.conf entry",
-                       "permission denied", "is not installed")
+# Kinds logged at ERROR: the listener cannot go on as asked (the rest are WARNING:
+# user code, bad input, or trouble the listener works around).
+_ERROR_LEVEL_KINDS = frozenset({ErrorKind.CONNECT, ErrorKind.GAP, ErrorKind.MISSING, ErrorKind.PUBLISH,
+                                ErrorKind.INTERNAL})
 
 
 def _call_receiver(receiver, sender, event):
     receiver(sender, event=event)
-
-
-def _event_id(event):
-    return event.id
-
-
-def _first_line(exc):
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _describe(exc):
-    """'Type: first line' of an exception raised by user code (its text is theirs)."""
-    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _must_propagate(exc):
@@ -225,20 +166,20 @@ class Listener:
         self._stop_event = threading.Event()
         self._wake_r = self._wake_w = None
         self._reader = None
-        self._watchdog = None
+        self._maintenance = None
         self._dispatcher = None
         self._pool = None
+        self._log = None            # the EventLog, on the pool
+        self._consumer_store = None     # a durable consumer's ConsumerStore, on the pool
         self._ready = threading.Event()
         self._start_error = None
         self._pending_catchup = set()
         self._stale_backends = []   # (pid, backend_start) of sessions lost (see _end_stale_backends)
         self._listener_tunnel = self._pool_tunnel = None
-        self._publish_lock = threading.Lock()
         self._decode_hist = Histogram()
         self._rtt_hist = Histogram()
         self._registry = registry
         self._metrics = None
-        self._publish_buffer = collections.deque()
         self._tunnel_stale = False
         self._had_session = False
         self._installed = None      # is the schema (event log) there? known after connecting
@@ -247,12 +188,14 @@ class Listener:
         self._advance_every = ADVANCE_EVERY if not consumer else 1_000
         self._backoff = Backoff(config.reconnect_delay_ms / 1000.0, config.reconnect_delay_max_ms / 1000.0,
                                 config.max_reconnect_attempts)
-        # Thread-safe: counted from the reader, the workers, the fetch threads and the watchdog.
+        # Thread-safe: counted from the reader, the workers, the fetch threads and the maintenance thread.
         self.stats = Counters(
             received=0, delivered=0, parse_errors=0, handler_errors=0, receiver_errors=0, reconnects=0,
             reconnect_attempts=0, health_checks=0, health_check_failures=0, caught_up=0, publish_flushed=0,
             publish_dropped=0, retention_deleted=0, consumer_gap_events=0, internal_errors=0,
             last_health_rtt_s=None, connected_since=None, last_event_at=None, last_error=None)
+        self._publisher = Publisher(self.name, config, self._require_pool, self.stats, self._report,
+                                    closed=lambda: self._closed)
 
     # -- public API ------------------------------------------------------------
 
@@ -359,15 +302,15 @@ class Listener:
         self._stop_event.set()
         self._wake()
         me = threading.current_thread()
-        for thread in (self._reader, self._watchdog):
+        for thread in (self._reader, self._maintenance):
             if thread is not None and thread is not me:
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive():
                     log.warning("%s: thread %s did not stop in time", self.name, thread.name)
         if self._dispatcher is not None:
             self._dispatcher.close(max(0.0, deadline - time.monotonic()))
-        if self._publish_buffer:
-            self._flush_at_stop(deadline)
+        if len(self._publisher):
+            self._publisher.flush_until(deadline)
         if self._pool is not None:
             self._pool.close()
         for tunnel in (self._listener_tunnel, self._pool_tunnel):
@@ -390,18 +333,6 @@ class Listener:
             self._metrics.remove(self)
         log.info("%s: stopped", self.name, extra={"event": "stopped"})
 
-    def _flush_at_stop(self, deadline):
-        """Send buffered publishes until *deadline*; report what could not be sent."""
-        while self.flush_publishes() and time.monotonic() < deadline:
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        with self._publish_lock:
-            lost = len(self._publish_buffer)
-            self._publish_buffer.clear()
-        if lost:
-            self.stats.inc("publish_dropped", lost)
-            self._report("publish", f"stop(): {lost} buffered publishes could not be sent "
-                                    "(database unreachable until the timeout)", None)
-
     def __enter__(self):
         return self.start()
 
@@ -410,7 +341,7 @@ class Listener:
 
     def threads(self):
         """The threads this listener started (for tests and diagnostics)."""
-        threads = [t for t in (self._reader, self._watchdog) if t is not None]
+        threads = [t for t in (self._reader, self._maintenance) if t is not None]
         if self._dispatcher is not None:
             threads.extend(self._dispatcher.threads())
         if self._pool is not None:
@@ -421,7 +352,7 @@ class Listener:
         """A plain dict of counters and gauges."""
         stats = self.stats.snapshot()
         stats["state"] = self._state.value
-        stats["publish_buffered"] = len(self._publish_buffer)
+        stats["publish_buffered"] = len(self._publisher)
         if self._dispatcher is not None:
             stats["buffered"] = self._dispatcher.buffered
             stats["capacity"] = self._dispatcher.capacity
@@ -473,68 +404,18 @@ class Listener:
 
         If the database cannot be reached: with ``enable_event_buffering`` the event
         is kept in a bounded in-memory buffer (``publish_buffer_size``), sent in order
-        once the database is back (by the watchdog, or the next ``publish()``), and
+        once the database is back (by the maintenance thread, or the next ``publish()``), and
         ``None`` is returned; while events wait there, ``publish()`` adds to the
         buffer at once instead of trying the database again. When that buffer is full
         :class:`PublishBufferFull` is raised. Without buffering :class:`ConnectError`
         is raised at once. ``stop()`` sends what is buffered, within its timeout.
         After ``stop()``, :class:`ListenerStateError`.
         """
-        wire = self.config.checked_wire_channel(channel, setting="channel")
-        try:
-            body = json.dumps(payload)
-        except (TypeError, ValueError) as exc:
-            raise PgNotifyError(f"publish on {channel!r}: payload is not JSON-serialisable: {exc}") from None
-        if self._closed:
-            raise ListenerStateError(f"{self.name}: stopped; publish() needs a running listener")
-        self._require_pool()
-        key = str(uuid.uuid4())
-        if not self._publish_buffer:
-            try:
-                return self._publish_now(wire, body, key)
-            except ConnectError:
-                if not self.config.enable_event_buffering:
-                    raise
-        with self._publish_lock:
-            if len(self._publish_buffer) >= self.config.publish_buffer_size:
-                raise PublishBufferFull(
-                    f"{self.name}: database unreachable and the publish buffer is full "
-                    f"({self.config.publish_buffer_size} events): the event on {channel!r} was not sent")
-            # Behind older buffered events, to keep the order; the watchdog sends them.
-            self._publish_buffer.append((wire, body, key))
-            log.warning("%s: database unreachable: publish on %r buffered (%d waiting)", self.name, channel,
-                        len(self._publish_buffer))
-        return None
+        return self._publisher.publish(channel, payload)
 
     def flush_publishes(self):
         """Send buffered publishes in order; returns how many are still waiting."""
-        with self._publish_lock:
-            while self._publish_buffer:
-                wire, body, key = self._publish_buffer[0]
-                try:
-                    self._publish_now(wire, body, key)
-                except ConnectError:
-                    break
-                self._publish_buffer.popleft()
-                self.stats.inc("publish_flushed", 1)
-            return len(self._publish_buffer)
-
-    def _publish_now(self, wire, body, key):
-        for attempt in (1, 2):
-            try:
-                with self._pool.connection(timeout_s=self.config.connect_timeout_s) as conn, conn.cursor() as cur:
-                    cur.execute("SELECT pgnotify_sync.publish(%s, %s::jsonb, %s::uuid)", (wire, body, key))
-                    return cur.fetchone()[0]
-            except (psycopg2.OperationalError, ConnectError) as exc:
-                # A pooled connection that died moments ago (or a reply lost): the key
-                # makes one more try on a fresh connection safe either way.
-                if attempt == 1:
-                    continue
-                if isinstance(exc, ConnectError):
-                    raise
-                raise ConnectError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
-            except psycopg2.Error as exc:
-                raise PgNotifyError(f"{self.name}: publish on {wire!r} failed: {_first_line(exc)}") from exc
+        return self._publisher.flush()
 
     # -- set-up -------------------------------------------------------------------
 
@@ -550,7 +431,16 @@ class Listener:
                 self._pool = ConnectionPool(f"{self.name}-pool", self._pool_connect_kwargs,
                                             self.config.pool_max_connections,
                                             statement_timeout_ms=self.config.query_timeout_s * 1000)
+                self._log = EventLog(self._pool, self.config.connect_timeout_s)
+                if self.consumer:
+                    self._consumer_store = ConsumerStore(self._pool, self.consumer, self.name)
         return self._pool
+
+    def event_log(self):
+        """The :class:`~pgnotify_sync._eventlog.EventLog` this listener reads, on its
+        pool (the SSE bridge replays from it)."""
+        self._require_pool()
+        return self._log
 
     def _pool_connect_kwargs(self):
         if self._pool_tunnel is not None:
@@ -585,8 +475,8 @@ class Listener:
         self._dispatcher = Dispatcher(self.name, self._channels, self.config.event_buffer_size, workers, self,
                                       fetchers=fetchers, compact_ranges=not self.consumer)
         self._dispatcher.start()
-        self._watchdog = threading.Thread(target=self._run_watchdog, name=f"{self.name}-watchdog", daemon=True)
-        self._watchdog.start()
+        self._maintenance = Maintenance(f"{self.name}-maintenance", self._stop_event,
+                                        self._maintenance_tasks()).start()
 
     def _wake(self):
         fd = self._wake_w
@@ -626,7 +516,7 @@ class Listener:
                 self.stats.inc("receiver_errors")
                 if name == "error":
                     # Not reported through the signal that failed (no loop).
-                    log.error("%s: a receiver of the error signal raised %s", self.name, _describe(exc),
+                    log.error("%s: a receiver of the error signal raised %s", self.name, describe(exc),
                               exc_info=True, extra={"event": "error", "details": {"kind": "receiver"}})
                 else:
                     self._report("receiver", exc, None, exc_info=True, what=f"a receiver of {name!r}")
@@ -644,8 +534,8 @@ class Listener:
                 except _Stopped:
                     return
                 except (PgNotifyError, psycopg2.Error) as exc:
-                    error = exc if isinstance(exc, PgNotifyError) else ConnectError(_first_line(exc))
-                    if (first or getattr(exc, "retryable", True) is False) and self._is_fatal(exc):
+                    error = exc if isinstance(exc, PgNotifyError) else ConnectError(first_line(exc))
+                    if not retry_can_fix(exc, first_session=first):
                         # Retrying cannot fix a wrong password or a missing database.
                         self._fail(error)     # logs it, once
                         return
@@ -699,12 +589,6 @@ class Listener:
         finally:
             self._ready.set()
 
-    def _is_fatal(self, exc):
-        if getattr(exc, "retryable", True) is False:
-            return True         # SSH key refused or host key unknown/changed
-        text = str(exc)
-        return any(part in text for part in _FATAL_CONNECT_TEXT)
-
     def _fail(self, error):
         self._set_state(ConnectionState.FAILED)
         self._start_error = error if isinstance(error, PgNotifyError) else ConnectError(str(error))
@@ -719,7 +603,7 @@ class Listener:
             try:
                 state = conn.poll()
             except psycopg2.Error as exc:
-                raise ConnectError(f"{what}: {_first_line(exc)}") from exc
+                raise ConnectError(f"{what}: {first_line(exc)}") from exc
             if state == psycopg2.extensions.POLL_OK:
                 return
             left = deadline - time.monotonic()
@@ -742,7 +626,7 @@ class Listener:
         try:
             conn = psycopg2.connect(async_=True, **self._listener_connect_kwargs())
         except psycopg2.Error as exc:
-            raise ConnectError(f"cannot connect: {_first_line(exc)}") from exc
+            raise ConnectError(f"cannot connect: {first_line(exc)}") from exc
         try:
             self._wait(conn, deadline, "connect")
             pid = conn.info.backend_pid
@@ -811,7 +695,7 @@ class Listener:
                 raise
             # e.g. a role without the right to signal it: the session goes on.
             log.warning("%s: cannot end the previous session's backend (pids %s): %s", self.name, pids,
-                        _first_line(exc))
+                        first_line(exc))
             return
         self._stale_backends.clear()
         for backend_pid, done in ended:
@@ -857,7 +741,7 @@ class Listener:
             try:
                 state = conn.poll()
             except psycopg2.Error as exc:
-                raise _Lost(_first_line(exc)) from exc
+                raise _Lost(first_line(exc)) from exc
             want_write = state == POLL_WRITE
             if want_write != writing:
                 writing = want_write
@@ -871,7 +755,7 @@ class Listener:
                 try:
                     hc.snapshot = Snapshot.parse(hc.cursor.fetchone()[0])
                 except psycopg2.Error as exc:
-                    raise _Lost(f"health check failed: {_first_line(exc)}") from exc
+                    raise _Lost(f"health check failed: {first_line(exc)}") from exc
                 hc.cursor.close()
                 hc.cursor = None
                 self._health_check_done(hc)
@@ -890,7 +774,7 @@ class Listener:
             # back, every transaction visible in it has been received (commit order).
             hc.cursor.execute("SELECT pg_current_snapshot()::text, pg_notify(%s, %s)", (hc.channel, hc.token))
         except psycopg2.Error as exc:
-            raise _Lost(f"health check failed: {_first_line(exc)}") from exc
+            raise _Lost(f"health check failed: {first_line(exc)}") from exc
 
     def _health_check_done(self, hc):
         if not (hc.pending and hc.marker_seen and hc.snapshot is not None and hc.cursor is None):
@@ -1040,49 +924,14 @@ class Listener:
         self.stats.inc("handler_errors", 1)
         self._report("handler", exc, ch.name, event_id=event.id, exc_info=True)
 
-    def _read_rows(self, ch, sql_text, params):
-        """Events from the log (one page, see _ROWS) and whether the page was cut by
-        its byte bound (more rows may follow its last id); CatchUpFailed if it
-        cannot be read."""
-        params["max_bytes"] = PAGE_BYTES
-        try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                cur.execute(sql_text, params)
-                groups = cur.fetchall()
-        except (psycopg2.Error, PgNotifyError) as exc:
-            raise CatchUpFailed(_first_line(exc)) from exc
-        name, ops = ch.name, _OPERATIONS
-        events = []
-        extend = events.extend
-        cut = False
-        for op, schema, table, text, group_cut in groups:
-            flat = loads(text)
-            cut = cut or group_cut
-            # map() over slices builds the events from C: a quarter cheaper than a
-            # comprehension unpacking the flat list.
-            extend(map(DatabaseEvent, _repeat(name), _repeat(ops[op]), _repeat(schema), _repeat(table),
-                       flat[2::4], flat[3::4], flat[0::4], flat[1::4]))
-        if len(groups) > 1:
-            events.sort(key=_event_id)
-        return events, cut
-
     def _catch_up(self, ch):
         pos = ch.position
         if self._installed is False:
             return pos, iter(())    # no event log to read (plain payloads only)
-        try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                cur.execute("SELECT pg_current_snapshot()::text")
-                target = Snapshot.parse(cur.fetchone()[0])
-        except (psycopg2.Error, PgNotifyError) as exc:
-            raise CatchUpFailed(_first_line(exc)) from exc
+        target = self._log.snapshot()
 
         def read(after, previous=None):
-            limit = _page_rows(CATCHUP_PAGE, previous)
-            params = {"channel": ch.wire, "pos_xmin": str(pos.xmin), "to_xmax": str(target.xmax),
-                      "to": str(target), "pos": str(pos), "limit": limit, "after": after}
-            events, cut = self._read_rows(ch, _CATCHUP_SQL, params)
-            return events, cut or len(events) == limit
+            return self._log.catchup_page(ch.name, ch.wire, pos, target, after, previous)
 
         def pages():
             # The next page is read on a fetch thread while this one is delivered.
@@ -1099,20 +948,16 @@ class Listener:
         return target, pages()
 
     def _fetch_ref(self, ch, ref):
-        events, _ = self._read_rows(ch, _FETCH_SQL, {"id": ref.id})
-        if not events:
+        event = self._log.event(ch.name, ref.id)
+        if event is None:
             self._report("missing", f"event {ref.id} is no longer in the event log", ch.name)
-            return None
-        return events[0]
+        return event
 
     def _fetch_range(self, ch, rng, after=0, previous=None):
         """The rows of one statement, announced by id range, after id *after*: one
-        page (see _ROWS; *previous* is the row count of the page before it) and
-        whether more follow it."""
-        limit = _page_rows(RANGE_PAGE, previous)
-        events, cut = self._read_rows(ch, _RANGE_SQL, {"first": max(rng.first, after + 1), "last": rng.last,
-                                                       "xid": str(rng.xid), "channel": ch.wire, "limit": limit})
-        return events, cut or len(events) == limit
+        page (*previous* is the row count of the page before it) and whether more
+        follow it."""
+        return self._log.range_page(ch.name, ch.wire, rng, after, previous)
 
     def _caught_up(self, ch, reason, count):
         with self._lock:
@@ -1137,8 +982,9 @@ class Listener:
 
         Never called with one of our locks held: the ``error`` receivers run here.
         """
-        level = logging.WARNING if kind in ("payload", "handler", "overflow", "catchup", "receiver", "sse") else logging.ERROR
-        text = error if isinstance(error, str) else _describe(error)
+        kind = ErrorKind(kind)      # an unknown kind is a bug: ValueError
+        level = logging.ERROR if kind in _ERROR_LEVEL_KINDS else logging.WARNING
+        text = error if isinstance(error, str) else describe(error)
         if what:
             text = f"{what}: {text}"
         where = f" on channel {channel!r}" if channel is not None else ""
@@ -1150,28 +996,22 @@ class Listener:
                        "details": {"kind": kind, "error": text}})
         self._emit("error", error=error, kind=kind, channel=channel, event_id=event_id)
 
-    # -- watchdog ----------------------------------------------------------------
+    # -- maintenance (the thread: _maintenance.py) --------------------------------
 
-    def _run_watchdog(self):
+    def _maintenance_tasks(self):
         cfg = self.config
-        next_cleanup = time.monotonic() + min(cfg.cleanup_interval_s, 5.0) if cfg.cleanup_interval_s else None
-        next_lag = time.monotonic() + 1.0
-        while not self._stop_event.wait(0.25):
-            try:
-                self._dispatcher.retry_overflowed()
-                if self._publish_buffer:
-                    self.flush_publishes()
-                if self._installed is False:
-                    continue
-                # Lag feeds the metrics and health().
-                if time.monotonic() >= next_lag and self._state is ConnectionState.LISTENING:
-                    next_lag = time.monotonic() + cfg.health_check_interval_s
-                    self._update_lag()
-                if next_cleanup is not None and time.monotonic() >= next_cleanup:
-                    next_cleanup = time.monotonic() + cfg.cleanup_interval_s
-                    self.cleanup()
-            except Exception as exc:
-                log.warning("%s: watchdog: %s", self.name, _first_line(exc))
+        has_log = lambda: self._installed is not False     # noqa: E731 - known after connecting
+        tasks = [
+            Every("retry overflowed channels", 0.25, self._dispatcher.retry_overflowed),
+            Every("flush publishes", 0.25, self._publisher.flush, when=lambda: len(self._publisher) > 0),
+            # Lag feeds the metrics and health().
+            Every("lag", cfg.health_check_interval_s, self._update_lag, first_s=1.0,
+                  when=lambda: has_log() and self._state is ConnectionState.LISTENING),
+        ]
+        if cfg.cleanup_interval_s:
+            tasks.append(Every("retention", cfg.cleanup_interval_s, self.cleanup,
+                               first_s=min(cfg.cleanup_interval_s, 5.0), when=has_log))
+        return tasks
 
     def cleanup(self):
         """Trim the event log now (also done every ``cleanup_interval_s``). Returns rows deleted.
@@ -1179,23 +1019,19 @@ class Listener:
         Rows older than ``retention_s`` go, except rows a durable consumer has not
         handled yet, which are kept up to ``consumer_retention_s``.
         """
-        pool = self._require_pool()
+        self._require_pool()
         cfg = self.config
         deleted = 0
         after = 0
         try:
-            # Bounded batches, each its own short transaction (a large backlog in one
-            # statement would never finish within the statement timeout).
+            # Bounded batches (TRIM_BATCH rows), each its own short transaction.
             while after is not None and not self._stop_event.is_set():
-                with pool.connection() as conn, conn.cursor() as cur:
-                    cur.execute("SELECT deleted, last_id FROM pgnotify_sync.trim_event_log_batch(%s, %s, %s, %s)",
-                                (cfg.retention_s, cfg.consumer_retention_s, after, TRIM_BATCH))
-                    n, after = cur.fetchone()
+                n, after = self._log.trim_batch(cfg.retention_s, cfg.consumer_retention_s, after)
                 deleted += n
                 self.stats.inc("retention_deleted", n)
         except psycopg2.Error as exc:
             raise ConnectError(f"{self.name}: cleanup failed after deleting {deleted} rows: "
-                               f"{_first_line(exc)}") from exc
+                               f"{first_line(exc)}") from exc
         if deleted:
             log.info("%s: retention deleted %d event-log rows", self.name, deleted,
                      extra={"event": "retention", "details": {"deleted": deleted}})
@@ -1203,69 +1039,17 @@ class Listener:
             self._check_consumer_gaps()
         return deleted
 
-    # -- durable consumers ------------------------------------------------------------
+    # -- durable consumers (the store: _consumers.py) -----------------------------------
 
     def _load_consumer(self, start):
-        """Restore each channel's position; a new consumer starts at *start* ("now")."""
-        with self._pool.connection() as conn, conn.cursor() as cur:
-            cur.execute("SELECT channel, position::text, handled FROM pgnotify_sync.consumers WHERE name = %s",
-                        (self.consumer,))
-            stored = {row[0]: row[1:] for row in cur.fetchall()}
-            for ch in self._channels.values():
-                if ch.wire in stored:
-                    position, state = stored[ch.wire]
-                    if isinstance(state, list):         # the first format: ranges only
-                        state = {"ranges": state}
-                    ids = [i for first, last in state.get("ranges", ()) for i in range(first, last + 1)]
-                    handled = {}
-                    if ids:
-                        cur.execute("SELECT id, xid::text::bigint FROM pgnotify_sync.event_log WHERE id = ANY(%s)",
-                                    (ids,))
-                        handled = dict(cur.fetchall())
-                    ch.partial = [(Snapshot.parse(t), u) for t, u in state.get("cursors", ())]
-                    ch.position = Snapshot.parse(position)
-                    ch.handled = handled
-                    log.info("%s: consumer %r resumes channel %r", self.name, self.consumer, ch.name)
-                else:
-                    ch.position = start
-                    ch.handled = {}
-                    cur.execute("INSERT INTO pgnotify_sync.consumers (name, channel, position) "
-                                "VALUES (%s, %s, %s::pg_snapshot) ON CONFLICT DO NOTHING",
-                                (self.consumer, ch.wire, str(start)))
-                    log.info("%s: new consumer %r starts channel %r now", self.name, self.consumer, ch.name)
+        self._consumer_store.load(self._channels.values(), start)
         self._check_consumer_gaps()
 
     def _save_consumer(self, ch, undelivered=None):
-        ch.since_checkpoint = 0
-        handled = ch.handled
-        if undelivered:
-            handled = [i for i in handled if i not in undelivered]
-        state = {"ranges": _ranges(handled)}
-        cursors = [(str(t), u) for t, u in ch.partial]
-        if ch.catchup_target is not None and ch.catchup_upto:
-            cursors.append((str(ch.catchup_target), ch.catchup_upto))
-        if cursors:
-            state["cursors"] = cursors
-        try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                cur.execute("UPDATE pgnotify_sync.consumers SET position = %s::pg_snapshot, handled = %s::jsonb, "
-                            "updated_at = now() WHERE name = %s AND channel = %s",
-                            (str(ch.position), json.dumps(state), self.consumer, ch.wire))
-        except (psycopg2.Error, PgNotifyError) as exc:
-            # Not fatal: the next batch stores it again; a crash meanwhile means
-            # duplicates after restart (at-least-once), never a loss.
-            log.warning("%s: consumer %r: cannot store position of %r: %s", self.name, self.consumer, ch.name,
-                        _first_line(exc))
+        self._consumer_store.save(ch, undelivered)
 
     def _check_consumer_gaps(self):
-        with self._pool.connection() as conn, conn.cursor() as cur:
-            cur.execute("UPDATE pgnotify_sync.consumers c SET lost = 0 "
-                        "FROM (SELECT name, channel, lost FROM pgnotify_sync.consumers "
-                        "      WHERE name = %s AND lost > 0 FOR UPDATE) old "
-                        "WHERE c.name = old.name AND c.channel = old.channel RETURNING c.channel, old.lost",
-                        (self.consumer,))
-            gaps = cur.fetchall()
-        for wire, lost in gaps:
+        for wire, lost in self._consumer_store.take_gaps():
             channel = self.config.logical_channel(wire) or wire
             self.stats.inc("consumer_gap_events", lost)
             if channel in self._channels:
@@ -1316,7 +1100,7 @@ class Listener:
         for kind, tunnel in (("listener", self._listener_tunnel), ("pool", self._pool_tunnel)):
             if tunnel is not None:
                 add("tunnel_restarts", [kind], tunnel.restarts)
-        add("publish_buffer_size", [], len(self._publish_buffer))
+        add("publish_buffer_size", [], len(self._publisher))
         add("retention_deleted", [], st.get("retention_deleted", 0))
 
     def _update_lag(self):
@@ -1326,29 +1110,4 @@ class Listener:
             pos = ch.position
             if pos is None:
                 continue
-            with self._pool.connection(timeout_s=self.config.connect_timeout_s) as conn, conn.cursor() as cur:
-                cur.execute("SELECT count(*) FROM pgnotify_sync.event_log WHERE channel = %s "
-                            "AND xid >= %s::text::xid8 AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)",
-                            (ch.wire, str(pos.xmin), str(pos)))
-                pending = cur.fetchone()[0]
-            ch.lag = max(0, pending - handled_count(ch))
-
-def _page_rows(most, previous):
-    """Rows to ask for in the next page, after one of *previous* rows (None: the
-    first page). Each page query sizes every row it may return (the byte bound),
-    so after a page cut short by wide rows the next asks for twice as many as it
-    got, not *most*: reading n wide rows stays linear, not quadratic, in n."""
-    if previous is None:
-        return most
-    return min(most, max(64, 2 * previous))
-
-
-def _ranges(handled):
-    """Sorted ids as [first, last] ranges (compact: ids handled live are mostly consecutive)."""
-    ranges = []
-    for ident in sorted(handled):
-        if ranges and ranges[-1][1] == ident - 1:
-            ranges[-1][1] = ident
-        else:
-            ranges.append([ident, ident])
-    return ranges
+            ch.lag = max(0, self._log.pending(ch.wire, pos) - handled_count(ch))

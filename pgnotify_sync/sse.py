@@ -92,22 +92,12 @@ import threading
 import time
 from urllib.parse import parse_qs
 
-from .errors import ConfigError
-from .events import DatabaseEvent, Operation
+from .errors import ConfigError, first_line
 from .listener import ConnectionState
 
 log = logging.getLogger("pgnotify_sync.sse")
 
 __all__ = ["SSEBridge", "RequestInfo", "allow_all", "refuse_all"]
-
-_REPLAY_SQL = """
-SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old, channel
-  FROM pgnotify_sync.event_log
- WHERE channel = ANY(%s) AND id > %s
- ORDER BY id
- LIMIT %s
-"""
-_REPLAY_PAGE = 5000
 
 # Longest a stream waits before it checks whether the listener was stopped.
 _STATE_CHECK_S = 1.0
@@ -412,19 +402,8 @@ class SSEBridge:
         """Events with an id above *after* from the log; the ids the live queue must skip."""
         listener = self.listener
         wires = {listener.config.wire_channel(c): c for c in client.channels}
-        entries = []
-        pool = listener._require_pool()
-        while True:
-            with pool.connection(timeout_s=listener.config.connect_timeout_s) as conn, conn.cursor() as cur:
-                cur.execute(_REPLAY_SQL, (list(wires), after, _REPLAY_PAGE))
-                rows = cur.fetchall()
-            for ident, xid, operation, schema, table, data, old, wire in rows:
-                channel = wires[wire]
-                event = DatabaseEvent(channel, Operation(operation), schema, table, data, old, ident, xid)
-                entries.append(_Entry(0, channel, event, _frame(channel, event)))
-            if len(rows) < _REPLAY_PAGE:
-                break
-            after = rows[-1][0]
+        entries = [_Entry(0, event.channel, event, _frame(event.channel, event))
+                   for event in listener.event_log().replay(wires, after)]
         # A replayed event may also reach the live queue: the ones not delivered
         # before the client registered. Those delivered before (still in the ring
         # with an earlier seq) never come again and need no entry.
@@ -458,7 +437,7 @@ class SSEBridge:
                         replay, skip = self._replay_from_log(client, last_event_id, registered_at)
                     except Exception as exc:    # database down, pool closed...: end; the browser retries
                         log.warning("SSE client %s: cannot replay from the event log (%s); it retries",
-                                    client.id, str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+                                    client.id, first_line(exc))
                         ended_by = "replay failed"
                         yield b": replay failed\n\n"
                         return

@@ -1,5 +1,7 @@
 """Listener-relevant server state (``pgnotify-sync status``)."""
 
+from ._eventlog import log_status
+
 
 def server_status(conn):
     """A dict: notification queue usage, event-log size and age, consumers, watched tables."""
@@ -13,22 +15,11 @@ def server_status(conn):
             conn.rollback()
             return status
         status["installed"] = True
-        cur.execute("SELECT count(*), min(id), max(id), min(created_at), max(created_at), "
-                    "pg_total_relation_size('pgnotify_sync.event_log') FROM pgnotify_sync.event_log")
-        count, first, last, oldest, newest, size = cur.fetchone()
-        status["event_log"] = {"rows": count, "first_id": first, "last_id": last, "oldest": oldest,
-                               "newest": newest, "bytes": size}
+        status["event_log"], consumers = log_status(cur)
         cur.execute("SELECT schema_name, table_name, channel, exclude_columns FROM pgnotify_sync.watched_tables "
                     "ORDER BY 1, 2")
         status["watched_tables"] = [{"table": f"{s}.{t}", "channel": c, "exclude_columns": list(x)}
                                     for s, t, c, x in cur.fetchall()]
-        cur.execute("""
-            SELECT c.name, c.channel, c.updated_at,
-                   (SELECT count(*) FROM pgnotify_sync.event_log l
-                     WHERE l.channel = c.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)
-                       AND l.xid >= pg_snapshot_xmin(c.position)) AS lag
-              FROM pgnotify_sync.consumers c ORDER BY 1, 2""")
-        status["consumers"] = [{"name": n, "channel": ch, "updated_at": u, "lag_upper_bound": lag}
-                               for n, ch, u, lag in cur.fetchall()]
+        status["consumers"] = consumers
     conn.rollback()
     return status

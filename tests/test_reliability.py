@@ -469,21 +469,21 @@ def test_statement_of_wide_rows_past_1_gb_is_delivered_in_pages(db, make_listene
 
 
 def test_catch_up_pages_bounded_by_bytes_deliver_every_row_once(db, make_listener, monkeypatch):
-    import pgnotify_sync.listener as listener_module
+    import pgnotify_sync._eventlog as eventlog
     install(db)
     with db.cursor() as cur:
         cur.execute("CREATE TABLE wide (id serial PRIMARY KEY, body text, note text)")
     watch_table(db, "public.wide", channel="wide")
-    monkeypatch.setattr(listener_module, "PAGE_BYTES", 50_000)      # ~24 rows of 2 kB a page
+    monkeypatch.setattr(eventlog, "PAGE_BYTES", 50_000)      # ~24 rows of 2 kB a page
     pages = []
-    read_rows = listener_module.Listener._read_rows
+    read_rows = eventlog.EventLog._read
 
-    def counting(self, ch, sql_text, params):
-        result = read_rows(self, ch, sql_text, params)
-        pages.append((sql_text is listener_module._CATCHUP_SQL, len(result[0]), result[1]))
+    def counting(self, channel, sql_text, params):
+        result = read_rows(self, channel, sql_text, params)
+        pages.append((sql_text is eventlog._CATCHUP_SQL, len(result[0]), result[1]))
         return result
 
-    monkeypatch.setattr(listener_module.Listener, "_read_rows", counting)
+    monkeypatch.setattr(eventlog.EventLog, "_read", counting)
     first = make_listener(channels=("wide",), consumer="pages", name="pages1")
     first.start()
     first.stop()

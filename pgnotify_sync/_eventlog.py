@@ -1,0 +1,218 @@
+"""Every query of the event log, and the building of events from its rows.
+
+Used by the listener (statement ranges, refs, catch-up pages, lag, retention), the
+SSE bridge (replay after ``Last-Event-ID``) and the CLI (``status``). No thread of
+its own: each call borrows a pooled connection for one query.
+
+The log is the truth: whatever a notification said, the events handed to handlers
+are built here from rows read on our own connection.
+"""
+
+import itertools
+
+import psycopg2
+
+from ._snapshot import Snapshot
+from .errors import PgNotifyError, first_line
+from .events import DatabaseEvent, Operation, loads
+
+# A catch-up page holds at most this many rows (and PAGE_BYTES): a page is one
+# query and one parse; bigger pages save little and hold more memory.
+CATCHUP_PAGE = 5000
+# A statement's rows are read in pages of at most this many rows (and PAGE_BYTES).
+RANGE_PAGE = 20_000
+# Retention examines at most this many rows per statement: each batch is its own
+# short transaction (a large backlog in one statement would never finish within
+# the statement timeout).
+TRIM_BATCH = 10_000
+# The SSE replay reads this many rows per query.
+REPLAY_PAGE = 5000
+
+# Rows come back as one JSON text per (operation, schema, table) group, a flat array
+# [id, xid, data, old, id, xid, data, old, ...] in id order: one C-speed parse per
+# page and no per-row repetition of the names. String concatenation costs the server
+# less than json_agg(json_build_array(...)) and the client parses a third less text.
+# A statement's range is one group; a catch-up page has a group per table and
+# operation, merged by id on the client.
+#
+# A page is bounded by bytes as well as rows: it ends with the row that reaches
+# PAGE_BYTES of row text (at least one row), so wide rows never build a text near
+# PostgreSQL's 1 GB limit, and what a page holds in memory stays small. The last
+# column says the page was cut there (the caller reads on after its last id).
+PAGE_BYTES = 4 << 20
+_ROWS = ("SELECT operation, schema_name, table_name, '[' || string_agg(id || ',' || xid || ',' || "
+         "coalesce(data::text, 'null') || ',' || coalesce(old::text, 'null'), ',' ORDER BY id) || ']', "
+         "bool_or(upto >= %(max_bytes)s) "
+         "FROM (SELECT *, sum(size) OVER (ORDER BY id) AS upto "
+         "      FROM (SELECT *, coalesce(octet_length(data::text), 4) + coalesce(octet_length(old::text), 4) AS size "
+         # sized after the LIMIT (its own level: a subquery with LIMIT is not flattened),
+         # else the planner may size every row of the range for each page
+         "            FROM (SELECT id, xid, operation, schema_name, table_name, data, old "
+         "                    FROM pgnotify_sync.event_log WHERE {where} ORDER BY id {limit}) l) w) r "
+         "WHERE upto - size < %(max_bytes)s GROUP BY 1, 2, 3")
+
+_CATCHUP_SQL = _ROWS.format(where="""channel = %(channel)s
+   AND xid >= %(pos_xmin)s::text::xid8 AND xid < %(to_xmax)s::text::xid8
+   AND id > %(after)s
+   AND pg_visible_in_snapshot(xid, %(to)s::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)""", limit="LIMIT %(limit)s")
+
+# xid compared as text on purpose: not indexable, so the planner takes the id range on
+# the primary key. With "xid = X" it may pick the xid index and walk every entry of a
+# big transaction for each 1000-row range (seen on a log without statistics yet).
+_RANGE_SQL = _ROWS.format(where="id BETWEEN %(first)s AND %(last)s AND xid::text = %(xid)s "
+                                "AND channel = %(channel)s", limit="LIMIT %(limit)s")
+
+_FETCH_SQL = _ROWS.format(where="id = %(id)s", limit="")
+
+_REPLAY_SQL = """
+SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old, channel
+  FROM pgnotify_sync.event_log
+ WHERE channel = ANY(%s) AND id > %s
+ ORDER BY id
+ LIMIT %s
+"""
+
+_PENDING_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE channel = %s "
+                "AND xid >= %s::text::xid8 AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)")
+
+_OPERATIONS = {op.value: op for op in Operation}
+_repeat = itertools.repeat
+
+
+class CatchUpFailed(Exception):
+    """The log could not be read; the channel retries later."""
+
+
+def _event_id(event):
+    return event.id
+
+
+def page_rows(most, previous):
+    """Rows to ask for in the next page, after one of *previous* rows (None: the
+    first page). Each page query sizes every row it may return (the byte bound),
+    so after a page cut short by wide rows the next asks for twice as many as it
+    got, not *most*: reading n wide rows stays linear, not quadratic, in n."""
+    if previous is None:
+        return most
+    return min(most, max(64, 2 * previous))
+
+
+class EventLog:
+    """The event log, read and trimmed on connections of *pool*."""
+
+    def __init__(self, pool, timeout_s):
+        self._pool = pool
+        self._timeout_s = timeout_s     # to get a pooled connection, where a caller waits
+
+    def snapshot(self):
+        """The server's current snapshot (the target of a catch-up)."""
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_current_snapshot()::text")
+                return Snapshot.parse(cur.fetchone()[0])
+        except (psycopg2.Error, PgNotifyError) as exc:
+            raise CatchUpFailed(first_line(exc)) from exc
+
+    def _read(self, channel, sql_text, params):
+        """Events of *channel* from one page (see _ROWS) and whether the page was cut
+        by its byte bound (more rows may follow its last id); CatchUpFailed if it
+        cannot be read."""
+        params["max_bytes"] = PAGE_BYTES
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.execute(sql_text, params)
+                groups = cur.fetchall()
+        except (psycopg2.Error, PgNotifyError) as exc:
+            raise CatchUpFailed(first_line(exc)) from exc
+        ops = _OPERATIONS
+        events = []
+        extend = events.extend
+        cut = False
+        for op, schema, table, text, group_cut in groups:
+            flat = loads(text)
+            cut = cut or group_cut
+            # map() over slices builds the events from C: a quarter cheaper than a
+            # comprehension unpacking the flat list.
+            extend(map(DatabaseEvent, _repeat(channel), _repeat(ops[op]), _repeat(schema), _repeat(table),
+                       flat[2::4], flat[3::4], flat[0::4], flat[1::4]))
+        if len(groups) > 1:
+            events.sort(key=_event_id)
+        return events, cut
+
+    def catchup_page(self, channel, wire, position, target, after, previous=None):
+        """Events of transactions visible in *target* but not in *position*, above id
+        *after*, in id order: one page and whether more may follow."""
+        limit = page_rows(CATCHUP_PAGE, previous)
+        params = {"channel": wire, "pos_xmin": str(position.xmin), "to_xmax": str(target.xmax),
+                  "to": str(target), "pos": str(position), "limit": limit, "after": after}
+        events, cut = self._read(channel, _CATCHUP_SQL, params)
+        return events, cut or len(events) == limit
+
+    def range_page(self, channel, wire, rng, after=0, previous=None):
+        """The rows of one statement (an EventRange) above id *after*: one page
+        (*previous*: the row count of the page before it) and whether more follow."""
+        limit = page_rows(RANGE_PAGE, previous)
+        events, cut = self._read(channel, _RANGE_SQL, {"first": max(rng.first, after + 1), "last": rng.last,
+                                                       "xid": str(rng.xid), "channel": wire, "limit": limit})
+        return events, cut or len(events) == limit
+
+    def event(self, channel, ident):
+        """The event with log id *ident*, or None if it is no longer there."""
+        events, _ = self._read(channel, _FETCH_SQL, {"id": ident})
+        return events[0] if events else None
+
+    def replay(self, channels_by_wire, after):
+        """Every event of these channels above id *after*, in id order (the SSE
+        replay; ``channels_by_wire`` maps wire names to logical ones)."""
+        events = []
+        while True:
+            with self._pool.connection(timeout_s=self._timeout_s) as conn, conn.cursor() as cur:
+                cur.execute(_REPLAY_SQL, (list(channels_by_wire), after, REPLAY_PAGE))
+                rows = cur.fetchall()
+            for ident, xid, operation, schema, table, data, old, wire in rows:
+                events.append(DatabaseEvent(channels_by_wire[wire], Operation(operation), schema, table, data, old,
+                                            ident, xid))
+            if len(rows) < REPLAY_PAGE:
+                return events
+            after = rows[-1][0]
+
+    def pending(self, wire, position):
+        """Logged events of *wire* in transactions not visible in *position*."""
+        with self._pool.connection(timeout_s=self._timeout_s) as conn, conn.cursor() as cur:
+            cur.execute(_PENDING_SQL, (wire, str(position.xmin), str(position)))
+            return cur.fetchone()[0]
+
+    def trim_batch(self, retention_s, consumer_retention_s, after):
+        """One retention batch (``trim_event_log_batch``): (rows deleted, the last id
+        examined or None when the log is done)."""
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT deleted, last_id FROM pgnotify_sync.trim_event_log_batch(%s, %s, %s, %s)",
+                        (retention_s, consumer_retention_s, after, TRIM_BATCH))
+            return cur.fetchone()
+
+
+def xids_of(cur, ids):
+    """{log id: xid} of those of *ids* still in the log (a consumer's handled ids)."""
+    if not ids:
+        return {}
+    cur.execute("SELECT id, xid::text::bigint FROM pgnotify_sync.event_log WHERE id = ANY(%s)", (ids,))
+    return dict(cur.fetchall())
+
+
+def log_status(cur):
+    """The log's size and age, and each consumer's lag bound (``pgnotify-sync status``)."""
+    cur.execute("SELECT count(*), min(id), max(id), min(created_at), max(created_at), "
+                "pg_total_relation_size('pgnotify_sync.event_log') FROM pgnotify_sync.event_log")
+    count, first, last, oldest, newest, size = cur.fetchone()
+    summary = {"rows": count, "first_id": first, "last_id": last, "oldest": oldest, "newest": newest,
+               "bytes": size}
+    cur.execute("""
+        SELECT c.name, c.channel, c.updated_at,
+               (SELECT count(*) FROM pgnotify_sync.event_log l
+                 WHERE l.channel = c.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)
+                   AND l.xid >= pg_snapshot_xmin(c.position)) AS lag
+          FROM pgnotify_sync.consumers c ORDER BY 1, 2""")
+    consumers = [{"name": n, "channel": ch, "updated_at": u, "lag_upper_bound": lag}
+                 for n, ch, u, lag in cur.fetchall()]
+    return summary, consumers

@@ -37,7 +37,8 @@ from bench._common import (BENCH_TABLE, PLAIN_CHANNEL, PLAIN_TABLE, BenchError, 
                            create_rows_table, fmt_rate, now, prepare_bench_table, prepare_plain_table,
                            process_cpu_s, summarize, write_burst)
 from pgnotify_sync import Listener, watch_table
-from pgnotify_sync.listener import ADVANCE_EVERY, DEFAULT_CHECKPOINT_EVERY
+from pgnotify_sync._reader import ADVANCE_EVERY
+from pgnotify_sync.listener import DEFAULT_CHECKPOINT_EVERY
 
 CHANNEL = "bench"
 ROWMODE_TABLE = "public.bench_rowmode"

@@ -25,34 +25,27 @@ statements' rows and catch-up pages from the log ahead of them.
 """
 
 import bisect
-import enum
-import errno
 import functools
 import itertools
 import logging
-import os
-import select
 import threading
 import time
+import types
 
 import psycopg2
-import psycopg2.extensions
-from psycopg2 import sql
 
-from ._backoff import Backoff
-from ._counters import Counters
-from ._dispatch import READ_AHEAD, Advance, ChannelState, Dispatcher, SetPosition, handled_count
 from ._consumers import ConsumerStore
+from ._counters import Counters
+from ._dispatch import READ_AHEAD, ChannelState, Dispatcher, handled_count
 from ._eventlog import EventLog
+from ._lifecycle import ConnectionState, Lifecycle
 from ._maintenance import Every, Maintenance
 from ._pool import ConnectionPool
 from ._publisher import Publisher
-from ._snapshot import Snapshot
+from ._reader import Reader
 from .config import Config
-from .errors import (ConfigError, ConnectError, ErrorKind, ListenerStateError, PayloadError, PgNotifyError,
-                     SchemaError, describe, first_line, retry_can_fix)
-from .events import EventRange, decode_payload
-from .metrics import Histogram, collector_for
+from .errors import ConfigError, ConnectError, ErrorKind, ListenerStateError, describe, first_line
+from .metrics import collector_for
 from .signals import ListenerSignals
 
 log = logging.getLogger("pgnotify_sync")
@@ -64,30 +57,6 @@ _names = itertools.count(1)
 # caps a catch-up at ~3,000 events/s (one round trip and commit each); 100 makes the
 # writes 1% of the work and bounds the repeats to 100 events.
 DEFAULT_CHECKPOINT_EVERY = 100
-# Send the marker round trip (which lets positions advance and handled-id sets
-# shrink) at least every this many events, not only every health-check interval.
-ADVANCE_EVERY = 20_000
-
-
-class ConnectionState(str, enum.Enum):
-    """Where the listener connection stands (``listener.state``)."""
-
-    STOPPED = "STOPPED"
-    CONNECTING = "CONNECTING"
-    LISTENING = "LISTENING"
-    RECONNECTING = "RECONNECTING"
-    FAILED = "FAILED"
-
-    def __str__(self):
-        return self.value
-
-
-class _Stopped(Exception):
-    """stop() was called while the reader was waiting."""
-
-
-class _Lost(Exception):
-    """The listener connection is gone (or did not answer a health check in time)."""
 
 
 # Kinds logged at ERROR: the listener cannot go on as asked (the rest are WARNING:
@@ -104,24 +73,6 @@ def _must_propagate(exc):
     """User code is isolated from everything but Ctrl-C in the main thread, which is
     the user's own way to stop their program (in our threads it cannot arrive)."""
     return isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
-
-
-class _HealthCheck:
-    __slots__ = ("channel", "token", "next_at", "sent_at", "deadline", "cursor", "snapshot", "marker_seen",
-                 "pending", "counter", "backend")
-
-    def __init__(self, channel, first_at):
-        self.channel = channel
-        self.counter = itertools.count(1)
-        self.token = None
-        self.next_at = first_at
-        self.sent_at = 0.0
-        self.deadline = 0.0
-        self.cursor = None
-        self.snapshot = None
-        self.marker_seen = False
-        self.pending = False
-        self.backend = None     # (pid, backend_start) of the session
 
 
 class Listener:
@@ -160,34 +111,20 @@ class Listener:
         for channel in config.channels:
             self._add_channel(channel)
         self._lock = threading.RLock()
-        self._state = ConnectionState.STOPPED
+        self._lifecycle = Lifecycle(self.name)
         self._closed = False
         self._started = False
         self._stop_event = threading.Event()
-        self._wake_r = self._wake_w = None
         self._reader = None
         self._maintenance = None
         self._dispatcher = None
         self._pool = None
         self._log = None            # the EventLog, on the pool
         self._consumer_store = None     # a durable consumer's ConsumerStore, on the pool
-        self._ready = threading.Event()
-        self._start_error = None
         self._pending_catchup = set()
-        self._stale_backends = []   # (pid, backend_start) of sessions lost (see _end_stale_backends)
         self._listener_tunnel = self._pool_tunnel = None
-        self._decode_hist = Histogram()
-        self._rtt_hist = Histogram()
         self._registry = registry
         self._metrics = None
-        self._tunnel_stale = False
-        self._had_session = False
-        self._installed = None      # is the schema (event log) there? known after connecting
-        self._since_advance = 0
-        # A consumer stores its handled ids with every checkpoint: keep them few.
-        self._advance_every = ADVANCE_EVERY if not consumer else 1_000
-        self._backoff = Backoff(config.reconnect_delay_ms / 1000.0, config.reconnect_delay_max_ms / 1000.0,
-                                config.max_reconnect_attempts)
         # Thread-safe: counted from the reader, the workers, the fetch threads and the maintenance thread.
         self.stats = Counters(
             received=0, delivered=0, parse_errors=0, handler_errors=0, receiver_errors=0, reconnects=0,
@@ -200,13 +137,13 @@ class Listener:
     # -- public API ------------------------------------------------------------
 
     def __repr__(self):
-        return (f"<Listener {self.name!r} state={self._state.value} "
+        return (f"<Listener {self.name!r} state={self._lifecycle.state.value} "
                 f"channels={sorted(self._channels)!r} target={self.config.describe_target()!r}>")
 
     @property
     def state(self):
         """The :class:`ConnectionState`."""
-        return self._state
+        return self._lifecycle.state
 
     @property
     def closed(self):
@@ -262,7 +199,7 @@ class Listener:
             if self._closed:
                 raise ListenerStateError(f"{self.name}: a stopped listener cannot be started again; "
                                          "create a new Listener")
-            if self._state in (ConnectionState.CONNECTING, ConnectionState.LISTENING,
+            if self._lifecycle.state in (ConnectionState.CONNECTING, ConnectionState.LISTENING,
                                ConnectionState.RECONNECTING):
                 return self
             if not self._channels:
@@ -272,19 +209,16 @@ class Listener:
                 self._make_tunnels()     # a bad key or known_hosts raises here, in the caller's thread
                 self._started = True
                 self._setup()
-            self._ready.clear()
-            self._start_error = None
             self._set_state(ConnectionState.CONNECTING)
-            self._reader = threading.Thread(target=self._run_reader, name=f"{self.name}-reader", daemon=True)
             self._reader.start()
         if not wait:
             return self
-        if not self._ready.wait(timeout_s):
+        if not self._reader.ready.wait(timeout_s):
             self.stop()
             raise ConnectError(f"{self.name}: not listening after {timeout_s} s "
                                f"({self.config.describe_target()}); stopped")
-        if self._start_error is not None:
-            raise self._start_error
+        if self._reader.start_error is not None:
+            raise self._reader.start_error
         return self
 
     def stop(self, timeout=5.0):
@@ -300,9 +234,10 @@ class Listener:
             self._closed = True
         deadline = time.monotonic() + timeout
         self._stop_event.set()
-        self._wake()
+        if self._reader is not None:
+            self._reader.wake()
         me = threading.current_thread()
-        for thread in (self._reader, self._maintenance):
+        for thread in (self._reader and self._reader.thread, self._maintenance):
             if thread is not None and thread is not me:
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive():
@@ -316,16 +251,9 @@ class Listener:
         for tunnel in (self._listener_tunnel, self._pool_tunnel):
             if tunnel is not None:
                 tunnel.close()
-        reader_alive = self._reader is not None and self._reader.is_alive()
-        if not reader_alive:
-            for fd in (self._wake_r, self._wake_w):
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            self._wake_r = self._wake_w = None
-        was_connected = self._had_session
+        if self._reader is not None:
+            self._reader.close()
+        was_connected = self._reader is not None and self._reader.had_session
         self._set_state(ConnectionState.STOPPED)
         if was_connected:
             self._emit("disconnected", error=None)
@@ -341,7 +269,7 @@ class Listener:
 
     def threads(self):
         """The threads this listener started (for tests and diagnostics)."""
-        threads = [t for t in (self._reader, self._maintenance) if t is not None]
+        threads = [t for t in (self._reader and self._reader.thread, self._maintenance) if t is not None]
         if self._dispatcher is not None:
             threads.extend(self._dispatcher.threads())
         if self._pool is not None:
@@ -351,7 +279,7 @@ class Listener:
     def get_stats(self):
         """A plain dict of counters and gauges."""
         stats = self.stats.snapshot()
-        stats["state"] = self._state.value
+        stats["state"] = self._lifecycle.state.value
         stats["publish_buffered"] = len(self._publisher)
         if self._dispatcher is not None:
             stats["buffered"] = self._dispatcher.buffered
@@ -380,7 +308,7 @@ class Listener:
             channels[ch.name] = {"lag": ch.lag, "delivered": ch.delivered, "last_event_at": ch.last_event_at,
                                  "falling_back": ch.overflow}
         times = [c["last_event_at"] for c in channels.values() if c["last_event_at"] is not None]
-        state = self._state
+        state = self._lifecycle.state
         return {
             "ok": state is ConnectionState.LISTENING and not any(c["falling_back"] for c in channels.values()),
             "state": state.value,
@@ -447,13 +375,16 @@ class Listener:
             return self.config.connect_kwargs(*self._pool_tunnel.local_address())
         return self.config.connect_kwargs()
 
-    def _listener_connect_kwargs(self):
+    def _listener_connect_kwargs(self, fresh):
+        """Where the reader connects; *fresh*: rebuild the tunnel first."""
         if self._listener_tunnel is not None:
-            # After a lost session the tunnel is rebuilt even if it looks alive: a
-            # frozen SSH session keeps its transport "active".
-            fresh, self._tunnel_stale = self._tunnel_stale, False
             return self.config.connect_kwargs(*self._listener_tunnel.local_address(fresh=fresh))
         return self.config.connect_kwargs()
+
+    def _expect_catchup(self):
+        """Every channel catches up now; 'connected' comes once all have (_caught_up)."""
+        with self._lock:
+            self._pending_catchup = set(self._channels)
 
     def _make_tunnels(self):
         if self.config.use_ssh and self._listener_tunnel is None:
@@ -464,9 +395,6 @@ class Listener:
         if self._registry is not False:
             self._metrics = collector_for(self._registry)
             self._metrics.add(self)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         self._require_pool()
         workers = self.config.worker_pool_size
         # Each fetch thread holds a pooled connection while it reads: leave one for
@@ -475,29 +403,17 @@ class Listener:
         self._dispatcher = Dispatcher(self.name, self._channels, self.config.event_buffer_size, workers, self,
                                       fetchers=fetchers, compact_ranges=not self.consumer)
         self._dispatcher.start()
+        host = types.SimpleNamespace(   # the ReaderHost of _reader.py
+            name=self.name, config=self.config, channels=self._channels, consumer=self.consumer, stats=self.stats,
+            dispatcher=self._dispatcher, set_state=self._set_state, emit=self._emit, report=self._report,
+            load_consumer=self._load_consumer, listener_connect_kwargs=self._listener_connect_kwargs,
+            expect_catchup=self._expect_catchup)
+        self._reader = Reader(host, self._stop_event)
         self._maintenance = Maintenance(f"{self.name}-maintenance", self._stop_event,
                                         self._maintenance_tasks()).start()
 
-    def _wake(self):
-        fd = self._wake_w
-        if fd is not None:
-            try:
-                os.write(fd, b"x")
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EBADF):
-                    raise
-
-    def _drain_wake(self):
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
     def _set_state(self, state):
-        if self._state is not state:
-            log.debug("%s: state %s -> %s", self.name, self._state.value, state.value)
-            self._state = state
+        self._lifecycle.move(state)
 
     def _emit(self, name, **kwargs):
         """Send the lifecycle signal *name* to its receivers one by one.
@@ -522,319 +438,6 @@ class Listener:
                     self._report("receiver", exc, None, exc_info=True, what=f"a receiver of {name!r}")
 
     # -- reader thread --------------------------------------------------------------
-
-    def _run_reader(self):
-        """Connect, read until the connection is lost, reconnect with backoff; repeat."""
-        first = not self._had_session
-        failures = 0     # failed attempts since the last good session
-        try:
-            while not self._stop_event.is_set():
-                try:
-                    conn, hc = self._open_session(first)
-                except _Stopped:
-                    return
-                except (PgNotifyError, psycopg2.Error) as exc:
-                    error = exc if isinstance(exc, PgNotifyError) else ConnectError(first_line(exc))
-                    if not retry_can_fix(exc, first_session=first):
-                        # Retrying cannot fix a wrong password or a missing database.
-                        self._fail(error)     # logs it, once
-                        return
-                    failures += 1
-                    self.stats.inc("reconnect_attempts", 1)
-                    if self._backoff.exhausted(failures):
-                        self._fail(ConnectError(f"{self.name}: gave up after {failures} attempts: {error}"))
-                        return
-                    delay = self._backoff.delay_s(failures)
-                    log.warning("%s: connect attempt %d failed (%s); retrying in %.2f s",
-                                self.name, failures, error, delay,
-                                extra={"event": "reconnecting", "details": {"error": str(error), "attempt": failures + 1,
-                                                                            "delay": round(delay * 1000)}})
-                    self._set_state(ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING)
-                    self._emit("reconnecting", attempt=failures + 1, delay_s=delay, error=error)
-                    if self._stop_event.wait(delay):
-                        return
-                    continue
-                if not first:
-                    self.stats.inc("reconnects", 1)
-                first = False
-                self._had_session = True
-                failures = 0
-                error = None
-                try:
-                    self._read_loop(conn, hc)
-                except _Lost as exc:
-                    error = exc
-                    self._tunnel_stale = True
-                    # Behind a frozen path the old backend lives on, LISTENing, and holds
-                    # the cluster's notification queue tail: the next session ends it.
-                    if hc.backend is not None:
-                        self._stale_backends.append(hc.backend)
-                    log.warning("%s: connection lost: %s", self.name, exc,
-                                extra={"event": "disconnected", "details": {"error": str(exc)}})
-                finally:
-                    try:
-                        conn.close()
-                    except Exception:
-                        pass
-                self.stats.set("connected_since", None)
-                if error is None:
-                    return          # stopped
-                self._set_state(ConnectionState.RECONNECTING)
-                self._emit("disconnected", error=error)
-                # The first attempt goes at once: a killed backend is usually back immediately.
-                self._emit("reconnecting", attempt=1, delay_s=0.0, error=error)
-        except Exception as exc:  # a bug: never die silently
-            log.exception("%s: reader thread failed", self.name)
-            self._fail(PgNotifyError(f"{self.name}: reader failed: {exc!r}"))
-        finally:
-            self._ready.set()
-
-    def _fail(self, error):
-        self._set_state(ConnectionState.FAILED)
-        self._start_error = error if isinstance(error, PgNotifyError) else ConnectError(str(error))
-        self._ready.set()
-        self._report("connect", error, None)
-        self._emit("failed", error=error)
-
-    def _wait(self, conn, deadline, what):
-        """Drive an async connection until its current operation completes."""
-        wake = self._wake_r
-        while True:
-            try:
-                state = conn.poll()
-            except psycopg2.Error as exc:
-                raise ConnectError(f"{what}: {first_line(exc)}") from exc
-            if state == psycopg2.extensions.POLL_OK:
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ConnectError(f"{what}: no answer within the deadline")
-            poller = select.poll()
-            poller.register(wake, select.POLLIN)
-            poller.register(conn.fileno(), select.POLLOUT if state == psycopg2.extensions.POLL_WRITE
-                            else select.POLLIN)
-            for fd, _ in poller.poll(left * 1000):
-                if fd == wake:
-                    self._drain_wake()
-                    if self._stop_event.is_set():
-                        raise _Stopped()
-
-    def _open_session(self, first):
-        """Connect, LISTEN on every channel, take the start snapshot."""
-        cfg = self.config
-        deadline = time.monotonic() + cfg.connect_timeout_s
-        try:
-            conn = psycopg2.connect(async_=True, **self._listener_connect_kwargs())
-        except psycopg2.Error as exc:
-            raise ConnectError(f"cannot connect: {first_line(exc)}") from exc
-        try:
-            self._wait(conn, deadline, "connect")
-            pid = conn.info.backend_pid
-            hc = _HealthCheck(f"pgnotify_sync.hc.{pid}", time.monotonic() + cfg.health_check_interval_s)
-            wires = [ch.wire for ch in self._channels.values()] + [hc.channel]
-            statement = sql.SQL("; ").join(sql.SQL("LISTEN {}").format(sql.Identifier(w)) for w in wires)
-            cur = conn.cursor()
-            cur.execute(statement)
-            self._wait(conn, deadline, "LISTEN")
-            # Every transaction not visible in this snapshot commits after our LISTEN,
-            # so its notification reaches us.
-            cur.execute("SELECT pg_current_snapshot()::text, to_regclass('pgnotify_sync.event_log') IS NOT NULL, "
-                        "(SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid())")
-            self._wait(conn, deadline, "snapshot")
-            text, installed, backend_start = cur.fetchone()
-            start = Snapshot.parse(text)
-            hc.backend = (pid, backend_start)
-            if self._stale_backends:
-                self._end_stale_backends(conn, cur, deadline)
-            cur.close()
-            if not installed:
-                if self.consumer:
-                    raise SchemaError(f"{self.name}: pgnotify_sync is not installed in database "
-                                      f"{cfg.postgres_db!r} (a durable consumer needs its event log): "
-                                      "run install() or 'pgnotify-sync install'")
-                if self._installed is not False:
-                    log.warning("%s: pgnotify_sync is not installed in database %r: plain payloads only, "
-                                "no catch-up (run install() or 'pgnotify-sync install')", self.name, cfg.postgres_db)
-            self._installed = installed
-            if first and self.consumer:
-                self._load_consumer(start)
-        except BaseException:
-            conn.close()
-            raise
-        self.stats.set("connected_since", time.time())
-        log.info("%s: listening on %s (%s)", self.name, ", ".join(repr(c) for c in self._channels),
-                 cfg.describe_target(), extra={"event": "listening", "details": {"channels": list(self._channels)}})
-        dispatcher = self._dispatcher
-        self._set_state(ConnectionState.LISTENING)
-        if first and not self.consumer:
-            for ch in self._channels.values():
-                dispatcher.push_control(ch, SetPosition(start))
-            self._ready.set()
-            self._emit("connected")
-        else:
-            with self._lock:
-                self._pending_catchup = set(self._channels)
-            self._ready.set()
-            dispatcher.catch_up_all("reconnect" if not first else "resume")
-        return conn, hc
-
-    def _end_stale_backends(self, conn, cur, deadline):
-        """End the backends of earlier sessions that may still live behind a dead or
-        frozen path (matched by pid *and* start time: a pid can be reused)."""
-        pids = [p for p, _ in self._stale_backends]
-        starts = [t for _, t in self._stale_backends]
-        try:
-            cur.execute("SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_stat_activity a "
-                        "JOIN unnest(%s::int[], %s::timestamptz[]) s(pid, started) "
-                        "ON a.pid = s.pid AND a.backend_start = s.started WHERE a.pid <> pg_backend_pid()",
-                        (pids, starts))
-            self._wait(conn, deadline, "ending the previous session")
-            ended = cur.fetchall()
-        except (ConnectError, psycopg2.Error) as exc:
-            if conn.closed:
-                raise
-            # e.g. a role without the right to signal it: the session goes on.
-            log.warning("%s: cannot end the previous session's backend (pids %s): %s", self.name, pids,
-                        first_line(exc))
-            return
-        self._stale_backends.clear()
-        for backend_pid, done in ended:
-            if done:
-                self.stats.inc("stale_backends_ended")
-                log.info("%s: ended the previous session's backend %d (it held the notification queue)",
-                         self.name, backend_pid, extra={"event": "stale_backend", "details": {"pid": backend_pid}})
-
-    def _read_loop(self, conn, hc):
-        cfg = self.config
-        fd = conn.fileno()
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        poller.register(fd, select.POLLIN)
-        writing = False
-        notifies = conn.notifies
-        POLL_OK = psycopg2.extensions.POLL_OK
-        POLL_WRITE = psycopg2.extensions.POLL_WRITE
-        last_rx = 0.0       # when notifications last came in
-        while True:
-            now = time.monotonic()
-            if not hc.pending and self._since_advance >= self._advance_every:
-                hc.next_at = now    # bound the handled-id sets under load
-            left = (hc.deadline if hc.pending else hc.next_at) - now
-            if left <= 0 and hc.pending and now - last_rx < cfg.health_check_timeout_s:
-                # The marker is queued behind a backlog we are still reading: the path
-                # is alive, so wait on. Only a path silent for a whole timeout is dead.
-                hc.deadline = last_rx + cfg.health_check_timeout_s
-                left = hc.deadline - now
-            if left <= 0:
-                if hc.pending:
-                    self.stats.inc("health_check_failures", 1)
-                    raise _Lost(f"health check got no answer within {cfg.health_check_timeout_s} s")
-                self._send_health_check(conn, hc)
-                writing = True
-                poller.modify(fd, select.POLLIN | select.POLLOUT)
-                continue
-            for rfd, _ in poller.poll(left * 1000):
-                if rfd == self._wake_r:
-                    self._drain_wake()
-                    if self._stop_event.is_set():
-                        return
-            try:
-                state = conn.poll()
-            except psycopg2.Error as exc:
-                raise _Lost(first_line(exc)) from exc
-            want_write = state == POLL_WRITE
-            if want_write != writing:
-                writing = want_write
-                poller.modify(fd, select.POLLIN | (select.POLLOUT if writing else 0))
-            if notifies:
-                last_rx = time.monotonic()
-                batch = notifies[:]
-                del notifies[:]
-                self._handle_notifies(batch, hc)
-            if hc.cursor is not None and state == POLL_OK:
-                try:
-                    hc.snapshot = Snapshot.parse(hc.cursor.fetchone()[0])
-                except psycopg2.Error as exc:
-                    raise _Lost(f"health check failed: {first_line(exc)}") from exc
-                hc.cursor.close()
-                hc.cursor = None
-                self._health_check_done(hc)
-
-    def _send_health_check(self, conn, hc):
-        self._since_advance = 0
-        hc.token = str(next(hc.counter))
-        hc.sent_at = time.monotonic()
-        hc.deadline = hc.sent_at + self.config.health_check_timeout_s
-        hc.pending = True
-        hc.marker_seen = False
-        hc.snapshot = None
-        hc.cursor = conn.cursor()
-        try:
-            # The snapshot is taken before our NOTIFY commits; when the marker comes
-            # back, every transaction visible in it has been received (commit order).
-            hc.cursor.execute("SELECT pg_current_snapshot()::text, pg_notify(%s, %s)", (hc.channel, hc.token))
-        except psycopg2.Error as exc:
-            raise _Lost(f"health check failed: {first_line(exc)}") from exc
-
-    def _health_check_done(self, hc):
-        if not (hc.pending and hc.marker_seen and hc.snapshot is not None and hc.cursor is None):
-            return
-        now = time.monotonic()
-        hc.pending = False
-        hc.next_at = now + self.config.health_check_interval_s
-        self.stats.inc("health_checks", 1)
-        self.stats.set("last_health_rtt_s", now - hc.sent_at)
-        self._rtt_hist.observe(now - hc.sent_at)
-        advance = Advance(hc.snapshot)
-        for ch in self._channels.values():
-            self._dispatcher.push_control(ch, advance, skip_overflowing=True)
-
-    def _handle_notifies(self, batch, hc):
-        started = time.perf_counter()
-        debug = log.isEnabledFor(logging.DEBUG)
-        by_wire = self._dispatcher.by_wire
-        push = self._dispatcher.push
-        groups = {}
-        received = 0
-        for notify in batch:
-            ch = by_wire.get(notify.channel)
-            if ch is None:
-                if notify.channel == hc.channel and notify.payload == hc.token:
-                    # Keep the order: what came before the marker is queued before Advance.
-                    for group_ch, events in groups.items():
-                        push(group_ch, events)
-                    groups = {}
-                    hc.marker_seen = True
-                    self._health_check_done(hc)
-                continue
-            received += 1
-            ch.received += 1
-            try:
-                event = decode_payload(ch.name, notify.payload)
-            except PayloadError as exc:
-                ch.parse_errors += 1
-                self.stats.inc("parse_errors", 1)
-                self._report("payload", exc, ch.name)
-                continue
-            if debug:
-                log.debug("%s: received event %s on %r", self.name, event.id, ch.name,
-                          extra={"event": "parsed", "channel": ch.name, "event_id": event.id,
-                                 "details": {"operation": getattr(event, "operation", None),
-                                             "table": getattr(event, "table", None)}})
-            events = groups.get(ch)
-            if events is None:
-                groups[ch] = [event]
-            else:
-                events.append(event)
-            if type(event) is EventRange:
-                received += event.n - 1
-                ch.received += event.n - 1
-        self.stats.inc("received", received)
-        self._since_advance += received
-        if received:
-            self._decode_hist.observe((time.perf_counter() - started) / received)
-        for ch, events in groups.items():
-            push(ch, events)
 
     # -- dispatcher hooks (worker threads) ------------------------------------------
 
@@ -926,7 +529,7 @@ class Listener:
 
     def _catch_up(self, ch):
         pos = ch.position
-        if self._installed is False:
+        if self._reader.installed is False:
             return pos, iter(())    # no event log to read (plain payloads only)
         target = self._log.snapshot()
 
@@ -965,7 +568,7 @@ class Listener:
                 return
             self._pending_catchup.discard(ch.name)
             done = not self._pending_catchup
-        if done and self._state is ConnectionState.LISTENING:
+        if done and self._lifecycle.state is ConnectionState.LISTENING:
             log.info("%s: connected and caught up (%s)", self.name, reason,
                      extra={"event": "connected", "details": {"reason": reason}})
             self._emit("connected")
@@ -1000,13 +603,13 @@ class Listener:
 
     def _maintenance_tasks(self):
         cfg = self.config
-        has_log = lambda: self._installed is not False     # noqa: E731 - known after connecting
+        has_log = lambda: self._reader.installed is not False     # noqa: E731 - known after connecting
         tasks = [
             Every("retry overflowed channels", 0.25, self._dispatcher.retry_overflowed),
             Every("flush publishes", 0.25, self._publisher.flush, when=lambda: len(self._publisher) > 0),
             # Lag feeds the metrics and health().
             Every("lag", cfg.health_check_interval_s, self._update_lag, first_s=1.0,
-                  when=lambda: has_log() and self._state is ConnectionState.LISTENING),
+                  when=lambda: has_log() and self._lifecycle.state is ConnectionState.LISTENING),
         ]
         if cfg.cleanup_interval_s:
             tasks.append(Every("retention", cfg.cleanup_interval_s, self.cleanup,
@@ -1082,13 +685,15 @@ class Listener:
             add("consumer_gap_events", [ch.name], ch.gap_events)
             if ch.lag is not None:
                 add("lag_events", [ch.name], ch.lag)
-        add_hist("decode_duration_seconds", [], self._decode_hist)
-        add_hist("health_check_rtt_seconds", [], self._rtt_hist)
+        reader = self._reader
+        if reader is not None:
+            add_hist("decode_duration_seconds", [], reader.decode_hist)
+            add_hist("health_check_rtt_seconds", [], reader.rtt_hist)
         dispatcher = self._dispatcher
         add("queue_size", [], dispatcher.buffered if dispatcher else 0)
         add("queue_capacity", [], self.config.event_buffer_size)
         for state in ConnectionState:
-            add("connection_state", [state.value], 1 if self._state is state else 0)
+            add("connection_state", [state.value], 1 if self._lifecycle.state is state else 0)
         since = st.get("connected_since")
         add("connection_uptime_seconds", [], time.time() - since if since else 0)
         add("reconnect_attempts", [], st["reconnect_attempts"])

@@ -13,7 +13,6 @@ What it needs of its listener is the :class:`ReaderHost` protocol.
 """
 
 import errno
-import itertools
 import logging
 import os
 import select
@@ -27,10 +26,11 @@ from psycopg2 import sql
 
 from ._backoff import Backoff
 from ._dispatch import Advance, SetPosition
+from ._healthcheck import HealthCheck, Lost
 from ._lifecycle import ConnectionState
+from ._notifications import Router
 from ._snapshot import Snapshot
-from .errors import ConnectError, PayloadError, PgNotifyError, SchemaError, first_line, retry_can_fix
-from .events import EventRange, decode_payload
+from .errors import ConnectError, PgNotifyError, SchemaError, first_line, retry_can_fix
 from .metrics import Histogram
 
 log = logging.getLogger("pgnotify_sync")
@@ -64,78 +64,18 @@ class _Stopped(Exception):
     """stop() was called while the reader was waiting."""
 
 
-class _Lost(Exception):
-    """The listener connection is gone (or did not answer a health check in time)."""
+class WakePipe:
+    """The reader's wake-up pipe: ``wake()`` (any thread) interrupts its poll; the
+    waits below raise _Stopped once *stop_event* is set."""
 
-
-class _HealthCheck:
-    __slots__ = ("channel", "token", "next_at", "sent_at", "deadline", "cursor", "snapshot", "marker_seen",
-                 "pending", "counter", "backend")
-
-    def __init__(self, channel, first_at):
-        self.channel = channel
-        self.counter = itertools.count(1)
-        self.token = None
-        self.next_at = first_at
-        self.sent_at = 0.0
-        self.deadline = 0.0
-        self.cursor = None
-        self.snapshot = None
-        self.marker_seen = False
-        self.pending = False
-        self.backend = None     # (pid, backend_start) of the session
-
-
-class Reader:
-    """The listener connection of *host*, read on a thread started by :meth:`start`
-    (again after FAILED); ends when *stop_event* is set."""
-
-    def __init__(self, host, stop_event):
-        self._host = host
-        self._name = host.name
+    def __init__(self, stop_event):
         self._stop = stop_event
-        cfg = host.config
-        self.ready = threading.Event()      # set once LISTENing (or failed): start() waits on it
-        self.start_error = None
-        self.thread = None
-        self.had_session = False
-        self.installed = None               # is the schema (event log) there? known after connecting
-        self.decode_hist = Histogram()
-        self.rtt_hist = Histogram()
-        self._backoff = Backoff(cfg.reconnect_delay_ms / 1000.0, cfg.reconnect_delay_max_ms / 1000.0,
-                                cfg.max_reconnect_attempts)
-        self._stale_backends = []   # (pid, backend_start) of sessions lost (see _end_stale_backends)
-        self._tunnel_stale = False
-        self._since_advance = 0
-        self._advance_every = CONSUMER_ADVANCE_EVERY if host.consumer else ADVANCE_EVERY
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-
-    def start(self):
-        self.ready.clear()
-        self.start_error = None
-        self.thread = threading.Thread(target=self._run, name=f"{self._name}-reader", daemon=True)
-        self.thread.start()
-
-    def is_alive(self):
-        return self.thread is not None and self.thread.is_alive()
-
-    def close(self):
-        """Close the wake-up pipe (once the thread has ended)."""
-        if self.is_alive():
-            return
-        for fd in (self._wake_r, self._wake_w):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._wake_r = self._wake_w = None
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
 
     def wake(self):
-        """Wake the reader from its poll (stop(), or an interrupted wait)."""
-        fd = self._wake_w
+        fd = self._w
         if fd is not None:
             try:
                 os.write(fd, b"x")
@@ -143,89 +83,26 @@ class Reader:
                 if exc.errno not in (errno.EAGAIN, errno.EBADF):
                     raise
 
-    def _drain_wake(self):
+    def drain(self):
         try:
-            while os.read(self._wake_r, 4096):
+            while os.read(self.fd, 4096):
                 pass
         except (BlockingIOError, OSError):
             pass
 
-    def _run(self):
-        """Connect, read until the connection is lost, reconnect with backoff; repeat."""
-        first = not self.had_session
-        failures = 0     # failed attempts since the last good session
-        try:
-            while not self._stop.is_set():
+    def close(self):
+        for fd in (self.fd, self._w):
+            if fd is not None:
                 try:
-                    conn, hc = self._open_session(first)
-                except _Stopped:
-                    return
-                except (PgNotifyError, psycopg2.Error) as exc:
-                    error = exc if isinstance(exc, PgNotifyError) else ConnectError(first_line(exc))
-                    if not retry_can_fix(exc, first_session=first):
-                        # Retrying cannot fix a wrong password or a missing database.
-                        self._fail(error)     # logs it, once
-                        return
-                    failures += 1
-                    self._host.stats.inc("reconnect_attempts", 1)
-                    if self._backoff.exhausted(failures):
-                        self._fail(ConnectError(f"{self._name}: gave up after {failures} attempts: {error}"))
-                        return
-                    delay = self._backoff.delay_s(failures)
-                    log.warning("%s: connect attempt %d failed (%s); retrying in %.2f s",
-                                self._name, failures, error, delay,
-                                extra={"event": "reconnecting", "details": {"error": str(error), "attempt": failures + 1,
-                                                                            "delay": round(delay * 1000)}})
-                    self._host.set_state(ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING)
-                    self._host.emit("reconnecting", attempt=failures + 1, delay_s=delay, error=error)
-                    if self._stop.wait(delay):
-                        return
-                    continue
-                if not first:
-                    self._host.stats.inc("reconnects", 1)
-                first = False
-                self.had_session = True
-                failures = 0
-                error = None
-                try:
-                    self._read_loop(conn, hc)
-                except _Lost as exc:
-                    error = exc
-                    self._tunnel_stale = True
-                    # Behind a frozen path the old backend lives on, LISTENing, and holds
-                    # the cluster's notification queue tail: the next session ends it.
-                    if hc.backend is not None:
-                        self._stale_backends.append(hc.backend)
-                    log.warning("%s: connection lost: %s", self._name, exc,
-                                extra={"event": "disconnected", "details": {"error": str(exc)}})
-                finally:
-                    try:
-                        conn.close()
-                    except Exception:
-                        pass
-                self._host.stats.set("connected_since", None)
-                if error is None:
-                    return          # stopped
-                self._host.set_state(ConnectionState.RECONNECTING)
-                self._host.emit("disconnected", error=error)
-                # The first attempt goes at once: a killed backend is usually back immediately.
-                self._host.emit("reconnecting", attempt=1, delay_s=0.0, error=error)
-        except Exception as exc:  # a bug: never die silently
-            log.exception("%s: reader thread failed", self._name)
-            self._fail(PgNotifyError(f"{self._name}: reader failed: {exc!r}"))
-        finally:
-            self.ready.set()
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self._w = None
 
-    def _fail(self, error):
-        self._host.set_state(ConnectionState.FAILED)
-        self.start_error = error if isinstance(error, PgNotifyError) else ConnectError(str(error))
-        self.ready.set()
-        self._host.report("connect", error, None)
-        self._host.emit("failed", error=error)
-
-    def _wait(self, conn, deadline, what):
-        """Drive an async connection until its current operation completes."""
-        wake = self._wake_r
+    def wait(self, conn, deadline, what):
+        """Drive async connection *conn* until its current operation completes:
+        ConnectError on an error or past *deadline*, _Stopped on stop()."""
+        wake = self.fd
         while True:
             try:
                 state = conn.poll()
@@ -242,9 +119,136 @@ class Reader:
                             else select.POLLIN)
             for fd, _ in poller.poll(left * 1000):
                 if fd == wake:
-                    self._drain_wake()
+                    self.drain()
                     if self._stop.is_set():
                         raise _Stopped()
+
+
+class Reader:
+    """The listener connection of *host*, read on a thread started by :meth:`start`
+    (again after FAILED); ends when *stop_event* is set."""
+
+    def __init__(self, host, stop_event):
+        self._host = host
+        self._name = host.name
+        self._stop = stop_event
+        cfg = host.config
+        self.ready = threading.Event()      # set once LISTENing (or failed): start() waits on it
+        self.start_error = None
+        self.thread = None
+        self.had_session = False
+        self.installed = None               # is the schema (event log) there? known after connecting
+        self._router = Router(self._name, host.dispatcher, host.stats, host.report)
+        self.decode_hist = self._router.decode_hist
+        self.rtt_hist = Histogram()
+        self._backoff = Backoff(cfg.reconnect_delay_ms / 1000.0, cfg.reconnect_delay_max_ms / 1000.0,
+                                cfg.max_reconnect_attempts)
+        self._stale_backends = []   # (pid, backend_start) of sessions lost (see _end_stale_backends)
+        self._tunnel_stale = False
+        self._since_advance = 0
+        self._advance_every = CONSUMER_ADVANCE_EVERY if host.consumer else ADVANCE_EVERY
+        self._wake = WakePipe(stop_event)
+
+    def start(self):
+        self.ready.clear()
+        self.start_error = None
+        self.thread = threading.Thread(target=self._run, name=f"{self._name}-reader", daemon=True)
+        self.thread.start()
+
+    def is_alive(self):
+        return self.thread is not None and self.thread.is_alive()
+
+    def wake(self):
+        """Wake the reader from its poll (stop())."""
+        self._wake.wake()
+
+    def close(self):
+        """Close the wake-up pipe, once the thread has ended."""
+        if not self.is_alive():
+            self._wake.close()
+
+    def _run(self):
+        """Connect, read until the connection is lost, reconnect with backoff; repeat."""
+        first = not self.had_session
+        failures = 0     # failed attempts since the last good session
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, hc = self._open_session(first)
+                except _Stopped:
+                    return
+                except (PgNotifyError, psycopg2.Error) as exc:
+                    failures += 1
+                    if not self._wait_to_retry(exc, first, failures):
+                        return
+                    continue
+                if not first:
+                    self._host.stats.inc("reconnects", 1)
+                first = False
+                self.had_session = True
+                failures = 0
+                if not self._session(conn, hc):
+                    return          # stopped
+        except Exception as exc:  # a bug: never die silently
+            log.exception("%s: reader thread failed", self._name)
+            self._fail(PgNotifyError(f"{self._name}: reader failed: {exc!r}"))
+        finally:
+            self.ready.set()
+
+    def _wait_to_retry(self, exc, first, failures):
+        """After failed connect attempt number *failures*: wait out the backoff and
+        return True, or False when the listener failed (or was stopped meanwhile)."""
+        error = exc if isinstance(exc, PgNotifyError) else ConnectError(first_line(exc))
+        if not retry_can_fix(exc, first_session=first):
+            # Retrying cannot fix a wrong password or a missing database.
+            self._fail(error)     # logs it, once
+            return False
+        self._host.stats.inc("reconnect_attempts", 1)
+        if self._backoff.exhausted(failures):
+            self._fail(ConnectError(f"{self._name}: gave up after {failures} attempts: {error}"))
+            return False
+        delay = self._backoff.delay_s(failures)
+        log.warning("%s: connect attempt %d failed (%s); retrying in %.2f s", self._name, failures, error, delay,
+                    extra={"event": "reconnecting",
+                           "details": {"error": str(error), "attempt": failures + 1, "delay": round(delay * 1000)}})
+        self._host.set_state(ConnectionState.CONNECTING if first else ConnectionState.RECONNECTING)
+        self._host.emit("reconnecting", attempt=failures + 1, delay_s=delay, error=error)
+        return not self._stop.wait(delay)
+
+    def _session(self, conn, hc):
+        """Read *conn* until it is lost (True: reconnect) or the listener stops (False)."""
+        error = None
+        try:
+            self._read_loop(conn, hc)
+        except Lost as exc:
+            error = exc
+            self._tunnel_stale = True
+            # Behind a frozen path the old backend lives on, LISTENing, and holds
+            # the cluster's notification queue tail: the next session ends it.
+            if hc.backend is not None:
+                self._stale_backends.append(hc.backend)
+            log.warning("%s: connection lost: %s", self._name, exc,
+                        extra={"event": "disconnected", "details": {"error": str(exc)}})
+        finally:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        self._host.stats.set("connected_since", None)
+        if error is None:
+            return False
+        self._host.set_state(ConnectionState.RECONNECTING)
+        self._host.emit("disconnected", error=error)
+        # The first attempt goes at once: a killed backend is usually back immediately.
+        self._host.emit("reconnecting", attempt=1, delay_s=0.0, error=error)
+        return True
+
+    def _fail(self, error):
+        self._host.set_state(ConnectionState.FAILED)
+        self.start_error = error if isinstance(error, PgNotifyError) else ConnectError(str(error))
+        self.ready.set()
+        self._host.report("connect", error, None)
+        self._host.emit("failed", error=error)
 
     def _open_session(self, first):
         """Connect, LISTEN on every channel, take the start snapshot."""
@@ -258,54 +262,65 @@ class Reader:
         except psycopg2.Error as exc:
             raise ConnectError(f"cannot connect: {first_line(exc)}") from exc
         try:
-            self._wait(conn, deadline, "connect")
+            self._wake.wait(conn, deadline, "connect")
             pid = conn.info.backend_pid
-            hc = _HealthCheck(f"pgnotify_sync.hc.{pid}", time.monotonic() + cfg.health_check_interval_s)
+            hc = HealthCheck(f"pgnotify_sync.hc.{pid}", time.monotonic() + cfg.health_check_interval_s)
             wires = [ch.wire for ch in self._host.channels.values()] + [hc.channel]
             statement = sql.SQL("; ").join(sql.SQL("LISTEN {}").format(sql.Identifier(w)) for w in wires)
             cur = conn.cursor()
             cur.execute(statement)
-            self._wait(conn, deadline, "LISTEN")
+            self._wake.wait(conn, deadline, "LISTEN")
             # Every transaction not visible in this snapshot commits after our LISTEN,
             # so its notification reaches us.
             cur.execute("SELECT pg_current_snapshot()::text, to_regclass('pgnotify_sync.event_log') IS NOT NULL, "
                         "(SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid())")
-            self._wait(conn, deadline, "snapshot")
+            self._wake.wait(conn, deadline, "snapshot")
             text, installed, backend_start = cur.fetchone()
             start = Snapshot.parse(text)
             hc.backend = (pid, backend_start)
             if self._stale_backends:
                 self._end_stale_backends(conn, cur, deadline)
             cur.close()
-            if not installed:
-                if self._host.consumer:
-                    raise SchemaError(f"{self._name}: pgnotify_sync is not installed in database "
-                                      f"{cfg.postgres_db!r} (a durable consumer needs its event log): "
-                                      "run install() or 'pgnotify-sync install'")
-                if self.installed is not False:
-                    log.warning("%s: pgnotify_sync is not installed in database %r: plain payloads only, "
-                                "no catch-up (run install() or 'pgnotify-sync install')", self._name, cfg.postgres_db)
-            self.installed = installed
+            self._check_installed(installed)
             if first and self._host.consumer:
                 self._host.load_consumer(start)
         except BaseException:
             conn.close()
             raise
-        self._host.stats.set("connected_since", time.time())
-        log.info("%s: listening on %s (%s)", self._name, ", ".join(repr(c) for c in self._host.channels),
-                 cfg.describe_target(), extra={"event": "listening", "details": {"channels": list(self._host.channels)}})
-        dispatcher = self._host.dispatcher
-        self._host.set_state(ConnectionState.LISTENING)
-        if first and not self._host.consumer:
-            for ch in self._host.channels.values():
-                dispatcher.push_control(ch, SetPosition(start))
-            self.ready.set()
-            self._host.emit("connected")
-        else:
-            self._host.expect_catchup()
-            self.ready.set()
-            dispatcher.catch_up_all("reconnect" if not first else "resume")
+        self._listening(first, start)
         return conn, hc
+
+    def _check_installed(self, installed):
+        """Without our schema only plain payloads can be read: refused for a durable
+        consumer (it needs the log), warned once otherwise."""
+        if not installed:
+            cfg = self._host.config
+            if self._host.consumer:
+                raise SchemaError(f"{self._name}: pgnotify_sync is not installed in database "
+                                  f"{cfg.postgres_db!r} (a durable consumer needs its event log): "
+                                  "run install() or 'pgnotify-sync install'")
+            if self.installed is not False:
+                log.warning("%s: pgnotify_sync is not installed in database %r: plain payloads only, "
+                            "no catch-up (run install() or 'pgnotify-sync install')", self._name, cfg.postgres_db)
+        self.installed = installed
+
+    def _listening(self, first, start):
+        """The session is up: a fresh listener starts at *start*; any other catches up."""
+        host = self._host
+        host.stats.set("connected_since", time.time())
+        log.info("%s: listening on %s (%s)", self._name, ", ".join(repr(c) for c in host.channels),
+                 host.config.describe_target(),
+                 extra={"event": "listening", "details": {"channels": list(host.channels)}})
+        host.set_state(ConnectionState.LISTENING)
+        if first and not host.consumer:
+            for ch in host.channels.values():
+                host.dispatcher.push_control(ch, SetPosition(start))
+            self.ready.set()
+            host.emit("connected")
+        else:
+            host.expect_catchup()
+            self.ready.set()
+            host.dispatcher.catch_up_all("reconnect" if not first else "resume")
 
     def _end_stale_backends(self, conn, cur, deadline):
         """End the backends of earlier sessions that may still live behind a dead or
@@ -317,7 +332,7 @@ class Reader:
                         "JOIN unnest(%s::int[], %s::timestamptz[]) s(pid, started) "
                         "ON a.pid = s.pid AND a.backend_start = s.started WHERE a.pid <> pg_backend_pid()",
                         (pids, starts))
-            self._wait(conn, deadline, "ending the previous session")
+            self._wake.wait(conn, deadline, "ending the previous session")
             ended = cur.fetchall()
         except (ConnectError, psycopg2.Error) as exc:
             if conn.closed:
@@ -337,7 +352,7 @@ class Reader:
         cfg = self._host.config
         fd = conn.fileno()
         poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._wake.fd, select.POLLIN)
         poller.register(fd, select.POLLIN)
         writing = False
         notifies = conn.notifies
@@ -357,20 +372,20 @@ class Reader:
             if left <= 0:
                 if hc.pending:
                     self._host.stats.inc("health_check_failures", 1)
-                    raise _Lost(f"health check got no answer within {cfg.health_check_timeout_s} s")
+                    raise Lost(f"health check got no answer within {cfg.health_check_timeout_s} s")
                 self._send_health_check(conn, hc)
                 writing = True
                 poller.modify(fd, select.POLLIN | select.POLLOUT)
                 continue
             for rfd, _ in poller.poll(left * 1000):
-                if rfd == self._wake_r:
-                    self._drain_wake()
+                if rfd == self._wake.fd:
+                    self._wake.drain()
                     if self._stop.is_set():
                         return
             try:
                 state = conn.poll()
             except psycopg2.Error as exc:
-                raise _Lost(first_line(exc)) from exc
+                raise Lost(first_line(exc)) from exc
             want_write = state == POLL_WRITE
             if want_write != writing:
                 writing = want_write
@@ -381,86 +396,23 @@ class Reader:
                 del notifies[:]
                 self._handle_notifies(batch, hc)
             if hc.cursor is not None and state == POLL_OK:
-                try:
-                    hc.snapshot = Snapshot.parse(hc.cursor.fetchone()[0])
-                except psycopg2.Error as exc:
-                    raise _Lost(f"health check failed: {first_line(exc)}") from exc
-                hc.cursor.close()
-                hc.cursor = None
+                hc.take_snapshot()
                 self._health_check_done(hc)
 
     def _send_health_check(self, conn, hc):
         self._since_advance = 0
-        hc.token = str(next(hc.counter))
-        hc.sent_at = time.monotonic()
-        hc.deadline = hc.sent_at + self._host.config.health_check_timeout_s
-        hc.pending = True
-        hc.marker_seen = False
-        hc.snapshot = None
-        hc.cursor = conn.cursor()
-        try:
-            # The snapshot is taken before our NOTIFY commits; when the marker comes
-            # back, every transaction visible in it has been received (commit order).
-            hc.cursor.execute("SELECT pg_current_snapshot()::text, pg_notify(%s, %s)", (hc.channel, hc.token))
-        except psycopg2.Error as exc:
-            raise _Lost(f"health check failed: {first_line(exc)}") from exc
+        hc.send(conn, self._host.config.health_check_timeout_s)
 
     def _health_check_done(self, hc):
-        if not (hc.pending and hc.marker_seen and hc.snapshot is not None and hc.cursor is None):
+        rtt = hc.finish(self._host.config.health_check_interval_s)
+        if rtt is None:
             return
-        now = time.monotonic()
-        hc.pending = False
-        hc.next_at = now + self._host.config.health_check_interval_s
         self._host.stats.inc("health_checks", 1)
-        self._host.stats.set("last_health_rtt_s", now - hc.sent_at)
-        self.rtt_hist.observe(now - hc.sent_at)
+        self._host.stats.set("last_health_rtt_s", rtt)
+        self.rtt_hist.observe(rtt)
         advance = Advance(hc.snapshot)
         for ch in self._host.channels.values():
             self._host.dispatcher.push_control(ch, advance, skip_overflowing=True)
 
     def _handle_notifies(self, batch, hc):
-        started = time.perf_counter()
-        debug = log.isEnabledFor(logging.DEBUG)
-        by_wire = self._host.dispatcher.by_wire
-        push = self._host.dispatcher.push
-        groups = {}
-        received = 0
-        for notify in batch:
-            ch = by_wire.get(notify.channel)
-            if ch is None:
-                if notify.channel == hc.channel and notify.payload == hc.token:
-                    # Keep the order: what came before the marker is queued before Advance.
-                    for group_ch, events in groups.items():
-                        push(group_ch, events)
-                    groups = {}
-                    hc.marker_seen = True
-                    self._health_check_done(hc)
-                continue
-            received += 1
-            ch.received += 1
-            try:
-                event = decode_payload(ch.name, notify.payload)
-            except PayloadError as exc:
-                ch.parse_errors += 1
-                self._host.stats.inc("parse_errors", 1)
-                self._host.report("payload", exc, ch.name)
-                continue
-            if debug:
-                log.debug("%s: received event %s on %r", self._name, event.id, ch.name,
-                          extra={"event": "parsed", "channel": ch.name, "event_id": event.id,
-                                 "details": {"operation": getattr(event, "operation", None),
-                                             "table": getattr(event, "table", None)}})
-            events = groups.get(ch)
-            if events is None:
-                groups[ch] = [event]
-            else:
-                events.append(event)
-            if type(event) is EventRange:
-                received += event.n - 1
-                ch.received += event.n - 1
-        self._host.stats.inc("received", received)
-        self._since_advance += received
-        if received:
-            self.decode_hist.observe((time.perf_counter() - started) / received)
-        for ch, events in groups.items():
-            push(ch, events)
+        self._since_advance += self._router.route(batch, hc, self._health_check_done)

@@ -6,7 +6,7 @@ items in order, and puts it back if more arrived. So one channel's handlers run 
 event at a time, in arrival (commit) order, while different channels run in
 parallel on a fixed pool of threads.
 
-The reader thread never blocks here (DESIGN.md: a blocked reader stalls the server's
+The reader thread never blocks here (a blocked reader stalls the server's
 notification queue for the whole cluster). When the events waiting in memory reach
 ``capacity`` the channel goes into *overflow*: further events of that channel are
 dropped from memory (they are in the event log) and when there is room again a
@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+import typing
 
 from ._eventlog import CatchUpFailed
 from .events import DatabaseEvent, EventRange, EventRef
@@ -36,7 +37,6 @@ BATCH = 256
 # (1000-row statements): 2 gave 1.7x the events/s of no read-ahead, 4 another 1.2x
 # direct and 1.3x through SSH tunnels, where each read waits longer for its answer.
 READ_AHEAD = 4
-_EVENTS = (DatabaseEvent, EventRef, EventRange)
 
 
 def weight(item):
@@ -78,8 +78,8 @@ class ChannelState:
     __slots__ = ("name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "xranges",
                  "partial",
                  "catchup_target", "catchup_upto", "in_catchup",
-                 "retry_at", "dropped", "delivered", "running", "received", "parse_errors", "handler_errors",
-                 "delivered_by", "handler_hist", "caught_up", "max_id", "lag", "gap_events", "since_checkpoint",
+                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors",
+                 "delivered_by", "handler_hist", "caught_up", "lag", "gap_events", "since_checkpoint",
                  "last_event_at")
 
     def __init__(self, name, wire):
@@ -88,7 +88,6 @@ class ChannelState:
         self.items = collections.deque()
         self.ahead = {}     # id(EventRange) -> Job reading it (see Dispatcher._read_ahead)
         self.scheduled = False
-        self.running = False
         self.overflow = False
         self.retry_at = 0.0
         self.position = None
@@ -115,7 +114,6 @@ class ChannelState:
         self.delivered_by = {}          # (operation, table) -> count
         self.handler_hist = Histogram()
         self.caught_up = 0
-        self.max_id = 0
         self.lag = None
         self.gap_events = 0
         self.since_checkpoint = 0   # events delivered since the consumer's position was stored
@@ -155,26 +153,47 @@ class Job:
         return self.value
 
 
+class DispatchHooks(typing.Protocol):
+    """What the dispatcher calls, on its worker and fetch threads (the listener's
+    delivery, event-log reads and reports)."""
+
+    def deliver(self, ch, events) -> None:
+        """Hand *events* (fresh, in order) to the channel's handlers."""
+
+    def catch_up(self, ch) -> tuple:
+        """(target snapshot, iterator of event pages) from ch.position up to now."""
+
+    def fetch_ref(self, ch, ref):
+        """The event an EventRef points at, or None if it is gone from the log."""
+
+    def fetch_range(self, ch, rng, after=0, previous=None) -> tuple:
+        """(a page of the range's events above id *after*, whether more follow)."""
+
+    def report(self, kind, error, channel) -> None:
+        """A background failure (the ``error`` signal); never called under our lock."""
+
+    def caught_up(self, ch, reason, count) -> None:
+        """A catch-up of *count* events ended."""
+
+    def after_batch(self, ch) -> None:
+        """A batch was handled (a durable consumer stores its position)."""
+
+
 class Dispatcher:
     """Owns the channel queues and the worker threads.
 
-    *hooks* is the listener; it provides ``_deliver(ch, events)``,
-    ``_catch_up(ch)`` (returns the events to deliver and the new position),
-    ``_fetch_ref(ch, ref)``, ``_fetch_range(ch, rng, after=0, previous=None)`` (a page of
-    the range's rows after id *after*, and whether more follow), ``_report(kind, error, channel)``,
-    ``_caught_up(ch, reason, count)``, ``_on_position(ch)`` (a position
-    moved) and ``_after_batch(ch)`` (durable consumers store their position).
+    *hooks* provides what it cannot do itself: the :class:`DispatchHooks`.
 
     Reads overlap delivery: while a worker hands one statement's rows (an
     EventRange) to the handlers, fetch threads already read the channel's next
     READ_AHEAD ranges from the log (and a catch-up its next page, see ``submit``), so
-    the server builds pages while this process parses and delivers (a 200,000-row
-    burst went from 65,000 to about 140,000 events/s). Only timing changes: every
+    the server builds pages while this process parses and delivers (``python -m bench
+    --only delivery`` measures it). Only timing changes: every
     event still goes through the same duplicate check, in order, on the channel's
     worker.
     """
 
-    def __init__(self, name, channels, capacity, workers, hooks, metrics=None, retry_s=0.5, fetchers=None,
+    def __init__(self, name, channels, capacity, workers, hooks, retry_s=0.5, fetchers=None,
                  compact_ranges=True):
         self.name = name
         self.channels = channels               # logical name -> ChannelState
@@ -188,7 +207,6 @@ class Dispatcher:
         # Durable consumers store handled ids one by one, cut at the event in flight
         # (listener._save_consumer): they keep ranges as ids.
         self._compact_ranges = compact_ranges
-        self._metrics = metrics
         self._retry_s = retry_s
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -261,13 +279,9 @@ class Dispatcher:
 
     # -- called by the reader thread ----------------------------------------
 
-    def push(self, ch, events, total=None):
-        """Queue *events* (decoded, in arrival order) for channel *ch*. Never blocks.
-
-        *total* is their weight (an EventRange counts its rows), if the caller knows it.
-        """
-        if total is None:
-            total = sum(map(weight, events))
+    def push(self, ch, events):
+        """Queue *events* (decoded, in arrival order) for channel *ch*. Never blocks."""
+        total = sum(map(weight, events))        # an EventRange counts its rows
         try:
             with self._lock:
                 self._push_locked(ch, events, total)
@@ -279,7 +293,7 @@ class Dispatcher:
         with self._lock:
             reports, self._reports = self._reports, []
         for args in reports:
-            self._hooks._report(*args)
+            self._hooks.report(*args)
 
     def _push_locked(self, ch, events, total):
         if ch.overflow:
@@ -349,7 +363,7 @@ class Dispatcher:
     def _resume_locked(self, ch, reason):
         # Order matters: the reader accepts this channel's events again *before* the
         # catch-up takes its snapshot, so every transaction the catch-up does not see
-        # is delivered live (DESIGN.md, outbox gap).
+        # is delivered live (README: the outbox gap).
         ch.overflow = False
         ch.items.append(CatchUp(reason))
         self._schedule_locked(ch)
@@ -371,7 +385,7 @@ class Dispatcher:
             except BaseException as exc:  # a bug (_run falls back itself); keep the worker alive
                 log.exception("%s: worker failed on channel %r", self.name, ch.name)
                 try:
-                    self._hooks._report("internal", exc, ch.name)
+                    self._hooks.report("internal", exc, ch.name)
                 except BaseException:
                     log.exception("%s: reporting a worker failure failed", self.name)
             with self._lock:
@@ -417,7 +431,7 @@ class Dispatcher:
                     continue
                 if pending:
                     delivering, pending = pending, []
-                    self._hooks._deliver(ch, delivering)
+                    self._hooks.deliver(ch, delivering)
                     delivering = None
                 if cls is EventRange:
                     job = ch.ahead.pop(id(item), None)
@@ -425,31 +439,31 @@ class Dispatcher:
                     if pos is not None and pos.visible(item.xid):
                         continue        # the whole transaction was handled already
                     self._read_ahead(ch, items, i + 1)
-                    events, more = job.result() if job is not None else self._hooks._fetch_range(ch, item)
+                    events, more = job.result() if job is not None else self._hooks.fetch_range(ch, item)
                     read = 0
                     while True:
                         # A big statement (or one of wide rows) comes in bounded pages;
                         # the next is read on a fetch thread while this one is delivered.
                         read += len(events)
-                        after = self.submit(self._hooks._fetch_range, ch, item, events[-1].id, len(events)) \
+                        after = self.submit(self._hooks.fetch_range, ch, item, events[-1].id, len(events)) \
                             if more and events else None
                         delivering = self._fresh_range(ch, events, item.xid)
                         if delivering:
-                            self._hooks._deliver(ch, delivering)
+                            self._hooks.deliver(ch, delivering)
                         delivering = None
                         if after is None:
                             break
                         events, more = after.result()
                     if read != item.n:
-                        self._hooks._report("missing", f"{item.n - read} events of ids {item.first}..{item.last} "
+                        self._hooks.report("missing", f"{item.n - read} events of ids {item.first}..{item.last} "
                                                        "are no longer in the event log", ch.name)
                 elif cls is EventRef:
                     if item.xid is not None and self._seen(ch, item.id, item.xid):
                         continue
-                    event = self._hooks._fetch_ref(ch, item)
+                    event = self._hooks.fetch_ref(ch, item)
                     if event is not None and self._fresh(ch, event):
                         delivering = [event]
-                        self._hooks._deliver(ch, delivering)
+                        self._hooks.deliver(ch, delivering)
                         delivering = None
                 elif cls is CatchUp:
                     self._catch_up(ch, item.reason)
@@ -461,9 +475,9 @@ class Dispatcher:
                         self._move(ch, item.snapshot)
             if pending:
                 delivering, pending = pending, []
-                self._hooks._deliver(ch, delivering)
+                self._hooks.deliver(ch, delivering)
                 delivering = None
-            self._hooks._after_batch(ch)
+            self._hooks.after_batch(ch)
         except CatchUpFailed as exc:
             # The log cannot be read now (server away). Everything of this channel that
             # is still queued is in the log too: drop it and re-read when we retry.
@@ -499,7 +513,7 @@ class Dispatcher:
                         continue
                     key = id(item)
                     if key not in ahead:
-                        ahead[key] = self.submit(self._hooks._fetch_range, ch, item)
+                        ahead[key] = self.submit(self._hooks.fetch_range, ch, item)
                         wanted -= 1
                         if not wanted:
                             return
@@ -528,7 +542,7 @@ class Dispatcher:
             ch.dropped += sum(map(weight, rest)) + queued
         if kind == "catchup":
             log.warning("%s: channel %r: cannot read the event log (%s); retrying", self.name, ch.name, exc)
-        self._hooks._report(kind, exc, ch.name)
+        self._hooks.report(kind, exc, ch.name)
 
     def _seen(self, ch, ident, xid):
         """True if event *ident* of transaction *xid* was handled already."""
@@ -593,14 +607,13 @@ class Dispatcher:
         ch.partial = [(t, u) for t, u in ch.partial if not snapshot.covers(t)]
         ch.catchup_target = None
         ch.catchup_upto = 0
-        self._hooks._on_position(ch)
 
     def _catch_up(self, ch, reason):
         if ch.position is None:
             # Nothing to catch up from: a fresh listener starts "now".
-            self._hooks._caught_up(ch, reason, 0)
+            self._hooks.caught_up(ch, reason, 0)
             return
-        snapshot, pages = self._hooks._catch_up(ch)
+        snapshot, pages = self._hooks.catch_up(ch)
         # Rows come in id order and are not remembered one by one: live copies of them
         # are dropped by the new position once the catch-up ends, and if it fails
         # midway its cursor (target, upto) goes to ch.partial.
@@ -613,7 +626,7 @@ class Dispatcher:
                 fresh = self._fresh_list(ch, events, remember=False)
                 total += len(fresh)
                 if fresh:
-                    self._hooks._deliver(ch, fresh)
+                    self._hooks.deliver(ch, fresh)
                 ch.catchup_upto = events[-1].id
         except BaseException:
             # Failed midway (log unreachable, or a bug): what was delivered up to the
@@ -627,4 +640,4 @@ class Dispatcher:
         self._move(ch, snapshot)
         if total:
             log.info("%s: channel %r: caught up %d events from the log (%s)", self.name, ch.name, total, reason)
-        self._hooks._caught_up(ch, reason, total)
+        self._hooks.caught_up(ch, reason, total)

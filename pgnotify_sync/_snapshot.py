@@ -4,7 +4,7 @@ The listener's position on a channel is a snapshot S: every event whose
 transaction is visible in S has been handled. Events of transactions not visible
 in S are handled by id (the dispatcher keeps their ids). This is what makes
 catch-up safe past the outbox gap: log ids are assigned at insert time, commit
-order is decided later, so ``id > last_seen`` would skip rows (DESIGN.md).
+order is decided later, so ``id > last_seen`` would skip rows (README: the outbox gap).
 """
 
 import attrs

@@ -219,7 +219,6 @@ class SshTunnel:
         self._lock = threading.Lock()
         self._forwarder = None
         self.restarts = 0
-        self.on_restart = None
 
     def __repr__(self):
         return f"<SshTunnel {self.name} {self.config.ssh_user}@{self.config.ssh_host}:{self.config.ssh_port}>"
@@ -265,8 +264,6 @@ class SshTunnel:
         self._forwarder = fwd
         if rebuild:
             self.restarts += 1
-            if self.on_restart:
-                self.on_restart()
         log.info("%s: SSH tunnel %s %s@%s:%s -> local port %s", self.name, "rebuilt" if rebuild else "opened",
                  cfg.ssh_user, cfg.ssh_host, cfg.ssh_port, fwd.local_bind_port,
                  extra={"event": "tunnel_opened", "details": {"local_port": fwd.local_bind_port}})

@@ -54,7 +54,8 @@ _names = itertools.count(1)
 
 # A durable consumer's default: store the position at least every this many events.
 # A write per event (1) bounds the repeats after a crash to the event in flight but
-# caps a catch-up at ~3,000 events/s (one round trip and commit each); 100 makes the
+# costs a round trip and a commit per event (``python -m bench --only catchup``: a
+# few thousand events/s instead of about 100,000); 100 makes the
 # writes 1% of the work and bounds the repeats to 100 events.
 DEFAULT_CHECKPOINT_EVERY = 100
 
@@ -86,8 +87,8 @@ class Listener:
         events, and after every batch the worker takes (default 100). After a crash
         at most that many events come again; with light traffic a batch is one event,
         so only the event in flight does. 1 stores it after every event, which bounds
-        the repeats to the event in flight but costs a write per event (about 3,000
-        events/s in a catch-up instead of over 100,000). 0 stores it only per batch
+        the repeats to the event in flight but costs a write per event (a catch-up
+        runs some 25 times slower: ``python -m bench --only catchup``). 0 stores it only per batch
         (a whole catch-up is one batch).
     :param registry: prometheus_client registry for this listener's metrics (default:
         the global ``REGISTRY``; ``False``: no metrics).
@@ -400,7 +401,10 @@ class Listener:
         # Each fetch thread holds a pooled connection while it reads: leave one for
         # publish() and the workers' own reads.
         fetchers = max(1, min(workers * READ_AHEAD, self.config.pool_max_connections - 1))
-        self._dispatcher = Dispatcher(self.name, self._channels, self.config.event_buffer_size, workers, self,
+        hooks = types.SimpleNamespace(     # the DispatchHooks of _dispatch.py
+            deliver=self._deliver, catch_up=self._catch_up, fetch_ref=self._fetch_ref, fetch_range=self._fetch_range,
+            report=self._report, caught_up=self._caught_up, after_batch=self._after_batch)
+        self._dispatcher = Dispatcher(self.name, self._channels, self.config.event_buffer_size, workers, hooks,
                                       fetchers=fetchers, compact_ranges=not self.consumer)
         self._dispatcher.start()
         host = types.SimpleNamespace(   # the ReaderHost of _reader.py
@@ -513,9 +517,6 @@ class Listener:
         counts[0] += fast
         hist.sum += total
         hist.count += len(events)
-        last = events[-1].id
-        if last is not None and last > ch.max_id:
-            ch.max_id = last
         ch.delivered += len(events)
         ch.last_event_at = time.time()
         self.stats.inc("delivered", len(events))
@@ -572,9 +573,6 @@ class Listener:
             log.info("%s: connected and caught up (%s)", self.name, reason,
                      extra={"event": "connected", "details": {"reason": reason}})
             self._emit("connected")
-
-    def _on_position(self, ch):
-        pass    # stored with the batch that moved it (_after_batch)
 
     def _after_batch(self, ch):
         if self.consumer:

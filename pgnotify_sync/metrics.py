@@ -22,7 +22,6 @@ Example (Flask)::
 
 import bisect
 import threading
-import time
 import weakref
 
 from prometheus_client import REGISTRY, make_wsgi_app, start_http_server
@@ -162,7 +161,3 @@ def start_metrics_server(port, addr="127.0.0.1", registry=None):
 def metrics_wsgi_app(registry=None):
     """A WSGI app serving the metrics (mount it at /metrics in Flask or any framework)."""
     return make_wsgi_app(REGISTRY if registry is None else registry)
-
-
-def now():
-    return time.time()

@@ -41,26 +41,48 @@ def _pages(pages):
         yield list(page)
 
 
+_POSITION_SLOT = ChannelState.__dict__["position"]      # the slot's descriptor
+
+
+class RecordingChannel(ChannelState):
+    """A ChannelState that records each position move in *positions* (every move
+    the dispatcher makes assigns ``position``)."""
+
+    def __init__(self, name, wire, positions):
+        self._moves = positions
+        super().__init__(name, wire)
+
+    @property
+    def position(self):
+        return _POSITION_SLOT.__get__(self)
+
+    @position.setter
+    def position(self, snapshot):
+        _POSITION_SLOT.__set__(self, snapshot)
+        if snapshot is not None:            # None: the constructor's "no position yet"
+            self._moves.append((self.name, snapshot))
+
+
 class FakeHooks:
     """Stands in for the Listener. Thread-safe recording of every hook call."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.deliveries = []                      # (channel name, [events]) per _deliver call
+        self.deliveries = []                      # (channel name, [events]) per deliver call
         self.reports = []                         # (kind, error, channel)
-        self.caught_up = []                       # (channel name, reason, count)
-        self.positions = []                       # (channel name, snapshot) per _on_position
+        self.caught_ups = []                      # (channel name, reason, count)
+        self.positions = []                       # (channel name, snapshot) per move (RecordingChannel)
         self.catch_up_calls = []                  # channel names
         self.catch_up_script = collections.defaultdict(list)   # name -> [(snapshot, pages) | exception]
         self.refs = {}                            # log id -> event (or None: no longer in the log)
-        self.fetched = []                         # EventRefs passed to _fetch_ref
+        self.fetched = []                         # EventRefs passed to fetch_ref
         self.ranges = {}                          # first id -> callable() returning the range's events
-        self.range_calls = []                     # first ids passed to _fetch_range, in call order
-        self.handler = None                       # optional callable(ch, events), run inside _deliver
-        self.active = collections.Counter()       # _deliver calls running now, per channel
+        self.range_calls = []                     # first ids passed to fetch_range, in call order
+        self.handler = None                       # optional callable(ch, events), run inside deliver
+        self.active = collections.Counter()       # deliver calls running now, per channel
         self.max_active = collections.Counter()   # the most seen at once, per channel
-        self.max_total = 0                        # the most _deliver calls at once, all channels
-        self.after_batch = []                     # channel names per _after_batch call
+        self.max_total = 0                        # the most deliver calls at once, all channels
+        self.batches = []                         # channel names per after_batch call
         self.expect_internal = False              # a test that provokes "internal" reports sets it
         self.gates = []                           # Events released at teardown
 
@@ -71,7 +93,7 @@ class FakeHooks:
 
     # -- hooks ----------------------------------------------------------------------
 
-    def _deliver(self, ch, events):
+    def deliver(self, ch, events):
         events = list(events)
         with self.lock:
             self.active[ch.name] += 1
@@ -87,19 +109,15 @@ class FakeHooks:
             with self.lock:
                 self.active[ch.name] -= 1
 
-    def _report(self, kind, error, channel, **kwargs):
+    def report(self, kind, error, channel, **kwargs):
         with self.lock:
             self.reports.append((kind, error, channel))
 
-    def _caught_up(self, ch, reason, count):
+    def caught_up(self, ch, reason, count):
         with self.lock:
-            self.caught_up.append((ch.name, reason, count))
+            self.caught_ups.append((ch.name, reason, count))
 
-    def _on_position(self, ch):
-        with self.lock:
-            self.positions.append((ch.name, ch.position))
-
-    def _catch_up(self, ch):
+    def catch_up(self, ch):
         with self.lock:
             self.catch_up_calls.append(ch.name)
             script = self.catch_up_script[ch.name]
@@ -109,7 +127,7 @@ class FakeHooks:
         snapshot, pages = step
         return snapshot, _pages(pages)
 
-    def _fetch_ref(self, ch, ref):
+    def fetch_ref(self, ch, ref):
         with self.lock:
             self.fetched.append(ref)
         result = self.refs.get(ref.id)
@@ -117,17 +135,17 @@ class FakeHooks:
             raise result
         return result
 
-    def _fetch_range(self, ch, rng, after=0, previous=None):
+    def fetch_range(self, ch, rng, after=0, previous=None):
         with self.lock:
             self.range_calls.append(rng.first)
         return self.ranges[rng.first](), False
 
-    def _after_batch(self, ch):
+    def after_batch(self, ch):
         with self.lock:
-            self.after_batch.append(ch.name)
+            self.batches.append(ch.name)
 
     # No __getattr__: a hook the Dispatcher calls under another name than the
-    # Listener's (a rename on one side) raises AttributeError here, which the
+    # protocol's (a rename on one side) raises AttributeError here, which the
     # dispatcher reports as an "internal" error, which the fixture fails on.
 
     # -- queries ----------------------------------------------------------------------
@@ -151,7 +169,7 @@ def make_dispatcher():
 
     def make(names=("a",), capacity=1000, workers=2, retry_s=0.5, start=True):
         hooks = FakeHooks()
-        channels = {name: ChannelState(name, "app." + name) for name in names}
+        channels = {name: RecordingChannel(name, "app." + name, hooks.positions) for name in names}
         dispatcher = Dispatcher("test", channels, capacity, workers, hooks, retry_s=retry_s)
         if start:
             dispatcher.start()
@@ -185,27 +203,30 @@ def no_internal_errors(hooks):
 
 # -- the fake itself ------------------------------------------------------------------------
 
-# The Listener methods the Dispatcher calls; FakeHooks implements exactly these.
-HOOKS = ("_after_batch", "_catch_up", "_caught_up", "_deliver", "_fetch_range", "_fetch_ref", "_on_position",
-         "_report")
+# The DispatchHooks the Dispatcher calls; FakeHooks implements exactly these, and the
+# Listener's hooks (its methods of the same name with a leading underscore).
+HOOKS = ("after_batch", "catch_up", "caught_up", "deliver", "fetch_range", "fetch_ref", "report")
 
 
-def test_fake_hooks_are_the_listeners_hooks_and_nothing_else():
+def test_fake_hooks_are_the_protocols_hooks_and_nothing_else():
     import inspect
     import re
     from pgnotify_sync import _dispatch
     from pgnotify_sync.listener import Listener
     called = set(re.findall(r"self\._hooks\.(\w+)", inspect.getsource(_dispatch)))
     assert called == set(HOOKS)
+    protocol = {n for n in vars(_dispatch.DispatchHooks) if not n.startswith("_")}
+    assert protocol == set(HOOKS)
+
+    def positional(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
     for name in HOOKS:
-        real = inspect.signature(getattr(Listener, name))
-        fake = inspect.signature(getattr(FakeHooks, name))
-        positional = [p.name for p in real.parameters.values()
-                      if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
-        assert [p.name for p in fake.parameters.values()
-                if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty] == positional, name
-    with pytest.raises(AttributeError, match="_deliver_events"):
-        FakeHooks()._deliver_events        # an unknown (e.g. renamed) hook is not swallowed
+        expected = positional(getattr(_dispatch.DispatchHooks, name))
+        assert positional(getattr(FakeHooks, name)) == expected, name
+        assert positional(getattr(Listener, "_" + name)) == expected, name
+    with pytest.raises(AttributeError, match="deliver_events"):
+        FakeHooks().deliver_events         # an unknown (e.g. renamed) hook is not swallowed
 
 
 # -- construction -------------------------------------------------------------------------
@@ -507,10 +528,10 @@ def test_push_beyond_capacity_overflows_and_resumes_with_catch_up(make_dispatche
 
     d.retry_overflowed()
     assert not a.overflow
-    wait_for(lambda: hooks.caught_up, message="catch-up did not run")
+    wait_for(lambda: hooks.caught_ups, message="catch-up did not run")
     wait_idle(d, chans)
     assert hooks.catch_up_calls == ["a"]
-    assert hooks.caught_up == [("a", "retry", 4)]
+    assert hooks.caught_ups == [("a", "retry", 4)]
     assert hooks.ids("a") == [1, 2, 3, 4, 5, 6, 7, 8]
     assert a.position == snap("110:110:")
     assert a.handled == {}
@@ -533,9 +554,9 @@ def test_push_resumes_overflowed_channel_when_room_is_back(make_dispatcher):
     hooks.catch_up_script["a"].append((snap("120:120:"), [events[:7]]))
     d.push(a, [events[6]])
     assert not a.overflow
-    wait_for(lambda: hooks.caught_up)
+    wait_for(lambda: hooks.caught_ups)
     wait_idle(d, chans)
-    assert hooks.caught_up == [("a", "overflow", 3)]
+    assert hooks.caught_ups == [("a", "overflow", 3)]
     assert hooks.ids("a") == [1, 2, 3, 4, 5, 6, 7]     # 7 once: the live copy is a duplicate
 
     d.push(a, [ev("a", 8, 125)])              # a new transaction, after the new position
@@ -590,7 +611,7 @@ def test_retry_overflowed_waits_for_room_retry_time_and_idle_channel(make_dispat
     assert not a.overflow                                   # room again: resumed
     assert b.overflow                                       # its retry time has not come
     wait_idle(d, chans)
-    assert hooks.caught_up == [("a", "retry", 0)]           # no position yet: nothing to read
+    assert hooks.caught_ups == [("a", "retry", 0)]           # no position yet: nothing to read
     assert hooks.catch_up_calls == []
 
 
@@ -602,8 +623,8 @@ def test_catch_up_all(make_dispatcher):
     hooks.catch_up_script["b"].append((snap("12:12:"), [[ev("b", 1, 10), ev("b", 2, 11)]]))
     wait_idle(d, chans)
     d.catch_up_all("reconnect")
-    wait_for(lambda: len(hooks.caught_up) == 3)
-    assert sorted(hooks.caught_up) == [("a", "reconnect", 0), ("b", "reconnect", 2), ("c", "reconnect", 0)]
+    wait_for(lambda: len(hooks.caught_ups) == 3)
+    assert sorted(hooks.caught_ups) == [("a", "reconnect", 0), ("b", "reconnect", 2), ("c", "reconnect", 0)]
     assert not chans["a"].overflow
     assert hooks.ids("b") == [1, 2]
     assert chans["b"].position == snap("12:12:")
@@ -612,8 +633,8 @@ def test_catch_up_all(make_dispatcher):
 def test_catch_up_without_position_does_not_read_the_log(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1)
     d.push_control(chans["a"], CatchUp("connect"))
-    wait_for(lambda: hooks.caught_up)
-    assert hooks.caught_up == [("a", "connect", 0)]
+    wait_for(lambda: hooks.caught_ups)
+    assert hooks.caught_ups == [("a", "connect", 0)]
     assert hooks.catch_up_calls == []
 
 
@@ -640,7 +661,7 @@ def test_catch_up_failed_falls_back_and_retries_later(make_dispatcher):
     assert d.buffered == 0
     assert not a.items
     assert hooks.ids("a") == []
-    assert hooks.caught_up == []
+    assert hooks.caught_ups == []
 
     # The workers survived: other channels keep going.
     assert all(t.is_alive() for t in d.threads())
@@ -656,9 +677,9 @@ def test_catch_up_failed_falls_back_and_retries_later(make_dispatcher):
     a.retry_at = 0.0                                        # time passes (retry_s elapsed)
     d.retry_overflowed()
     assert not a.overflow
-    wait_for(lambda: hooks.caught_up)
+    wait_for(lambda: hooks.caught_ups)
     wait_idle(d, chans)
-    assert hooks.caught_up == [("a", "retry", 3)]
+    assert hooks.caught_ups == [("a", "retry", 3)]
     assert hooks.ids("a") == [1, 2, 3]
     assert hooks.catch_up_calls == ["a", "a"]
     assert a.position == snap("120:120:")
@@ -685,10 +706,10 @@ def test_catch_up_failing_mid_pages_delivers_nothing_twice(make_dispatcher):
 
     a.retry_at = 0.0
     d.retry_overflowed()
-    wait_for(lambda: hooks.caught_up)
+    wait_for(lambda: hooks.caught_ups)
     wait_idle(d, chans)
     assert hooks.ids("a") == [1, 2, 3, 4, 5, 6]
-    assert hooks.caught_up == [("a", "retry", 4)]
+    assert hooks.caught_ups == [("a", "retry", 4)]
     assert a.position == snap("110:110:")
     assert all(t.is_alive() for t in d.threads())
 
@@ -869,7 +890,7 @@ def test_statements_are_remembered_whole_and_dedupe_a_catch_up(make_dispatcher):
     # A catch-up reads them again with a row of transaction 102: only that one is new.
     hooks.catch_up_script["a"].append((snap("103:103:"), [[e1[0], other, e1[1], e1[2], e2[0], e2[1]]]))
     d.push_control(a, CatchUp("reconnect"))
-    wait_for(lambda: hooks.caught_up)
+    wait_for(lambda: hooks.caught_ups)
     wait_idle(d, chans)
     assert hooks.ids("a") == [1, 3, 4, 10, 11, 2]
     assert a.position == snap("103:103:") and a.xranges == {}     # pruned by the new position

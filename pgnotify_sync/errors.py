@@ -7,6 +7,7 @@ threads become a log line, a metric and an ``error`` signal instead.
 """
 
 import enum
+import threading
 
 
 class ErrorKind(str, enum.Enum):
@@ -94,3 +95,9 @@ def retry_can_fix(exc, first_session=True):
     if getattr(exc, "retryable", True) is False:
         return False
     return not (first_session and any(part in str(exc) for part in _NOT_RETRYABLE_TEXT))
+
+
+def must_propagate(exc):
+    """User code is isolated from everything but Ctrl-C in the main thread, which is
+    the user's own way to stop their program (in our threads it cannot arrive)."""
+    return isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()

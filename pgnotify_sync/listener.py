@@ -24,8 +24,6 @@ statements' rows and catch-up pages from the log ahead of them.
 ``<name>-maintenance`` runs the periodic tasks (see _maintenance.py).
 """
 
-import bisect
-import functools
 import itertools
 import logging
 import threading
@@ -36,6 +34,7 @@ import psycopg2
 
 from ._consumers import ConsumerStore
 from ._counters import Counters
+from ._delivery import Delivery
 from ._dispatch import READ_AHEAD, ChannelState, Dispatcher, handled_count
 from ._eventlog import EventLog
 from ._lifecycle import ConnectionState, Lifecycle
@@ -44,7 +43,7 @@ from ._pool import ConnectionPool
 from ._publisher import Publisher
 from ._reader import Reader
 from .config import Config
-from .errors import ConfigError, ConnectError, ErrorKind, ListenerStateError, describe, first_line
+from .errors import ConfigError, ConnectError, ErrorKind, ListenerStateError, describe, first_line, must_propagate
 from .metrics import collector_for
 from .signals import ListenerSignals
 
@@ -64,16 +63,6 @@ DEFAULT_CHECKPOINT_EVERY = 100
 # user code, bad input, or trouble the listener works around).
 _ERROR_LEVEL_KINDS = frozenset({ErrorKind.CONNECT, ErrorKind.GAP, ErrorKind.MISSING, ErrorKind.PUBLISH,
                                 ErrorKind.INTERNAL})
-
-
-def _call_receiver(receiver, sender, event):
-    receiver(sender, event=event)
-
-
-def _must_propagate(exc):
-    """User code is isolated from everything but Ctrl-C in the main thread, which is
-    the user's own way to stop their program (in our threads it cannot arrive)."""
-    return isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
 
 
 class Listener:
@@ -132,6 +121,8 @@ class Listener:
             reconnect_attempts=0, health_checks=0, health_check_failures=0, caught_up=0, publish_flushed=0,
             publish_dropped=0, retention_deleted=0, consumer_gap_events=0, internal_errors=0,
             last_health_rtt_s=None, connected_since=None, last_event_at=None, last_error=None)
+        self._delivery = Delivery(self.name, self.signals, self.stats, self._report, checkpoint_every,
+                                  save=self._save_consumer if consumer else None)
         self._publisher = Publisher(self.name, config, self._require_pool, self.stats, self._report,
                                     closed=lambda: self._closed)
 
@@ -177,7 +168,7 @@ class Listener:
 
         receiver.__name__ = getattr(handler, "__name__", "handler")
         receiver.__wrapped__ = handler
-        receiver._pgnotify_handler = handler     # _deliver calls it directly
+        receiver._pgnotify_handler = handler     # Delivery calls it directly
         self.signals.event.connect(receiver, sender=channel, weak=False)
         return handler
 
@@ -401,10 +392,8 @@ class Listener:
         # Each fetch thread holds a pooled connection while it reads: leave one for
         # publish() and the workers' own reads.
         fetchers = max(1, min(workers * READ_AHEAD, self.config.pool_max_connections - 1))
-        hooks = types.SimpleNamespace(     # the DispatchHooks of _dispatch.py
-            deliver=self._deliver, catch_up=self._catch_up, fetch_ref=self._fetch_ref, fetch_range=self._fetch_range,
-            report=self._report, caught_up=self._caught_up, after_batch=self._after_batch)
-        self._dispatcher = Dispatcher(self.name, self._channels, self.config.event_buffer_size, workers, hooks,
+        self._dispatcher = Dispatcher(self.name, self._channels, self.config.event_buffer_size, workers,
+                                      self._dispatch_hooks(),
                                       fetchers=fetchers, compact_ranges=not self.consumer)
         self._dispatcher.start()
         host = types.SimpleNamespace(   # the ReaderHost of _reader.py
@@ -431,7 +420,7 @@ class Listener:
             try:
                 receiver(self, **kwargs)
             except BaseException as exc:
-                if _must_propagate(exc):
+                if must_propagate(exc):
                     raise
                 self.stats.inc("receiver_errors")
                 if name == "error":
@@ -445,88 +434,12 @@ class Listener:
 
     # -- dispatcher hooks (worker threads) ------------------------------------------
 
-    def _deliver(self, ch, events):
-        name = ch.name
-        calls = [getattr(r, "_pgnotify_handler", None) or functools.partial(_call_receiver, r, name)
-                 for r in self.signals.event.receivers_for(name)]
-        debug = log.isEnabledFor(logging.DEBUG)
-        perf = time.perf_counter
-        hist = ch.handler_hist
-        counts, buckets = hist.counts, hist.buckets
-        by = ch.delivered_by
-        # A durable consumer stores its position every checkpoint_every events: a crash
-        # then repeats at most that many. The ids of this batch not yet handed to
-        # receivers must not be stored as handled.
-        checkpoint = self.consumer and self.checkpoint_every
-        undelivered = {e.id for e in events} if checkpoint else None
-        # delivered_by is counted per run of events of one (operation, table).
-        op = table = None
-        run = 0
-        total = 0.0
-        started = perf()
-        first_bound = buckets[0]
-        fast = 0            # events faster than the first bucket bound (most, in a burst)
-        only = calls[0] if len(calls) == 1 else None
-        for event in events:
-            # Handlers are user code: whatever they raise (SystemExit too) is reported
-            # and the next handler and event still run.
-            if only is not None:
-                try:
-                    only(event)
-                except BaseException as exc:
-                    self._handler_failed(ch, exc, event)
-            else:
-                for call in calls:
-                    try:
-                        call(event)
-                    except BaseException as exc:
-                        self._handler_failed(ch, exc, event)
-            done = perf()
-            elapsed = done - started
-            started = done
-            if elapsed <= first_bound:
-                fast += 1
-            else:
-                counts[bisect.bisect_left(buckets, elapsed)] += 1
-            total += elapsed
-            if event.operation is not op or event.table != table:
-                if run:
-                    key = (op, table)
-                    by[key] = by.get(key, 0) + run
-                op, table, run = event.operation, event.table, 0
-            run += 1
-            if debug:
-                log.debug("%s: delivered event %s on %r (%s %s.%s)", self.name, event.id, name,
-                          event.operation.value, event.schema, event.table,
-                          extra={"event": "delivered", "channel": name, "event_id": event.id,
-                                 "details": {"operation": event.operation.value, "table": event.table,
-                                             "duration": round(elapsed * 1000, 3)}})
-            if checkpoint:
-                undelivered.discard(event.id)
-                if ch.in_catchup:
-                    ch.catchup_upto = event.id      # catch-up delivers in id order
-                # Counted per channel, as positions are stored per channel: the bound
-                # on repeats after a crash holds for each of several busy channels.
-                ch.since_checkpoint += 1
-                if ch.since_checkpoint >= checkpoint:
-                    self._save_consumer(ch, undelivered)
-                    started = perf()     # the write is not the handler's time
-        if run:
-            key = (op, table)
-            by[key] = by.get(key, 0) + run
-        counts[0] += fast
-        hist.sum += total
-        hist.count += len(events)
-        ch.delivered += len(events)
-        ch.last_event_at = time.time()
-        self.stats.inc("delivered", len(events))
-
-    def _handler_failed(self, ch, exc, event):
-        if _must_propagate(exc):
-            raise exc
-        ch.handler_errors += 1
-        self.stats.inc("handler_errors", 1)
-        self._report("handler", exc, ch.name, event_id=event.id, exc_info=True)
+    def _dispatch_hooks(self):
+        """The DispatchHooks of _dispatch.py."""
+        return types.SimpleNamespace(
+            deliver=self._delivery.deliver, catch_up=self._catch_up, fetch_ref=self._fetch_ref,
+            fetch_range=self._fetch_range, report=self._report, caught_up=self._caught_up,
+            after_batch=self._after_batch)
 
     def _catch_up(self, ch):
         pos = ch.position

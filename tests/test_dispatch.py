@@ -203,8 +203,8 @@ def no_internal_errors(hooks):
 
 # -- the fake itself ------------------------------------------------------------------------
 
-# The DispatchHooks the Dispatcher calls; FakeHooks implements exactly these, and the
-# Listener's hooks (its methods of the same name with a leading underscore).
+# The DispatchHooks the Dispatcher calls; FakeHooks implements exactly these, and so
+# does the hooks object the Listener builds.
 HOOKS = ("after_batch", "catch_up", "caught_up", "deliver", "fetch_range", "fetch_ref", "report")
 
 
@@ -212,6 +212,7 @@ def test_fake_hooks_are_the_protocols_hooks_and_nothing_else():
     import inspect
     import re
     from pgnotify_sync import _dispatch
+    from pgnotify_sync import Config
     from pgnotify_sync.listener import Listener
     called = set(re.findall(r"self\._hooks\.(\w+)", inspect.getsource(_dispatch)))
     assert called == set(HOOKS)
@@ -221,10 +222,13 @@ def test_fake_hooks_are_the_protocols_hooks_and_nothing_else():
     def positional(fn):
         return [p.name for p in inspect.signature(fn).parameters.values()
                 if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
+    listener = Listener(Config(postgres_user="u", postgres_db="d", channels=("a",)), registry=False)
+    real = listener._dispatch_hooks()           # what the Listener hands its Dispatcher
+    assert set(vars(real)) == set(HOOKS)
     for name in HOOKS:
         expected = positional(getattr(_dispatch.DispatchHooks, name))
         assert positional(getattr(FakeHooks, name)) == expected, name
-        assert positional(getattr(Listener, "_" + name)) == expected, name
+        assert ["self"] + positional(getattr(real, name)) == expected, name      # bound methods
     with pytest.raises(AttributeError, match="deliver_events"):
         FakeHooks().deliver_events         # an unknown (e.g. renamed) hook is not swallowed
 

@@ -55,13 +55,14 @@ class Maintenance:
         for task in self._tasks:
             if task.next_at > now:
                 continue
-            if task.when is not None and not task.when():
-                task.next_at = now + min(RECHECK_S, task.interval_s)
-                continue
-            task.next_at = now + task.interval_s
             try:
+                if task.when is not None and not task.when():
+                    task.next_at = now + min(RECHECK_S, task.interval_s)
+                    continue
+                task.next_at = now + task.interval_s
                 task.action()
-            except Exception as exc:
+            except Exception as exc:    # the condition too: nothing ends this thread
+                task.next_at = max(task.next_at, now + min(RECHECK_S, task.interval_s))
                 log.warning("%s: %s: %s", self.thread.name, task.name, first_line(exc))
         return min((t.next_at for t in self._tasks), default=now + RECHECK_S)
 

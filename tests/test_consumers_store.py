@@ -1,0 +1,277 @@
+"""Tests of pgnotify_sync._consumers: id_ranges (no database) and ConsumerStore against the
+real cluster (a ConnectionPool built as Listener._require_pool builds it)."""
+
+import logging
+
+import pytest
+
+from pgnotify_sync import install, watch_table
+from pgnotify_sync._consumers import ConsumerStore, id_ranges
+from pgnotify_sync._dispatch import ChannelState
+from pgnotify_sync._pool import ConnectionPool
+from pgnotify_sync._snapshot import Snapshot
+from pgnotify_sync.config import wire_channel_name
+
+from pgutil import config_for
+
+WIRE_U = wire_channel_name("u", "app")     # channel u on the wire (prefix "app")
+
+# -- id_ranges (no database) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ids, expected", [
+    ([], []),
+    ([5], [[5, 5]]),
+    ([1, 2, 3], [[1, 3]]),
+    ([3, 1, 2, 7, 8, 10], [[1, 3], [7, 8], [10, 10]]),
+    ({10: 900, 12: 900, 11: 901, 20: 902}, [[10, 12], [20, 20]]),     # a handled dict: its ids
+    ({4, 6, 8}, [[4, 4], [6, 6], [8, 8]]),
+    ((100, 99, 101, 1), [[1, 1], [99, 101]]),
+])
+def test_id_ranges(ids, expected):
+    assert id_ranges(ids) == expected
+
+
+def test_id_ranges_expand_back_to_the_ids():
+    ids = {1, 2, 3, 5, 8, 9, 10, 11, 40}
+    ranges = id_ranges(ids)
+    assert ranges == [[1, 3], [5, 5], [8, 11], [40, 40]]
+    assert {i for first, last in ranges for i in range(first, last + 1)} == ids
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pool(dsn):
+    config = config_for(dsn)
+    p = ConnectionPool("test-pool", config.connect_kwargs, config.pool_max_connections,
+                       statement_timeout_ms=config.query_timeout_s * 1000)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def tdb(db):
+    install(db)
+    with db.cursor() as cur:
+        cur.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        cur.execute("CREATE TABLE u (id int PRIMARY KEY)")
+    watch_table(db, "public.t", channel="t")
+    watch_table(db, "public.u", channel="u", channel_prefix="app")
+    return db
+
+
+def execute(db, sql, args=None):
+    with db.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall() if cur.description else None
+
+
+def snapshot(db):
+    return Snapshot.parse(execute(db, "SELECT pg_current_snapshot()::text")[0][0])
+
+
+def stored(db, name):
+    return {channel: (Snapshot.parse(position), handled, lost)
+            for channel, position, handled, lost in execute(
+                db, "SELECT channel, position::text, handled, lost FROM pgnotify_sync.consumers WHERE name = %s",
+                (name,))}
+
+
+def log_xids(db):
+    return dict(execute(db, "SELECT id, xid::text::bigint FROM pgnotify_sync.event_log ORDER BY id"))
+
+
+# -- load ---------------------------------------------------------------------------------
+
+
+def test_load_of_a_new_consumer_starts_at_start_and_inserts_its_rows(tdb, pool):
+    start = snapshot(tdb)
+    t, u = ChannelState("t", "t"), ChannelState("u", WIRE_U)
+    t.handled = {1: 1}                                  # whatever was there is replaced
+    ConsumerStore(pool, "indexer", "L").load([t, u], start)
+    assert (t.position, t.handled) == (start, {})
+    assert (u.position, u.handled) == (start, {})
+    assert stored(tdb, "indexer") == {"t": (start, [], 0), WIRE_U: (start, [], 0)}
+    assert stored(tdb, "someone-else") == {}
+
+
+def test_load_of_a_known_consumer_ignores_start(tdb, pool):
+    first = snapshot(tdb)
+    ConsumerStore(pool, "indexer", "L").load([ChannelState("t", "t")], first)
+    execute(tdb, "INSERT INTO t VALUES (1)")
+    later = snapshot(tdb)
+    assert later != first
+    ch = ChannelState("t", "t")
+    ConsumerStore(pool, "indexer", "L").load([ch], later)
+    assert ch.position == first
+    assert stored(tdb, "indexer")["t"][0] == first       # not overwritten
+
+
+def test_load_of_a_second_consumer_is_separate(tdb, pool):
+    first = snapshot(tdb)
+    ConsumerStore(pool, "a", "L").load([ChannelState("t", "t")], first)
+    execute(tdb, "INSERT INTO t VALUES (1)")
+    later = snapshot(tdb)
+    ch = ChannelState("t", "t")
+    ConsumerStore(pool, "b", "L").load([ch], later)
+    assert ch.position == later
+    assert stored(tdb, "a")["t"][0] == first and stored(tdb, "b")["t"][0] == later
+
+
+def test_load_logs_new_and_resumed(tdb, pool, caplog):
+    caplog.set_level(logging.INFO, logger="pgnotify_sync")
+    start = snapshot(tdb)
+    ConsumerStore(pool, "indexer", "orders").load([ChannelState("t", "t")], start)
+    ConsumerStore(pool, "indexer", "orders").load([ChannelState("t", "t")], start)
+    messages = [r.getMessage() for r in caplog.records if r.name == "pgnotify_sync"]
+    assert messages == ["orders: new consumer 'indexer' starts channel 't' now",
+                        "orders: consumer 'indexer' resumes channel 't'"]
+
+
+# -- save / load --------------------------------------------------------------------------
+
+
+def test_save_then_load_restores_position_handled_and_cursors(tdb, pool):
+    start = snapshot(tdb)
+    store = ConsumerStore(pool, "indexer", "L")
+    ch = ChannelState("t", "t")
+    store.load([ch], start)
+
+    execute(tdb, "INSERT INTO t VALUES (1), (2), (3)")
+    execute(tdb, "INSERT INTO t VALUES (4)")
+    execute(tdb, "INSERT INTO t VALUES (5)")
+    xids = log_xids(tdb)
+    one, two, three, four, five = sorted(xids)
+    position = snapshot(tdb)
+    cursor_a = Snapshot(start.xmin, start.xmax + 1)
+    cursor_b = Snapshot(start.xmin, start.xmax + 2, frozenset({start.xmax}))
+    ch.position = position
+    # xids deliberately wrong here: after load they come from the log
+    ch.handled = {one: 0, two: 0, three: 0, five: 0}
+    ch.partial = [(cursor_a, one)]
+    ch.catchup_target, ch.catchup_upto = cursor_b, three
+    ch.since_checkpoint = 17
+    store.save(ch)
+    assert ch.since_checkpoint == 0
+
+    position_db, handled_db, _ = stored(tdb, "indexer")["t"]
+    assert position_db == position
+    assert handled_db == {"ranges": [[one, three], [five, five]],
+                          "cursors": [[str(cursor_a), one], [str(cursor_b), three]]}
+
+    again = ChannelState("t", "t")
+    ConsumerStore(pool, "indexer", "L2").load([again], snapshot(tdb))
+    assert again.position == position
+    assert again.handled == {one: xids[one], two: xids[two], three: xids[three], five: xids[five]}
+    assert again.partial == [(cursor_a, one), (cursor_b, three)]
+    assert four not in again.handled
+
+
+def test_handled_ids_no_longer_in_the_log_are_not_restored(tdb, pool):
+    store = ConsumerStore(pool, "indexer", "L")
+    ch = ChannelState("t", "t")
+    store.load([ch], snapshot(tdb))
+    execute(tdb, "INSERT INTO t VALUES (1), (2)")
+    xids = log_xids(tdb)
+    one, two = sorted(xids)
+    ch.handled = dict(xids)
+    store.save(ch)
+    execute(tdb, "DELETE FROM pgnotify_sync.event_log WHERE id = %s", (one,))
+    again = ChannelState("t", "t")
+    ConsumerStore(pool, "indexer", "L").load([again], snapshot(tdb))
+    assert again.handled == {two: xids[two]}
+
+
+def test_undelivered_ids_are_not_stored(tdb, pool):
+    store = ConsumerStore(pool, "indexer", "L")
+    ch = ChannelState("t", "t")
+    store.load([ch], snapshot(tdb))
+    execute(tdb, "INSERT INTO t VALUES (1), (2), (3), (4)")
+    xids = log_xids(tdb)
+    one, two, three, four = sorted(xids)
+    ch.handled = dict(xids)
+    store.save(ch, undelivered={two, four})
+    assert stored(tdb, "indexer")["t"][1] == {"ranges": [[one, one], [three, three]]}
+    assert ch.handled == xids                          # the channel's own state is left alone
+    again = ChannelState("t", "t")
+    ConsumerStore(pool, "indexer", "L").load([again], snapshot(tdb))
+    assert again.handled == {one: xids[one], three: xids[three]}
+
+
+def test_save_without_cursors_stores_ranges_only(tdb, pool):
+    store = ConsumerStore(pool, "indexer", "L")
+    ch = ChannelState("t", "t")
+    store.load([ch], snapshot(tdb))
+    ch.catchup_target, ch.catchup_upto = snapshot(tdb), 0      # a catch-up that delivered nothing yet
+    store.save(ch)
+    assert stored(tdb, "indexer")["t"][1] == {"ranges": []}
+    again = ChannelState("t", "t")
+    ConsumerStore(pool, "indexer", "L").load([again], snapshot(tdb))
+    assert again.partial == [] and again.handled == {}
+
+
+def test_save_updates_only_its_consumer_and_channel(tdb, pool):
+    start = snapshot(tdb)
+    t, u = ChannelState("t", "t"), ChannelState("u", WIRE_U)
+    ConsumerStore(pool, "indexer", "L").load([t, u], start)
+    ConsumerStore(pool, "other", "L").load([ChannelState("t", "t")], start)
+    execute(tdb, "INSERT INTO t VALUES (1)")
+    t.position = snapshot(tdb)
+    ConsumerStore(pool, "indexer", "L").save(t)
+    assert stored(tdb, "indexer")["t"][0] == t.position
+    assert stored(tdb, "indexer")[WIRE_U][0] == start
+    assert stored(tdb, "other")["t"][0] == start
+
+
+def test_load_reads_the_first_format_ranges_only(tdb, pool):
+    start = snapshot(tdb)
+    ConsumerStore(pool, "indexer", "L").load([ChannelState("t", "t")], start)
+    execute(tdb, "INSERT INTO t VALUES (1), (2), (3)")
+    xids = log_xids(tdb)
+    one, two, three = sorted(xids)
+    execute(tdb, "UPDATE pgnotify_sync.consumers SET handled = %s::jsonb WHERE name = 'indexer'",
+            (f"[[{one}, {two}]]",))
+    ch = ChannelState("t", "t")
+    ConsumerStore(pool, "indexer", "L").load([ch], start)
+    assert ch.handled == {one: xids[one], two: xids[two]}
+    assert ch.partial == []
+
+
+def test_save_on_a_closed_pool_logs_and_does_not_raise(tdb, pool, caplog):
+    caplog.set_level(logging.WARNING, logger="pgnotify_sync")
+    store = ConsumerStore(pool, "indexer", "orders")
+    ch = ChannelState("t", "t")
+    start = snapshot(tdb)
+    store.load([ch], start)
+    pool.close()
+    ch.position = Snapshot(start.xmin, start.xmax + 5)
+    store.save(ch)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("orders: consumer 'indexer': cannot store position of 't': ") and "closed" in m
+               for m in warnings), warnings
+    assert stored(tdb, "indexer")["t"][0] == start
+
+
+# -- take_gaps ------------------------------------------------------------------------------
+
+
+def test_take_gaps_returns_and_resets_lost(tdb, pool):
+    start = snapshot(tdb)
+    store = ConsumerStore(pool, "indexer", "L")
+    store.load([ChannelState("t", "t"), ChannelState("u", WIRE_U)], start)
+    ConsumerStore(pool, "other", "L").load([ChannelState("t", "t")], start)
+    assert store.take_gaps() == []
+
+    execute(tdb, "INSERT INTO t VALUES (1), (2), (3)")
+    execute(tdb, "INSERT INTO u VALUES (1)")
+    # retention past both bounds: the rows go, every consumer that had not handled them lost them
+    assert execute(tdb, "SELECT pgnotify_sync.trim_event_log(0, 0)")[0][0] == 4
+    assert {ch: lost for ch, (_, _, lost) in stored(tdb, "indexer").items()} == {"t": 3, WIRE_U: 1}
+
+    assert sorted(store.take_gaps()) == [(WIRE_U, 1), ("t", 3)]
+    assert {ch: lost for ch, (_, _, lost) in stored(tdb, "indexer").items()} == {"t": 0, WIRE_U: 0}
+    assert store.take_gaps() == []
+    assert stored(tdb, "other")["t"][2] == 3                 # another consumer's counters are its own
+    assert ConsumerStore(pool, "other", "L").take_gaps() == [("t", 3)]

@@ -271,6 +271,18 @@ def proxy(dsn):
 
 
 @pytest.fixture
+def pool(dsn):
+    """A ConnectionPool on the test database, built as Listener._require_pool builds one."""
+    from pgnotify_sync._pool import ConnectionPool
+    from pgutil import config_for
+    config = config_for(dsn)
+    p = ConnectionPool("test-pool", config.connect_kwargs, config.pool_max_connections,
+                       statement_timeout_ms=config.query_timeout_s * 1000)
+    yield p
+    p.close()
+
+
+@pytest.fixture
 def make_listener(dsn):
     from pgutil import ListenerFactory
     factory = ListenerFactory(dsn)

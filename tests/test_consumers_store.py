@@ -8,11 +8,9 @@ import pytest
 from pgnotify_sync import install, watch_table
 from pgnotify_sync._consumers import ConsumerStore, id_ranges
 from pgnotify_sync._dispatch import ChannelState
-from pgnotify_sync._pool import ConnectionPool
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync.config import wire_channel_name
 
-from pgutil import config_for
 
 WIRE_U = wire_channel_name("u", "app")     # channel u on the wire (prefix "app")
 
@@ -40,15 +38,6 @@ def test_id_ranges_expand_back_to_the_ids():
 
 
 # -- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pool(dsn):
-    config = config_for(dsn)
-    p = ConnectionPool("test-pool", config.connect_kwargs, config.pool_max_connections,
-                       statement_timeout_ms=config.query_timeout_s * 1000)
-    yield p
-    p.close()
 
 
 @pytest.fixture

@@ -8,13 +8,11 @@ import pytest
 from pgnotify_sync import install, watch_table
 from pgnotify_sync import _eventlog
 from pgnotify_sync._eventlog import CatchUpFailed, EventLog, log_status, page_rows, xids_of
-from pgnotify_sync._pool import ConnectionPool
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync.config import wire_channel_name
 from pgnotify_sync.errors import ConnectError
 from pgnotify_sync.events import DatabaseEvent, EventRange, Operation
 
-from pgutil import config_for
 
 # -- page_rows (no database) ---------------------------------------------------------------
 
@@ -47,15 +45,6 @@ def test_page_rows_grows_geometrically_to_most():
 
 
 # -- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pool(dsn):
-    config = config_for(dsn)
-    p = ConnectionPool("test-pool", config.connect_kwargs, config.pool_max_connections,
-                       statement_timeout_ms=config.query_timeout_s * 1000)
-    yield p
-    p.close()
 
 
 @pytest.fixture

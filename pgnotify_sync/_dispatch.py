@@ -26,6 +26,7 @@ import threading
 import time
 import typing
 
+from . import _position as position
 from ._eventlog import CatchUpFailed
 from .events import DatabaseEvent, EventRange, EventRef
 from .metrics import Histogram
@@ -118,11 +119,6 @@ class ChannelState:
         self.gap_events = 0
         self.since_checkpoint = 0   # events delivered since the consumer's position was stored
         self.last_event_at = None   # wall-clock time of the last delivery
-
-
-def handled_count(ch):
-    """How many events of transactions not visible in the position were handled."""
-    return len(ch.handled) + sum(n for ranges in ch.xranges.values() for _, _, n in ranges)
 
 
 class Job:
@@ -426,7 +422,7 @@ class Dispatcher:
             for i, item in enumerate(items):
                 cls = type(item)
                 if cls is DatabaseEvent:
-                    if self._fresh(ch, item):
+                    if position.fresh(ch, item):
                         pending.append(item)
                     continue
                 if pending:
@@ -447,7 +443,7 @@ class Dispatcher:
                         read += len(events)
                         after = self.submit(self._hooks.fetch_range, ch, item, events[-1].id, len(events)) \
                             if more and events else None
-                        delivering = self._fresh_range(ch, events, item.xid)
+                        delivering = position.fresh_range(ch, events, item.xid, self._compact_ranges)
                         if delivering:
                             self._hooks.deliver(ch, delivering)
                         delivering = None
@@ -458,10 +454,10 @@ class Dispatcher:
                         self._hooks.report("missing", f"{item.n - read} events of ids {item.first}..{item.last} "
                                                        "are no longer in the event log", ch.name)
                 elif cls is EventRef:
-                    if item.xid is not None and self._seen(ch, item.id, item.xid):
+                    if item.xid is not None and position.seen(ch, item.id, item.xid):
                         continue
                     event = self._hooks.fetch_ref(ch, item)
-                    if event is not None and self._fresh(ch, event):
+                    if event is not None and position.fresh(ch, event):
                         delivering = [event]
                         self._hooks.deliver(ch, delivering)
                         delivering = None
@@ -469,10 +465,10 @@ class Dispatcher:
                     self._catch_up(ch, item.reason)
                 elif cls is Advance:
                     if ch.position is not None and item.snapshot.covers(ch.position):
-                        self._move(ch, item.snapshot)
+                        position.move(ch, item.snapshot)
                 elif cls is SetPosition:
                     if ch.position is None:
-                        self._move(ch, item.snapshot)
+                        position.move(ch, item.snapshot)
             if pending:
                 delivering, pending = pending, []
                 self._hooks.deliver(ch, delivering)
@@ -544,70 +540,6 @@ class Dispatcher:
             log.warning("%s: channel %r: cannot read the event log (%s); retrying", self.name, ch.name, exc)
         self._hooks.report(kind, exc, ch.name)
 
-    def _seen(self, ch, ident, xid):
-        """True if event *ident* of transaction *xid* was handled already."""
-        pos = ch.position
-        if pos is not None and (xid < pos.xmin or (xid < pos.xmax and xid not in pos.xip)):
-            return True
-        if ident in ch.handled:
-            return True
-        ranges = ch.xranges.get(xid) if ch.xranges else None
-        if ranges and any(first <= ident <= last for first, last, _ in ranges):
-            return True
-        return bool(ch.partial) and any(ident <= upto and target.visible(xid) for target, upto in ch.partial)
-
-    def _fresh(self, ch, event, remember=True):
-        """True (and remembered as handled) if *event* was not handled before."""
-        ident = event.id
-        xid = event.xid
-        if ident is None or xid is None:
-            return True       # a plain payload without log id: nothing to compare
-        if self._seen(ch, ident, xid):
-            return False
-        if remember:
-            ch.handled[ident] = xid
-        return True
-
-    def _fresh_list(self, ch, events, remember=True):
-        """The events of *events* not handled before (``_fresh`` for a whole page)."""
-        return [event for event in events if self._fresh(ch, event, remember)]
-
-    def _fresh_range(self, ch, events, xid):
-        """``_fresh_list`` for the rows of one statement (transaction *xid*, which
-        the caller found not visible in the position, ids in increasing order).
-        Usually none was handled: that is checked with one set operation, and the
-        statement is remembered as one (first, last, n) record of its transaction
-        instead of n ids (a 200,000-row burst otherwise fills a dict of 200,000 ids
-        until the position moves past it)."""
-        if ch.partial or not events:
-            return self._fresh_list(ch, events)
-        ids = [e.id for e in events]
-        if not ch.handled.keys().isdisjoint(ids):
-            return self._fresh_list(ch, events)
-        first, last = ids[0], ids[-1]
-        ranges = ch.xranges.get(xid)
-        if ranges and any(f <= last and first <= l for f, l, _ in ranges):
-            return self._fresh_list(ch, events)
-        if self._compact_ranges:
-            if ranges is None:
-                ch.xranges[xid] = [(first, last, len(ids))]
-            else:
-                ranges.append((first, last, len(ids)))
-        else:
-            ch.handled.update(dict.fromkeys(ids, xid))
-        return events
-
-    def _move(self, ch, snapshot):
-        ch.position = snapshot
-        xmin, xmax, xip = snapshot.xmin, snapshot.xmax, snapshot.xip
-        # keep the ids of transactions not visible in the new position (Snapshot.visible, inlined)
-        ch.handled = {i: x for i, x in ch.handled.items() if x >= xmin and (x >= xmax or x in xip)}
-        if ch.xranges:
-            ch.xranges = {x: r for x, r in ch.xranges.items() if x >= xmin and (x >= xmax or x in xip)}
-        ch.partial = [(t, u) for t, u in ch.partial if not snapshot.covers(t)]
-        ch.catchup_target = None
-        ch.catchup_upto = 0
-
     def _catch_up(self, ch, reason):
         if ch.position is None:
             # Nothing to catch up from: a fresh listener starts "now".
@@ -623,7 +555,7 @@ class Dispatcher:
         total = 0
         try:
             for events in pages:
-                fresh = self._fresh_list(ch, events, remember=False)
+                fresh = position.fresh_list(ch, events, remember=False)
                 total += len(fresh)
                 if fresh:
                     self._hooks.deliver(ch, fresh)
@@ -637,7 +569,7 @@ class Dispatcher:
             raise
         finally:
             ch.in_catchup = False
-        self._move(ch, snapshot)
+        position.move(ch, snapshot)
         if total:
             log.info("%s: channel %r: caught up %d events from the log (%s)", self.name, ch.name, total, reason)
         self._hooks.caught_up(ch, reason, total)

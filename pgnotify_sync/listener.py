@@ -35,11 +35,12 @@ import psycopg2
 from ._consumers import ConsumerStore
 from ._counters import Counters
 from ._delivery import Delivery
-from ._dispatch import READ_AHEAD, ChannelState, Dispatcher, handled_count
+from ._dispatch import READ_AHEAD, ChannelState, Dispatcher
 from ._eventlog import EventLog
 from ._lifecycle import ConnectionState, Lifecycle
 from ._maintenance import Every, Maintenance
 from ._pool import ConnectionPool
+from ._position import handled_count
 from ._publisher import Publisher
 from ._reader import Reader
 from .config import Config

@@ -8,6 +8,7 @@ import uuid
 import psycopg2
 
 from pgnotify_sync import Config, Listener
+from pgnotify_sync._snapshot import Snapshot
 
 from helpers import wait_for
 
@@ -146,6 +147,18 @@ class Workload:
                 self.stop_event.wait(0.02)
         if conn is not None:
             conn.close()
+
+
+def execute(db, sql, args=None):
+    """Run *sql* on connection *db*; its rows, or None for a statement without any."""
+    with db.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall() if cur.description else None
+
+
+def snapshot(db):
+    """The server's current snapshot, as a Snapshot."""
+    return Snapshot.parse(execute(db, "SELECT pg_current_snapshot()::text")[0][0])
 
 
 def logged_ids(pg_cluster, dbname, channel="stream"):

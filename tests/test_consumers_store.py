@@ -11,6 +11,8 @@ from pgnotify_sync._dispatch import ChannelState
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync.config import wire_channel_name
 
+from pgutil import execute, snapshot
+
 
 WIRE_U = wire_channel_name("u", "app")     # channel u on the wire (prefix "app")
 
@@ -49,16 +51,6 @@ def tdb(db):
     watch_table(db, "public.t", channel="t")
     watch_table(db, "public.u", channel="u", channel_prefix="app")
     return db
-
-
-def execute(db, sql, args=None):
-    with db.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchall() if cur.description else None
-
-
-def snapshot(db):
-    return Snapshot.parse(execute(db, "SELECT pg_current_snapshot()::text")[0][0])
 
 
 def stored(db, name):

@@ -13,6 +13,8 @@ from pgnotify_sync.config import wire_channel_name
 from pgnotify_sync.errors import ConnectError
 from pgnotify_sync.events import DatabaseEvent, EventRange, Operation
 
+from pgutil import execute, snapshot
+
 
 # -- page_rows (no database) ---------------------------------------------------------------
 
@@ -61,16 +63,6 @@ def tdb(db):
     watch_table(db, "public.t", channel="t")
     watch_table(db, "public.t2", channel="t")
     return db
-
-
-def execute(db, sql, args=None):
-    with db.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchall() if cur.description else None
-
-
-def snapshot(db):
-    return Snapshot.parse(execute(db, "SELECT pg_current_snapshot()::text")[0][0])
 
 
 def logged(db, where="TRUE", args=None, channel="t"):

@@ -14,7 +14,7 @@ import psycopg2
 
 from ._snapshot import Snapshot
 from .errors import PgNotifyError, first_line
-from .events import DatabaseEvent, Operation, loads
+from .events import OPERATIONS, DatabaseEvent, loads
 
 # A catch-up page holds at most this many rows (and PAGE_BYTES): a page is one
 # query and one parse; bigger pages save little and hold more memory.
@@ -76,7 +76,6 @@ SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old, cha
 _PENDING_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE channel = %s "
                 "AND xid >= %s::text::xid8 AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)")
 
-_OPERATIONS = {op.value: op for op in Operation}
 _repeat = itertools.repeat
 
 
@@ -125,7 +124,7 @@ class EventLog:
                 groups = cur.fetchall()
         except (psycopg2.Error, PgNotifyError) as exc:
             raise CatchUpFailed(first_line(exc)) from exc
-        ops = _OPERATIONS
+        ops = OPERATIONS
         events = []
         extend = events.extend
         cut = False
@@ -171,7 +170,7 @@ class EventLog:
                 cur.execute(_REPLAY_SQL, (list(channels_by_wire), after, REPLAY_PAGE))
                 rows = cur.fetchall()
             for ident, xid, operation, schema, table, data, old, wire in rows:
-                events.append(DatabaseEvent(channels_by_wire[wire], Operation(operation), schema, table, data, old,
+                events.append(DatabaseEvent(channels_by_wire[wire], OPERATIONS[operation], schema, table, data, old,
                                             ident, xid))
             if len(rows) < REPLAY_PAGE:
                 return events

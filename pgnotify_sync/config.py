@@ -62,11 +62,18 @@ def _positive_float(name, minimum=0.0, allow_zero=False):
     return check
 
 
+def split_names(text):
+    """A comma-separated list of names, each stripped. Empty names are kept: the
+    caller decides whether one is an error (Config, the environment) or skipped (a
+    browser's ``?channels=``)."""
+    return [part.strip() for part in text.split(",")]
+
+
 def _channels_tuple(value):
     if value is None:
         return ()
     if isinstance(value, str):
-        value = [part.strip() for part in value.split(",")]
+        value = split_names(value)
     try:
         return tuple(value)
     except TypeError:
@@ -294,7 +301,7 @@ def _parse_bool(raw):
 
 
 def _parse_channels(raw):
-    parts = [part.strip() for part in raw.split(",")]
+    parts = split_names(raw)
     if any(not part for part in parts):
         raise ValueError(f"expected a comma-separated list of channel names, got {raw!r} (empty name)")
     return tuple(parts)

@@ -131,7 +131,8 @@ converter.register_structure_hook(str, _structure_name)
 converter.register_structure_hook(Optional[int], _structure_optional_int)
 converter.register_unstructure_hook(Operation, lambda op: op.value)
 
-_KNOWN_OPERATIONS = {op.value: op for op in Operation}
+#: Operation by its name, as the log and the payloads spell it (one lookup, no enum call).
+OPERATIONS = {op.value: op for op in Operation}
 
 _fast_loads = json.JSONDecoder(parse_float=decimal.Decimal).decode
 
@@ -281,7 +282,7 @@ class EventRange:
     id = None     # not one event: never compared by id
 
 
-def decode_payload(channel, payload, _loads=loads, _ops=_KNOWN_OPERATIONS):
+def decode_payload(channel, payload, _loads=loads, _ops=OPERATIONS):
     """Decode one notification payload into a DatabaseEvent (or an EventRef or
     EventRange, which the worker completes from the event log).
 

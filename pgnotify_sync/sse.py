@@ -92,6 +92,7 @@ import threading
 import time
 from urllib.parse import parse_qs
 
+from .config import split_names
 from .errors import ConfigError, first_line
 from .listener import ConnectionState
 
@@ -250,7 +251,7 @@ class SSEBridge:
     def __init__(self, listener, channels, authorize=refuse_all, row_filter=None, client_buffer=1000,
                  heartbeat_s=15.0, replay_limit=10000):
         if isinstance(channels, str):
-            channels = [c.strip() for c in channels.split(",") if c.strip()]
+            channels = [c for c in split_names(channels) if c]
         channels = tuple(dict.fromkeys(channels))
         if not channels:
             raise ConfigError("channels: the bridge needs at least one channel")
@@ -559,7 +560,7 @@ class _Body:
 def _split(value):
     if not value:
         return ()
-    return tuple(dict.fromkeys(c.strip() for c in value.split(",") if c.strip()))
+    return tuple(dict.fromkeys(c for c in split_names(value) if c))
 
 
 def _plain(status, reason):

@@ -7,9 +7,9 @@ stops because of one failure (a database away, a trim that timed out).
 """
 
 import logging
-import threading
 import time
 
+from ._threads import spawn
 from .errors import first_line
 
 log = logging.getLogger("pgnotify_sync")
@@ -44,10 +44,11 @@ class Maintenance:
     def __init__(self, thread_name, stop_event, tasks):
         self._tasks = list(tasks)
         self._stop = stop_event
-        self.thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+        self.name = thread_name
+        self.thread = None
 
     def start(self):
-        self.thread.start()
+        self.thread = spawn(self._run, self.name)
         return self.thread
 
     def run_due(self, now):
@@ -63,7 +64,7 @@ class Maintenance:
                 task.action()
             except Exception as exc:    # the condition too: nothing ends this thread
                 task.next_at = max(task.next_at, now + min(RECHECK_S, task.interval_s))
-                log.warning("%s: %s: %s", self.thread.name, task.name, first_line(exc))
+                log.warning("%s: %s: %s", self.name, task.name, first_line(exc))
         return min((t.next_at for t in self._tasks), default=now + RECHECK_S)
 
     def _run(self):

@@ -27,10 +27,18 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
+from ._threads import join_all, spawn
 from .errors import ConnectError, QueryTimeout, first_line
 from .events import loads
 
 log = logging.getLogger("pgnotify_sync")
+
+# How long connection() waits for a free pooled connection by default: fetch
+# threads outnumber connections during bursts and queue here for a while.
+WAIT_S = 30.0
+# The client-side deadline comes this long after the server's statement_timeout,
+# so the server's own error (clearer) wins whenever the server can still send it.
+DEADLINE_MARGIN_S = 1.0
 
 
 class ConnectionPool:
@@ -48,7 +56,7 @@ class ConnectionPool:
         self._closed = False
         self._statement_timeout_ms = statement_timeout_ms
         # The client-side deadline leaves the server's statement_timeout the first word.
-        self._deadline_s = deadline_s if deadline_s is not None else statement_timeout_ms / 1000.0 + 1.0
+        self._deadline_s = deadline_s if deadline_s is not None else statement_timeout_ms / 1000.0 + DEADLINE_MARGIN_S
         self._deadlines = {}            # connection -> monotonic deadline (checked out)
         self._expired = set()           # connections whose socket the watcher shut down
         self._watcher = None
@@ -89,7 +97,7 @@ class ConnectionPool:
             return False
 
     @contextlib.contextmanager
-    def connection(self, timeout_s=30.0):
+    def connection(self, timeout_s=WAIT_S):
         """Yield a connection in a transaction; commit on success, rollback on error.
 
         A connection that failed with a connection-level error is closed, not reused.
@@ -144,8 +152,7 @@ class ConnectionPool:
 
     def _start_watcher_locked(self):
         if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name=f"{self.name}-deadlines", daemon=True)
-            self._watcher.start()
+            self._watcher = spawn(self._watch, f"{self.name}-deadlines")
 
     def _watch(self):
         with self._lock:
@@ -188,7 +195,9 @@ class ConnectionPool:
         except Exception:
             pass
 
-    def close(self):
+    def close(self, timeout_s=2.0):
+        """Close every connection (a query blocked on a frozen path fails at once);
+        returns the names of the pool's threads still running after *timeout_s*."""
         watcher = None
         with self._lock:
             self._closed = True
@@ -199,13 +208,13 @@ class ConnectionPool:
                 self._expired.add(conn)
                 _shut_down(conn)
             watcher = self._watcher
-        if watcher is not None and watcher is not threading.current_thread():
-            watcher.join(2.0)
+        late = join_all([watcher], time.monotonic() + timeout_s)
         for conn, _ in idle:
             try:
                 conn.close()
             except Exception:
                 pass
+        return late
 
 
 def _shut_down(conn):

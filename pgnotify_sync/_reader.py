@@ -25,11 +25,12 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from ._backoff import Backoff
-from ._dispatch import Advance, SetPosition
+from ._channel import Advance, SetPosition
 from ._healthcheck import HealthCheck, Lost
 from ._lifecycle import ConnectionState
 from ._notifications import Router
 from ._snapshot import Snapshot
+from ._threads import spawn
 from .errors import ConnectError, PgNotifyError, SchemaError, first_line, retry_can_fix
 from .metrics import Histogram
 
@@ -152,8 +153,7 @@ class Reader:
     def start(self):
         self.ready.clear()
         self.start_error = None
-        self.thread = threading.Thread(target=self._run, name=f"{self._name}-reader", daemon=True)
-        self.thread.start()
+        self.thread = spawn(self._run, f"{self._name}-reader")
 
     def is_alive(self):
         return self.thread is not None and self.thread.is_alive()

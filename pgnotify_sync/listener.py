@@ -35,7 +35,9 @@ import psycopg2
 from ._consumers import ConsumerStore
 from ._counters import Counters
 from ._delivery import Delivery
-from ._dispatch import READ_AHEAD, ChannelState, Dispatcher
+from ._channel import ChannelState
+from ._dispatch import Dispatcher
+from ._fetch import READ_AHEAD, fetch_timeout_s
 from ._eventlog import EventLog
 from ._lifecycle import ConnectionState, Lifecycle
 from ._maintenance import Every, Maintenance
@@ -45,6 +47,7 @@ from ._publisher import Publisher
 from ._reader import Reader
 from .config import Config
 from .errors import ConfigError, ConnectError, ErrorKind, ListenerStateError, describe, first_line, must_propagate
+from ._threads import join_all
 from .metrics import collector_for
 from .signals import ListenerSignals
 
@@ -229,23 +232,23 @@ class Listener:
         self._stop_event.set()
         if self._reader is not None:
             self._reader.wake()
-        me = threading.current_thread()
-        for thread in (self._reader and self._reader.thread, self._maintenance):
-            if thread is not None and thread is not me:
-                thread.join(max(0.0, deadline - time.monotonic()))
-                if thread.is_alive():
-                    log.warning("%s: thread %s did not stop in time", self.name, thread.name)
+        # In reverse order of start(): the reader (nothing new comes in) and the
+        # maintenance thread, the dispatcher (what was received is delivered), the
+        # buffered publishes, then the connections.
+        late = join_all((self._reader and self._reader.thread, self._maintenance), deadline)
         if self._dispatcher is not None:
-            self._dispatcher.close(max(0.0, deadline - time.monotonic()))
+            late += self._dispatcher.close(max(0.0, deadline - time.monotonic()))
         if len(self._publisher):
             self._publisher.flush_until(deadline)
         if self._pool is not None:
-            self._pool.close()
+            late += self._pool.close(max(0.0, deadline - time.monotonic()))
         for tunnel in (self._listener_tunnel, self._pool_tunnel):
             if tunnel is not None:
                 tunnel.close()
         if self._reader is not None:
             self._reader.close()
+        if late:
+            log.warning("%s: threads that did not stop within %g s: %s", self.name, timeout, ", ".join(late))
         was_connected = self._reader is not None and self._reader.had_session
         self._set_state(ConnectionState.STOPPED)
         if was_connected:
@@ -395,7 +398,8 @@ class Listener:
         fetchers = max(1, min(workers * READ_AHEAD, self.config.pool_max_connections - 1))
         self._dispatcher = Dispatcher(self.name, self._channels, self.config.event_buffer_size, workers,
                                       self._dispatch_hooks(),
-                                      fetchers=fetchers, compact_ranges=not self.consumer)
+                                      fetchers=fetchers, compact_ranges=not self.consumer,
+                                      fetch_timeout_s=fetch_timeout_s(self.config))
         self._dispatcher.start()
         host = types.SimpleNamespace(   # the ReaderHost of _reader.py
             name=self.name, config=self.config, channels=self._channels, consumer=self.consumer, stats=self.stats,
@@ -461,7 +465,7 @@ class Listener:
                 yield events
                 if ahead is None:
                     return
-                events, more = ahead.result()
+                events, more = self._dispatcher.result(ahead)
 
         return target, pages()
 

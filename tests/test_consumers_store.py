@@ -7,7 +7,7 @@ import pytest
 
 from pgnotify_sync import install, watch_table
 from pgnotify_sync._consumers import ConsumerStore, id_ranges
-from pgnotify_sync._dispatch import ChannelState
+from pgnotify_sync._channel import ChannelState
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync.config import wire_channel_name
 

@@ -13,8 +13,10 @@ import time
 import pytest
 
 from helpers import wait_for
-from pgnotify_sync._dispatch import (BATCH, READ_AHEAD, Advance, CatchUp, CatchUpFailed, ChannelState, Dispatcher,
-                                      SetPosition)
+from pgnotify_sync._channel import Advance, CatchUp, ChannelState, SetPosition
+from pgnotify_sync._dispatch import BATCH, Dispatcher
+from pgnotify_sync._eventlog import CatchUpFailed
+from pgnotify_sync._fetch import READ_AHEAD
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync.events import DatabaseEvent, EventRange, EventRef, Operation
 
@@ -211,10 +213,11 @@ HOOKS = ("after_batch", "catch_up", "caught_up", "deliver", "fetch_range", "fetc
 def test_fake_hooks_are_the_protocols_hooks_and_nothing_else():
     import inspect
     import re
-    from pgnotify_sync import _dispatch
+    from pgnotify_sync import _dispatch, _worker
     from pgnotify_sync import Config
     from pgnotify_sync.listener import Listener
-    called = set(re.findall(r"self\._hooks\.(\w+)", inspect.getsource(_dispatch)))
+    called = {name for module in (_dispatch, _worker)
+              for name in re.findall(r"self\._hooks\.(\w+)", inspect.getsource(module))}
     assert called == set(HOOKS)
     protocol = {n for n in vars(_dispatch.DispatchHooks) if not n.startswith("_")}
     assert protocol == set(HOOKS)

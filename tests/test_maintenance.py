@@ -204,9 +204,18 @@ def test_a_raising_condition_does_not_end_the_thread(running):
 
 
 def test_thread_is_named_and_a_daemon():
-    m = Maintenance("orders-maintenance", threading.Event(), [])
-    assert m.thread.name == "orders-maintenance"
-    assert m.thread.daemon
+    stop = threading.Event()
+    m = Maintenance("orders-maintenance", stop, [])
+    assert m.thread is None             # started by start(), through _threads.spawn
+    thread = m.start()
+    try:
+        assert thread is m.thread
+        assert m.thread.name == "orders-maintenance"
+        assert m.thread.daemon
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()
 
 
 def test_tasks_run_at_their_interval(running):

@@ -1,6 +1,6 @@
 """Unit tests for pgnotify_sync._position: which events count as handled (no database)."""
 
-from pgnotify_sync._dispatch import ChannelState
+from pgnotify_sync._channel import ChannelState
 from pgnotify_sync._position import fresh, fresh_list, fresh_range, handled_count, move, seen
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync.events import DatabaseEvent, Operation

@@ -1,0 +1,93 @@
+"""One channel's state (queue, position, counters) and the control items queued
+beside its events (data only: no thread, no I/O).
+
+A ``ChannelState`` is written by the reader (``received``, ``parse_errors``, the
+overflow flag under the dispatcher's lock) and by the one worker that holds the
+channel (everything else): each field has one writer, so plain ints suffice.
+"""
+
+import collections
+
+from .events import DatabaseEvent, EventRange, EventRef
+from .metrics import Histogram
+
+
+def weight(item):
+    """How many events an item stands for in the buffer accounting."""
+    cls = type(item)
+    if cls is EventRange:
+        return item.n
+    return 1 if cls is DatabaseEvent or cls is EventRef else 0
+
+
+class CatchUp:
+    """Control item: read from the log what this channel may have missed."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason):
+        self.reason = reason
+
+
+class SetPosition:
+    """Control item: the channel starts at this snapshot if it has no position yet."""
+
+    __slots__ = ("snapshot",)
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+
+class Advance:
+    """Control item: every transaction visible in ``snapshot`` has been received."""
+
+    __slots__ = ("snapshot",)
+
+    def __init__(self, snapshot):
+        self.snapshot = snapshot
+
+
+class ChannelState:
+    __slots__ = ("name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "xranges",
+                 "partial",
+                 "catchup_target", "catchup_upto", "in_catchup",
+                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors",
+                 "delivered_by", "handler_hist", "caught_up", "lag", "gap_events", "since_checkpoint",
+                 "last_event_at")
+
+    def __init__(self, name, wire):
+        self.name = name
+        self.wire = wire
+        self.items = collections.deque()
+        self.ahead = {}     # id(EventRange) -> Job reading it (see _fetch.read_ahead)
+        self.scheduled = False
+        self.overflow = False
+        self.retry_at = 0.0
+        self.position = None
+        self.handled = {}
+        # Statements delivered whole, by transaction: xid -> [(first, last, n)]: every
+        # row of that transaction with an id in first..last (n rows) was handled.
+        # One entry instead of n ids (see _position.fresh_range).
+        self.xranges = {}
+        # A catch-up delivers the rows between position and a target snapshot in id
+        # order, so its progress is a cursor, not a set of ids: memory stays flat
+        # however long the backlog.
+        self.catchup_target = None  # the snapshot the running catch-up reads up to
+        self.catchup_upto = 0       # ... and the id it has delivered up to
+        self.in_catchup = False
+        # Cursors of catch-ups that failed midway: (target, upto) = every event of a
+        # transaction visible in target with an id up to upto was handled.
+        self.partial = []
+        self.dropped = 0
+        self.delivered = 0
+        # metrics (plain counters; read at scrape time)
+        self.received = 0
+        self.parse_errors = 0
+        self.handler_errors = 0
+        self.delivered_by = {}          # (operation, table) -> count
+        self.handler_hist = Histogram()
+        self.caught_up = 0
+        self.lag = None
+        self.gap_events = 0
+        self.since_checkpoint = 0   # events delivered since the consumer's position was stored
+        self.last_event_at = None   # wall-clock time of the last delivery

@@ -25,10 +25,9 @@ class Delivery:
     """Delivers events of listener *name* through *signals*.event; *save(ch,
     undelivered)* stores a durable consumer's position (None: not durable)."""
 
-    def __init__(self, name, signals, stats, report, checkpoint_every, save=None):
+    def __init__(self, name, signals, report, checkpoint_every, save=None):
         self._name = name
         self._signals = signals
-        self._stats = stats
         self._report = report
         self._checkpoint_every = checkpoint_every
         self._save = save
@@ -101,7 +100,6 @@ class Delivery:
         hist.count += count
         ch.delivered += count
         ch.last_event_at = time.time()
-        self._stats.inc("delivered", count)
 
     def _checkpoint(self, ch, event, undelivered, every):
         """*event* was handled: store the position if it is time; True if stored."""
@@ -134,6 +132,5 @@ class Delivery:
         if must_propagate(exc):
             raise exc
         ch.handler_errors += 1
-        self._stats.inc("handler_errors", 1)
         self._report("handler", exc, ch.name, event_id=event.id, exc_info=True)
 

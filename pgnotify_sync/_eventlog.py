@@ -9,12 +9,15 @@ are built here from rows read on our own connection.
 """
 
 import itertools
+import logging
 
 import psycopg2
 
 from ._snapshot import Snapshot
-from .errors import PgNotifyError, first_line
+from .errors import ConnectError, PgNotifyError, first_line
 from .events import OPERATIONS, DatabaseEvent, loads
+
+log = logging.getLogger("pgnotify_sync")
 
 # A catch-up page holds at most this many rows (and PAGE_BYTES): a page is one
 # query and one parse; bigger pages save little and hold more memory.
@@ -181,6 +184,24 @@ class EventLog:
         with self._pool.connection(timeout_s=self._timeout_s) as conn, conn.cursor() as cur:
             cur.execute(_PENDING_SQL, (wire, str(position.xmin), str(position)))
             return cur.fetchone()[0]
+
+    def trim(self, name, retention_s, consumer_retention_s, stopping, on_batch):
+        """Trim the log in bounded batches (TRIM_BATCH rows, each its own short
+        transaction) until done or ``stopping()``; ``on_batch(rows deleted)`` after
+        each. Returns the rows deleted; ConnectError if the database fails."""
+        deleted = 0
+        after = 0
+        try:
+            while after is not None and not stopping():
+                n, after = self.trim_batch(retention_s, consumer_retention_s, after)
+                deleted += n
+                on_batch(n)
+        except psycopg2.Error as exc:
+            raise ConnectError(f"{name}: cleanup failed after deleting {deleted} rows: {first_line(exc)}") from exc
+        if deleted:
+            log.info("%s: retention deleted %d event-log rows", name, deleted,
+                     extra={"event": "retention", "details": {"deleted": deleted}})
+        return deleted
 
     def trim_batch(self, retention_s, consumer_retention_s, after):
         """One retention batch (``trim_event_log_batch``): (rows deleted, the last id

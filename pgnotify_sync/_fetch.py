@@ -135,3 +135,17 @@ def read_ahead(ch, items, start, queued, read):
                         return
             elif cls is not DatabaseEvent:
                 return
+
+
+def read_pages(read, submit, result, on_page):
+    """The pages ``read(after, previous)`` returns, one after another (a catch-up):
+    the next page is read on a fetch thread (``submit``) while this one is
+    delivered; ``on_page(events)`` counts each."""
+    events, more = read(0)
+    while events:
+        on_page(events)
+        ahead = submit(read, events[-1].id, len(events)) if more else None
+        yield events
+        if ahead is None:
+            return
+        events, more = result(ahead)

@@ -17,10 +17,9 @@ log = logging.getLogger("pgnotify_sync")
 class Router:
     """Routes notifications of listener *name* to *dispatcher*'s channels."""
 
-    def __init__(self, name, dispatcher, stats, report):
+    def __init__(self, name, dispatcher, report):
         self._name = name
         self._dispatcher = dispatcher
-        self._stats = stats
         self._report = report
         self.decode_hist = Histogram()     # decode time per event
 
@@ -51,7 +50,6 @@ class Router:
                 event = decode_payload(ch.name, notify.payload)
             except PayloadError as exc:
                 ch.parse_errors += 1
-                self._stats.inc("parse_errors", 1)
                 self._report("payload", exc, ch.name)
                 continue
             if debug:
@@ -67,7 +65,6 @@ class Router:
             if type(event) is EventRange:
                 received += event.n - 1
                 ch.received += event.n - 1
-        self._stats.inc("received", received)
         if received:
             self.decode_hist.observe((time.perf_counter() - started) / received)
         for ch, events in groups.items():

@@ -139,7 +139,7 @@ class Reader:
         self.thread = None
         self.had_session = False
         self.installed = None               # is the schema (event log) there? known after connecting
-        self._router = Router(self._name, host.dispatcher, host.stats, host.report)
+        self._router = Router(self._name, host.dispatcher, host.report)
         self.decode_hist = self._router.decode_hist
         self.rtt_hist = Histogram()
         self._backoff = Backoff(cfg.reconnect_delay_ms / 1000.0, cfg.reconnect_delay_max_ms / 1000.0,

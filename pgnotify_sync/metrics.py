@@ -62,30 +62,32 @@ class Histogram:
 
 
 class _LibraryCollector:
-    """Collects every listener registered on one registry."""
+    """Collects every listener registered on one registry: each adds its source (an
+    object with ``collect(families)``, held weakly: a listener nobody holds any more
+    leaves the scrape)."""
 
     def __init__(self):
-        self.listeners = weakref.WeakSet()
+        self.sources = weakref.WeakSet()
         self._lock = threading.Lock()
 
-    def add(self, listener):
+    def add(self, source):
         with self._lock:
-            self.listeners.add(listener)
+            self.sources.add(source)
 
-    def remove(self, listener):
+    def remove(self, source):
         with self._lock:
-            self.listeners.discard(listener)
+            self.sources.discard(source)
 
     def describe(self):
         return list(self._families().values())
 
     def collect(self):
         with self._lock:
-            listeners = list(self.listeners)
+            sources = list(self.sources)
         families = self._families()
-        for listener in listeners:
+        for source in sources:
             try:
-                listener._collect_metrics(families)
+                source.collect(families)
             except Exception:  # a scrape must never break on one listener
                 pass
         return list(families.values())

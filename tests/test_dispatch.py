@@ -226,7 +226,7 @@ def test_fake_hooks_are_the_protocols_hooks_and_nothing_else():
         return [p.name for p in inspect.signature(fn).parameters.values()
                 if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
     listener = Listener(Config(postgres_user="u", postgres_db="d", channels=("a",)), registry=False)
-    real = listener._dispatch_hooks()           # what the Listener hands its Dispatcher
+    real = listener._hooks.dispatch_hooks()           # what the Listener hands its Dispatcher
     assert set(vars(real)) == set(HOOKS)
     for name in HOOKS:
         expected = positional(getattr(_dispatch.DispatchHooks, name))
@@ -905,7 +905,7 @@ def test_statements_are_remembered_whole_and_dedupe_a_catch_up(make_dispatcher):
 
 
 def test_durable_consumers_keep_statements_as_ids(make_dispatcher):
-    # Their checkpoints store handled ids cut at the event in flight (listener._save_consumer).
+    # Their checkpoints store handled ids cut at the event in flight (ListenerHooks.save_consumer).
     hooks = FakeHooks()
     chans = {"a": ChannelState("a", "app.a")}
     d = Dispatcher("test", chans, 1000, 1, hooks, compact_ranges=False)

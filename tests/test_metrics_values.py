@@ -238,11 +238,11 @@ def test_tunnel_restarts_counted_per_tunnel(installed, dsn, ssh_server, registry
         listener.publish("messages", {"n": 1})          # opens the pool's tunnel
         got.wait(1)
         assert (restarts("listener"), restarts("pool")) == (0, 0)
-        ssh_server.kill_session(session_of(ssh_server, listener._listener_tunnel))
+        ssh_server.kill_session(session_of(ssh_server, listener._connections.listener_tunnel))
         wait_for(lambda: listener.stats["reconnects"] == 1 and state_is(scraper, name, "LISTENING"), timeout=20)
         assert (restarts("listener"), restarts("pool")) == (1, 0)
-        ssh_server.kill_session(session_of(ssh_server, listener._pool_tunnel))
-        wait_for(lambda: not listener._pool_tunnel._forwarder.is_active, timeout=15)
+        ssh_server.kill_session(session_of(ssh_server, listener._connections.pool_tunnel))
+        wait_for(lambda: not listener._connections.pool_tunnel._forwarder.is_active, timeout=15)
         listener.publish("messages", {"n": 2})          # through a rebuilt pool tunnel
         got.wait(2)
         assert (restarts("listener"), restarts("pool")) == (1, 1)

@@ -205,7 +205,7 @@ def test_pooled_query_on_a_frozen_path_has_a_deadline(stream_db, make_listener, 
     with stream_db.cursor() as cur:
         cur.execute("SELECT count(*) FROM pgnotify_sync.event_log WHERE data->>'during' = 'freeze'")
         assert cur.fetchone()[0] == 1          # redone on a fresh connection, once
-    assert listener._pool.timeouts == 1
+    assert listener._connections.pool.timeouts == 1
     proxy.thaw()
     listener.stop(timeout=5)
     assert not any(t.is_alive() for t in listener.threads())

@@ -52,8 +52,8 @@ def test_events_flow_through_two_separate_tunnels(stream_db, make_ssh_listener, 
         cur.execute("INSERT INTO stream (note) VALUES ('through ssh')")
     events = got.wait(2, settle=listener)
     assert {e.operation for e in events} == {"PUBLISH", "INSERT"}
-    mine = session_of(ssh_server, listener._listener_tunnel)
-    pools = session_of(ssh_server, listener._pool_tunnel)
+    mine = session_of(ssh_server, listener._connections.listener_tunnel)
+    pools = session_of(ssh_server, listener._connections.pool_tunnel)
     assert mine and pools and mine != pools, "the listener must have its own SSH session"
 
 
@@ -64,19 +64,19 @@ def test_listener_session_killed_tunnel_rebuilt_nothing_lost(stream_db, make_ssh
     listener.on_event("stream", got)
     listener.start()
     listener.publish("stream", {"opens": "the pool tunnel"})
-    old_port = listener._listener_tunnel.local_address()[1]
-    pool_session = session_of(ssh_server, listener._pool_tunnel)
+    old_port = listener._connections.listener_tunnel.local_address()[1]
+    pool_session = session_of(ssh_server, listener._connections.pool_tunnel)
     with Workload(dsn) as work:
         work.wait_commits(20)
-        ssh_server.kill_session(session_of(ssh_server, listener._listener_tunnel))
+        ssh_server.kill_session(session_of(ssh_server, listener._connections.listener_tunnel))
         wait_for(lambda: listener.stats["reconnects"] >= 1 and listener.state is ConnectionState.LISTENING,
                  timeout=20)
         work.wait_commits(20)
     assert_exactly_once_in_row_order(got, pg_cluster, dbname)
-    assert listener._listener_tunnel.restarts >= 1
-    assert listener._listener_tunnel.local_address()[1] != old_port
-    assert listener._pool_tunnel.restarts == 0
-    assert session_of(ssh_server, listener._pool_tunnel) == pool_session
+    assert listener._connections.listener_tunnel.restarts >= 1
+    assert listener._connections.listener_tunnel.local_address()[1] != old_port
+    assert listener._connections.pool_tunnel.restarts == 0
+    assert session_of(ssh_server, listener._connections.pool_tunnel) == pool_session
 
 
 def test_frozen_listener_session_noticed_by_the_health_check(stream_db, make_ssh_listener, ssh_server,
@@ -86,7 +86,7 @@ def test_frozen_listener_session_noticed_by_the_health_check(stream_db, make_ssh
     listener.on_event("stream", got)
     lost = counter(listener.signals.disconnected)
     listener.start()
-    ssh_server.freeze_session(session_of(ssh_server, listener._listener_tunnel))
+    ssh_server.freeze_session(session_of(ssh_server, listener._connections.listener_tunnel))
     with stream_db.cursor() as cur:
         cur.execute("INSERT INTO stream (note) VALUES ('while frozen')")
     wait_for(lambda: lost, timeout=30, message="a frozen SSH session was never noticed")
@@ -95,7 +95,7 @@ def test_frozen_listener_session_noticed_by_the_health_check(stream_db, make_ssh
     assert listener.stats["health_check_failures"] >= 1
     (event,) = got.wait(1, timeout=30, settle=listener)
     assert event.data["note"] == "while frozen"
-    assert listener._listener_tunnel.restarts >= 1
+    assert listener._connections.listener_tunnel.restarts >= 1
     assert_exactly_once_in_row_order(got, pg_cluster, dbname)
 
 
@@ -124,8 +124,8 @@ def test_pool_session_killed_pool_recovers_listener_unaffected(stream_db, make_s
     listener.publish("stream", {"n": 1})
     got.wait(1)
     lost = counter(listener.signals.disconnected)
-    ssh_server.kill_session(session_of(ssh_server, listener._pool_tunnel))
-    wait_for(lambda: not listener._pool_tunnel._forwarder.is_active)
+    ssh_server.kill_session(session_of(ssh_server, listener._connections.pool_tunnel))
+    wait_for(lambda: not listener._connections.pool_tunnel._forwarder.is_active)
     checks = listener.stats["health_checks"]
     listener.publish("stream", {"n": 2})             # a dead pooled connection is replaced
     got.wait(2)
@@ -133,9 +133,9 @@ def test_pool_session_killed_pool_recovers_listener_unaffected(stream_db, make_s
     # connection been hurt, it would have been lost (and reported) before it.
     wait_for(lambda: listener.stats["health_checks"] > checks, timeout=20, message="no health check")
     assert lost == [] and listener.state is ConnectionState.LISTENING
-    assert listener._pool_tunnel.restarts == 1
-    assert listener._pool.discarded >= 1
-    assert listener.stats["reconnects"] == 0 and listener._listener_tunnel.restarts == 0
+    assert listener._connections.pool_tunnel.restarts == 1
+    assert listener._connections.pool.discarded >= 1
+    assert listener.stats["reconnects"] == 0 and listener._connections.listener_tunnel.restarts == 0
 
 
 def test_stop_ends_every_thread_and_tunnel(stream_db, make_ssh_listener, ssh_server):
@@ -322,8 +322,8 @@ def test_insecure_skip_warns_again_when_a_tunnel_is_rebuilt(stream_db, make_ssh_
     listener = make_ssh_listener(ssh_insecure_skip_host_key_check=True)
     listener.start()
     before = len([r for r in security_records(caplog) if "NOT verified" in r.getMessage()])
-    ssh_server.kill_session(session_of(ssh_server, listener._listener_tunnel))
-    wait_for(lambda: listener._listener_tunnel.restarts >= 1 and listener.state is ConnectionState.LISTENING,
+    ssh_server.kill_session(session_of(ssh_server, listener._connections.listener_tunnel))
+    wait_for(lambda: listener._connections.listener_tunnel.restarts >= 1 and listener.state is ConnectionState.LISTENING,
              timeout=30)
     after = len([r for r in security_records(caplog) if "NOT verified" in r.getMessage()])
     assert after > before

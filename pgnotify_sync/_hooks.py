@@ -1,0 +1,107 @@
+"""What the dispatcher and the reader call back into (the DispatchHooks of
+_dispatch.py and part of the ReaderHost of _reader.py): reads of the event log,
+delivery, a durable consumer's stored position, and "connected" once every
+channel has caught up. Runs on the worker, fetch and reader threads; owns none.
+"""
+
+import logging
+import threading
+import types
+
+from ._delivery import Delivery
+from ._fetch import read_pages
+from ._lifecycle import ConnectionState
+
+log = logging.getLogger("pgnotify_sync")
+
+
+class ListenerHooks:
+    """*parts* gives the listener's ``connections``, ``dispatcher``, ``reader``,
+    ``lifecycle``, ``reporter``, ``channels``, ``stats``, ``config``, ``consumer`` and
+    ``name`` (see Listener.__init__); events go to *signals*' receivers (Delivery)."""
+
+    def __init__(self, parts, signals, checkpoint_every):
+        self._p = parts
+        self._lock = threading.Lock()
+        self._pending_catchup = set()
+        self.report = parts.reporter.report
+        self.deliver = Delivery(parts.name, signals, self.report, checkpoint_every,
+                                save=self.save_consumer if parts.consumer else None).deliver
+
+    # -- DispatchHooks ----------------------------------------------------------------
+
+    def dispatch_hooks(self):
+        """The DispatchHooks of _dispatch.py, and nothing else."""
+        return types.SimpleNamespace(deliver=self.deliver, catch_up=self.catch_up, fetch_ref=self.fetch_ref,
+                                     fetch_range=self.fetch_range, report=self.report, caught_up=self.caught_up,
+                                     after_batch=self.after_batch)
+
+    def catch_up(self, ch):
+        """(target snapshot, the pages of events from ch.position up to it)."""
+        pos = ch.position
+        if self._p.reader.installed is False:
+            return pos, iter(())    # no event log to read (plain payloads only)
+        log_ = self._p.connections.event_log
+        target = log_.snapshot()
+
+        def read(after, previous=None):
+            return log_.catchup_page(ch.name, ch.wire, pos, target, after, previous)
+
+        def counted(events):
+            ch.caught_up += len(events)
+
+        dispatcher = self._p.dispatcher
+        return target, read_pages(read, dispatcher.submit, dispatcher.result, counted)
+
+    def fetch_ref(self, ch, ref):
+        event = self._p.connections.event_log.event(ch.name, ref.id)
+        if event is None:
+            self.report("missing", f"event {ref.id} is no longer in the event log", ch.name)
+        return event
+
+    def fetch_range(self, ch, rng, after=0, previous=None):
+        """The rows of one statement, announced by id range, after id *after*: one
+        page (*previous* is the row count of the page before it) and whether more
+        follow it."""
+        return self._p.connections.event_log.range_page(ch.name, ch.wire, rng, after, previous)
+
+    def caught_up(self, ch, reason, count):
+        with self._lock:
+            if ch.name not in self._pending_catchup:
+                return
+            self._pending_catchup.discard(ch.name)
+            done = not self._pending_catchup
+        if done and self._p.lifecycle.state is ConnectionState.LISTENING:
+            log.info("%s: connected and caught up (%s)", self._p.name, reason,
+                     extra={"event": "connected", "details": {"reason": reason}})
+            self._p.reporter.emit("connected")
+
+    def after_batch(self, ch):
+        if self._p.consumer:
+            self.save_consumer(ch)
+
+    # -- the reader's ------------------------------------------------------------------
+
+    def expect_catchup(self):
+        """Every channel catches up now; 'connected' comes once all have (caught_up)."""
+        with self._lock:
+            self._pending_catchup = set(self._p.channels)
+
+    # -- durable consumers (the store: _consumers.py) ---------------------------------------
+
+    def load_consumer(self, start):
+        self._p.connections.consumer_store.load(self._p.channels.values(), start)
+        self.check_consumer_gaps()
+
+    def save_consumer(self, ch, undelivered=None):
+        self._p.connections.consumer_store.save(ch, undelivered)
+
+    def check_consumer_gaps(self):
+        p = self._p
+        for wire, lost in p.connections.consumer_store.take_gaps():
+            channel = p.config.logical_channel(wire) or wire
+            p.stats.inc("consumer_gap_events", lost)
+            if channel in p.channels:
+                p.channels[channel].gap_events += lost
+            self.report("gap", f"consumer {p.consumer!r} missed {lost} events: the event log was trimmed "
+                               f"past its position (older than consumer_retention_s)", channel)

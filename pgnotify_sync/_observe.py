@@ -1,0 +1,133 @@
+"""What a listener shows of itself: ``get_stats()``, ``health()``, the Prometheus
+samples (read at scrape time) and the lag gauge (updated by the maintenance
+thread). Reads the listener's parts; owns no thread.
+"""
+
+import time
+
+from ._counters import Counters
+from ._lifecycle import ConnectionState
+from ._position import handled_count
+
+# Totals of the per-channel counters: kept once, on the channels (each has one
+# writer: the reader, or the worker holding the channel), and summed on reading.
+CHANNEL_TOTALS = {"received": "received", "delivered": "delivered", "parse_errors": "parse_errors",
+                  "handler_errors": "handler_errors", "caught_up": "caught_up"}
+
+
+def channel_totals(channels):
+    """``{stat name: () -> sum over channels}`` for :class:`~._counters.Counters`."""
+    def total(attr):
+        return lambda: sum(getattr(ch, attr) for ch in list(channels.values()))
+    return {name: total(attr) for name, attr in CHANNEL_TOTALS.items()}
+
+
+def new_stats(channels):
+    """The listener's Counters. Thread-safe: counted from the reader, the workers,
+    the fetch threads and the maintenance thread; the per-channel counters of
+    *channels* are summed, not counted twice."""
+    return Counters(
+        derived=channel_totals(channels),
+        receiver_errors=0, reconnects=0, reconnect_attempts=0, health_checks=0, health_check_failures=0,
+        publish_flushed=0, publish_dropped=0, retention_deleted=0, consumer_gap_events=0, internal_errors=0,
+        last_health_rtt_s=None, connected_since=None, last_event_at=None, last_error=None)
+
+
+class Observer:
+    """*parts*: the listener's ``name``, ``config``, ``channels``, ``stats``,
+    ``lifecycle``, ``publisher``, ``connections`` and, once started, ``reader`` and
+    ``dispatcher`` (None before)."""
+
+    def __init__(self, parts):
+        self._p = parts
+
+    def stats(self):
+        p = self._p
+        stats = p.stats.snapshot()
+        stats["state"] = p.lifecycle.state.value
+        stats["publish_buffered"] = len(p.publisher)
+        if p.dispatcher is not None:
+            stats["buffered"] = p.dispatcher.buffered
+            stats["capacity"] = p.dispatcher.capacity
+            stats["dropped_to_log"] = sum(ch.dropped for ch in p.channels.values())
+        return stats
+
+    def health(self):
+        p = self._p
+        st = p.stats.snapshot()
+        channels = {}
+        for ch in list(p.channels.values()):
+            channels[ch.name] = {"lag": ch.lag, "delivered": ch.delivered, "last_event_at": ch.last_event_at,
+                                 "falling_back": ch.overflow}
+        times = [c["last_event_at"] for c in channels.values() if c["last_event_at"] is not None]
+        state = p.lifecycle.state
+        return {
+            "ok": state is ConnectionState.LISTENING and not any(c["falling_back"] for c in channels.values()),
+            "state": state.value,
+            "connected_since": st["connected_since"],
+            "last_event_at": max(times) if times else None,
+            "queue_size": p.dispatcher.buffered if p.dispatcher is not None else 0,
+            "queue_capacity": p.config.event_buffer_size,
+            "reconnects": st["reconnects"],
+            "last_error": st["last_error"],
+            "last_health_check_rtt_s": st["last_health_rtt_s"],
+            "channels": channels,
+        }
+
+    def collect(self, fams):
+        """Add this listener's samples to the metric families (scrape time)."""
+        p = self._p
+        me = p.name
+
+        def add(name, labels, value):
+            fams[f"pgnotify_sync_{name}"].add_metric([me] + labels, value)
+
+        def add_hist(name, labels, hist):
+            fams[f"pgnotify_sync_{name}"].add_metric([me] + labels, hist.cumulative(), hist.sum)
+
+        for ch in list(p.channels.values()):
+            self._collect_channel(ch, add, add_hist)
+        if p.reader is not None:
+            add_hist("decode_duration_seconds", [], p.reader.decode_hist)
+            add_hist("health_check_rtt_seconds", [], p.reader.rtt_hist)
+        add("queue_size", [], p.dispatcher.buffered if p.dispatcher else 0)
+        add("queue_capacity", [], p.config.event_buffer_size)
+        state = p.lifecycle.state
+        for each in ConnectionState:
+            add("connection_state", [each.value], 1 if state is each else 0)
+        st = p.stats.snapshot()
+        since = st.get("connected_since")
+        add("connection_uptime_seconds", [], time.time() - since if since else 0)
+        for name in ("reconnect_attempts", "reconnects", "health_check_failures", "retention_deleted"):
+            add(name, [], st.get(name, 0))
+        pool = p.connections.pool
+        add("pool_connections_in_use", [], pool.in_use if pool else 0)
+        add("pool_connections_discarded", [], pool.discarded if pool else 0)
+        for kind, tunnel in p.connections.tunnels():
+            add("tunnel_restarts", [kind], tunnel.restarts)
+        add("publish_buffer_size", [], len(p.publisher))
+
+    @staticmethod
+    def _collect_channel(ch, add, add_hist):
+        labels = [ch.name]
+        add("events_received", labels, ch.received)
+        for (operation, table), n in list(ch.delivered_by.items()):
+            add("events_delivered", [ch.name, operation.value, table], n)
+        add("parse_errors", labels, ch.parse_errors)
+        add("handler_errors", labels, ch.handler_errors)
+        add_hist("handler_duration_seconds", labels, ch.handler_hist)
+        add("overflow_events", labels, ch.dropped)
+        add("catchup_events", labels, ch.caught_up)
+        add("consumer_gap_events", labels, ch.gap_events)
+        if ch.lag is not None:
+            add("lag_events", labels, ch.lag)
+
+    def update_lag(self):
+        """Events in the log not handled yet, per channel (a gauge; the durable
+        position says what is handled, so this is exact up to events in flight)."""
+        p = self._p
+        for ch in list(p.channels.values()):
+            pos = ch.position
+            if pos is None:
+                continue
+            ch.lag = max(0, p.connections.event_log.pending(ch.wire, pos) - handled_count(ch))

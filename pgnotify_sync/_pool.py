@@ -39,10 +39,16 @@ WAIT_S = 30.0
 # The client-side deadline comes this long after the server's statement_timeout,
 # so the server's own error (clearer) wins whenever the server can still send it.
 DEADLINE_MARGIN_S = 1.0
+# The watcher looks at the deadlines this often: a query past its deadline is cut
+# at most this late.
+WATCH_EVERY_S = 0.2
+# A connection idle for less than this is handed out without a round trip to check
+# it (a burst of short reads pays no extra query); older ones are checked first.
+VALIDATE_AFTER_S = 1.0
 
 
 class ConnectionPool:
-    def __init__(self, name, connect_kwargs_fn, maxconn, statement_timeout_ms=30_000, validate_after_s=1.0,
+    def __init__(self, name, connect_kwargs_fn, maxconn, *, statement_timeout_ms, validate_after_s=VALIDATE_AFTER_S,
                  deadline_s=None):
         # connect_kwargs_fn() is called for every new connection: with an SSH tunnel
         # the local port can change when the tunnel is rebuilt.
@@ -157,7 +163,7 @@ class ConnectionPool:
     def _watch(self):
         with self._lock:
             while not self._closed:
-                self._wake.wait(0.2)
+                self._wake.wait(WATCH_EVERY_S)
                 now = time.monotonic()
                 for conn, deadline in list(self._deadlines.items()):
                     if now >= deadline and conn not in self._expired:

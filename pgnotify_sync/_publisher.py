@@ -17,6 +17,10 @@ from .errors import ConnectError, ListenerStateError, PgNotifyError, PublishBuff
 
 log = logging.getLogger("pgnotify_sync")
 
+# stop() tries to send the buffer again this often until its deadline (the
+# database may come back within it).
+FLUSH_RETRY_S = 0.1
+
 
 class Publisher:
     """Publishes on the pool given by *get_pool()* (made on first use)."""
@@ -79,7 +83,7 @@ class Publisher:
     def flush_until(self, deadline):
         """Send the buffer until *deadline* (stop()); report what could not be sent."""
         while self.flush() and time.monotonic() < deadline:
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(FLUSH_RETRY_S, max(0.0, deadline - time.monotonic())))
         with self._lock:
             lost = len(self._buffer)
             self._buffer.clear()

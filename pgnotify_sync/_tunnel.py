@@ -139,6 +139,10 @@ def load_host_key(config):
     return next(iter(entry.values()))
 
 
+# SSH keepalives this often keep NAT and firewall state of an idle session (the
+# health check notices a dead one; this only keeps a live one from being dropped).
+SSH_KEEPALIVE_S = 5.0
+
 # Forwarding sizes. paramiko's defaults (32 kB packets, 2 MB window) make a 100 kB
 # page of rows several packets, each a wake-up of the transport thread, which in a
 # busy process waits for the GIL every time (up to the 5 ms switch interval): the
@@ -251,7 +255,7 @@ class SshTunnel:
             ssh_host_key=self._host_key, remote_bind_address=(cfg.postgres_host, cfg.postgres_port),
             local_bind_address=("127.0.0.1", 0), allow_agent=False, host_pkey_directories=[],
             ssh_config_file=None,
-            set_keepalive=5.0, mute_exceptions=False, logger=_ssh_log)
+            set_keepalive=SSH_KEEPALIVE_S, mute_exceptions=False, logger=_ssh_log)
         try:
             fwd.start()
         except Exception as exc:

@@ -296,6 +296,13 @@ class Listener:
         """Send buffered publishes in order; returns how many are still waiting."""
         return self._publisher.flush()
 
+    def report(self, kind, error, channel=None, event_id=None, what=None):
+        """Report a failure of code working for this listener (the SSE bridge's
+        ``authorize`` or ``row_filter``, an extension): logged, counted
+        (``errors_<kind>``) and sent through the ``error`` signal. *kind* is an
+        :class:`ErrorKind`; *what* says which code failed."""
+        self._reporter.report(kind, error, channel, event_id=event_id, what=what)
+
     def event_log(self):
         """The :class:`~pgnotify_sync._eventlog.EventLog` this listener reads, on its
         pool (the SSE bridge replays from it)."""

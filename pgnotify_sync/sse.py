@@ -197,6 +197,9 @@ class SSEBridge:
     :param heartbeat_s: a ``: keep-alive`` comment after this long without output.
     :param replay_limit: delivered events kept for exact ``Last-Event-ID`` resume.
 
+    A wrong argument raises :class:`~pgnotify_sync.ConfigError` naming it (for
+    ``authorize`` and ``row_filter`` it is also a ``TypeError``).
+
     Counters: ``clients`` (connected now), ``evicted``, ``sent`` (events written
     to clients), ``replayed`` and ``replayed_from_log`` (events sent on resume).
     """

@@ -20,6 +20,12 @@ from .errors import ConfigError, PgNotifyError, first_line
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+# How often ``listen`` looks at Ctrl-C / SIGTERM and its --seconds deadline: stops
+# within a fifth of a second without busy-waiting.
+LISTEN_POLL_S = 0.2
+# Log level by the number of -v flags: warnings, -v info, -vv (or more) debug.
+VERBOSITY_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)
+
 log = logging.getLogger("pgnotify_sync.cli")
 
 
@@ -118,7 +124,7 @@ def cmd_listen(args):
     listener.start(timeout_s=args.timeout)
     try:
         deadline = time.monotonic() + args.seconds if args.seconds else None
-        while not stop.wait(0.2):
+        while not stop.wait(LISTEN_POLL_S):
             if deadline and time.monotonic() >= deadline:
                 break
     finally:
@@ -146,15 +152,8 @@ def _on_signals(stop_event):
             pass  # not the main thread
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="pgnotify-sync", description=(
-        "PostgreSQL row changes as events: install the triggers, watch tables, listen, publish."))
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (stderr)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_schema_parsers(sub):
+    """install, uninstall, watch, unwatch: one connection, one change to the schema."""
     p = sub.add_parser("install", help="create the schema objects (idempotent)")
     _add_db_flags(p)
     p.set_defaults(func=cmd_install)
@@ -177,6 +176,9 @@ def build_parser():
     _add_db_flags(p)
     p.set_defaults(func=cmd_unwatch)
 
+
+def _add_event_parsers(sub):
+    """listen, publish, status: events and the server's state."""
     p = sub.add_parser("listen", help="print events as JSON lines")
     p.add_argument("channels", nargs="+", metavar="CHANNEL")
     p.add_argument("--consumer", help="durable consumer name: resume where it left off")
@@ -195,6 +197,8 @@ def build_parser():
     _add_db_flags(p)
     p.set_defaults(func=cmd_status)
 
+
+def _add_demo_parser(sub):
     p = sub.add_parser("demo", help="live events from a demo table (starts a throwaway PostgreSQL "
                                     "when POSTGRES_DB is not set)")
     p.add_argument("--changes", type=int, default=None,
@@ -211,11 +215,25 @@ def build_parser():
                    help="restart the throwaway server half-way: events written meanwhile still arrive")
     _add_db_flags(p)
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser():
+    """The ``pgnotify-sync`` parser: global options, then one sub-command each (in --help order)."""
+    parser = argparse.ArgumentParser(prog="pgnotify-sync", description=(
+        "PostgreSQL row changes as events: install the triggers, watch tables, listen, publish."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (stderr)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_schema_parsers(sub)
+    _add_event_parsers(sub)
+    _add_demo_parser(sub)
     return parser
 
 
 def _setup_logging(args):
-    level = logging.WARNING - 10 * min(args.verbose, 2)
+    level = VERBOSITY_LEVELS[min(args.verbose, len(VERBOSITY_LEVELS) - 1)]
     handler = logging.StreamHandler(sys.stderr)
     if args.log_format == "json":
         from .logs import JsonFormatter

@@ -83,27 +83,41 @@ Shutdown
     retry a 503). Streams also end, and new ones are refused, once the listener
     is stopped. A client that went away is noticed at the next write (an event
     or a heartbeat), when its server thread ends.
+
+Layout
+    This module is the facade: :class:`SSEBridge` (fan-out from the listener's
+    worker threads, authorization, counters, shutdown) and the WSGI and Flask
+    glue. One client's stream (its bounded queue, the replay, live events,
+    heartbeats) is ``_sse_stream.py``, on the request's server thread; the
+    replay ring is ``_sse_ring.py``; the constructor's argument checks are
+    ``_sse_args.py``.
 """
 
-import collections
 import itertools
 import logging
 import threading
-import time
+import types
 from urllib.parse import parse_qs
 
+from . import _sse_stream
+from ._sse_args import check_options, checked_channels
+from ._sse_ring import Entry, ReplayRing, frame
 from .config import split_names
-from .errors import ConfigError, first_line
 from .listener import ConnectionState
 
 log = logging.getLogger("pgnotify_sync.sse")
 
 __all__ = ["SSEBridge", "RequestInfo", "allow_all", "refuse_all"]
 
-# Longest a stream waits before it checks whether the listener was stopped.
-_STATE_CHECK_S = 1.0
-# Frames joined into one write (fewer syscalls for replays and bursts).
-_WRITE_BATCH_BYTES = 64 * 1024
+# Events queued per client before it is disconnected: bounds each client's memory
+# (the queue holds shared entries); an evicted browser resumes with Last-Event-ID.
+DEFAULT_CLIENT_BUFFER = 1000
+# The HTML standard's advice for SSE: a comment "every 15 seconds or so" keeps
+# proxies that drop idle HTTP connections from closing the stream.
+DEFAULT_HEARTBEAT_S = 15.0
+# Delivered events kept for an exact resume (bounds the ring's memory); a
+# Last-Event-ID older than that falls back to the event log (approximate).
+DEFAULT_REPLAY_LIMIT = 10000
 
 _ids = itertools.count(1)
 
@@ -141,7 +155,7 @@ class _Headers:
         self._items = {}
         for key, value in environ.items():
             if key.startswith("HTTP_"):
-                self._items[key[5:].replace("_", "-").lower()] = value
+                self._items[key[len("HTTP_"):].replace("_", "-").lower()] = value
             elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
                 self._items[key.replace("_", "-").lower()] = value
 
@@ -171,67 +185,6 @@ class _Refused(Exception):
         self.reason = reason
 
 
-def _frame(channel, event):
-    """One SSE message as bytes (JSON has no raw newline: one data line)."""
-    head = f"id: {event.id}\n" if event.id is not None else ""
-    return f"{head}event: {channel}\ndata: {event.to_json()}\n\n".encode()
-
-
-class _Entry:
-    """A delivered event, framed once for every client."""
-
-    __slots__ = ("seq", "channel", "event", "frame")
-
-    def __init__(self, seq, channel, event, frame):
-        self.seq = seq
-        self.channel = channel
-        self.event = event
-        self.frame = frame
-
-
-class _Client:
-    """One connected stream: a bounded queue filled by the listener's workers."""
-
-    def __init__(self, ident, channels, info, capacity):
-        self.id = ident
-        self.channels = frozenset(channels)
-        self.info = info
-        self.capacity = capacity
-        self.cond = threading.Condition(threading.Lock())
-        self.items = collections.deque()
-        self.ended = None          # why the stream must end: "evicted", "closed", "stopped"
-
-    def offer(self, entry):
-        """Queue *entry* without waiting; False if the queue was full (the client is then ended)."""
-        with self.cond:
-            if self.ended is not None:
-                return True
-            if len(self.items) >= self.capacity:
-                self.ended = "evicted"
-                self.items.clear()
-                self.cond.notify()
-                return False
-            self.items.append(entry)
-            self.cond.notify()
-            return True
-
-    def end(self, reason):
-        with self.cond:
-            if self.ended is None:
-                self.ended = reason
-                self.items.clear()
-            self.cond.notify()
-
-    def take(self, timeout):
-        """Every queued entry (possibly none after *timeout*); ``ended`` says whether to stop."""
-        with self.cond:
-            if not self.items and self.ended is None:
-                self.cond.wait(timeout)
-            items = list(self.items)
-            self.items.clear()
-            return items
-
-
 class SSEBridge:
     """Fans the events of one :class:`~pgnotify_sync.Listener` out to SSE clients.
 
@@ -244,32 +197,18 @@ class SSEBridge:
     :param heartbeat_s: a ``: keep-alive`` comment after this long without output.
     :param replay_limit: delivered events kept for exact ``Last-Event-ID`` resume.
 
+    A wrong argument raises :class:`~pgnotify_sync.ConfigError` naming it (for
+    ``authorize`` and ``row_filter`` it is also a ``TypeError``).
+
     Counters: ``clients`` (connected now), ``evicted``, ``sent`` (events written
     to clients), ``replayed`` and ``replayed_from_log`` (events sent on resume).
     """
 
-    def __init__(self, listener, channels, authorize=refuse_all, row_filter=None, client_buffer=1000,
-                 heartbeat_s=15.0, replay_limit=10000):
-        if isinstance(channels, str):
-            channels = [c for c in split_names(channels) if c]
-        channels = tuple(dict.fromkeys(channels))
-        if not channels:
-            raise ConfigError("channels: the bridge needs at least one channel")
-        for channel in channels:
-            if not isinstance(channel, str) or not channel or any(c in channel for c in "\r\n,"):
-                raise ConfigError(f"channels: {channel!r} is not a usable channel name for SSE")
-            if channel not in listener.channels:
-                raise ConfigError(f"channels: the listener does not listen on {channel!r}; "
-                                  f"list it in Config.channels")
-        if not callable(authorize):
-            raise TypeError("authorize must be callable (e.g. pgnotify_sync.sse.allow_all)")
-        if row_filter is not None and not callable(row_filter):
-            raise TypeError("row_filter must be callable or None")
-        for name, value, minimum in (("client_buffer", client_buffer, 1), ("replay_limit", replay_limit, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"{name}: expected a whole number >= {minimum}, got {value!r}")
-        if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)) or not heartbeat_s > 0:
-            raise ConfigError(f"heartbeat_s: expected a number > 0, got {heartbeat_s!r}")
+    def __init__(self, listener, channels, authorize=refuse_all, row_filter=None,
+                 client_buffer=DEFAULT_CLIENT_BUFFER, heartbeat_s=DEFAULT_HEARTBEAT_S,
+                 replay_limit=DEFAULT_REPLAY_LIMIT):
+        channels = checked_channels(listener, channels)
+        check_options(authorize, row_filter, client_buffer, heartbeat_s, replay_limit)
         self.listener = listener
         self.channels = channels
         self.authorize = authorize
@@ -278,16 +217,18 @@ class SSEBridge:
         self.heartbeat_s = float(heartbeat_s)
         self.replay_limit = replay_limit
         self._lock = threading.Lock()
-        self._clients = {}                                   # id -> _Client
-        self._ring = collections.deque(maxlen=replay_limit)  # _Entry, in delivery order
-        self._seq_of = {}                                    # event id -> seq, for entries in the ring
-        self._seq = 0                                        # seq of the newest ring entry
+        self._clients = {}                                   # id -> Client
+        self._ring = ReplayRing(replay_limit)                # guarded by _lock
         self._closed = False
         self.evicted = 0
         self.sent = 0
         self.user_code_errors = 0       # authorize / row_filter raised
         self.replayed = 0
         self.replayed_from_log = 0
+        # What each stream (_sse_stream.StreamHooks) asks of the bridge, on its request thread.
+        self._hooks = types.SimpleNamespace(
+            visible=self._visible, replay_from_log=self._replay_from_log, count_sent=self._count_sent,
+            forget=self._forget, stopped=lambda: _listener_stopped(self.listener))
         for channel in channels:
             listener.signals.event.connect(self._on_event, sender=channel, weak=False)
 
@@ -329,25 +270,12 @@ class SSEBridge:
     def _on_event(self, channel, event=None, **_kw):
         if event is None:
             return
-        frame = _frame(channel, event)
+        framed = frame(channel, event)
         evicted = []
         with self._lock:
             if self._closed:
                 return
-            if event.id is not None and self.replay_limit:
-                # seq numbers ring entries consecutively: an id's position in the ring
-                # is seq - ring[0].seq. Events without a log id are never replayed.
-                self._seq += 1
-                entry = _Entry(self._seq, channel, event, frame)
-                ring = self._ring
-                if len(ring) == ring.maxlen:
-                    old = ring[0]
-                    if self._seq_of.get(old.event.id) == old.seq:
-                        del self._seq_of[old.event.id]
-                ring.append(entry)
-                self._seq_of[event.id] = entry.seq
-            else:
-                entry = _Entry(0, channel, event, frame)
+            entry = self._ring.add(channel, event, framed)
             for client in self._clients.values():
                 if channel in client.channels and not client.offer(entry):
                     evicted.append(client)
@@ -384,34 +312,29 @@ class SSEBridge:
         denied = [c for c in requested if c not in allowed]
         if denied:
             raise _Refused("403 Forbidden", f"not authorized for channel {denied[0]!r}")
-        client = _Client(next(_ids), requested, info, self.client_buffer)
+        client = _sse_stream.Client(next(_ids), requested, info, self.client_buffer)
         with self._lock:
             if self._closed:
                 raise _Refused("503 Service Unavailable", "the event stream is shut down")
             # Registered before the replay is read: nothing falls between replay and live.
             self._clients[client.id] = client
-            registered_at = self._seq
-            replay = None
-            if last_event_id is not None:
-                seq = self._seq_of.get(last_event_id)
-                if seq is not None:
-                    start = seq - self._ring[0].seq + 1
-                    replay = [e for e in itertools.islice(self._ring, start, None) if e.channel in client.channels]
+            registered_at = self._ring.seq
+            replay = None if last_event_id is None else self._ring.after(last_event_id, client.channels)
         return client, registered_at, replay
+
+    # -- what the streams ask of the bridge (request threads; _sse_stream.StreamHooks) -------
 
     def _replay_from_log(self, client, after, registered_at):
         """Events with an id above *after* from the log; the ids the live queue must skip."""
         listener = self.listener
         wires = {listener.config.wire_channel(c): c for c in client.channels}
-        entries = [_Entry(0, event.channel, event, _frame(event.channel, event))
+        entries = [Entry(0, event.channel, event, frame(event.channel, event))
                    for event in listener.event_log().replay(wires, after)]
         # A replayed event may also reach the live queue: the ones not delivered
         # before the client registered. Those delivered before (still in the ring
         # with an earlier seq) never come again and need no entry.
         with self._lock:
-            seq_of = self._seq_of
-            skip = {e.event.id for e in entries
-                    if not (e.event.id in seq_of and seq_of[e.event.id] <= registered_at)}
+            skip = {e.event.id for e in entries if not self._ring.delivered_by(e.event.id, registered_at)}
         return entries, skip
 
     def _visible(self, client, entry):
@@ -424,75 +347,20 @@ class SSEBridge:
             self._user_code_failed("SSE row_filter()", exc, entry.event.channel, entry.event.id)
             return False
 
-    def _stream(self, client, registered_at, replay, last_event_id):
-        """The response body: retry, replay, then live events and heartbeats."""
-        ended_by = "client"
-        try:
-            yield b"retry: 1000\n\n"
-            last_write = time.monotonic()
-            skip = None
-            if last_event_id is not None:
-                from_log = replay is None
-                if from_log:
-                    try:
-                        replay, skip = self._replay_from_log(client, last_event_id, registered_at)
-                    except Exception as exc:    # database down, pool closed...: end; the browser retries
-                        log.warning("SSE client %s: cannot replay from the event log (%s); it retries",
-                                    client.id, first_line(exc))
-                        ended_by = "replay failed"
-                        yield b": replay failed\n\n"
-                        return
-                batch, size, count = [], 0, 0
-                for entry in replay:
-                    if self._visible(client, entry):
-                        batch.append(entry.frame)
-                        size += len(entry.frame)
-                        count += 1
-                        if size >= _WRITE_BATCH_BYTES:
-                            yield b"".join(batch)
-                            batch, size = [], 0
-                if batch:
-                    yield b"".join(batch)
-                with self._lock:
-                    self.sent += count
-                    if from_log:
-                        self.replayed_from_log += count
-                    else:
-                        self.replayed += count
-                last_write = time.monotonic()
-            listener = self.listener
-            while True:
-                wait = min(self.heartbeat_s - (time.monotonic() - last_write), _STATE_CHECK_S)
-                items = client.take(max(0.0, wait))
-                if client.ended is not None:
-                    ended_by = client.ended
-                    return
-                if _listener_stopped(listener):
-                    ended_by = "listener stopped"
-                    return
-                if items:
-                    batch, size, count = [], 0, 0
-                    for entry in items:
-                        if skip and entry.event.id in skip:
-                            skip.discard(entry.event.id)
-                            continue
-                        if self._visible(client, entry):
-                            batch.append(entry.frame)
-                            size += len(entry.frame)
-                            count += 1
-                    if batch:
-                        for start in range(0, len(batch), 256):
-                            yield b"".join(batch[start:start + 256])
-                        last_write = time.monotonic()
-                        with self._lock:
-                            self.sent += count
-                if time.monotonic() - last_write >= self.heartbeat_s:
-                    yield b": keep-alive\n\n"
-                    last_write = time.monotonic()
-        finally:
-            with self._lock:
-                self._clients.pop(client.id, None)
-            log.debug("SSE client %s ended (%s)", client.id, ended_by)
+    def _count_sent(self, count, replayed_from=None):
+        with self._lock:
+            self.sent += count
+            if replayed_from == "log":
+                self.replayed_from_log += count
+            elif replayed_from == "ring":
+                self.replayed += count
+
+    def _forget(self, client_id):
+        """Unregister a client whose stream ended (idempotent)."""
+        with self._lock:
+            self._clients.pop(client_id, None)
+
+    # -- HTTP ---------------------------------------------------------------------------
 
     def _serve(self, info, last_event_id_raw):
         """(status, headers, body iterable) for a stream request."""
@@ -508,7 +376,8 @@ class SSEBridge:
             return _plain(refused.status, refused.reason)
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                    ("X-Accel-Buffering", "no")]
-        return "200 OK", headers, _Body(self, client, self._stream(client, registered_at, replay, last_event_id))
+        body = _sse_stream.stream(client, self._hooks, self.heartbeat_s, last_event_id, registered_at, replay)
+        return "200 OK", headers, _sse_stream.Body(body, self._forget, client.id)
 
     def wsgi_app(self, environ, start_response):
         """A WSGI application serving the stream (``?channels=a,b``) at any path."""
@@ -538,23 +407,6 @@ class SSEBridge:
             return flask.Response(body, status=status, headers=headers)
 
         return bp
-
-
-class _Body:
-    """The WSGI response body: closing it unregisters the client even if it was never iterated."""
-
-    def __init__(self, bridge, client, gen):
-        self._bridge = bridge
-        self._client = client
-        self._gen = gen
-
-    def __iter__(self):
-        return self._gen
-
-    def close(self):
-        self._gen.close()
-        with self._bridge._lock:
-            self._bridge._clients.pop(self._client.id, None)
 
 
 def _split(value):

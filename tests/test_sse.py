@@ -1,4 +1,4 @@
-"""The SSE bridge (pgnotify_sync/sse.py) over real HTTP: werkzeug's threaded
+"""The SSE bridge (sse.py, _sse_stream.py, _sse_ring.py) over real HTTP: werkzeug's threaded
 server on a free port, a small SSE reader on http.client, a real PostgreSQL.
 
 Resume after a client disconnect (ring: exact, in delivery order, late commits

@@ -250,9 +250,7 @@ class SSEBridge:
         through the listener's ``error`` signal (kind ``sse``). Never under our lock."""
         with self._lock:
             self.user_code_errors += 1
-        report = getattr(self.listener, "_report", None)
-        if report is not None:
-            report("sse", exc, channel, event_id=event_id, what=what)
+        self.listener.report("sse", exc, channel, event_id=event_id, what=what)
 
     def close(self):
         """End every open stream and refuse new ones (503). Idempotent."""

@@ -260,8 +260,9 @@ class SSEBridge:
             self._clients.clear()
         for client in clients:
             client.end("closed")
-        for channel in self.channels:
-            self.listener.signals.event.disconnect(self._on_event, sender=channel)
+        # One disconnect for every sender: blinker keeps a receiver disconnected only
+        # sender by sender in ``receivers``, and with it this bridge and its ring.
+        self.listener.signals.event.disconnect(self._on_event)
 
     # -- events from the listener (worker threads) ----------------------------------------
 

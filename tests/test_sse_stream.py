@@ -266,3 +266,19 @@ def test_bridge_hooks_match_the_protocol():
         bridge.close()
         listener.stop()
     assert hooks.stopped() is True
+
+
+def test_a_closed_bridge_is_not_kept_alive_by_the_listener():
+    import gc
+    import weakref
+    from pgnotify_sync import Config, Listener
+    from pgnotify_sync.sse import SSEBridge, allow_all
+    listener = Listener(Config(postgres_user="u", postgres_db="d", channels=("a", "b")), registry=False)
+    bridge = SSEBridge(listener, ("a", "b"), authorize=allow_all)
+    assert len(listener.signals.event.receivers) == 1
+    bridge.close()
+    assert not listener.signals.event.receivers      # blinker keeps per-sender disconnects here
+    gone = weakref.ref(bridge)
+    del bridge
+    gc.collect()
+    assert gone() is None, "the listener still holds a closed bridge (and its replay ring)"

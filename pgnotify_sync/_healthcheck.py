@@ -11,10 +11,8 @@ State only: the reader (its one user, on its own thread) drives it.
 import itertools
 import time
 
-import psycopg2
-
 from ._snapshot import Snapshot
-from .errors import first_line
+from .errors import translated
 
 
 class Lost(Exception):
@@ -50,17 +48,13 @@ class HealthCheck:
         self.marker_seen = False
         self.snapshot = None
         self.cursor = conn.cursor()
-        try:
+        with translated(Lost, "health check failed"):
             self.cursor.execute("SELECT pg_current_snapshot()::text, pg_notify(%s, %s)", (self.channel, self.token))
-        except psycopg2.Error as exc:
-            raise Lost(f"health check failed: {first_line(exc)}") from exc
 
     def take_snapshot(self):
         """The statement's answer is in: keep its snapshot; Lost if it failed."""
-        try:
+        with translated(Lost, "health check failed"):
             self.snapshot = Snapshot.parse(self.cursor.fetchone()[0])
-        except psycopg2.Error as exc:
-            raise Lost(f"health check failed: {first_line(exc)}") from exc
         self.cursor.close()
         self.cursor = None
 

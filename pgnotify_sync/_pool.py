@@ -28,7 +28,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from ._threads import join_all, spawn
-from .errors import ConnectError, QueryTimeout, first_line
+from .errors import ConnectError, QueryTimeout, translated
 from .events import loads
 
 log = logging.getLogger("pgnotify_sync")
@@ -80,14 +80,12 @@ class ConnectionPool:
     def _new_connection(self):
         kwargs = dict(self._connect_kwargs_fn())
         kwargs["options"] = f"-c statement_timeout={int(self._statement_timeout_ms)}"
-        try:
+        with translated(ConnectError, f"{self.name}: cannot open a pooled connection"):
             conn = psycopg2.connect(**kwargs)
             # Same decoding as notification payloads (exact numerics).
             psycopg2.extras.register_default_jsonb(conn, loads=loads)
             psycopg2.extras.register_default_json(conn, loads=loads)
             return conn
-        except psycopg2.Error as exc:
-            raise ConnectError(f"{self.name}: cannot open a pooled connection: {first_line(exc)}") from exc
 
     def _healthy(self, conn):
         if conn.closed:

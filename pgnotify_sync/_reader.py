@@ -31,7 +31,7 @@ from ._lifecycle import ConnectionState
 from ._notifications import Router
 from ._snapshot import Snapshot
 from ._threads import spawn
-from .errors import ConnectError, PgNotifyError, SchemaError, first_line, retry_can_fix
+from .errors import ConnectError, PgNotifyError, SchemaError, first_line, retry_can_fix, translated
 from .metrics import Histogram
 
 log = logging.getLogger("pgnotify_sync")
@@ -105,10 +105,8 @@ class WakePipe:
         ConnectError on an error or past *deadline*, _Stopped on stop()."""
         wake = self.fd
         while True:
-            try:
+            with translated(ConnectError, what):
                 state = conn.poll()
-            except psycopg2.Error as exc:
-                raise ConnectError(f"{what}: {first_line(exc)}") from exc
             if state == psycopg2.extensions.POLL_OK:
                 return
             left = deadline - time.monotonic()
@@ -254,13 +252,11 @@ class Reader:
         """Connect, LISTEN on every channel, take the start snapshot."""
         cfg = self._host.config
         deadline = time.monotonic() + cfg.connect_timeout_s
-        try:
+        with translated(ConnectError, "cannot connect"):
             # After a lost session a tunnel is rebuilt even if it looks alive: a
             # frozen SSH session keeps its transport "active".
             fresh, self._tunnel_stale = self._tunnel_stale, False
             conn = psycopg2.connect(async_=True, **self._host.listener_connect_kwargs(fresh))
-        except psycopg2.Error as exc:
-            raise ConnectError(f"cannot connect: {first_line(exc)}") from exc
         try:
             self._wake.wait(conn, deadline, "connect")
             pid = conn.info.backend_pid
@@ -382,10 +378,8 @@ class Reader:
                     self._wake.drain()
                     if self._stop.is_set():
                         return
-            try:
+            with translated(Lost):
                 state = conn.poll()
-            except psycopg2.Error as exc:
-                raise Lost(first_line(exc)) from exc
             want_write = state == POLL_WRITE
             if want_write != writing:
                 writing = want_write

@@ -6,8 +6,11 @@ Exceptions are raised only in the caller's thread. Failures in background
 threads become a log line, a metric and an ``error`` signal instead.
 """
 
+import contextlib
 import enum
 import threading
+
+import psycopg2
 
 
 class ErrorKind(str, enum.Enum):
@@ -74,6 +77,19 @@ def first_line(exc):
     (DETAIL, HINT), log lines and messages take one."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def translated(error_type, what=None):
+    """The one mapping of the driver's errors, used at each I/O boundary (httpcore's
+    ``map_exceptions``): a ``psycopg2.Error`` raised in the block comes out as
+    ``error_type("what: first line")``, chained to it; everything else passes
+    through. (paramiko's errors are mapped in _tunnel.py, the one module that talks
+    to it, with their ``retryable`` flag.)"""
+    try:
+        yield
+    except psycopg2.Error as exc:
+        raise error_type(f"{what}: {first_line(exc)}" if what else first_line(exc)) from exc
 
 
 def describe(exc):

@@ -1,9 +1,10 @@
 """``pgnotify-sync demo``: live events from a demo table.
 
 With no database configured (POSTGRES_DB unset) it starts a throwaway local
-PostgreSQL (see _cluster.py; as root it runs the server as the ``postgres`` OS
-user), installs the schema objects, creates and watches ``demo_messages``, and
-prints each event as the demo writer inserts, updates and deletes rows.
+PostgreSQL (:mod:`pgnotify_sync.testing`; as root it runs the server as the
+``postgres`` OS user), installs the schema objects, creates and watches
+``demo_messages``, and prints each event as the demo writer inserts, updates and
+deletes rows.
 
 ``--web`` serves the same events to a browser instead: a threaded werkzeug server
 on 127.0.0.1 with a page (``pgnotify_sync/web/index.html``) whose ``EventSource``
@@ -40,7 +41,7 @@ def _target(args):
     if os.environ.get("POSTGRES_DB") or args.db:
         from .cli import _config
         return _config(args, channels=("demo",)), None
-    from ._cluster import TemporaryCluster
+    from .testing import TemporaryCluster
     say("demo: no POSTGRES_DB set: starting a throwaway PostgreSQL ...")
     cluster = TemporaryCluster().start()
     info = cluster.conninfo("postgres")

@@ -24,7 +24,7 @@ import tempfile
 
 import pytest
 
-from pgnotify_sync._cluster import ClusterError, TemporaryCluster, find_pg_bindir
+from pgnotify_sync.testing import ClusterError, TemporaryCluster, find_pg_bindir
 
 # Why the session cluster failed to start, if it did (shown by the setup hook).
 _cluster_failure = None

@@ -6,9 +6,8 @@ everything again on ``cleanup()``.  Durability is switched off (``fsync=off`` an
 friends) because the data is disposable and speed matters more.
 
 Running the binaries is _server.py's job, the root / ``postgres`` OS user file
-handling _postgres_user.py's, the superuser's SQL _admin.py's.  Only the standard
-library and psycopg2 are used, so this package can be imported without the rest
-of pgnotify_sync.
+handling _postgres_user.py's, the superuser's SQL _admin.py's.  These four modules
+use only the standard library and psycopg2, nothing else of pgnotify_sync.
 """
 
 import os
@@ -52,7 +51,14 @@ class TemporaryCluster:
     """A disposable PostgreSQL cluster on 127.0.0.1.
 
     Use as a context manager (start on enter, stop and delete on exit) or call
-    ``start()`` / ``cleanup()`` yourself.  ``bindir`` overrides binary discovery.
+    ``start()`` / ``cleanup()`` yourself.  ``bindir`` overrides binary discovery;
+    ``settings`` are extra server settings (``{"work_mem": "8MB"}``).
+
+    Server: ``start()``, ``stop(mode)``, ``restart(mode)``, ``is_running()``,
+    ``cleanup()``; ``host``, ``port``, ``user``, ``password``, ``base_dir``,
+    ``data_dir``, ``log_path``.  Client side: ``conninfo(dbname)``,
+    ``connect(dbname)``, ``create_database``, ``drop_database``,
+    ``terminate_backends(dbname, application_name)``.
     """
 
     host = "127.0.0.1"
@@ -293,7 +299,7 @@ class TemporaryCluster:
         conn.autocommit = autocommit
         return conn
 
-    def _admin(self, fn):
+    def _as_superuser(self, fn):
         conn = self.connect("postgres", autocommit=True)
         try:
             with conn.cursor() as cur:
@@ -302,11 +308,11 @@ class TemporaryCluster:
             conn.close()
 
     def create_database(self, name):
-        self._admin(lambda cur, _version: _admin.create_database(cur, name))
+        self._as_superuser(lambda cur, _version: _admin.create_database(cur, name))
 
     def drop_database(self, name):
         """Drop ``name`` if it exists, disconnecting anyone still using it."""
-        self._admin(lambda cur, version: _admin.drop_database(cur, version, name))
+        self._as_superuser(lambda cur, version: _admin.drop_database(cur, version, name))
 
     def terminate_backends(self, dbname=None, application_name=None):
         """pg_terminate_backend every other client backend matching the filters.
@@ -314,4 +320,5 @@ class TemporaryCluster:
         Returns how many were terminated.  On PostgreSQL 14+ this waits (up to
         5 s each) until those backends have actually exited.
         """
-        return self._admin(lambda cur, version: _admin.terminate_backends(cur, version, dbname, application_name))
+        return self._as_superuser(
+            lambda cur, version: _admin.terminate_backends(cur, version, dbname, application_name))

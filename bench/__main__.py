@@ -55,7 +55,7 @@ if __package__ in (None, ""):  # run as a file: python bench/__main__.py
 from bench import _plot, figures
 from bench._common import BenchError, bench_target, machine_info, print_machine, print_table
 from pgnotify_sync import PgNotifyError
-from pgnotify_sync._cluster import ClusterError
+from pgnotify_sync.testing import ClusterError
 
 DEFAULT_PLOT = pathlib.Path(__file__).resolve().parent / "results" / "load.png"
 ORDER = ("writer_bulk", "writer_single", "delivery", "delivery_ssh", "latency", "load", "catchup", "memory", "faults")

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts in ``bench/``.
 
 * :func:`bench_target` - where to measure: a throwaway cluster started with
-  :class:`pgnotify_sync._cluster.TemporaryCluster` (the default; always cleaned
+  :class:`pgnotify_sync.testing.TemporaryCluster` (the default; always cleaned
   up), or the server named by the ``POSTGRES_*`` environment variables.
 * :func:`prepare_bench_table`, :func:`reset_bench_table`, :func:`drop_bench_table`
   - the watched table ``public.bench_rows``; :func:`prepare_plain_table` - an
@@ -37,7 +37,7 @@ import attrs
 import psycopg2
 
 from pgnotify_sync import Config, install, unwatch_table, watch_table
-from pgnotify_sync._cluster import TemporaryCluster
+from pgnotify_sync.testing import TemporaryCluster
 
 #: The clock of every measurement. On Linux it is CLOCK_MONOTONIC (nanosecond
 #: resolution): the same clock in every thread and every process of the machine.

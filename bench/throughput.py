@@ -57,7 +57,7 @@ Usage (from the repository root)::
     python bench/throughput.py --rows 50000 --batch 500 --runs 5
     POSTGRES_USER=... POSTGRES_DB=... python -m bench.throughput --dsn-from-env
 
-By default a throwaway cluster (``pgnotify_sync._cluster.TemporaryCluster``) is
+By default a throwaway cluster (``pgnotify_sync.testing.TemporaryCluster``) is
 started and deleted at the end, even on error. ``--dsn-from-env`` uses the
 server and database of the ``POSTGRES_*`` variables instead: the schema is
 installed there, ``bench_rows`` and ``bench_plain`` are created and dropped, and
@@ -83,7 +83,7 @@ from bench._common import (PLAIN_CHANNEL, PLAIN_TABLE, BenchError, BurstWriter, 
                            prepare_plain_table, print_machine, print_table, process_cpu_s, reset_bench_table,
                            summarize)
 from pgnotify_sync import Listener, PgNotifyError
-from pgnotify_sync._cluster import ClusterError
+from pgnotify_sync.testing import ClusterError
 
 CHANNEL = "bench"
 IDLE_TIMEOUT_S = 30.0

@@ -138,7 +138,7 @@ def cmd_status(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from .testing.demo import run_demo
     return run_demo(args)
 
 

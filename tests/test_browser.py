@@ -22,7 +22,7 @@ import pytest
 
 from helpers import wait_for
 from pgutil import config_for
-from pgnotify_sync.demo import serve_demo
+from pgnotify_sync.testing.demo import serve_demo
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -6,8 +6,7 @@ import socket
 import psycopg2
 import pytest
 
-from pgnotify_sync import _cluster
-from pgnotify_sync._cluster import ClusterError, TemporaryCluster, find_pg_bindir, free_port
+from pgnotify_sync.testing import ClusterError, TemporaryCluster, _cluster, _server, find_pg_bindir, free_port
 
 
 # What a session sees once the server ended it (the FATAL message, or only the close).
@@ -31,7 +30,7 @@ def test_free_port_is_bindable():
 
 def test_find_pg_bindir_error_is_clear(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no pg_config
-    monkeypatch.setattr(_cluster.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(_server.glob, "glob", lambda pattern: [])
     with pytest.raises(ClusterError, match="initdb.*not found"):
         find_pg_bindir()
 
@@ -53,26 +52,26 @@ def test_stop_before_start_is_a_no_op(tmp_path):
 
 
 def test_tests_not_marked_integration_cannot_reach_postgres(tmp_path):
-    """tests/conftest.py's guard, seen from a test not marked integration: the binaries
+    """tests/_nopostgres.py's guard, seen from a test not marked integration: the binaries
     found here and in a subprocess are the fakes, and TemporaryCluster refuses initdb
     (the guard then fails the test whatever it caught, so only look, do not run)."""
     import subprocess
     import sys
-    import conftest
-    fake = str(conftest._no_postgres.bindir)
+    import _nopostgres
+    fake = str(_nopostgres.guard.bindir)
     assert find_pg_bindir() == fake
-    child = subprocess.run([sys.executable, "-c", "from pgnotify_sync._cluster import find_pg_bindir; "
+    child = subprocess.run([sys.executable, "-c", "from pgnotify_sync.testing import find_pg_bindir; "
                             "print(find_pg_bindir())"], capture_output=True, text=True, timeout=60)
     assert child.stdout.strip() == fake, child.stderr
-    assert TemporaryCluster._run is not conftest._no_postgres._real_run
-    assert conftest._no_postgres.item is not None
+    assert TemporaryCluster._run is not _nopostgres.guard.real_run
+    assert _nopostgres.guard.item is not None
 
 
 @pytest.mark.integration
 def test_integration_tests_reach_the_real_binaries():
-    import conftest
-    assert find_pg_bindir() != str(conftest._no_postgres.bindir)
-    assert conftest._no_postgres.item is None
+    import _nopostgres
+    assert find_pg_bindir() != str(_nopostgres.guard.bindir)
+    assert _nopostgres.guard.item is None
 
 
 # -- shared session cluster -------------------------------------------------------

@@ -365,7 +365,7 @@ def test_install_and_uninstall_are_idempotent(db):
 def test_install_sql_works_with_psql(pg_cluster, dbname):
     import os
     import subprocess
-    from pgnotify_sync._cluster import find_pg_bindir
+    from pgnotify_sync.testing import find_pg_bindir
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PGPASSWORD=pg_cluster.password)
     for name in ("install.sql", "install.sql", "rollback.sql", "rollback.sql"):

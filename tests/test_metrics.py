@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgnotify_sync._cluster import free_port
+from pgnotify_sync.testing import free_port
 from pgnotify_sync.logs import JsonFormatter
 from pgnotify_sync.metrics import metrics_wsgi_app, start_metrics_server
 

@@ -21,7 +21,7 @@ from helpers import wait_for
 from pgutil import counter, logged_ids
 from pgnotify_sync.errors import ConfigError
 from pgnotify_sync.sse import SSEBridge, allow_all
-from pgnotify_sync.web import make_server
+from pgnotify_sync.testing.web import make_server
 
 
 # -- a tiny SSE client ---------------------------------------------------------------

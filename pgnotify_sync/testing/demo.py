@@ -1,12 +1,13 @@
 """``pgnotify-sync demo``: live events from a demo table.
 
 With no database configured (POSTGRES_DB unset) it starts a throwaway local
-PostgreSQL (see _cluster.py; as root it runs the server as the ``postgres`` OS
-user), installs the schema objects, creates and watches ``demo_messages``, and
-prints each event as the demo writer inserts, updates and deletes rows.
+PostgreSQL (:mod:`pgnotify_sync.testing`; as root it runs the server as the
+``postgres`` OS user), installs the schema objects, creates and watches
+``demo_messages``, and prints each event as the demo writer inserts, updates and
+deletes rows.
 
 ``--web`` serves the same events to a browser instead: a threaded werkzeug server
-on 127.0.0.1 with a page (``pgnotify_sync/web/index.html``) whose ``EventSource``
+on 127.0.0.1 with a page (``pgnotify_sync/testing/web/index.html``) whose ``EventSource``
 reads the SSE bridge (:mod:`pgnotify_sync.sse`). :func:`serve_demo` is that
 server, usable on its own (the browser test drives it)::
 
@@ -22,8 +23,7 @@ import sys
 import threading
 import time
 
-from .config import Config
-from .errors import PgNotifyError
+from ..errors import PgNotifyError
 
 
 _print_lock = threading.Lock()
@@ -38,24 +38,20 @@ def say(text):
 
 def _target(args):
     if os.environ.get("POSTGRES_DB") or args.db:
-        from .cli import _config
+        from ..cli import _config
         return _config(args, channels=("demo",)), None
-    from ._cluster import TemporaryCluster
+    from . import TemporaryCluster, config_for
     say("demo: no POSTGRES_DB set: starting a throwaway PostgreSQL ...")
     cluster = TemporaryCluster().start()
-    info = cluster.conninfo("postgres")
-    say(f"demo: PostgreSQL running on {info['host']}:{info['port']} ({cluster.base_dir})")
-    cfg = Config(postgres_host=info["host"], postgres_port=info["port"], postgres_user=info["user"],
-                 postgres_password=info["password"], postgres_db=info["dbname"], channels=("demo",),
-                 reconnect_delay_ms=100, health_check_interval_s=2.0)
-    return cfg, cluster
+    say(f"demo: PostgreSQL running on {cluster.host}:{cluster.port} ({cluster.base_dir})")
+    return config_for(cluster, "postgres", channels=("demo",)), cluster
 
 
 def prepare_demo_table(cfg):
     """Install the schema objects, create ``demo_messages`` and watch it on channel ``demo``."""
     import psycopg2
 
-    from .schema import install, watch_table
+    from ..schema import install, watch_table
 
     conn = psycopg2.connect(**cfg.connect_kwargs())
     try:
@@ -104,8 +100,8 @@ def serve_demo(cfg, port=0, host="127.0.0.1", listener_name="demo-web", prepare=
     *host*:*port* (0: a free port) serving the page at ``/`` and the stream at
     ``/events/stream``. Nothing is written: that is the caller's (or the demo writer's) job.
     """
-    from .listener import Listener
-    from .sse import SSEBridge, allow_all
+    from ..listener import Listener
+    from ..sse import SSEBridge, allow_all
     from .web import demo_app, make_server
 
     if "demo" not in cfg.channels:
@@ -139,7 +135,7 @@ def run_demo(args):
         return _run_web_demo(args)
     if args.changes is None:
         args.changes = 12
-    from .listener import Listener
+    from ..listener import Listener
 
     cfg, cluster = _target(args)
     listener = None

@@ -1,42 +1,27 @@
-"""A throwaway local PostgreSQL cluster for tests, the ``demo`` command and benchmarks.
+"""The throwaway cluster: ``TemporaryCluster`` creates, starts, stops and deletes one server.
 
 ``TemporaryCluster`` runs ``initdb`` into a private directory, starts a server that
 listens on 127.0.0.1 only (plus a Unix socket in that directory), and removes
 everything again on ``cleanup()``.  Durability is switched off (``fsync=off`` and
 friends) because the data is disposable and speed matters more.
 
-PostgreSQL refuses to run as root, so when the current process is root every
-server command is run as the ``postgres`` OS user through ``runuser``, and the
-cluster directory (and the permissions of its parents) are adjusted so that user
-can reach it.
-
-Only the standard library and psycopg2 are used, so this module can be imported
-without the rest of the package.
+Running the binaries is _server.py's job, the root / ``postgres`` OS user file
+handling _postgres_user.py's, the superuser's SQL _admin.py's.  These four modules
+use only the standard library and psycopg2, nothing else of pgnotify_sync.
 """
 
-import glob
 import os
-import pwd
 import re
 import shlex
 import shutil
-import socket
-import stat
-import subprocess
 import tempfile
 
 import psycopg2
-from psycopg2 import sql
 
-__all__ = ["ClusterError", "TemporaryCluster", "find_pg_bindir", "free_port"]
+from . import _admin, _postgres_user, _server
+from ._server import ClusterError, find_pg_bindir, free_port
 
-# OS user that owns the server files when we are root.
-_PG_OS_USER = "postgres"
-
-# Upper bound for any single initdb / pg_ctl call; pg_ctl's own -t is below it
-# so pg_ctl reports the timeout itself (with a useful message) first.
-_PG_CTL_WAIT_SECONDS = 60
-_COMMAND_TIMEOUT = _PG_CTL_WAIT_SECONDS + 30
+__all__ = ["ClusterError", "TemporaryCluster"]
 
 # How many ports we try when the server could not bind the one we picked.
 _START_ATTEMPTS = 3
@@ -50,62 +35,6 @@ _PORT_IN_USE = re.compile(
 
 # sun_path is 108 bytes on Linux; PostgreSQL refuses longer socket paths.
 _MAX_SOCKET_PATH = 107
-
-
-class ClusterError(RuntimeError):
-    """The temporary cluster could not be created, started or stopped."""
-
-
-def _has_server_binaries(bindir):
-    return all(os.access(os.path.join(bindir, name), os.X_OK) for name in ("initdb", "pg_ctl"))
-
-
-def _version_key(bindir):
-    # /usr/lib/postgresql/15/bin -> (15,); compare numerically so 9.6 < 10 < 15.
-    version = os.path.basename(os.path.dirname(bindir))
-    return tuple(int(part) for part in re.findall(r"\d+", version))
-
-
-def find_pg_bindir():
-    """Return the directory holding ``initdb`` and ``pg_ctl``.
-
-    ``pg_config --bindir`` wins when it points at the server binaries; on Debian
-    it often does not (libpq-dev alone ships pg_config), so we then fall back to
-    the newest ``/usr/lib/postgresql/*/bin``.
-    """
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        if out and _has_server_binaries(out):
-            return out
-    candidates = [d for d in glob.glob("/usr/lib/postgresql/*/bin") if _has_server_binaries(d)]
-    if candidates:
-        return max(candidates, key=_version_key)
-    raise ClusterError(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found: neither `pg_config --bindir` "
-        "nor /usr/lib/postgresql/*/bin has them. Install them, e.g. `apt-get install postgresql`, "
-        "or run scripts/bootstrap.sh."
-    )
-
-
-def free_port():
-    """Return a TCP port on 127.0.0.1 that was free a moment ago.
-
-    Another process may grab it before the server binds it; ``start()`` retries
-    with a new port in that case.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tail(text, lines=30):
-    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def _format_setting(value):
@@ -122,7 +51,14 @@ class TemporaryCluster:
     """A disposable PostgreSQL cluster on 127.0.0.1.
 
     Use as a context manager (start on enter, stop and delete on exit) or call
-    ``start()`` / ``cleanup()`` yourself.  ``bindir`` overrides binary discovery.
+    ``start()`` / ``cleanup()`` yourself.  ``bindir`` overrides binary discovery;
+    ``settings`` are extra server settings (``{"work_mem": "8MB"}``).
+
+    Server: ``start()``, ``stop(mode)``, ``restart(mode)``, ``is_running()``,
+    ``cleanup()``; ``host``, ``port``, ``user``, ``password``, ``base_dir``,
+    ``data_dir``, ``log_path``.  Client side: ``conninfo(dbname)``,
+    ``connect(dbname)``, ``create_database``, ``drop_database``,
+    ``terminate_backends(dbname, application_name)``.
     """
 
     host = "127.0.0.1"
@@ -168,51 +104,20 @@ class TemporaryCluster:
 
     # -- running commands --------------------------------------------------------
 
-    def _as_postgres(self):
-        return os.geteuid() == 0
-
     def _run(self, argv, what):
-        """Run a server binary (as the postgres user when we are root).
+        """Run a server binary (as the postgres user when we are root), in base_dir.
 
+        Every server command goes through here (tests/_nopostgres.py wraps it).
         Returns the CompletedProcess; raises ClusterError if it cannot be run or
         times out.  The caller decides whether a non-zero exit is an error.
         """
-        if self._as_postgres():
-            argv = ["runuser", "-u", _PG_OS_USER, "--"] + argv
-        try:
-            # cwd=base_dir: the postgres user may not be allowed into our cwd
-            # (e.g. /root), which makes initdb print warnings.
-            return subprocess.run(
-                argv,
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=_COMMAND_TIMEOUT,
-            )
-        except FileNotFoundError as exc:
-            raise ClusterError(f"{what}: cannot run {argv[0]!r}: {exc}") from exc
-        except subprocess.TimeoutExpired as exc:
-            output = (exc.stdout or "") + (exc.stderr or "")
-            if isinstance(output, bytes):
-                output = output.decode(errors="replace")
-            raise ClusterError(
-                f"{what} timed out after {_COMMAND_TIMEOUT}s\n{_tail(output)}\n{self._log_tail()}"
-            ) from exc
+        return _server.run(_postgres_user.command(argv), self.base_dir, what, self.log_path)
 
     def _pg(self, name):
-        path = os.path.join(self.bindir, name)
-        if not os.access(path, os.X_OK):
-            raise ClusterError(f"{name} not found or not executable at {path} (bindir={self.bindir})")
-        return path
+        return _server.binary(self.bindir, name)
 
-    def _log_tail(self, lines=30):
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            return "(no server log)"
-        return f"--- last lines of {self.log_path} ---\n{_tail(text, lines)}"
+    def _log_tail(self):
+        return _server.log_tail(self.log_path)
 
     # -- directory preparation -------------------------------------------------
 
@@ -223,18 +128,7 @@ class TemporaryCluster:
             self._owns_base_dir = True
         if self._socket_dir is None:
             self._socket_dir = self._choose_socket_dir()
-        if not self._as_postgres():
-            return
-        try:
-            pg = pwd.getpwnam(_PG_OS_USER)
-        except KeyError as exc:
-            raise ClusterError(
-                f"running as root but there is no {_PG_OS_USER!r} OS user to run PostgreSQL as "
-                "(it is created by the postgresql packages)"
-            ) from exc
-        for path in {self.base_dir, self._socket_dir}:
-            _allow_traversal_of_parents(path)
-            os.chown(path, pg.pw_uid, pg.pw_gid)
+        _postgres_user.hand_over([self.base_dir, self._socket_dir])
 
     def _choose_socket_dir(self):
         # Deep base dirs (pytest's, say) can exceed the Unix socket path limit;
@@ -252,13 +146,7 @@ class TemporaryCluster:
 
     def _initdb(self):
         pwfile = os.path.join(self.base_dir, ".pwfile")
-        # Created 0600 from the start: base_dir may be readable by others.
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(self.password + "\n")
-        if self._as_postgres():
-            pg = pwd.getpwnam(_PG_OS_USER)
-            os.chown(pwfile, pg.pw_uid, pg.pw_gid)
+        _postgres_user.write_secret(pwfile, self.password + "\n")
         try:
             # --locale=C: always available, so initdb cannot fail on a missing
             # or mismatched locale in the caller's environment; UTF8 works with it.
@@ -281,7 +169,7 @@ class TemporaryCluster:
         if proc.returncode != 0:
             raise ClusterError(
                 f"initdb failed (exit {proc.returncode}) for {self.data_dir}\n"
-                f"{_tail(proc.stdout + proc.stderr)}"
+                f"{_server.tail(proc.stdout + proc.stderr)}"
             )
 
     def _server_options(self):
@@ -307,7 +195,7 @@ class TemporaryCluster:
                 self._pg("pg_ctl"),
                 "-D", self.data_dir,
                 "-l", self.log_path,
-                "-w", "-t", str(_PG_CTL_WAIT_SECONDS),
+                "-w", "-t", str(_server.PG_CTL_WAIT_SECONDS),
                 "-o", self._server_options(),
                 "start",
             ],
@@ -322,11 +210,11 @@ class TemporaryCluster:
         if self.is_running():
             return self
         for attempt in range(1, _START_ATTEMPTS + 1):
-            log_size = _file_size(self.log_path)
+            log_size = _server.file_size(self.log_path)
             proc = self._pg_ctl_start()
             if proc.returncode == 0:
                 return self
-            new_log = _read_from(self.log_path, log_size)
+            new_log = _server.read_from(self.log_path, log_size)
             port_taken = bool(_PORT_IN_USE.search(new_log))
             if port_taken and not self._port_was_given and attempt < _START_ATTEMPTS:
                 # free_port() races with other processes; just pick another one.
@@ -335,7 +223,7 @@ class TemporaryCluster:
             raise ClusterError(
                 f"pg_ctl start failed (exit {proc.returncode}) on port {self.port}"
                 f"{' (port in use)' if port_taken else ''}\n"
-                f"{_tail(proc.stdout + proc.stderr)}\n{self._log_tail()}"
+                f"{_server.tail(proc.stdout + proc.stderr)}\n{self._log_tail()}"
             )
         raise AssertionError("unreachable")  # the loop always returns or raises
 
@@ -354,7 +242,7 @@ class TemporaryCluster:
             [
                 self._pg("pg_ctl"),
                 "-D", self.data_dir,
-                "-w", "-t", str(_PG_CTL_WAIT_SECONDS),
+                "-w", "-t", str(_server.PG_CTL_WAIT_SECONDS),
                 "-m", mode,
                 "stop",
             ],
@@ -364,7 +252,7 @@ class TemporaryCluster:
         if proc.returncode != 0 and self.is_running():
             raise ClusterError(
                 f"pg_ctl stop -m {mode} failed (exit {proc.returncode})\n"
-                f"{_tail(proc.stdout + proc.stderr)}\n{self._log_tail()}"
+                f"{_server.tail(proc.stdout + proc.stderr)}\n{self._log_tail()}"
             )
 
     def restart(self, mode="fast"):
@@ -411,7 +299,7 @@ class TemporaryCluster:
         conn.autocommit = autocommit
         return conn
 
-    def _admin(self, fn):
+    def _as_superuser(self, fn):
         conn = self.connect("postgres", autocommit=True)
         try:
             with conn.cursor() as cur:
@@ -420,23 +308,11 @@ class TemporaryCluster:
             conn.close()
 
     def create_database(self, name):
-        def create(cur, _version):
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-        self._admin(create)
+        self._as_superuser(lambda cur, _version: _admin.create_database(cur, name))
 
     def drop_database(self, name):
         """Drop ``name`` if it exists, disconnecting anyone still using it."""
-
-        def drop(cur, version):
-            ident = sql.Identifier(name)
-            if version >= 130000:
-                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
-            else:
-                _terminate(cur, version, name, None)
-                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(ident))
-
-        self._admin(drop)
+        self._as_superuser(lambda cur, version: _admin.drop_database(cur, version, name))
 
     def terminate_backends(self, dbname=None, application_name=None):
         """pg_terminate_backend every other client backend matching the filters.
@@ -444,56 +320,5 @@ class TemporaryCluster:
         Returns how many were terminated.  On PostgreSQL 14+ this waits (up to
         5 s each) until those backends have actually exited.
         """
-        return self._admin(lambda cur, version: _terminate(cur, version, dbname, application_name))
-
-
-def _terminate(cur, server_version, dbname, application_name):
-    # The timeout form (PG 14+) makes the call return only once the backend is
-    # gone, so callers observe the disconnect without polling.
-    call = "pg_terminate_backend(pid, 5000)" if server_version >= 140000 else "pg_terminate_backend(pid)"
-    cur.execute(
-        f"""
-        SELECT count(*) FILTER (WHERE {call})
-        FROM pg_stat_activity
-        WHERE pid <> pg_backend_pid()
-          AND backend_type = 'client backend'
-          AND (%(db)s::text IS NULL OR datname = %(db)s)
-          AND (%(app)s::text IS NULL OR application_name = %(app)s)
-        """,
-        {"db": dbname, "app": application_name},
-    )
-    return cur.fetchone()[0]
-
-
-def _allow_traversal_of_parents(path):
-    """Give "others" search (x) permission on every ancestor that lacks it.
-
-    A root-owned 0700 parent (pytest's basetemp, mkdtemp dirs) would otherwise
-    stop the postgres user from reaching its own data directory.  Only x is
-    added, never r, so directory listings stay private.
-    """
-    parent = os.path.dirname(os.path.abspath(path))
-    while True:
-        mode = os.stat(parent).st_mode
-        if not mode & stat.S_IXOTH:
-            os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)
-        up = os.path.dirname(parent)
-        if up == parent:
-            return
-        parent = up
-
-
-def _file_size(path):
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def _read_from(path, offset):
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            f.seek(offset)
-            return f.read()
-    except OSError:
-        return ""
+        return self._as_superuser(
+            lambda cur, version: _admin.terminate_backends(cur, version, dbname, application_name))

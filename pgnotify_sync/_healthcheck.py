@@ -47,8 +47,8 @@ class HealthCheck:
         self.pending = True
         self.marker_seen = False
         self.snapshot = None
-        self.cursor = conn.cursor()
         with translated(Lost, "health check failed"):
+            self.cursor = conn.cursor()     # raises too on a closed connection
             self.cursor.execute("SELECT pg_current_snapshot()::text, pg_notify(%s, %s)", (self.channel, self.token))
 
     def take_snapshot(self):

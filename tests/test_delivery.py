@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from pgnotify_sync._counters import Counters
 from pgnotify_sync._delivery import Delivery
-from pgnotify_sync._dispatch import ChannelState
+from pgnotify_sync._channel import ChannelState
+from pgnotify_sync._observe import new_stats
 from pgnotify_sync.events import DatabaseEvent, Operation
 from pgnotify_sync.signals import ListenerSignals
 
@@ -24,12 +24,17 @@ def ev(ident, op=Operation.INSERT, table="t", channel="messages"):
 class Setup:
     def __init__(self, checkpoint_every=0, durable=False):
         self.signals = ListenerSignals()
-        self.stats = Counters(delivered=0, handler_errors=0)
+        self.channels = {}
+        self.stats = new_stats(self.channels)     # the listener's: totals summed over channels
         self.reports = []
         self.saves = []             # (channel name, id of the last event handled, undelivered ids then)
         self.handled = []           # ids seen by any handler, in call order
-        self.delivery = Delivery("t", self.signals, self.stats, self.report, checkpoint_every,
+        self.delivery = Delivery("t", self.signals, self.report, checkpoint_every,
                                  save=self.save if durable else None)
+
+    def channel(self, name, wire):
+        ch = self.channels[name] = ChannelState(name, wire)
+        return ch
 
     def report(self, kind, error, channel, **kwargs):
         self.reports.append((kind, error, channel, kwargs))
@@ -62,7 +67,7 @@ class Setup:
 
 def test_every_handler_gets_every_event_in_order():
     s = Setup()
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     a, b = s.on_event("messages", s.recorder()), s.on_event("messages", s.recorder())
     s.delivery.deliver(ch, [ev(i) for i in range(1, 6)])
     s.delivery.deliver(ch, [ev(6)])
@@ -73,7 +78,7 @@ def test_every_handler_gets_every_event_in_order():
 
 def test_only_the_channels_handlers_and_catch_all_receivers_are_called():
     s = Setup()
-    messages = ChannelState("messages", "messages")
+    messages = s.channel("messages", "messages")
     mine = s.on_event("messages", s.recorder())
     other = s.on_event("orders", s.recorder())
     calls = []
@@ -89,7 +94,7 @@ def test_only_the_channels_handlers_and_catch_all_receivers_are_called():
 
 def test_a_bare_receiver_gets_the_channel_as_sender_and_the_event():
     s = Setup()
-    ch = ChannelState("orders", "app.orders")
+    ch = s.channel("orders", "app.orders")
     seen = []
     s.signals.event.connect(lambda sender, event: seen.append((sender, event)), sender="orders", weak=False)
     event = ev(1, channel="orders")
@@ -99,7 +104,7 @@ def test_a_bare_receiver_gets_the_channel_as_sender_and_the_event():
 
 def test_counting():
     s = Setup()
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     s.on_event("messages", lambda e: None)
     events = [ev(1), ev(2), ev(3, Operation.UPDATE), ev(4), ev(5), ev(6, table="u"), ev(7, Operation.DELETE, "u")]
     s.delivery.deliver(ch, events[:4])
@@ -115,7 +120,7 @@ def test_counting():
 
 def test_slow_handlers_land_in_later_buckets():
     s = Setup()
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     slow_for = 2 * ch.handler_hist.buckets[0]
 
     def handler(event):
@@ -134,7 +139,7 @@ def test_slow_handlers_land_in_later_buckets():
 
 def test_no_handler_still_counts_as_delivered():
     s = Setup()
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     s.delivery.deliver(ch, [ev(1), ev(2)])
     assert ch.delivered == 2 and s.stats["delivered"] == 2
 
@@ -147,7 +152,7 @@ def test_no_handler_still_counts_as_delivered():
                          ids=lambda e: type(e).__name__)
 def test_a_raising_handler_is_counted_reported_and_delivery_goes_on(handlers, error):
     s = Setup()
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     got = []
 
     def failing(event):
@@ -168,7 +173,7 @@ def test_a_raising_handler_is_counted_reported_and_delivery_goes_on(handlers, er
 def test_keyboard_interrupt_in_the_main_thread_propagates():
     assert threading.current_thread() is threading.main_thread()
     s = Setup()
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     got = []
 
     def handler(event):
@@ -185,7 +190,7 @@ def test_keyboard_interrupt_in_the_main_thread_propagates():
 def test_keyboard_interrupt_in_another_thread_is_reported():
     """In our threads a KeyboardInterrupt is not Ctrl-C: user code raised it."""
     s = Setup()
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     got = []
     outcome = []
 
@@ -216,7 +221,7 @@ def test_keyboard_interrupt_in_another_thread_is_reported():
 
 def test_a_durable_consumer_checkpoints_every_n_events():
     s = Setup(checkpoint_every=3, durable=True)
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     s.on_event("messages", s.recorder())
     s.delivery.deliver(ch, [ev(i) for i in range(1, 8)])
     # After events 3 and 6; what the batch had not yet handed out is not stored as handled.
@@ -239,7 +244,7 @@ def test_the_checkpoint_count_carries_across_batches_per_channel():
 
 def test_a_checkpoint_counts_events_whose_handler_raised():
     s = Setup(checkpoint_every=2, durable=True)
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     rec = s.recorder()
 
     def handler(event):
@@ -252,7 +257,7 @@ def test_a_checkpoint_counts_events_whose_handler_raised():
 
 def test_catch_up_progress_is_kept_while_checkpointing():
     s = Setup(checkpoint_every=100, durable=True)
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     ch.in_catchup = True
     s.delivery.deliver(ch, [ev(5), ev(8), ev(9)])
     assert ch.catchup_upto == 9
@@ -262,7 +267,7 @@ def test_catch_up_progress_is_kept_while_checkpointing():
 @pytest.mark.parametrize("every, durable", [(3, False), (0, True)], ids=["not durable", "checkpoint_every=0"])
 def test_no_checkpoints(every, durable):
     s = Setup(checkpoint_every=every, durable=durable)
-    ch = ChannelState("messages", "messages")
+    ch = s.channel("messages", "messages")
     ch.in_catchup = True
     s.on_event("messages", s.recorder())
     s.delivery.deliver(ch, [ev(i) for i in range(1, 8)])

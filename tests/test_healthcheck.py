@@ -195,9 +195,6 @@ def test_a_round_trip_on_a_real_connection(async_conn, db):
     assert hc.finish(1.0) is not None
 
 
-@pytest.mark.xfail(strict=True, raises=psycopg2.InterfaceError,
-                   reason="HealthCheck.send calls conn.cursor() outside its try: on a closed connection it "
-                          "raises psycopg2.InterfaceError, not Lost as its docstring says")
 def test_send_on_a_closed_connection_is_lost(dsn):
     conn = psycopg2.connect(async_=True, **dsn)
     wait_ready(conn)

@@ -10,8 +10,8 @@ import json
 import pytest
 from psycopg2.extensions import Notify
 
-from pgnotify_sync._counters import Counters
-from pgnotify_sync._dispatch import ChannelState
+from pgnotify_sync._channel import ChannelState
+from pgnotify_sync._observe import new_stats
 from pgnotify_sync._healthcheck import HealthCheck
 from pgnotify_sync._notifications import Router
 from pgnotify_sync.errors import PayloadError
@@ -36,8 +36,8 @@ class Setup:
         self.messages = ChannelState("messages", "app.messages")     # logical name, wire name
         self.orders = ChannelState("orders", "app.orders")
         self.dispatcher = FakeDispatcher([self.messages, self.orders], self.timeline)
-        self.stats = Counters(received=0, parse_errors=0)
-        self.router = Router("t", self.dispatcher, self.stats, self.report)
+        self.stats = new_stats({"messages": self.messages, "orders": self.orders})   # totals over channels
+        self.router = Router("t", self.dispatcher, self.report)
         self.hc = HealthCheck(HC_CHANNEL, 0.0)
         self.hc.token = "7"
 

@@ -15,7 +15,7 @@ import psycopg2.errors
 import psycopg2.extensions
 import pytest
 
-from pgnotify_sync._cluster import free_port
+from pgnotify_sync.testing import free_port
 from pgnotify_sync._pool import ConnectionPool
 from pgnotify_sync.errors import ConnectError, QueryTimeout
 
@@ -29,6 +29,7 @@ def make_pool(dsn):
     config = config_for(dsn)
 
     def make(name="test-pool", maxconn=2, connect_kwargs_fn=config.connect_kwargs, **kwargs):
+        kwargs.setdefault("statement_timeout_ms", 30_000)
         pool = ConnectionPool(name, connect_kwargs_fn, maxconn, **kwargs)
         pools.append(pool)
         return pool

@@ -53,7 +53,7 @@ class ChannelState:
                  "catchup_target", "catchup_upto", "in_catchup",
                  "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors",
                  "delivered_by", "handler_hist", "caught_up", "lag", "gap_events", "since_checkpoint",
-                 "last_event_at")
+                 "last_event_at", "unmatched_hints", "missed")
 
     def __init__(self, name, wire):
         self.name = name
@@ -91,3 +91,5 @@ class ChannelState:
         self.gap_events = 0
         self.since_checkpoint = 0   # events delivered since the consumer's position was stored
         self.last_event_at = None   # wall-clock time of the last delivery
+        self.unmatched_hints = 0    # hints that matched no committed event of the channel (forged, trimmed)
+        self.missed = 0             # events delivered by the position check: no notification came

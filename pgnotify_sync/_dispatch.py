@@ -49,8 +49,13 @@ class DispatchHooks(typing.Protocol):
     def catch_up(self, ch) -> tuple:
         """(target snapshot, iterator of event pages) from ch.position up to now."""
 
-    def fetch_ref(self, ch, ref):
-        """The event an EventRef points at, or None if it is gone from the log."""
+    def fetch_ids(self, ch, ids):
+        """The committed events of the channel among log *ids* (any order; channel
+        checked, xids are the log's)."""
+
+    def window(self, ch, target):
+        """(id, xid) of the channel's events of transactions visible in snapshot
+        *target* and not in ch.position (the position check)."""
 
     def fetch_range(self, ch, rng, after=0, previous=None) -> tuple:
         """(a page of the range's events above id *after*, whether more follow)."""

@@ -66,7 +66,18 @@ _CATCHUP_SQL = _ROWS.format(where="""channel = %(channel)s
 _RANGE_SQL = _ROWS.format(where="id BETWEEN %(first)s AND %(last)s AND xid::text = %(xid)s "
                                 "AND channel = %(channel)s", limit="LIMIT %(limit)s")
 
-_FETCH_SQL = _ROWS.format(where="id = %(id)s", limit="")
+# Hints read together: the ids are checked against the channel here, the xids by
+# the worker (a hint must name the row's own transaction).
+_IDS_SQL = _ROWS.format(where="id = ANY(%(ids)s) AND id > %(after)s AND channel = %(channel)s", limit="")
+
+# The position check: (id, xid) of events of transactions that became visible.
+_WINDOW_SQL = """
+SELECT id, xid::text::bigint FROM pgnotify_sync.event_log
+ WHERE channel = %(channel)s
+   AND xid >= %(pos_xmin)s::text::xid8 AND xid < %(to_xmax)s::text::xid8
+   AND pg_visible_in_snapshot(xid, %(to)s::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)
+"""
 
 _REPLAY_SQL = """
 SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old, channel
@@ -159,10 +170,29 @@ class EventLog:
                                                        "xid": str(rng.xid), "channel": wire, "limit": limit})
         return events, cut or len(events) == limit
 
-    def event(self, channel, ident):
-        """The event with log id *ident*, or None if it is no longer there."""
-        events, _ = self._read(channel, _FETCH_SQL, {"id": ident})
-        return events[0] if events else None
+    def events_by_id(self, channel, wire, ids):
+        """The committed events of channel *wire* among log ids *ids*, in id order
+        (pages cut by bytes are read on); CatchUpFailed if the log cannot be read."""
+        found = []
+        after = 0
+        while True:
+            events, cut = self._read(channel, _IDS_SQL, {"ids": list(ids), "after": after, "channel": wire})
+            found.extend(events)
+            if not (cut and events):
+                return found
+            after = events[-1].id
+
+    def window(self, wire, position, target):
+        """(id, xid) of every event of channel *wire* whose transaction is visible
+        in *target* and not in *position*; CatchUpFailed if the log cannot be read."""
+        params = {"channel": wire, "pos_xmin": str(position.xmin), "to_xmax": str(target.xmax),
+                  "to": str(target), "pos": str(position)}
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                cur.execute(_WINDOW_SQL, params)
+                return cur.fetchall()
+        except (psycopg2.Error, PgNotifyError) as exc:
+            raise CatchUpFailed(first_line(exc)) from exc
 
     def replay(self, channels_by_wire, after):
         """Every event of these channels above id *after*, in id order (the SSE

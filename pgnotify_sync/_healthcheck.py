@@ -6,13 +6,23 @@ order, so when the marker comes back every transaction visible in the snapshot
 has been received: positions may advance to it. No answer within the timeout
 means the path is dead (a frozen proxy or SSH session shows no error at all).
 State only: the reader (its one user, on its own thread) drives it.
+
+Any role that can connect may NOTIFY any channel, and a marker moves positions: so
+the marker channel is random per session, the token random per round trip, and
+only a notification sent by our own backend (its pid) counts. Anything else on
+that channel is ignored.
 """
 
-import itertools
+import secrets
 import time
 
 from ._snapshot import Snapshot
 from .errors import translated
+
+
+def channel_name():
+    """A marker channel nobody can guess (an identifier: 17 + 32 characters)."""
+    return f"pgnotify_sync.hc.{secrets.token_hex(16)}"
 
 
 class Lost(Exception):
@@ -20,15 +30,16 @@ class Lost(Exception):
 
 
 class HealthCheck:
-    """One session's round trips on marker channel *channel* (named after the
-    backend pid), the first due at *first_at* (monotonic)."""
+    """One session's round trips on marker channel *channel* (see :func:`channel_name`),
+    the first due at *first_at* (monotonic); *pid*: our backend's, the only sender
+    of a marker (None: not checked)."""
 
     __slots__ = ("channel", "token", "next_at", "sent_at", "deadline", "cursor", "snapshot", "marker_seen",
-                 "pending", "counter", "backend")
+                 "pending", "pid", "backend")
 
-    def __init__(self, channel, first_at):
+    def __init__(self, channel, first_at, pid=None):
         self.channel = channel
-        self.counter = itertools.count(1)
+        self.pid = pid
         self.token = None
         self.next_at = first_at
         self.sent_at = 0.0
@@ -41,7 +52,7 @@ class HealthCheck:
 
     def send(self, conn, timeout_s):
         """Start a round trip on async connection *conn*; Lost if it cannot be sent."""
-        self.token = str(next(self.counter))
+        self.token = secrets.token_hex(16)
         self.sent_at = time.monotonic()
         self.deadline = self.sent_at + timeout_s
         self.pending = True
@@ -59,7 +70,8 @@ class HealthCheck:
         self.cursor = None
 
     def is_marker(self, notify):
-        return notify.channel == self.channel and notify.payload == self.token
+        return (notify.channel == self.channel and notify.payload == self.token and self.pending
+                and (self.pid is None or notify.pid == self.pid))
 
     def finish(self, interval_s):
         """The round trip time if both the answer and the marker are in (the next

@@ -32,9 +32,9 @@ class ListenerHooks:
 
     def dispatch_hooks(self):
         """The DispatchHooks of _dispatch.py, and nothing else."""
-        return types.SimpleNamespace(deliver=self.deliver, catch_up=self.catch_up, fetch_ref=self.fetch_ref,
-                                     fetch_range=self.fetch_range, report=self.report, caught_up=self.caught_up,
-                                     after_batch=self.after_batch)
+        return types.SimpleNamespace(deliver=self.deliver, catch_up=self.catch_up, fetch_ids=self.fetch_ids,
+                                     fetch_range=self.fetch_range, window=self.window, report=self.report,
+                                     caught_up=self.caught_up, after_batch=self.after_batch)
 
     def catch_up(self, ch):
         """(target snapshot, the pages of events from ch.position up to it)."""
@@ -53,11 +53,13 @@ class ListenerHooks:
         dispatcher = self._p.dispatcher
         return target, read_pages(read, dispatcher.submit, dispatcher.result, counted)
 
-    def fetch_ref(self, ch, ref):
-        event = self._p.connections.event_log.event(ch.name, ref.id)
-        if event is None:
-            self.report("missing", f"event {ref.id} is no longer in the event log", ch.name)
-        return event
+    def fetch_ids(self, ch, ids):
+        return self._p.connections.event_log.events_by_id(ch.name, ch.wire, ids)
+
+    def window(self, ch, target):
+        if self._p.reader.installed is False:
+            return ()   # no event log (plain payloads only)
+        return self._p.connections.event_log.window(ch.wire, ch.position, target)
 
     def fetch_range(self, ch, rng, after=0, previous=None):
         """The rows of one statement, announced by id range, after id *after*: one

@@ -17,9 +17,10 @@ log = logging.getLogger("pgnotify_sync")
 class Router:
     """Routes notifications of listener *name* to *dispatcher*'s channels."""
 
-    def __init__(self, name, dispatcher, report):
+    def __init__(self, name, dispatcher, report, accept_plain=False):
         self._name = name
         self._dispatcher = dispatcher
+        self._accept_plain = accept_plain
         self._report = report
         self.decode_hist = Histogram()     # decode time per event
 
@@ -47,7 +48,7 @@ class Router:
             received += 1
             ch.received += 1
             try:
-                event = decode_payload(ch.name, notify.payload)
+                event = decode_payload(ch.name, notify.payload, self._accept_plain)
             except PayloadError as exc:
                 ch.parse_errors += 1
                 self._report("payload", exc, ch.name)

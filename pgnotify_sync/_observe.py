@@ -12,7 +12,8 @@ from ._position import handled_count
 # Totals of the per-channel counters: kept once, on the channels (each has one
 # writer: the reader, or the worker holding the channel), and summed on reading.
 CHANNEL_TOTALS = {"received": "received", "delivered": "delivered", "parse_errors": "parse_errors",
-                  "handler_errors": "handler_errors", "caught_up": "caught_up"}
+                  "handler_errors": "handler_errors", "caught_up": "caught_up",
+                  "unmatched_hints": "unmatched_hints", "missed": "missed"}
 
 
 def channel_totals(channels):
@@ -119,6 +120,8 @@ class Observer:
         add("overflow_events", labels, ch.dropped)
         add("catchup_events", labels, ch.caught_up)
         add("consumer_gap_events", labels, ch.gap_events)
+        add("unmatched_hints", labels, ch.unmatched_hints)
+        add("missed_events", labels, ch.missed)
         if ch.lag is not None:
             add("lag_events", labels, ch.lag)
 

@@ -26,7 +26,7 @@ from psycopg2 import sql
 
 from ._backoff import Backoff
 from ._channel import Advance, SetPosition
-from ._healthcheck import HealthCheck, Lost
+from ._healthcheck import HealthCheck, Lost, channel_name
 from ._lifecycle import ConnectionState
 from ._notifications import Router
 from ._snapshot import Snapshot
@@ -137,7 +137,8 @@ class Reader:
         self.thread = None
         self.had_session = False
         self.installed = None               # is the schema (event log) there? known after connecting
-        self._router = Router(self._name, host.dispatcher, host.report)
+        self.health_channel = None          # the session's marker channel (random; tests forge on it)
+        self._router = Router(self._name, host.dispatcher, host.report, cfg.accept_plain_payloads)
         self.decode_hist = self._router.decode_hist
         self.rtt_hist = Histogram()
         self._backoff = Backoff(cfg.reconnect_delay_ms / 1000.0, cfg.reconnect_delay_max_ms / 1000.0,
@@ -260,7 +261,8 @@ class Reader:
         try:
             self._wake.wait(conn, deadline, "connect")
             pid = conn.info.backend_pid
-            hc = HealthCheck(f"pgnotify_sync.hc.{pid}", time.monotonic() + cfg.health_check_interval_s)
+            hc = HealthCheck(channel_name(), time.monotonic() + cfg.health_check_interval_s, pid)
+            self.health_channel = hc.channel
             wires = [ch.wire for ch in self._host.channels.values()] + [hc.channel]
             statement = sql.SQL("; ").join(sql.SQL("LISTEN {}").format(sql.Identifier(w)) for w in wires)
             cur = conn.cursor()
@@ -296,8 +298,9 @@ class Reader:
                                   f"{cfg.postgres_db!r} (a durable consumer needs its event log): "
                                   "run install() or 'pgnotify-sync install'")
             if self.installed is not False:
-                log.warning("%s: pgnotify_sync is not installed in database %r: plain payloads only, "
-                            "no catch-up (run install() or 'pgnotify-sync install')", self._name, cfg.postgres_db)
+                log.warning("%s: pgnotify_sync is not installed in database %r: no event log, so only plain "
+                            "payloads (if accept_plain_payloads) and no catch-up (run install() or "
+                            "'pgnotify-sync install')", self._name, cfg.postgres_db)
         self.installed = installed
 
     def _listening(self, first, start):

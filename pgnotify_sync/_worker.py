@@ -1,10 +1,13 @@
 """What a worker does with one batch of a channel's items (runs on the
 ``<name>-worker-N`` thread that holds the channel; no thread of its own).
 
-Events are checked against the channel's position (_position.py) and delivered in
-order; a statement's range (EventRange) and a reference (EventRef) are completed
-from the event log first, a CatchUp reads what the channel may have missed, and
-Advance / SetPosition move the position. When the log cannot be read, or on a bug,
+Notifications are hints (the wire is untrusted): a row's EventRef and a
+statement's EventRange are completed from the event log, channel and xid checked,
+and only what the log holds is delivered, in order, checked against the channel's
+position (_position.py). Hints drained together are read together (one query). A
+CatchUp reads what the channel may have missed; an Advance first reads what the
+log has that no hint announced (a lost or suppressed notification), then moves the
+position; SetPosition starts it. When the log cannot be read, or on a bug,
 the channel falls back: what is still queued is dropped from memory and read
 again from the log later, so nothing is lost.
 """
@@ -21,8 +24,9 @@ log = logging.getLogger("pgnotify_sync")
 
 
 class _Batch:
-    """Events of one batch on their way: *pending* (fresh, not handed over yet) and
-    *delivering* (marked handled, being handed over): on a bug both are unmarked."""
+    """Events of one batch on their way: *pending* (hints and plain events not read
+    and handed over yet) and *delivering* (marked handled, being handed over): on a
+    bug what is delivering is unmarked."""
 
     __slots__ = ("pending", "delivering")
 
@@ -45,7 +49,7 @@ class BatchRunner:
         # Durable consumers store handled ids one by one, cut at the event in flight
         # (_consumers.py): they keep ranges as ids.
         self._compact_ranges = compact_ranges
-        self._by_type = {EventRange: self._range, EventRef: self._ref, CatchUp: self._catch_up_item,
+        self._by_type = {EventRange: self._range, CatchUp: self._catch_up_item,
                          Advance: self._advance, SetPosition: self._set_position}
 
     def run(self, ch, items):
@@ -54,9 +58,12 @@ class BatchRunner:
         try:
             for i, item in enumerate(items):
                 cls = type(item)
-                if cls is DatabaseEvent:
-                    if position.fresh(ch, item):
-                        batch.pending.append(item)
+                if cls is EventRef or cls is DatabaseEvent:
+                    if batch.pending and type(batch.pending[-1]) is not cls:
+                        # Plain events (accept_plain_payloads) and hints in separate reads:
+                        # plain ones cannot be re-read if a read of hints fails.
+                        self._flush(ch, batch)
+                    batch.pending.append(item)
                     continue
                 self._flush(ch, batch)
                 self._by_type[cls](ch, item, items, i, batch)
@@ -70,7 +77,7 @@ class BatchRunner:
             # A bug (handlers are isolated in Delivery): never let it drop events. What
             # was not delivered is forgotten as handled and re-read from the log.
             log.exception("%s: channel %r: delivery failed; re-reading from the event log", self.name, ch.name)
-            _forget(ch, batch.delivering + batch.pending)
+            _forget(ch, batch.delivering)
             self._fall_back(ch, items[i + 1:], exc, "internal")
 
     def _deliver(self, ch, batch, events):
@@ -79,9 +86,34 @@ class BatchRunner:
         batch.delivering = []
 
     def _flush(self, ch, batch):
-        if batch.pending:
-            events, batch.pending = batch.pending, []
+        """Read the pending hints from the log (one query) and deliver, in arrival
+        order, the events found: a hint whose id is not a committed row of this
+        channel with that xid (forged, or trimmed) delivers nothing."""
+        items = batch.pending
+        if not items:
+            return
+        batch.pending = []
+        seen = position.seen
+        ids = [r.id for r in items if type(r) is EventRef and not seen(ch, r.id, r.xid)]
+        found = {e.id: e for e in self._hooks.fetch_ids(ch, ids)} if ids else {}
+        events = []
+        unmatched = 0
+        for item in items:
+            if type(item) is EventRef:
+                event = found.get(item.id)
+                if event is None or event.xid != item.xid:
+                    unmatched += event is not None or not seen(ch, item.id, item.xid)
+                    continue
+            else:
+                event = item      # a plain event (accept_plain_payloads)
+            if position.fresh(ch, event):
+                events.append(event)
+        if events:
             self._deliver(ch, batch, events)
+        if unmatched:
+            ch.unmatched_hints += unmatched
+            self._hooks.report("payload", f"{unmatched} hints match no committed event of this channel in the "
+                                          "event log (forged, or trimmed): nothing delivered for them", ch.name)
 
     def _range(self, ch, item, items, i, batch):
         job = ch.ahead.pop(id(item), None)
@@ -104,20 +136,34 @@ class BatchRunner:
             if after is None:
                 break
             events, more = fetcher.result(after)
-        if read != item.n:
+        if read == 0:
+            ch.unmatched_hints += 1
+            self._hooks.report("payload", f"a range of {item.n} events (ids {item.first}..{item.last}) matches no "
+                                          "committed event of this channel (forged, or trimmed)", ch.name)
+        elif read != item.n:
             self._hooks.report("missing", f"{item.n - read} events of ids {item.first}..{item.last} "
                                           "are no longer in the event log", ch.name)
 
-    def _ref(self, ch, item, items, i, batch):
-        if item.xid is not None and position.seen(ch, item.id, item.xid):
-            return
-        event = self._hooks.fetch_ref(ch, item)
-        if event is not None and position.fresh(ch, event):
-            self._deliver(ch, batch, [event])
-
     def _advance(self, ch, item, items, i, batch):
         if ch.position is not None and item.snapshot.covers(ch.position):
+            self._missed(ch, item.snapshot, batch)
             position.move(ch, item.snapshot)
+
+    def _missed(self, ch, target, batch):
+        """Before the position moves to *target*: deliver what the log holds of
+        transactions visible in *target* (and not in the position) that was not
+        handled: events whose notification never came (lost, suppressed with
+        ``pgnotify_sync.notify = off``, never sent). One query for ids; rows only for
+        what is missing."""
+        ids = [ident for ident, xid in self._hooks.window(ch, target) if not position.seen(ch, ident, xid)]
+        if not ids:
+            return
+        events = [e for e in self._hooks.fetch_ids(ch, ids) if position.fresh(ch, e)]
+        if events:
+            ch.missed += len(events)
+            log.info("%s: channel %r: %d events in the log had no notification; delivered", self.name, ch.name,
+                     len(events), extra={"event": "missed", "channel": ch.name, "details": {"count": len(events)}})
+            self._deliver(ch, batch, events)
 
     def _set_position(self, ch, item, items, i, batch):
         if ch.position is None:

@@ -108,6 +108,12 @@ class Config:
         ``cleanup_interval_s`` (0 disables cleanup by this listener), except rows a
         durable consumer has not handled yet; those are kept up to
         ``consumer_retention_s``, after which the consumer is told of the gap.
+    :param accept_plain_payloads: deliver notifications that carry a whole event and
+        no log id (a foreign trigger's ``pg_notify``, the product spec's example).
+        Off by default: any role that can connect may NOTIFY any channel, so such
+        an event may be forged by anyone; our own notifications are only hints, and
+        every event is read from the event log. Turn it on only if you trust every
+        role that can connect to the database.
     """
 
     postgres_user: str = attrs.field()
@@ -137,6 +143,7 @@ class Config:
 
     enable_db_events: bool = attrs.field(default=True)
     enable_event_buffering: bool = attrs.field(default=False)
+    accept_plain_payloads: bool = attrs.field(default=False)
     worker_pool_size: int = attrs.field(default=4, validator=_positive_int("worker_pool_size", 1, 1024))
     event_buffer_size: int = attrs.field(default=10_000, validator=_positive_int("event_buffer_size", 1))
     publish_buffer_size: int = attrs.field(default=1_000, validator=_positive_int("publish_buffer_size", 1))
@@ -331,6 +338,7 @@ _ENV_VARS = (
     ("PG_NOTIFY_QUERY_TIMEOUT", "query_timeout_s", _parse_float),
     ("ENABLE_DB_EVENTS", "enable_db_events", _parse_bool),
     ("ENABLE_EVENT_BUFFERING", "enable_event_buffering", _parse_bool),
+    ("PG_NOTIFY_ACCEPT_PLAIN", "accept_plain_payloads", _parse_bool),
     ("PG_NOTIFY_WORKERS", "worker_pool_size", _parse_int),
     ("PG_NOTIFY_BUFFER_SIZE", "event_buffer_size", _parse_int),
     ("PG_NOTIFY_PUBLISH_BUFFER_SIZE", "publish_buffer_size", _parse_int),

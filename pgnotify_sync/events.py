@@ -131,6 +131,10 @@ converter.register_structure_hook(str, _structure_name)
 converter.register_structure_hook(Optional[int], _structure_optional_int)
 converter.register_unstructure_hook(Operation, lambda op: op.value)
 
+#: The most ids one statement's range may span: a larger one is refused as forged
+#: (its events still arrive: the position check reads them from the log).
+MAX_RANGE_SPAN = 1 << 27
+
 #: Operation by its name, as the log and the payloads spell it (one lookup, no enum call).
 OPERATIONS = {op.value: op for op in Operation}
 
@@ -256,10 +260,11 @@ def loads_unlimited(text):
 
 @attrs.frozen(slots=True)
 class EventRef:
-    """A notification that carries only the log id (the row did not fit in 8000 bytes).
+    """A hint for one row: its log id and transaction id, ``{id, xid}``.
 
-    The worker fetches the full event from the event log before delivering it, so
-    the handler never sees an EventRef.
+    The worker reads the event from the event log (channel and xid checked) before
+    delivering it, so the handler never sees an EventRef; a hint that matches no
+    committed row of its channel delivers nothing.
     """
 
     channel: str
@@ -282,9 +287,14 @@ class EventRange:
     id = None     # not one event: never compared by id
 
 
-def decode_payload(channel, payload, _loads=loads, _ops=OPERATIONS):
-    """Decode one notification payload into a DatabaseEvent (or an EventRef or
-    EventRange, which the worker completes from the event log).
+def decode_payload(channel, payload, accept_plain=False, _loads=loads, _ops=OPERATIONS):
+    """Decode one notification payload into a hint: an EventRef ``{id, xid}`` (a
+    row) or an EventRange ``{xid, first, last, n}`` (a statement), which the worker
+    completes from the event log. The wire is untrusted: nothing else of a payload
+    is used (the data of older triggers' full payloads is ignored).
+
+    A payload without a log id is a plain event: refused unless *accept_plain*
+    (``Config.accept_plain_payloads``), then a DatabaseEvent without id or xid.
 
     *channel* is the logical channel. Raises :class:`PayloadError` naming what is
     wrong; the message never contains the payload itself (it may hold row data).
@@ -301,38 +311,55 @@ def decode_payload(channel, payload, _loads=loads, _ops=OPERATIONS):
     if type(obj) is not dict:
         raise PayloadError(f"payload on channel {channel!r} must be a JSON object, got {type(obj).__name__}",
                            channel, len(payload))
-    # Fast path for our own trigger's payloads: every field has the expected type.
-    op = obj.get("operation")
-    op = _ops.get(op) if type(op) is str else None
-    data = obj.get("data")
-    old = obj.get("old")
     ident = obj.get("id")
-    schema = obj.get("schema")
-    table = obj.get("table")
-    if (op is not None and type(schema) is str and type(table) is str
-            and (data is None or type(data) is dict) and (old is None or type(old) is dict)
-            and (ident is None or type(ident) is int)):
-        xid = obj.get("xid")
-        return DatabaseEvent(channel, op, schema, table, data, old, ident,
-                             xid if type(xid) is int else None)
+    xid = obj.get("xid")
+    if type(ident) is int and type(xid) is int:
+        if ident > 0 and xid > 0:
+            return EventRef(channel, ident, xid)
+        raise PayloadError(f"payload on channel {channel!r}: id and xid must be > 0", channel, len(payload))
     first = obj.get("first")
-    if type(first) is int and op is None:
-        xid, last, n = obj.get("xid"), obj.get("last"), obj.get("n")
-        if type(xid) is int and type(last) is int and type(n) is int and 0 < n and first <= last:
-            return EventRange(channel, xid, first, last, n)
-    if obj.get("ref") is True and type(ident) is int:
-        xid = obj.get("xid")
-        return EventRef(channel, ident, xid if type(xid) is int else None)
+    if type(first) is int and "operation" not in obj:
+        return _range(channel, obj, first, xid, len(payload))
+    if not accept_plain:
+        raise PayloadError(f"payload on channel {channel!r} carries no log id and xid: a plain event, refused "
+                           "(anyone who can connect may send one; Config.accept_plain_payloads trusts them)",
+                           channel, len(payload))
+    return _plain(channel, obj, len(payload), _ops)
+
+
+def _range(channel, obj, first, xid, size):
+    last, n = obj.get("last"), obj.get("n")
+    if not (type(xid) is int and type(last) is int and type(n) is int and xid > 0 and 0 < first <= last):
+        raise PayloadError(f"payload on channel {channel!r} is not a range of log ids", channel, size)
+    span = last - first + 1
+    if not 0 < n <= span <= MAX_RANGE_SPAN:
+        # A statement's n rows have n distinct ids in first..last; a forged range
+        # would weigh n events in the buffer accounting.
+        raise PayloadError(f"payload on channel {channel!r}: a range of {n} events cannot span {span} ids "
+                           f"(at most {MAX_RANGE_SPAN})", channel, size)
+    return EventRange(channel, xid, first, last, n)
+
+
+def _plain(channel, obj, size, ops):
+    """A whole event from the wire (accept_plain_payloads): no log id, so never
+    deduplicated or re-read."""
+    op = obj.get("operation")
+    op = ops.get(op) if type(op) is str else None
+    data, old, schema, table = obj.get("data"), obj.get("old"), obj.get("schema"), obj.get("table")
+    if (op is not None and type(schema) is str and type(table) is str
+            and (data is None or type(data) is dict) and (old is None or type(old) is dict)):
+        return DatabaseEvent(channel, op, schema, table, data, old, None, None)
     # Slow path: let cattrs structure it, so the error says precisely what is wrong.
     obj = dict(obj)
     obj["channel"] = channel
+    obj["id"] = obj["xid"] = None
     try:
         return converter.structure(obj, DatabaseEvent)
     except RecursionError:
-        raise PayloadError(f"payload on channel {channel!r} is nested too deeply", channel, len(payload)) from None
+        raise PayloadError(f"payload on channel {channel!r} is nested too deeply", channel, size) from None
     except Exception as exc:  # cattrs raises ClassValidationError (an ExceptionGroup)
         raise PayloadError(f"payload on channel {channel!r} is not an event: {_describe(exc)}",
-                           channel, len(payload)) from None
+                           channel, size) from None
 
 
 def _describe(exc):

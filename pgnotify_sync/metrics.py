@@ -129,6 +129,10 @@ class _LibraryCollector:
             gauge("publish_buffer_size", "Publishes waiting for the database", []),
             counter("retention_deleted", "Event-log rows deleted by retention", []),
             counter("consumer_gap_events", "Events a durable consumer will never see (trimmed)", ["channel"]),
+            counter("unmatched_hints", "Notifications naming no committed event of their channel in the log "
+                                       "(forged, or trimmed): nothing delivered", ["channel"]),
+            counter("missed_events", "Events found in the log by the position check: their notification "
+                                     "never came (lost, or pgnotify_sync.notify = off)", ["channel"]),
         ]
         return {f.name: f for f in fams}
 

@@ -9,6 +9,7 @@
 --   watched_tables   which tables are watched, on which channel, without which columns
 --   consumers        positions of named durable consumers
 --   capture_row()    the trigger function: one INSERT into event_log + one pg_notify
+--                    of a hint (ids only; SET pgnotify_sync.notify = off: none)
 --   publish()        application events with the same guarantees
 --   watch_table() / unwatch_table()
 
@@ -202,18 +203,22 @@ $fn$;
 DROP FUNCTION IF EXISTS pgnotify_sync.without_columns(json, text[]);
 
 -- The trigger functions. TG_ARGV[0] is the channel, TG_ARGV[1..] the excluded columns.
--- They must never make the writer's statement fail: a row too big for a notification
--- (8000 bytes) is announced by id only and the listener reads it from event_log.
 -- SECURITY DEFINER: writers need no privilege on our schema.
+--
+-- The wire is untrusted: any role that can connect may LISTEN on any channel (and
+-- NOTIFY on it). So a notification is only a hint, {"id":...,"xid":...} for a row or
+-- {"xid":...,"first":...,"last":...,"n":...} for a statement, never row values; the
+-- listener reads the events from event_log, checking channel and xid. A writer that
+-- must not NOTIFY (PREPARE TRANSACTION refuses a transaction that did) sets
+-- pgnotify_sync.notify = off: the rows are logged, and the listener's position
+-- check finds them within one health-check interval.
 --
 -- Written for speed, as they run inside every writer's statement: each PL/pgSQL
 -- expression costs its set-up once per transaction (about a microsecond, and a
 -- single-row INSERT is a transaction of its own), so the common path evaluates as
 -- few as possible, and pg_notify() is called in an assignment, not by PERFORM
 -- (which always starts the executor); the row is row_to_json() (exclusions: see
--- without_columns); the per-row payload is built by format(), byte for
--- byte the text json_build_object() makes (the names go through to_json() for JSON
--- escaping) at a fraction of its cost.
+-- without_columns); the hint is built by format().
 CREATE OR REPLACE FUNCTION pgnotify_sync.capture_row() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -221,7 +226,6 @@ DECLARE
     v_old     json;
     v_id      bigint;
     v_xid     xid8;
-    v_payload text;
     v_void    text;
 BEGIN
     IF TG_NARGS = 1 THEN
@@ -244,16 +248,9 @@ BEGIN
     INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, old)
     VALUES (pg_current_xact_id(), TG_ARGV[0], TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, v_data, v_old)
     RETURNING id, xid INTO v_id, v_xid;
-    -- = json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'operation', TG_OP, 'schema',
-    --   TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME, 'data', v_data, 'old', v_old)::text
-    v_payload := format('{"id" : %s, "xid" : %s, "operation" : "%s", "schema" : %s, "table" : %s, '
-                        '"data" : %s, "old" : %s}',
-                        v_id, v_xid, TG_OP, to_json(TG_TABLE_SCHEMA::text), to_json(TG_TABLE_NAME::text),
-                        v_data, coalesce(v_old::text, 'null'));
-    IF octet_length(v_payload) >= 8000 THEN
-        v_payload := json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'ref', true)::text;
-    END IF;
-    v_void := pg_notify(TG_ARGV[0], v_payload);
+    -- A hint, never the row (see the section's head).
+    v_void := CASE WHEN current_setting('pgnotify_sync.notify', true) = 'off' THEN NULL
+                   ELSE pg_notify(TG_ARGV[0], format('{"id":%s,"xid":%s}', v_id, v_xid)) END;
     RETURN NULL;
 END
 $fn$;
@@ -277,7 +274,6 @@ DECLARE
     v_old     json;
     v_id      bigint;
     v_xid     xid8;
-    v_payload text;
     v_void    text;
 BEGIN
     IF TG_NARGS = 3 THEN
@@ -300,29 +296,22 @@ BEGIN
     INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, old)
     VALUES (pg_current_xact_id(), TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], v_data, v_old)
     RETURNING id, xid INTO v_id, v_xid;
-    v_payload := format('{"id" : %s, "xid" : %s, "operation" : "%s", "schema" : %s, "table" : %s, '
-                        '"data" : %s, "old" : %s}',
-                        v_id, v_xid, TG_OP, to_json(TG_ARGV[1]), to_json(TG_ARGV[2]),
-                        v_data, coalesce(v_old::text, 'null'));
-    IF octet_length(v_payload) >= 8000 THEN
-        v_payload := json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'ref', true)::text;
-    END IF;
-    v_void := pg_notify(TG_ARGV[0], v_payload);
+    v_void := CASE WHEN current_setting('pgnotify_sync.notify', true) = 'off' THEN NULL
+                   ELSE pg_notify(TG_ARGV[0], format('{"id":%s,"xid":%s}', v_id, v_xid)) END;
     RETURN NULL;
 END
 $fn$;
 
 -- Statement-level capture of INSERT and DELETE (watch_table's default mode): the
 -- whole statement's rows go into the log with one INSERT ... SELECT from the
--- transition table. Up to 8 rows are notified one by one with their full payload
--- (as capture_row does); more are announced by one notification carrying the id
--- range, {xid, first, last, n}, and the listener reads them from the log in one
--- query. Fewer, larger operations: as fast as a plain row trigger that only notifies.
+-- transition table. Up to 8 rows are hinted one by one (as capture_row does); more
+-- are announced by one notification carrying the id range, {xid, first, last, n},
+-- and the listener reads them from the log in one query. Fewer, larger operations:
+-- as fast as a plain row trigger that only notifies.
 --
 -- One SQL statement on the common path: the log INSERT, read back by the loop
--- (RETURNING), which counts the rows and keeps the first id; the last row's id and
--- data are still in the loop variables afterwards, which is all a single-row
--- statement needs. 2 to 8 rows are read back from the log (their ids lie between
+-- (RETURNING), which counts the rows and keeps the first id; the last row's id is
+-- still in the loop variable afterwards, which is all a single-row statement needs. 2 to 8 rows are read back from the log (their ids lie between
 -- first and last, and no other row there has this transaction's xid: nothing else
 -- in this session writes to the log meanwhile). Four copies of the loop so that the
 -- common case, an INSERT without excluded columns, costs one test.
@@ -333,63 +322,53 @@ DECLARE
     v_id      bigint;
     v_first   bigint;
     v_last    bigint;
-    v_data    json;
     v_xid     xid8;
-    v_payload text;
     v_void    text;         -- pg_notify()'s result (see above)
 BEGIN
     IF TG_OP = 'INSERT' AND TG_NARGS = 1 THEN
-        FOR v_id, v_data, v_xid IN
+        FOR v_id, v_xid IN
             INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
             SELECT pg_current_xact_id(), TG_ARGV[0], 'INSERT', TG_TABLE_SCHEMA, TG_TABLE_NAME, row_to_json(r)
               FROM pgnotify_sync_new r
-            RETURNING id, data, xid
+            RETURNING id, xid
         LOOP
             v_first := coalesce(v_first, v_id);
         END LOOP;
     ELSIF TG_OP = 'INSERT' THEN
         -- The kept columns by name (see without_columns), once per statement.
-        FOR v_id, v_data, v_xid IN EXECUTE
+        FOR v_id, v_xid IN EXECUTE
             'INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data) '
             'SELECT pg_current_xact_id(), $1, ''INSERT'', $2, $3, row_to_json(r) FROM (SELECT '
-            || pgnotify_sync.kept_columns(TG_RELID, TG_ARGV[1:]) || ' FROM pgnotify_sync_new) r RETURNING id, data, xid'
+            || pgnotify_sync.kept_columns(TG_RELID, TG_ARGV[1:]) || ' FROM pgnotify_sync_new) r RETURNING id, xid'
             USING TG_ARGV[0], TG_TABLE_SCHEMA, TG_TABLE_NAME
         LOOP
             v_first := coalesce(v_first, v_id);
         END LOOP;
     ELSIF TG_NARGS = 1 THEN
-        FOR v_id, v_data, v_xid IN
+        FOR v_id, v_xid IN
             INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data)
             SELECT pg_current_xact_id(), TG_ARGV[0], 'DELETE', TG_TABLE_SCHEMA, TG_TABLE_NAME, row_to_json(r)
               FROM pgnotify_sync_old r
-            RETURNING id, data, xid
+            RETURNING id, xid
         LOOP
             v_first := coalesce(v_first, v_id);
         END LOOP;
     ELSE
         -- The kept columns by name (see without_columns), once per statement.
-        FOR v_id, v_data, v_xid IN EXECUTE
+        FOR v_id, v_xid IN EXECUTE
             'INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data) '
             'SELECT pg_current_xact_id(), $1, ''DELETE'', $2, $3, row_to_json(r) FROM (SELECT '
-            || pgnotify_sync.kept_columns(TG_RELID, TG_ARGV[1:]) || ' FROM pgnotify_sync_old) r RETURNING id, data, xid'
+            || pgnotify_sync.kept_columns(TG_RELID, TG_ARGV[1:]) || ' FROM pgnotify_sync_old) r RETURNING id, xid'
             USING TG_ARGV[0], TG_TABLE_SCHEMA, TG_TABLE_NAME
         LOOP
             v_first := coalesce(v_first, v_id);
         END LOOP;
     END IF;
     -- Ids grow in row order: first = last is a single row; both NULL, no row at all.
-    IF v_first = v_id THEN
-        -- See capture_row.
-        v_payload := format('{"id" : %s, "xid" : %s, "operation" : "%s", "schema" : %s, "table" : %s, '
-                            '"data" : %s, "old" : null}',
-                            v_id, v_xid, TG_OP, to_json(TG_TABLE_SCHEMA::text), to_json(TG_TABLE_NAME::text),
-                            v_data);
-        IF octet_length(v_payload) >= 8000 THEN
-            v_payload := json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'ref', true)::text;
-        END IF;
-        v_void := pg_notify(TG_ARGV[0], v_payload);
-        RETURN NULL;
-    ELSIF v_first IS NULL THEN
+    IF v_first IS NULL OR current_setting('pgnotify_sync.notify', true) = 'off' THEN
+        RETURN NULL;        -- no row; or the writer must not NOTIFY (the position check finds them)
+    ELSIF v_first = v_id THEN
+        v_void := pg_notify(TG_ARGV[0], format('{"id":%s,"xid":%s}', v_id, v_xid));
         RETURN NULL;
     END IF;
     v_last := v_id;
@@ -403,20 +382,14 @@ BEGIN
         v_void := pg_notify(TG_ARGV[0], json_build_object('xid', v_xid::text::bigint, 'first', v_first,
                                                         'last', v_last, 'n', v_n)::text);
     ELSE
-        -- A few rows: each notified with its full payload, in id order.
-        FOR v_id, v_data IN
-            SELECT l.id, l.data FROM pgnotify_sync.event_log l
+        -- A few rows: a hint each, in id order (the listener reads hints drained
+        -- together in one query, and a range alone).
+        FOR v_id IN
+            SELECT l.id FROM pgnotify_sync.event_log l
              WHERE l.id BETWEEN v_first AND v_last AND l.xid = v_xid
              ORDER BY l.id
         LOOP
-            v_payload := format('{"id" : %s, "xid" : %s, "operation" : "%s", "schema" : %s, "table" : %s, '
-                                '"data" : %s, "old" : null}',
-                                v_id, v_xid, TG_OP, to_json(TG_TABLE_SCHEMA::text), to_json(TG_TABLE_NAME::text),
-                                v_data);
-            IF octet_length(v_payload) >= 8000 THEN
-                v_payload := json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'ref', true)::text;
-            END IF;
-            v_void := pg_notify(TG_ARGV[0], v_payload);
+            v_void := pg_notify(TG_ARGV[0], format('{"id":%s,"xid":%s}', v_id, v_xid));
         END LOOP;
     END IF;
     RETURN NULL;
@@ -433,7 +406,6 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_id      bigint;
     v_xid     xid8 := pg_current_xact_id();
-    v_payload text;
     v_void    text;
 BEGIN
     IF octet_length(p_channel) > 63 THEN
@@ -448,12 +420,9 @@ BEGIN
         SELECT l.id INTO v_id FROM pgnotify_sync.event_log l WHERE l.publish_key = p_key;
         RETURN v_id;            -- sent before: its first copy stands
     END IF;
-    v_payload := json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'operation', 'PUBLISH',
-                                   'schema', '', 'table', '', 'data', p_payload, 'old', NULL)::text;
-    IF octet_length(v_payload) >= 8000 THEN
-        v_payload := json_build_object('id', v_id, 'xid', v_xid::text::bigint, 'ref', true)::text;
+    IF current_setting('pgnotify_sync.notify', true) IS DISTINCT FROM 'off' THEN
+        v_void := pg_notify(p_channel, format('{"id":%s,"xid":%s}', v_id, v_xid));
     END IF;
-    v_void := pg_notify(p_channel, v_payload);
     RETURN v_id;
 END
 $fn$;

@@ -236,6 +236,7 @@ FULL_ENV = {
     "PG_NOTIFY_QUERY_TIMEOUT": ("12.5", "query_timeout_s", 12.5),
     "ENABLE_DB_EVENTS": ("false", "enable_db_events", False),
     "ENABLE_EVENT_BUFFERING": ("YES", "enable_event_buffering", True),
+    "PG_NOTIFY_ACCEPT_PLAIN": ("true", "accept_plain_payloads", True),
     "PG_NOTIFY_WORKERS": ("8", "worker_pool_size", 8),
     "PG_NOTIFY_BUFFER_SIZE": ("500", "event_buffer_size", 500),
     "PG_NOTIFY_PUBLISH_BUFFER_SIZE": ("50", "publish_buffer_size", 50),

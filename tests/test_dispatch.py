@@ -77,7 +77,9 @@ class FakeHooks:
         self.catch_up_calls = []                  # channel names
         self.catch_up_script = collections.defaultdict(list)   # name -> [(snapshot, pages) | exception]
         self.refs = {}                            # log id -> event (or None: no longer in the log)
-        self.fetched = []                         # EventRefs passed to fetch_ref
+        self.fetched = []                         # the ids of each fetch_ids call
+        self.windows = []                         # [(id, xid)] answers of window(), in order (then: none)
+        self.window_calls = []                    # (channel name, target) per window call
         self.ranges = {}                          # first id -> callable() returning the range's events
         self.range_calls = []                     # first ids passed to fetch_range, in call order
         self.handler = None                       # optional callable(ch, events), run inside deliver
@@ -129,13 +131,22 @@ class FakeHooks:
         snapshot, pages = step
         return snapshot, _pages(pages)
 
-    def fetch_ref(self, ch, ref):
+    def fetch_ids(self, ch, ids):
         with self.lock:
-            self.fetched.append(ref)
-        result = self.refs.get(ref.id)
-        if isinstance(result, BaseException):
-            raise result
-        return result
+            self.fetched.append(list(ids))
+        found = []
+        for ident in ids:
+            result = self.refs.get(ident)
+            if isinstance(result, BaseException):
+                raise result
+            if result is not None:
+                found.append(result)
+        return found
+
+    def window(self, ch, target):
+        with self.lock:
+            self.window_calls.append((ch.name, target))
+            return self.windows.pop(0) if self.windows else []
 
     def fetch_range(self, ch, rng, after=0, previous=None):
         with self.lock:
@@ -207,7 +218,7 @@ def no_internal_errors(hooks):
 
 # The DispatchHooks the Dispatcher calls; FakeHooks implements exactly these, and so
 # does the hooks object the Listener builds.
-HOOKS = ("after_batch", "catch_up", "caught_up", "deliver", "fetch_range", "fetch_ref", "report")
+HOOKS = ("after_batch", "catch_up", "caught_up", "deliver", "fetch_ids", "fetch_range", "report", "window")
 
 
 def test_fake_hooks_are_the_protocols_hooks_and_nothing_else():
@@ -465,27 +476,27 @@ def test_plain_events_with_xid_but_no_id_are_all_delivered(make_dispatcher):
 # -- EventRef ----------------------------------------------------------------------------------
 
 
-def test_event_refs_fetched_unless_seen(make_dispatcher):
+def test_hints_drained_together_are_read_together_unless_seen(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1, start=False)
     a = chans["a"]
-    hooks.refs = {8: ev("a", 8, 105), 9: None, 10: ev("a", 10, 300)}
+    hooks.refs = {8: ev("a", 8, 105), 9: None, 10: ev("a", 10, 300), 11: ev("a", 11, 120), 12: ev("a", 12, 130)}
     d.push_control(a, SetPosition(snap("100:110:105")))
     d.push(a, [
-        ev("a", 1, 106),                 # visible: dropped
-        EventRef("a", 7, 103),           # visible in the position: not even fetched
-        EventRef("a", 8, 105),           # fetched and delivered
-        EventRef("a", 8, 105),           # handled now: not fetched again
-        ev("a", 11, 120),
-        EventRef("a", 9, 130),           # gone from the log: nothing delivered
-        EventRef("a", 10, None),         # no xid: fetched, then deduplicated by its event
-        EventRef("a", 10, None),
+        EventRef("a", 7, 103),           # visible in the position: not even read
+        EventRef("a", 12, 130),          # read, delivered in arrival order (before 8)
+        EventRef("a", 8, 105),           # read and delivered
+        EventRef("a", 8, 105),           # a repeat: read once, delivered once
+        EventRef("a", 11, 120),
+        EventRef("a", 9, 130),           # not in the log (forged, or trimmed): nothing delivered
+        EventRef("a", 10, 301),          # the row's xid is 300: a forged hint, nothing delivered
     ])
-    assert d.buffered == 8
+    assert d.buffered == 7
     d.start()
     wait_idle(d, chans)
-    assert hooks.ids("a") == [8, 11, 10]
-    assert [(r.id, r.xid) for r in hooks.fetched] == [(8, 105), (9, 130), (10, None), (10, None)]
-    assert a.handled == {8: 105, 11: 120, 10: 300}
+    assert hooks.ids("a") == [12, 8, 11]
+    assert hooks.fetched == [[12, 8, 8, 11, 9, 10]]          # one read for the batch
+    assert a.handled == {12: 130, 8: 105, 11: 120}           # never an id the log did not confirm
+    assert a.unmatched_hints == 2 and hooks.kinds() == ["payload"]
     assert d.buffered == 0
     no_internal_errors(hooks)
 
@@ -493,8 +504,9 @@ def test_event_refs_fetched_unless_seen(make_dispatcher):
 def test_events_before_a_control_item_are_delivered_first(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1, start=False)
     a = chans["a"]
-    hooks.refs = {3: ev("a", 3, 30)}
-    d.push(a, [ev("a", 1, 10), ev("a", 2, 20), EventRef("a", 3, 30), ev("a", 4, 40)])
+    rng, events = _range("a", 3, 1, 30)
+    hooks.ranges = {3: lambda: events}
+    d.push(a, [ev("a", 1, 10), ev("a", 2, 20), rng, ev("a", 4, 40)])
     d.start()
     wait_idle(d, chans)
     with hooks.lock:
@@ -721,7 +733,7 @@ def test_catch_up_failing_mid_pages_delivers_nothing_twice(make_dispatcher):
     assert all(t.is_alive() for t in d.threads())
 
 
-def test_fetch_ref_failure_falls_back(make_dispatcher):
+def test_a_failed_read_of_hints_falls_back(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1, retry_s=3600, start=False)
     a = chans["a"]
     hooks.refs = {5: CatchUpFailed("log away")}
@@ -1021,3 +1033,54 @@ def test_close_timeout_returns_with_events_undelivered(make_dispatcher):
     assert hooks.ids("a") == []
     gate.set()
     wait_for(lambda: not any(t.is_alive() for t in d.threads()))
+
+
+# -- the position check ------------------------------------------------------------------------
+
+
+def test_an_advance_first_delivers_what_the_log_has_and_no_hint_announced(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    hooks.refs = {5: ev("a", 5, 105), 6: ev("a", 6, 106), 7: ev("a", 7, 107)}
+    # The log holds 5, 6 and 7 of transactions visible in the new position; only 6 was hinted.
+    hooks.windows = [[(5, 105), (6, 106), (7, 107)]]
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [EventRef("a", 6, 106)])
+    d.push_control(a, Advance(snap("110:110:")))
+    d.start()
+    wait_idle(d, chans)
+    assert hooks.ids("a") == [6, 5, 7]                    # nothing passes the position undelivered
+    assert hooks.fetched == [[6], [5, 7]]                 # rows read only for what is missing
+    assert hooks.window_calls == [("a", snap("110:110:"))]
+    assert a.position == snap("110:110:") and a.missed == 2
+    no_internal_errors(hooks)
+
+
+def test_an_advance_with_nothing_missing_reads_no_rows(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    hooks.refs = {6: ev("a", 6, 106)}
+    hooks.windows = [[(6, 106)]]
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [EventRef("a", 6, 106)])
+    d.push_control(a, Advance(snap("110:110:")))
+    d.start()
+    wait_idle(d, chans)
+    assert hooks.ids("a") == [6] and hooks.fetched == [[6]] and a.missed == 0
+    assert a.position == snap("110:110:")
+
+
+def test_an_advance_whose_check_cannot_read_the_log_does_not_move(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, retry_s=3600, start=False)
+    a = chans["a"]
+    hooks.windows = []
+
+    def away(ch, target):
+        raise CatchUpFailed("log away")
+    hooks.window = away
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push_control(a, Advance(snap("110:110:")))
+    d.start()
+    wait_for(lambda: "catchup" in hooks.kinds())
+    wait_idle(d, chans)
+    assert a.position == snap("100:100:") and a.overflow     # read again from the log later

@@ -280,16 +280,37 @@ def test_catchup_page_byte_bound(tdb, log, monkeypatch):
 # -- event / replay / pending / trim_batch / snapshot -----------------------------------------
 
 
-def test_event_by_id_and_none_once_deleted(tdb, log):
+def test_events_by_id_of_their_channel_only(tdb, log):
     execute(tdb, "INSERT INTO t VALUES (1, 'a')")
     execute(tdb, "UPDATE t SET v = 'b'")
     insert, update = logged(tdb)
-    assert log.event("t", update.id) == update
-    assert log.event("logical", insert.id) == DatabaseEvent("logical", Operation.INSERT, "public", "t",
-                                                             {"id": 1, "v": "a"}, None, insert.id, insert.xid)
+    assert log.events_by_id("t", "t", [update.id, insert.id]) == [insert, update]      # id order
+    assert log.events_by_id("logical", "t", [insert.id]) == [
+        DatabaseEvent("logical", Operation.INSERT, "public", "t", {"id": 1, "v": "a"}, None, insert.id, insert.xid)]
+    assert log.events_by_id("t", "other_channel", [insert.id, update.id]) == []       # another channel's: none
     execute(tdb, "DELETE FROM pgnotify_sync.event_log WHERE id = %s", (update.id,))
-    assert log.event("t", update.id) is None
-    assert log.event("t", 10 ** 12) is None
+    assert log.events_by_id("t", "t", [update.id, 10 ** 12]) == []
+    assert log.events_by_id("t", "t", []) == []
+
+
+def test_events_by_id_reads_on_past_a_page_cut_by_bytes(tdb, log, monkeypatch):
+    import pgnotify_sync._eventlog as eventlog
+    monkeypatch.setattr(eventlog, "PAGE_BYTES", 1)          # every row ends a page
+    for i in range(5):
+        execute(tdb, "INSERT INTO t VALUES (%s, 'x')", (i,))
+    rows = logged(tdb)
+    assert log.events_by_id("t", "t", [e.id for e in rows]) == rows
+
+
+def test_window_is_what_became_visible(tdb, log):
+    before = snapshot(tdb)
+    execute(tdb, "INSERT INTO t VALUES (1, 'a')")
+    execute(tdb, "INSERT INTO t VALUES (2, 'b')")
+    after = snapshot(tdb)
+    first, second = logged(tdb)
+    assert sorted(log.window("t", before, after)) == [(first.id, first.xid), (second.id, second.xid)]
+    assert log.window("t", after, after) == []
+    assert log.window("other_channel", before, after) == []
 
 
 def test_replay_maps_wire_names_and_pages(tdb, log, monkeypatch):
@@ -431,7 +452,8 @@ def test_reads_on_a_closed_pool_raise_catchupfailed(tdb, pool, log):
     position = target = snapshot(tdb)
     pool.close()
     reads = [lambda: log.range_page("t", "t", rng), lambda: log.catchup_page("t", "t", position, target, 0),
-             lambda: log.event("t", rng.first), log.snapshot]
+             lambda: log.events_by_id("t", "t", [rng.first]), lambda: log.window("t", position, target),
+             log.snapshot]
     for read in reads:
         with pytest.raises(CatchUpFailed, match="pool is closed") as info:
             read()

@@ -9,7 +9,15 @@ import cattrs.errors
 import pytest
 
 from pgnotify_sync.errors import PayloadError, PgNotifyError
-from pgnotify_sync.events import DatabaseEvent, EventRef, Operation, converter, decode_payload, loads, loads_unlimited
+from pgnotify_sync.events import (MAX_RANGE_SPAN, DatabaseEvent, EventRange, EventRef, Operation, converter, loads,
+                                  loads_unlimited)
+from pgnotify_sync.events import decode_payload as decode_hint
+
+
+def decode_payload(channel, text):
+    """Plain events (a whole event on the wire, no log id): decoded only with
+    accept_plain_payloads; the wire's id and xid are never kept."""
+    return decode_hint(channel, text, accept_plain=True)
 
 SECRET = "s3cret-row-value-8842"
 
@@ -19,7 +27,7 @@ def payload(**fields):
 
 
 def full(**overrides):
-    fields = {"id": 41, "xid": 7777, "operation": "UPDATE", "schema": "public", "table": "orders",
+    fields = {"operation": "UPDATE", "schema": "public", "table": "orders",
               "data": {"id": 1, "note": SECRET}, "old": {"id": 1, "note": "before"}}
     fields.update(overrides)
     return fields
@@ -51,8 +59,7 @@ def test_fast_path_fields():
     assert event.table == "orders"
     assert event.data == {"id": 1, "note": SECRET}
     assert event.old == {"id": 1, "note": "before"}
-    assert event.id == 41
-    assert event.xid == 7777
+    assert event.id is None and event.xid is None     # a plain event has no log identity
 
 
 def test_channel_argument_wins_over_payload():
@@ -69,12 +76,12 @@ def test_every_operation(op):
 def test_null_data_and_old():
     event = decode_payload("c", payload(**full(operation="DELETE", data=None, old=None)))
     assert event.data is None and event.old is None
-    event = decode_payload("c", payload(operation="INSERT", schema="s", table="t", id=1, xid=2))
+    event = decode_payload("c", payload(operation="INSERT", schema="s", table="t"))
     assert event.data is None and event.old is None
 
 
 def test_numbers_with_fraction_decode_as_exact_decimal():
-    raw = ('{"id": 3, "xid": 4, "operation": "INSERT", "schema": "s", "table": "t", '
+    raw = ('{"operation": "INSERT", "schema": "s", "table": "t", '
            '"data": {"price": 0.1, "big": 12345678901234567890.123456789012, "count": 3, '
            '"neg": -2.50, "exp": 1e-7, "huge": 98765432109876543210}}')
     event = decode_payload("c", raw)
@@ -95,10 +102,9 @@ def test_id_and_xid_are_ints():
     assert event.xid == 2 ** 33 + 5
 
 
-def test_non_int_xid_is_ignored():
-    event = decode_payload("c", payload(**full(xid="abc")))
-    assert event.xid is None
-    assert event.id == 41
+def test_plain_events_never_take_an_id_or_xid_from_the_wire():
+    event = decode_payload("c", payload(**full(id=41, xid="abc")))
+    assert type(event) is DatabaseEvent and event.id is None and event.xid is None
 
 
 def test_reference_payload_gives_event_ref():
@@ -108,9 +114,9 @@ def test_reference_payload_gives_event_ref():
     assert (ref.channel, ref.id, ref.xid) == ("orders", 5, 9)
 
 
-def test_reference_payload_without_xid():
-    ref = decode_payload("c", '{"id": 5, "ref": true}')
-    assert ref == EventRef("c", 5, None)
+def test_a_reference_without_xid_is_refused():
+    with pytest.raises(PayloadError, match="carries no log id and xid"):
+        decode_hint("c", '{"id": 5, "ref": true}')
 
 
 def test_reference_with_non_int_id_is_an_error():
@@ -128,8 +134,7 @@ def test_plain_payload_without_id():
 def test_slow_path_converts_digit_string_id():
     # Not our trigger's shape (id as a string): the slow path still structures it.
     event = decode_payload("c", payload(**full(id="12", xid="13")))
-    assert event.id == 12
-    assert event.xid == 13
+    assert type(event) is DatabaseEvent and event.id is None and event.xid is None   # never the wire's
 
 
 # -- decode_payload: malformed payloads -------------------------------------------------------
@@ -167,10 +172,6 @@ MALFORMED = [
     ("data-list", payload(**full(data=[SECRET])), ["data", "JSON object", "list"]),
     ("data-string", payload(**full(data=SECRET)), ["data", "JSON object", "str"]),
     ("old-number", payload(**full(old=3)), ["old", "JSON object"]),
-    ("id-string", payload(**full(id="abc")), ["id", "expected an integer"]),
-    ("id-float", payload(**full(id=1.5)), ["id", "expected an integer"]),
-    ("id-bool", payload(**full(id=True)), ["id", "boolean"]),
-    ("id-object", payload(**full(id={"k": 1})), ["id", "expected an integer"]),
 ]
 
 
@@ -254,7 +255,7 @@ def test_unstructure_structure_round_trip():
     d = converter.unstructure(event)
     assert d == {"channel": "orders", "operation": "UPDATE", "schema": "public", "table": "orders",
                  "data": {"id": 1, "note": SECRET}, "old": {"id": 1, "note": "before"},
-                 "id": 41, "xid": 7777}
+                 "id": None, "xid": None}
     assert type(d["operation"]) is str and not isinstance(d["operation"], Operation)
     back = converter.structure(d, DatabaseEvent)
     assert back == event
@@ -297,8 +298,51 @@ def test_to_json_keeps_decimal_digits():
 
 
 def test_event_is_slotted_and_hides_xid_from_repr():
-    event = decode_payload("c", payload(**full()))
+    event = DatabaseEvent("c", Operation.UPDATE, "public", "orders", {"id": 1}, None, 41, 7777)
     with pytest.raises(AttributeError):
         event.extra = 3       # slots: no stray attributes
     assert "7777" not in repr(event)
     assert "id=41" in repr(event)
+
+
+# -- hints: the wire is untrusted ------------------------------------------------------
+
+
+def test_a_row_hint_is_ids_only():
+    assert decode_hint("c", '{"id":41,"xid":7777}') == EventRef("c", 41, 7777)
+
+
+def test_whole_events_and_references_of_older_triggers_are_only_hints():
+    # Their data is never used: the event is read from the log.
+    assert decode_hint("c", payload(**full(id=41, xid=7777))) == EventRef("c", 41, 7777)
+    assert decode_hint("c", '{"id": 5, "xid": 9, "ref": true}') == EventRef("c", 5, 9)
+
+
+def test_plain_events_are_refused_by_default():
+    with pytest.raises(PayloadError, match="plain event, refused") as info:
+        decode_hint("c", payload(**full()))
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ['{"id": 0, "xid": 5}', '{"id": 5, "xid": -1}'])
+def test_a_hint_needs_positive_ids(text):
+    with pytest.raises(PayloadError, match="must be > 0"):
+        decode_hint("c", text)
+
+
+def test_a_statement_range():
+    assert decode_hint("c", '{"xid": 9, "first": 10, "last": 19, "n": 10}') == EventRange("c", 9, 10, 19, 10)
+    assert decode_hint("c", '{"xid": 9, "first": 10, "last": 30, "n": 10}') == EventRange("c", 9, 10, 30, 10)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"xid": 9, "first": 10, "last": 19, "n": 2 ** 62}, "cannot span 10 ids"),           # n beyond its ids
+    ({"xid": 9, "first": 1, "last": MAX_RANGE_SPAN + 1, "n": 5}, f"at most {MAX_RANGE_SPAN}"),
+    ({"xid": 9, "first": 10, "last": 9, "n": 1}, "not a range"),
+    ({"xid": 9, "first": 0, "last": 9, "n": 1}, "not a range"),
+    ({"xid": "9", "first": 1, "last": 9, "n": 1}, "not a range"),
+    ({"xid": 9, "first": 1, "last": 9, "n": 0}, "cannot span"),
+])
+def test_a_forged_range_is_refused(fields, message):
+    with pytest.raises(PayloadError, match=message):
+        decode_hint("c", payload(**fields))

@@ -4,6 +4,7 @@ real asynchronous connection that LISTENs on the marker channel.
 """
 
 import select
+import re
 import time
 
 import psycopg2
@@ -68,16 +69,17 @@ def test_send_starts_a_round_trip_with_a_new_token():
     cur = FakeCursor()
     before = time.monotonic()
     hc.send(FakeConnection(cur), 2.5)
-    assert hc.token == "1" and hc.pending and hc.cursor is cur
+    first = hc.token
+    assert re.fullmatch(r"[0-9a-f]{32}", first) and hc.pending and hc.cursor is cur      # random: unguessable
     assert before <= hc.sent_at <= time.monotonic()
     assert hc.deadline == pytest.approx(hc.sent_at + 2.5)
     ((statement, args),) = cur.executed
     assert "pg_current_snapshot()" in statement and "pg_notify(" in statement
-    assert args == (CHANNEL, "1")
+    assert args == (CHANNEL, first)
     # The next round trip forgets what the last one found.
     hc.marker_seen, hc.snapshot = True, Snapshot(1, 2)
     hc.send(FakeConnection(FakeCursor()), 2.5)
-    assert hc.token == "2" and not hc.marker_seen and hc.snapshot is None
+    assert hc.token != first and not hc.marker_seen and hc.snapshot is None
 
 
 def test_send_that_fails_is_lost():
@@ -106,14 +108,26 @@ def test_take_snapshot_of_a_failed_statement_is_lost():
         hc.take_snapshot()
 
 
-def test_is_marker_needs_the_channel_and_the_current_token():
-    hc = HealthCheck(CHANNEL, 0.0)
+def test_is_marker_needs_the_channel_the_current_token_and_our_backend():
+    hc = HealthCheck(CHANNEL, 0.0, pid=4242)
     hc.send(FakeConnection(FakeCursor()), 1.0)
-    hc.send(FakeConnection(FakeCursor()), 1.0)       # token "2"
-    assert hc.is_marker(Notify(1, CHANNEL, "2"))
-    assert not hc.is_marker(Notify(1, CHANNEL, "1"))                     # an earlier round trip's
-    assert not hc.is_marker(Notify(1, "pgnotify_sync.hc.1", "2"))        # another session's
-    assert not hc.is_marker(Notify(1, "messages", "2"))
+    earlier = hc.token
+    hc.send(FakeConnection(FakeCursor()), 1.0)
+    token = hc.token
+    assert hc.is_marker(Notify(4242, CHANNEL, token))
+    assert not hc.is_marker(Notify(4242, CHANNEL, earlier))               # an earlier round trip's
+    assert not hc.is_marker(Notify(4242, "pgnotify_sync.hc.1", token))    # another session's
+    assert not hc.is_marker(Notify(4242, "messages", token))
+    assert not hc.is_marker(Notify(999, CHANNEL, token))                  # sent by another backend
+    hc.pending = False
+    assert not hc.is_marker(Notify(4242, CHANNEL, token))                 # no round trip running
+
+
+def test_marker_channels_are_random_identifiers():
+    from pgnotify_sync._healthcheck import channel_name
+    names = {channel_name() for _ in range(100)}
+    assert len(names) == 100
+    assert all(re.fullmatch(r"pgnotify_sync\.hc\.[0-9a-f]{32}", n) and len(n) <= 63 for n in names)
 
 
 def test_finish_needs_the_answer_and_the_marker():

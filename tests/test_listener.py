@@ -103,7 +103,7 @@ def test_unicode_nulls_and_many_column_types(db, make_listener):
 
 
 def test_plain_payload_of_the_spec_example_trigger_is_accepted(installed, make_listener):
-    listener = make_listener()
+    listener = make_listener(accept_plain_payloads=True)
     got = Collector()
     listener.on_event("messages", got)
     listener.start()
@@ -115,7 +115,7 @@ def test_plain_payload_of_the_spec_example_trigger_is_accepted(installed, make_l
 
 
 def test_malformed_payloads_are_reported_and_the_listener_carries_on(installed, make_listener):
-    listener = make_listener()
+    listener = make_listener(accept_plain_payloads=True)
     got = Collector()
     errors = []
     listener.on_event("messages", got)
@@ -484,7 +484,7 @@ def test_partitions_fall_back_to_row_mode(db, make_listener):
 
 def test_database_without_the_schema_plain_payloads_only(db, make_listener, caplog):
     from pgnotify_sync import SchemaError
-    listener = make_listener(channels=("legacy",))
+    listener = make_listener(channels=("legacy",), accept_plain_payloads=True)
     got = Collector()
     listener.on_event("legacy", got)
     with caplog.at_level("WARNING", logger="pgnotify_sync"):

@@ -290,7 +290,7 @@ def test_two_listeners_share_a_registry_without_colliding(installed, make_listen
 
 def test_queue_size_and_lag_count_the_events_behind_a_blocked_handler(installed, make_listener, registry,
                                                                       scraper, gate):
-    listener = make_listener(name="metrics-q", registry=registry, health_check_interval_s=0.5)
+    listener = make_listener(name="metrics-q", registry=registry, accept_plain_payloads=True, health_check_interval_s=0.5)
     got = Collector()
     listener.on_event("messages", gate.wrap(got))
     listener.start()
@@ -319,7 +319,7 @@ def test_lag_leaves_out_events_handled_past_the_position(installed, make_listene
     # Five rows and the gate in one transaction: the five are handled, then the gate
     # blocks. No position move can cover their transaction meanwhile (its marker
     # would queue behind the gate), so they are handled but past the position.
-    listener = make_listener(name="metrics-l", registry=registry, health_check_interval_s=0.5)
+    listener = make_listener(name="metrics-l", registry=registry, accept_plain_payloads=True, health_check_interval_s=0.5)
     got = Collector()
     listener.on_event("messages", gate.wrap(got))
     listener.start()
@@ -341,7 +341,7 @@ def test_lag_leaves_out_events_handled_past_the_position(installed, make_listene
 
 
 def test_overflow_and_catchup_and_lag_metrics(installed, make_listener, registry, scraper, gate):
-    listener = make_listener(name="metrics-o", registry=registry, event_buffer_size=50,
+    listener = make_listener(name="metrics-o", registry=registry, accept_plain_payloads=True, event_buffer_size=50,
                              health_check_interval_s=0.5)
     got = Collector()
     listener.on_event("messages", gate.wrap(got))
@@ -369,9 +369,10 @@ def test_overflow_and_catchup_and_lag_metrics(installed, make_listener, registry
 
 
 def test_rows_gone_from_the_log_are_reported_as_missing(installed, make_listener, registry, scraper, gate):
-    # A range notification (20 rows) and a by-reference one (a row too big for NOTIFY)
-    # whose log rows are deleted before the listener reads them: kind "missing".
-    listener = make_listener(name="metrics-m", registry=registry)
+    # A range notification (20 rows) and a row's hint whose log rows are deleted
+    # before the listener reads them: nothing delivered for either, kind "payload"
+    # (a hint that matches no committed row: forged, or trimmed).
+    listener = make_listener(name="metrics-m", registry=registry, accept_plain_payloads=True)
     got = Collector()
     listener.on_event("messages", gate.wrap(got))
     errors = counter(listener.signals.error)
@@ -390,12 +391,15 @@ def test_rows_gone_from_the_log_are_reported_as_missing(installed, make_listener
     (big,) = [i for i, in_range in deleted if not in_range]
     gate.release()
     got.wait(21)
-    wait_for(lambda: len([e for e in errors if e["kind"] == "missing"]) == 2, message="two missing reports")
-    missing = [e for e in errors if e["kind"] == "missing"]
+    wait_for(lambda: len([e for e in errors if e["kind"] == "payload"]) == 2, message="two unmatched reports")
+    missing = [e for e in errors if e["kind"] == "payload"]
     assert [(e["channel"], str(e["error"])) for e in missing] == [
-        ("messages", f"20 events of ids {gone[0]}..{gone[-1]} are no longer in the event log"),
-        ("messages", f"event {big} is no longer in the event log")]
-    assert listener.get_stats()["errors_missing"] == 2
+        ("messages", f"a range of 20 events (ids {gone[0]}..{gone[-1]}) matches no committed event of this "
+                     "channel (forged, or trimmed)"),
+        ("messages", "1 hints match no committed event of this channel in the event log (forged, or trimmed): "
+                     "nothing delivered for them")]
+    assert listener.get_stats()["errors_payload"] == 2 and listener.get_stats()["unmatched_hints"] == 2
+    assert big not in [e.id for e in got.events]
     assert [e.data["body"] for e in got.events[1:]] == ["kept"] * 20
     wait_for(lambda: scraper.value("pgnotify_sync_events_delivered_total", listener="metrics-m") == 21)
     assert len(errors) == 2                 # nothing else went wrong

@@ -102,8 +102,10 @@ def test_outbox_gap_transaction_committed_while_away(stream_db, make_listener, p
 def test_silent_path_is_noticed_by_the_health_check(stream_db, make_listener, pg_cluster, dbname, dsn):
     proxy = TcpProxy(dsn["host"], dsn["port"])
     try:
+        # The pooled connection that read the first event's row is frozen too: the
+        # catch-up gets a fresh one once the pool's deadline (query_timeout_s) cut it.
         listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="frozen",
-                                 health_check_interval_s=1.0, health_check_timeout_s=1.0)
+                                 health_check_interval_s=1.0, health_check_timeout_s=1.0, query_timeout_s=3)
         got = Collector()
         listener.on_event("stream", got)
         lost = counter(listener.signals.disconnected)

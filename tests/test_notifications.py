@@ -40,6 +40,7 @@ class Setup:
         self.router = Router("t", self.dispatcher, self.report)
         self.hc = HealthCheck(HC_CHANNEL, 0.0)
         self.hc.token = "7"
+        self.hc.pending = True          # a round trip is running
 
     def report(self, kind, error, channel, **kwargs):
         self.reports.append((kind, error, channel))
@@ -60,9 +61,9 @@ def s():
     return Setup()
 
 
-def row(wire, ident, op="INSERT", table="t", **extra):
-    body = {"id": ident, "xid": 100 + ident, "operation": op, "schema": "public", "table": table,
-            "data": {"n": ident}, "old": None}
+def row(wire, ident, **extra):
+    """A row's hint, as our triggers send it."""
+    body = {"id": ident, "xid": 100 + ident}
     body.update(extra)
     return Notify(1, wire, json.dumps(body))
 
@@ -78,7 +79,7 @@ def test_events_go_to_their_channel_by_wire_name_in_order(s):
     # One push per channel and batch, each in arrival order.
     assert sorted(s.pushed()) == [("messages", [1, 3, 4]), ("orders", [2, 5])]
     (_, _, events), = [e for e in s.timeline if e[1] == "messages"]
-    assert events[0] == DatabaseEvent("messages", Operation.INSERT, "public", "t", {"n": 1}, None, 1, 101)
+    assert events[0] == EventRef("messages", 1, 101)
     assert {e.channel for e in events} == {"messages"}          # the logical name, not the wire's
     assert s.reports == []
 
@@ -156,3 +157,15 @@ def test_a_stale_marker_is_ignored(s):
     assert s.pushed() == [("messages", [1, 2])]
     assert s.hc.marker_seen is False
     assert s.reports == []
+
+
+def test_plain_events_are_refused_unless_accepted(s):
+    plain = Notify(1, "app.messages", json.dumps({"operation": "INSERT", "schema": "public", "table": "t",
+                                                  "data": {"n": 1}}))
+    s.route([plain, row("app.messages", 2)])
+    assert s.pushed() == [("messages", [2])]
+    assert [kind for kind, _, _ in s.reports] == ["payload"] and s.messages.parse_errors == 1
+    trusting = Router("t", s.dispatcher, s.report, accept_plain=True)
+    trusting.route([plain], s.hc, s.marker_seen)
+    (_, _, events), = [e for e in s.timeline if e[0] == "push"][1:]
+    assert events == [DatabaseEvent("messages", Operation.INSERT, "public", "t", {"n": 1}, None, None, None)]

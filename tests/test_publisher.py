@@ -89,7 +89,9 @@ def test_publish_writes_the_log_and_notifies_on_the_wire_channel(rig, db):
     (notify,) = wait_for(notified, message="no notification")
     assert notify.channel == "app.orders"
     body = json.loads(notify.payload)
-    assert body["id"] == ident and body["data"] == {"n": 1, "text": "é'; --"}
+    assert body == {"id": ident, "xid": body["xid"]} and type(body["xid"]) is int     # a hint: no row values
+    row = execute(db, "SELECT data FROM pgnotify_sync.event_log WHERE id = %s", (ident,))
+    assert row == [({"n": 1, "text": "é'; --"},)]
     assert len(r.publisher) == 0
 
 

@@ -89,7 +89,8 @@ def test_stop_from_an_error_receiver_on_the_overflow_path(stream_db, make_listen
     # Payloads without a log id that do not fit in the buffer are reported (kind
     # "overflow") from the reader thread while it queues them: a receiver that calls
     # stop() there must not deadlock on the dispatcher's lock.
-    listener = make_listener(channels=("plain",), name="stopper", event_buffer_size=2, worker_pool_size=1)
+    listener = make_listener(channels=("plain",), name="stopper", event_buffer_size=2, worker_pool_size=1,
+                             accept_plain_payloads=True)
     gate = threading.Event()
     listener.on_event("plain", lambda e: gate.wait(10))
     stopped = threading.Event()

@@ -266,7 +266,7 @@ def test_resume_replays_late_commit_in_delivery_order(installed, make_listener, 
 def test_events_without_log_id_are_streamed_but_not_replayed(installed, make_listener, sse, pg_cluster, dbname):
     """A foreign trigger's plain payload (no id) goes out live without an ``id:``
     line; it takes no place in the ring, so resuming after a later event is exact."""
-    listener = make_listener()
+    listener = make_listener(accept_plain_payloads=True)
     bridge, url = sse.start(listener, authorize=allow_all)
     listener.start()
     first = sse.client(f"{url}/stream?channels=messages")

@@ -145,6 +145,11 @@ class ConnectionPool:
                                     conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE)
                         if reusable:
                             self._idle.append((conn, time.monotonic()))
+                        elif conn.closed or expired:
+                            # Its siblings came the same way (a tunnel, a proxy): each is
+                            # checked before its next use, so a retry does not take one
+                            # that died with it.
+                            self._idle = [(c, 0.0) for c, _ in self._idle]
                 if conn is not None and not reusable:
                     self._discard(conn, dead=conn.closed != 0 or expired)
         finally:

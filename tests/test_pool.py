@@ -185,6 +185,24 @@ def test_a_connection_used_moments_ago_that_died_fails_once_and_is_discarded(mak
     assert new != old and pid_of(pool) == new
 
 
+def test_a_dead_connection_gets_its_idle_siblings_checked_before_their_next_use(make_pool, db):
+    """Connections that came the same way (a tunnel, a proxy) die together: after one
+    is found dead, a retry must not be handed a sibling unchecked (within
+    validate_after_s) that died with it."""
+    pool = make_pool(maxconn=2, validate_after_s=60)
+    with pool.connection() as first, pool.connection() as second:
+        pids = {first.info.backend_pid, second.info.backend_pid}
+    for pid in pids:
+        terminate(db, pid)
+    with pytest.raises(psycopg2.OperationalError):
+        with pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    with pool.connection() as conn, conn.cursor() as cur:     # the sibling is checked, found dead, replaced
+        cur.execute("SELECT 1")
+        assert conn.info.backend_pid not in pids
+    assert pool.discarded == 2
+
+
 # -- failed transactions -------------------------------------------------------------------
 
 

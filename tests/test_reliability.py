@@ -152,8 +152,10 @@ def test_handler_raising_systemexit_or_baseexception_stops_nothing(stream_db, ma
 
 
 def test_frozen_path_old_backend_ended_and_queue_drains(row_stream_db, make_listener, admin_db, proxy):
+    # The pooled connections that read the rows are frozen too: the catch-up gets
+    # fresh ones once the pool's deadline (query_timeout_s) cut them.
     listener = make_listener(channels=("stream",), postgres_port=proxy.port, name="frozenq",
-                             health_check_interval_s=1.0, health_check_timeout_s=1.0)
+                             health_check_interval_s=1.0, health_check_timeout_s=1.0, query_timeout_s=3)
     got = Collector()
     listener.on_event("stream", got)
     lost = counter(listener.signals.disconnected)

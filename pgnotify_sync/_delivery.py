@@ -16,6 +16,10 @@ from .errors import must_propagate
 
 log = logging.getLogger("pgnotify_sync")
 
+# The ``table`` metric label of plain events (accept_plain_payloads): their table
+# name comes from the wire, where anyone can make one up (unbounded series).
+PLAIN_TABLE = "(plain)"
+
 
 def _call_receiver(receiver, sender, event):
     receiver(sender, event=event)
@@ -47,7 +51,7 @@ class Delivery:
         checkpoint = self._checkpoint_every if self._save else 0
         undelivered = {e.id for e in events} if checkpoint else None
         # delivered_by is counted per run of events of one (operation, table).
-        op = table = None
+        op = table = label = None
         run = 0
         total = 0.0
         started = perf()
@@ -78,16 +82,18 @@ class Delivery:
             total += elapsed
             if event.operation is not op or event.table != table:
                 if run:
-                    key = (op, table)
+                    key = (op, label)
                     by[key] = by.get(key, 0) + run
                 op, table, run = event.operation, event.table, 0
+                # A plain event's table is the wire's word: one label for all of them.
+                label = table if event.id is not None else PLAIN_TABLE
             run += 1
             if debug:
                 self._log_delivered(name, event, elapsed)
             if checkpoint and self._checkpoint(ch, event, undelivered, checkpoint):
                 started = perf()     # the write is not the handler's time
         if run:
-            key = (op, table)
+            key = (op, label)
             by[key] = by.get(key, 0) + run
         self._delivered(ch, len(events), fast, total)
 

@@ -134,6 +134,10 @@ converter.register_unstructure_hook(Operation, lambda op: op.value)
 #: The most ids one statement's range may span: a larger one is refused as forged
 #: (its events still arrive: the position check reads them from the log).
 MAX_RANGE_SPAN = 1 << 27
+#: A statement of n rows spans at most n * RANGE_SPREAD + RANGE_SLACK ids: its rows
+#: get consecutive ids but for other writers' rows logged at the same time.
+RANGE_SPREAD = 64
+RANGE_SLACK = 4096
 
 #: Operation by its name, as the log and the payloads spell it (one lookup, no enum call).
 OPERATIONS = {op.value: op for op in Operation}
@@ -332,11 +336,13 @@ def _range(channel, obj, first, xid, size):
     if not (type(xid) is int and type(last) is int and type(n) is int and xid > 0 and 0 < first <= last):
         raise PayloadError(f"payload on channel {channel!r} is not a range of log ids", channel, size)
     span = last - first + 1
-    if not 0 < n <= span <= MAX_RANGE_SPAN:
-        # A statement's n rows have n distinct ids in first..last; a forged range
-        # would weigh n events in the buffer accounting.
+    if not 0 < n <= span <= min(MAX_RANGE_SPAN, n * RANGE_SPREAD + RANGE_SLACK):
+        # A statement's n rows have n distinct ids in first..last, spread only by
+        # other writers' rows logged meanwhile. A wider range is forged (or refused
+        # as if it were: its rows still come through the position check); it would
+        # make the worker scan the whole span.
         raise PayloadError(f"payload on channel {channel!r}: a range of {n} events cannot span {span} ids "
-                           f"(at most {MAX_RANGE_SPAN})", channel, size)
+                           f"(at most {min(MAX_RANGE_SPAN, n * RANGE_SPREAD + RANGE_SLACK)})", channel, size)
     return EventRange(channel, xid, first, last, n)
 
 

@@ -118,6 +118,18 @@ def test_counting():
     assert ch.last_event_at is not None
 
 
+def test_plain_events_share_one_table_label():
+    # A plain event's table is whatever the wire said (anyone can make one up): one
+    # label for all of them, so made-up names cannot grow metric series.
+    s = Setup()
+    ch = s.channel("messages", "messages")
+    s.on_event("messages", lambda e: None)
+    plain = [DatabaseEvent("messages", Operation.INSERT, "public", f"made_up_{i}", {}, None, None, None)
+             for i in range(5)]
+    s.delivery.deliver(ch, [ev(1)] + plain + [ev(2), ev(3, table="t")])
+    assert ch.delivered_by == {(Operation.INSERT, "t"): 3, (Operation.INSERT, "(plain)"): 5}
+
+
 def test_slow_handlers_land_in_later_buckets():
     s = Setup()
     ch = s.channel("messages", "messages")

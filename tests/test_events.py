@@ -333,11 +333,14 @@ def test_a_hint_needs_positive_ids(text):
 def test_a_statement_range():
     assert decode_hint("c", '{"xid": 9, "first": 10, "last": 19, "n": 10}') == EventRange("c", 9, 10, 19, 10)
     assert decode_hint("c", '{"xid": 9, "first": 10, "last": 30, "n": 10}') == EventRange("c", 9, 10, 30, 10)
+    # spread by other writers' rows: up to n * RANGE_SPREAD + RANGE_SLACK ids
+    assert decode_hint("c", payload(xid=9, first=1, last=10 * 64 + 4096, n=10)) == EventRange("c", 9, 1, 4736, 10)
 
 
 @pytest.mark.parametrize("fields, message", [
     ({"xid": 9, "first": 10, "last": 19, "n": 2 ** 62}, "cannot span 10 ids"),           # n beyond its ids
-    ({"xid": 9, "first": 1, "last": MAX_RANGE_SPAN + 1, "n": 5}, f"at most {MAX_RANGE_SPAN}"),
+    ({"xid": 9, "first": 1, "last": MAX_RANGE_SPAN + 1, "n": MAX_RANGE_SPAN}, f"at most {MAX_RANGE_SPAN}"),
+    ({"xid": 9, "first": 1, "last": 10 * 64 + 4096 + 1, "n": 10}, f"at most {10 * 64 + 4096}"),   # too spread
     ({"xid": 9, "first": 10, "last": 9, "n": 1}, "not a range"),
     ({"xid": 9, "first": 0, "last": 9, "n": 1}, "not a range"),
     ({"xid": "9", "first": 1, "last": 9, "n": 1}, "not a range"),

@@ -20,6 +20,7 @@ and every row logged since the listener started must have been delivered.
 """
 
 import json
+import re
 import secrets
 import threading
 import uuid
@@ -583,7 +584,9 @@ def test_health_check_channel_is_not_derived_from_the_backend_pid(wire_db, make_
     for listener, channel in zip((one, two), channels):
         pids = [r[0] for r in execute(wire_db, "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
                                       (listener.config.application_name,))]
-        assert pids and not any(str(pid) in channel for pid in pids), f"{channel!r} names a backend pid {pids}"
+        # Random (128 bits), not a pid: a substring check would fail by chance now and then.
+        assert pids and re.fullmatch(r"pgnotify_sync\.hc\.[0-9a-f]{32}", channel), channel
+        assert not any(channel == f"pgnotify_sync.hc.{pid}" for pid in pids), f"{channel!r} names a backend pid"
 
 
 def test_forged_health_check_markers_move_nothing(wire_db, mallory, make_listener, pg_cluster, dbname):

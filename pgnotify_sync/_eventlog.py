@@ -67,8 +67,14 @@ _RANGE_SQL = _ROWS.format(where="id BETWEEN %(first)s AND %(last)s AND xid::text
                                 "AND channel = %(channel)s", limit="LIMIT %(limit)s")
 
 # Hints read together: the ids are checked against the channel here, the xids by
-# the worker (a hint must name the row's own transaction).
-_IDS_SQL = _ROWS.format(where="id = ANY(%(ids)s) AND id > %(after)s AND channel = %(channel)s", limit="")
+# the worker (a hint must name the row's own transaction). A plain query, the json
+# parsed by the driver (the pool registers our loads): a third of _ROWS's cost for
+# the one-row reads of light traffic, where planning _ROWS dominated (0.19 against
+# 0.64 ms a read here), and cheaper for 256 ids too. At most HINT_READ rows a query:
+# memory is bounded by a count of events, as the event buffer is.
+_IDS_SQL = ("SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old "
+            "FROM pgnotify_sync.event_log WHERE id = ANY(%s) AND channel = %s ORDER BY id")
+HINT_READ = 256
 
 # The position check: (id, xid) of events of transactions that became visible.
 _WINDOW_SQL = """
@@ -173,14 +179,18 @@ class EventLog:
     def events_by_id(self, channel, wire, ids):
         """The committed events of channel *wire* among log ids *ids*, in id order
         (pages cut by bytes are read on); CatchUpFailed if the log cannot be read."""
+        ids = sorted(set(ids))
         found = []
-        after = 0
-        while True:
-            events, cut = self._read(channel, _IDS_SQL, {"ids": list(ids), "after": after, "channel": wire})
-            found.extend(events)
-            if not (cut and events):
-                return found
-            after = events[-1].id
+        ops = OPERATIONS
+        try:
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                for start in range(0, len(ids), HINT_READ):
+                    cur.execute(_IDS_SQL, (ids[start:start + HINT_READ], wire))
+                    found.extend(DatabaseEvent(channel, ops[op], schema, table, data, old, ident, xid)
+                                 for ident, xid, op, schema, table, data, old in cur.fetchall())
+        except (psycopg2.Error, PgNotifyError) as exc:
+            raise CatchUpFailed(first_line(exc)) from exc
+        return found
 
     def window(self, wire, position, target):
         """(id, xid) of every event of channel *wire* whose transaction is visible

@@ -16,7 +16,7 @@ import psycopg2
 class ErrorKind(str, enum.Enum):
     """The ``kind`` of an ``error`` signal (a ``str``: ``kind == "handler"`` works)."""
 
-    PAYLOAD = "payload"         # a notification that is not an event (counted, ignored)
+    PAYLOAD = "payload"         # a notification that is not a usable hint, or names no committed event (ignored)
     HANDLER = "handler"         # an on_event handler raised
     RECEIVER = "receiver"       # a lifecycle signal receiver raised
     CATCHUP = "catchup"         # reading the event log failed; the channel falls back and retries

@@ -293,9 +293,9 @@ def test_events_by_id_of_their_channel_only(tdb, log):
     assert log.events_by_id("t", "t", []) == []
 
 
-def test_events_by_id_reads_on_past_a_page_cut_by_bytes(tdb, log, monkeypatch):
+def test_events_by_id_reads_in_bounded_chunks(tdb, log, monkeypatch):
     import pgnotify_sync._eventlog as eventlog
-    monkeypatch.setattr(eventlog, "PAGE_BYTES", 1)          # every row ends a page
+    monkeypatch.setattr(eventlog, "HINT_READ", 2)           # 5 ids: three queries of at most 2 rows
     for i in range(5):
         execute(tdb, "INSERT INTO t VALUES (%s, 'x')", (i,))
     rows = logged(tdb)

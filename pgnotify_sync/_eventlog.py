@@ -183,7 +183,7 @@ class EventLog:
         found = []
         ops = OPERATIONS
         try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
+            with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
                 for start in range(0, len(ids), HINT_READ):
                     cur.execute(_IDS_SQL, (ids[start:start + HINT_READ], wire))
                     found.extend(DatabaseEvent(channel, ops[op], schema, table, data, old, ident, xid)
@@ -198,7 +198,7 @@ class EventLog:
         params = {"channel": wire, "pos_xmin": str(position.xmin), "to_xmax": str(target.xmax),
                   "to": str(target), "pos": str(position)}
         try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
+            with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
                 cur.execute(_WINDOW_SQL, params)
                 return cur.fetchall()
         except (psycopg2.Error, PgNotifyError) as exc:

@@ -101,8 +101,10 @@ class ConnectionPool:
             return False
 
     @contextlib.contextmanager
-    def connection(self, timeout_s=WAIT_S):
+    def connection(self, timeout_s=WAIT_S, autocommit=False):
         """Yield a connection in a transaction; commit on success, rollback on error.
+        With *autocommit* each statement is its own transaction: one round trip for a
+        single read instead of three (BEGIN, the query, COMMIT).
 
         A connection that failed with a connection-level error is closed, not reused.
         The whole block has the pool's deadline; past it the connection is closed and
@@ -122,7 +124,15 @@ class ConnectionPool:
                 conn = self._checkout()
                 self._guard(conn)
                 try:
-                    yield conn
+                    if autocommit:
+                        conn.autocommit = True      # client side only: no round trip
+                        try:
+                            yield conn
+                        finally:
+                            if not conn.closed:
+                                conn.autocommit = False
+                    else:
+                        yield conn
                     conn.commit()
                 except BaseException as exc:
                     if not conn.closed and conn not in self._expired:

@@ -62,6 +62,13 @@ def _positive_float(name, minimum=0.0, allow_zero=False):
     return check
 
 
+def _bool(name):
+    def check(instance, attribute, value):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return check
+
+
 def split_names(text):
     """A comma-separated list of names, each stripped. Empty names are kept: the
     caller decides whether one is an error (Config, the environment) or skipped (a
@@ -131,7 +138,7 @@ class Config:
     ssh_known_hosts: str = attrs.field(default=None)
     ssh_key_passphrase: str = attrs.field(default=None, repr=False)
     #: Do not verify the SSH server's host key. For throwaway test servers only.
-    ssh_insecure_skip_host_key_check: bool = attrs.field(default=False)
+    ssh_insecure_skip_host_key_check: bool = attrs.field(default=False, validator=_bool("ssh_insecure_skip_host_key_check"))
 
     max_reconnect_attempts: int = attrs.field(default=0, validator=_positive_int("max_reconnect_attempts", 0))
     reconnect_delay_ms: int = attrs.field(default=500, validator=_positive_int("reconnect_delay_ms", 1))
@@ -141,9 +148,9 @@ class Config:
     health_check_timeout_s: float = attrs.field(default=5.0, validator=_positive_float("health_check_timeout_s"))
     query_timeout_s: float = attrs.field(default=30.0, validator=_positive_float("query_timeout_s"))
 
-    enable_db_events: bool = attrs.field(default=True)
-    enable_event_buffering: bool = attrs.field(default=False)
-    accept_plain_payloads: bool = attrs.field(default=False)
+    enable_db_events: bool = attrs.field(default=True, validator=_bool("enable_db_events"))
+    enable_event_buffering: bool = attrs.field(default=False, validator=_bool("enable_event_buffering"))
+    accept_plain_payloads: bool = attrs.field(default=False, validator=_bool("accept_plain_payloads"))
     worker_pool_size: int = attrs.field(default=4, validator=_positive_int("worker_pool_size", 1, 1024))
     event_buffer_size: int = attrs.field(default=10_000, validator=_positive_int("event_buffer_size", 1))
     publish_buffer_size: int = attrs.field(default=1_000, validator=_positive_int("publish_buffer_size", 1))

@@ -465,3 +465,12 @@ def test_from_env_nan_float_refused(var):
 def test_non_iterable_channels_is_config_error():
     text = config_error(make, channels=5)
     assert text.startswith("channels:")
+
+
+@pytest.mark.parametrize("field", ["ssh_insecure_skip_host_key_check", "enable_db_events", "enable_event_buffering",
+                                   "accept_plain_payloads"])
+@pytest.mark.parametrize("value", ["no", 0, 1, None])
+def test_switches_take_only_true_or_false(field, value):
+    # "no" is truthy: taken as is it would switch the opposite way from what was meant.
+    with pytest.raises(ConfigError, match=rf"^{field}: expected True or False, got "):
+        Config(postgres_user="u", postgres_db="d", **{field: value})

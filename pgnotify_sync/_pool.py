@@ -119,7 +119,6 @@ class ConnectionPool:
                 self._in_use += 1
                 self._start_watcher_locked()
             conn = None
-            reusable = False
             try:
                 conn = self._checkout()
                 self._guard(conn)
@@ -145,25 +144,31 @@ class ConnectionPool:
                                            "(frozen network path?); connection closed") from exc
                     raise
             finally:
-                with self._lock:
-                    self._in_use -= 1
-                    if conn is not None:
-                        self._deadlines.pop(conn, None)
-                        expired = conn in self._expired
-                        self._expired.discard(conn)
-                        reusable = (not expired and not conn.closed and not self._closed and
-                                    conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE)
-                        if reusable:
-                            self._idle.append((conn, time.monotonic()))
-                        elif conn.closed or expired:
-                            # Its siblings came the same way (a tunnel, a proxy): each is
-                            # checked before its next use, so a retry does not take one
-                            # that died with it.
-                            self._idle = [(c, 0.0) for c, _ in self._idle]
-                if conn is not None and not reusable:
-                    self._discard(conn, dead=conn.closed != 0 or expired)
+                self._checkin(conn)
         finally:
             self._slots.release()
+
+    def _checkin(self, conn):
+        """The end of a connection() block: *conn* (None if none was checked out)
+        goes back to the idle list, or is discarded."""
+        reusable = expired = False
+        with self._lock:
+            self._in_use -= 1
+            if conn is None:
+                return
+            self._deadlines.pop(conn, None)
+            expired = conn in self._expired
+            self._expired.discard(conn)
+            reusable = (not expired and not conn.closed and not self._closed and
+                        conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE)
+            if reusable:
+                self._idle.append((conn, time.monotonic()))
+            elif conn.closed or expired:
+                # Its siblings came the same way (a tunnel, a proxy): each is checked
+                # before its next use, so a retry does not take one that died with it.
+                self._idle = [(c, 0.0) for c, _ in self._idle]
+        if not reusable:
+            self._discard(conn, dead=conn.closed != 0 or expired)
 
     def _guard(self, conn):
         with self._lock:

@@ -54,6 +54,8 @@ class ListenerHooks:
         return target, read_pages(read, dispatcher.submit, dispatcher.result, counted)
 
     def fetch_ids(self, ch, ids):
+        if self._p.reader.installed is False:
+            return []   # no event log: no hint can name an event (nothing to fall back for)
         return self._p.connections.event_log.events_by_id(ch.name, ch.wire, ids)
 
     def window(self, ch, target):

@@ -499,6 +499,14 @@ def test_database_without_the_schema_plain_payloads_only(db, make_listener, capl
     assert event.operation == "DELETE" and event.id is None and event.data == {"id": 1}
     assert after.data == {"id": 2}          # nothing else (no duplicate) came between them
     assert len(got) == 2
+    # A hint (forged: no log here) names nothing and sends the channel into no fall-back loop.
+    last = json.dumps({"operation": "INSERT", "schema": "public", "table": "t", "data": {"id": 3}})
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_notify('legacy', %s)", ('{"id": 5, "xid": 1000000000000}',))
+        cur.execute("SELECT pg_notify('legacy', %s)", (last,))
+    got.wait(3)
+    wait_for(lambda: listener.get_stats()["unmatched_hints"] == 1)
+    assert listener.get_stats().get("errors_catchup", 0) == 0 and not listener._channels["legacy"].overflow
     durable = make_listener(channels=("legacy",), consumer="needs-a-log")
     with pytest.raises(SchemaError, match="not installed"):
         durable.start()

@@ -1,6 +1,7 @@
 """Every query of the event log, and the building of events from its rows.
 
-Used by the listener (statement ranges, refs, catch-up pages, lag, retention), the
+Used by the listener (hinted rows, statement ranges, catch-up pages, the position
+check, lag, retention), the
 SSE bridge (replay after ``Last-Event-ID``) and the CLI (``status``). No thread of
 its own: each call borrows a pooled connection for one query.
 
@@ -8,6 +9,7 @@ The log is the truth: whatever a notification said, the events handed to handler
 are built here from rows read on our own connection.
 """
 
+import contextlib
 import itertools
 import logging
 
@@ -54,11 +56,14 @@ _ROWS = ("SELECT operation, schema_name, table_name, '[' || string_agg(id || ','
          "                    FROM pgnotify_sync.event_log WHERE {where} ORDER BY id {limit}) l) w) r "
          "WHERE upto - size < %(max_bytes)s GROUP BY 1, 2, 3")
 
-_CATCHUP_SQL = _ROWS.format(where="""channel = %(channel)s
+# Events of transactions visible in snapshot %(to)s and not in %(pos)s: what a
+# catch-up reads and what the position check lists (see _window_params).
+_BECAME_VISIBLE = """channel = %(channel)s
    AND xid >= %(pos_xmin)s::text::xid8 AND xid < %(to_xmax)s::text::xid8
-   AND id > %(after)s
    AND pg_visible_in_snapshot(xid, %(to)s::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)""", limit="LIMIT %(limit)s")
+   AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)"""
+
+_CATCHUP_SQL = _ROWS.format(where=_BECAME_VISIBLE + " AND id > %(after)s", limit="LIMIT %(limit)s")
 
 # xid compared as text on purpose: not indexable, so the planner takes the id range on
 # the primary key. With "xid = X" it may pick the xid index and walk every entry of a
@@ -77,13 +82,7 @@ _IDS_SQL = ("SELECT id, xid::text::bigint, operation, schema_name, table_name, d
 HINT_READ = 256
 
 # The position check: (id, xid) of events of transactions that became visible.
-_WINDOW_SQL = """
-SELECT id, xid::text::bigint FROM pgnotify_sync.event_log
- WHERE channel = %(channel)s
-   AND xid >= %(pos_xmin)s::text::xid8 AND xid < %(to_xmax)s::text::xid8
-   AND pg_visible_in_snapshot(xid, %(to)s::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)
-"""
+_WINDOW_SQL = "SELECT id, xid::text::bigint FROM pgnotify_sync.event_log WHERE " + _BECAME_VISIBLE
 
 _REPLAY_SQL = """
 SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old, channel
@@ -107,6 +106,21 @@ def _event_id(event):
     return event.id
 
 
+@contextlib.contextmanager
+def _readable():
+    """A read of the log that fails (server away, pool closed) raises CatchUpFailed:
+    the channel falls back and retries."""
+    try:
+        yield
+    except (psycopg2.Error, PgNotifyError) as exc:
+        raise CatchUpFailed(first_line(exc)) from exc
+
+
+def _window_params(wire, position, target):
+    return {"channel": wire, "pos_xmin": str(position.xmin), "to_xmax": str(target.xmax),
+            "to": str(target), "pos": str(position)}
+
+
 def page_rows(most, previous):
     """Rows to ask for in the next page, after one of *previous* rows (None: the
     first page). Each page query sizes every row it may return (the byte bound),
@@ -126,24 +140,18 @@ class EventLog:
 
     def snapshot(self):
         """The server's current snapshot (the target of a catch-up)."""
-        try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                cur.execute("SELECT pg_current_snapshot()::text")
-                return Snapshot.parse(cur.fetchone()[0])
-        except (psycopg2.Error, PgNotifyError) as exc:
-            raise CatchUpFailed(first_line(exc)) from exc
+        with _readable(), self._pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_current_snapshot()::text")
+            return Snapshot.parse(cur.fetchone()[0])
 
     def _read(self, channel, sql_text, params):
         """Events of *channel* from one page (see _ROWS) and whether the page was cut
         by its byte bound (more rows may follow its last id); CatchUpFailed if it
         cannot be read."""
         params["max_bytes"] = PAGE_BYTES
-        try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                cur.execute(sql_text, params)
-                groups = cur.fetchall()
-        except (psycopg2.Error, PgNotifyError) as exc:
-            raise CatchUpFailed(first_line(exc)) from exc
+        with _readable(), self._pool.connection() as conn, conn.cursor() as cur:
+            cur.execute(sql_text, params)
+            groups = cur.fetchall()
         ops = OPERATIONS
         events = []
         extend = events.extend
@@ -163,8 +171,8 @@ class EventLog:
         """Events of transactions visible in *target* but not in *position*, above id
         *after*, in id order: one page and whether more may follow."""
         limit = page_rows(CATCHUP_PAGE, previous)
-        params = {"channel": wire, "pos_xmin": str(position.xmin), "to_xmax": str(target.xmax),
-                  "to": str(target), "pos": str(position), "limit": limit, "after": after}
+        params = _window_params(wire, position, target)
+        params.update(limit=limit, after=after)
         events, cut = self._read(channel, _CATCHUP_SQL, params)
         return events, cut or len(events) == limit
 
@@ -178,31 +186,23 @@ class EventLog:
 
     def events_by_id(self, channel, wire, ids):
         """The committed events of channel *wire* among log ids *ids*, in id order
-        (pages cut by bytes are read on); CatchUpFailed if the log cannot be read."""
+        (HINT_READ ids a query); CatchUpFailed if the log cannot be read."""
         ids = sorted(set(ids))
         found = []
         ops = OPERATIONS
-        try:
-            with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
-                for start in range(0, len(ids), HINT_READ):
-                    cur.execute(_IDS_SQL, (ids[start:start + HINT_READ], wire))
-                    found.extend(DatabaseEvent(channel, ops[op], schema, table, data, old, ident, xid)
-                                 for ident, xid, op, schema, table, data, old in cur.fetchall())
-        except (psycopg2.Error, PgNotifyError) as exc:
-            raise CatchUpFailed(first_line(exc)) from exc
+        with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
+            for start in range(0, len(ids), HINT_READ):
+                cur.execute(_IDS_SQL, (ids[start:start + HINT_READ], wire))
+                found.extend(DatabaseEvent(channel, ops[op], schema, table, data, old, ident, xid)
+                             for ident, xid, op, schema, table, data, old in cur.fetchall())
         return found
 
     def window(self, wire, position, target):
         """(id, xid) of every event of channel *wire* whose transaction is visible
         in *target* and not in *position*; CatchUpFailed if the log cannot be read."""
-        params = {"channel": wire, "pos_xmin": str(position.xmin), "to_xmax": str(target.xmax),
-                  "to": str(target), "pos": str(position)}
-        try:
-            with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
-                cur.execute(_WINDOW_SQL, params)
-                return cur.fetchall()
-        except (psycopg2.Error, PgNotifyError) as exc:
-            raise CatchUpFailed(first_line(exc)) from exc
+        with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(_WINDOW_SQL, _window_params(wire, position, target))
+            return cur.fetchall()
 
     def replay(self, channels_by_wire, after):
         """Every event of these channels above id *after*, in id order (the SSE

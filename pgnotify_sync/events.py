@@ -336,13 +336,14 @@ def _range(channel, obj, first, xid, size):
     if not (type(xid) is int and type(last) is int and type(n) is int and xid > 0 and 0 < first <= last):
         raise PayloadError(f"payload on channel {channel!r} is not a range of log ids", channel, size)
     span = last - first + 1
-    if not 0 < n <= span <= min(MAX_RANGE_SPAN, n * RANGE_SPREAD + RANGE_SLACK):
+    widest = min(MAX_RANGE_SPAN, n * RANGE_SPREAD + RANGE_SLACK)
+    if not 0 < n <= span <= widest:
         # A statement's n rows have n distinct ids in first..last, spread only by
         # other writers' rows logged meanwhile. A wider range is forged (or refused
         # as if it were: its rows still come through the position check); it would
         # make the worker scan the whole span.
         raise PayloadError(f"payload on channel {channel!r}: a range of {n} events cannot span {span} ids "
-                           f"(at most {min(MAX_RANGE_SPAN, n * RANGE_SPREAD + RANGE_SLACK)})", channel, size)
+                           f"(at most {widest})", channel, size)
     return EventRange(channel, xid, first, last, n)
 
 

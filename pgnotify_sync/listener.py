@@ -64,6 +64,10 @@ NAME_MAX = 63
 # there is room again, and sends buffered publishes once the database is back.
 RESUME_EVERY_S = 0.25
 FLUSH_EVERY_S = 0.25
+# Pooled connections kept open: one for the workers' reads of hinted rows, one for
+# maintenance (lag, retention, publish) so neither opens one while the other reads.
+WARM_CONNECTIONS = 2
+POOL_FILL_EVERY_S = 5.0
 
 
 class Listener:
@@ -356,6 +360,11 @@ class Listener:
         cfg = self.config
         has_log = lambda: self._reader.installed is not False     # noqa: E731 - known after connecting
         tasks = [
+            # Reads on the delivery path find a connection open (no connect stall
+            # when maintenance holds the other one); re-filled after connections die.
+            Every("open pooled connections", POOL_FILL_EVERY_S,
+                  lambda: self._connections.pool.fill(WARM_CONNECTIONS), first_s=0.0,
+                  when=lambda: has_log() and self._lifecycle.state is ConnectionState.LISTENING),
             Every("retry overflowed channels", RESUME_EVERY_S, self._dispatcher.retry_overflowed),
             Every("flush publishes", FLUSH_EVERY_S, self._publisher.flush, when=lambda: len(self._publisher) > 0),
             # Lag feeds the metrics and health().

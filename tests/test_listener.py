@@ -263,6 +263,33 @@ def test_stop_twice_leaves_no_thread_and_no_connection(installed, make_listener,
         listener.start()
 
 
+def test_two_pooled_connections_are_open_before_the_first_event_needs_one(installed, make_listener, admin_db,
+                                                                          dbname):
+    """The first hinted read, and one while maintenance holds the other connection,
+    must not open a connection on the delivery path (~10 ms: a handshake and
+    authentication); a terminated one is replaced by the maintenance thread."""
+    listener = make_listener(pool_max_connections=3)
+    listener.on_event("messages", lambda e: None)
+    listener.start()
+
+    def pool_pids():
+        """Our backends but the listener's, the first one: the pool is filled only
+        once the listener is LISTENING."""
+        with admin_db.cursor() as cur:
+            cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s "
+                        "ORDER BY backend_start", (dbname, "pgnotify_sync"))
+            return {r[0] for r in cur.fetchall()[1:]}
+    first = wait_for(lambda: len(pool_pids()) == 2 and pool_pids(), message="two pooled connections open")
+    assert len(first) == 2
+    with admin_db.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s, 5000)", (min(first),))
+    # Found dead when next used; refilled within one fill interval (5 s) after that.
+    with installed.cursor() as cur:
+        cur.execute("INSERT INTO messages (room, body) VALUES ('r', 'x')")
+    wait_for(lambda: len(pool_pids()) == 2 and min(first) not in pool_pids(), timeout=10,
+             message="the terminated pooled connection replaced")
+
+
 def test_stop_from_a_handler(installed, make_listener):
     listener = make_listener(name="selfstop")
     done = threading.Event()

@@ -152,6 +152,64 @@ def test_waiting_times_out_with_connect_error(make_pool):
     assert pool.in_use == 0
 
 
+def test_fill_opens_connections_up_to_count_and_maxconn_and_checkouts_take_them(make_pool, dsn, db):
+    config = config_for(dsn)
+    calls = []
+
+    def kwargs():
+        calls.append(1)
+        return config.connect_kwargs()
+    pool = make_pool(maxconn=2, connect_kwargs_fn=kwargs, validate_after_s=60)
+    assert pool.fill(5) == 2 and len(calls) == 2          # bounded by maxconn
+    assert len(pool_backends(db)) == 2
+    assert pool.fill(2) == 0                              # already there: nothing opened
+    with pool.connection() as a, pool.connection() as b:   # both at once: no connect
+        assert a.info.backend_pid != b.info.backend_pid
+    assert len(calls) == 2
+    with pool.connection():
+        assert pool.fill(2) == 0                          # one in use counts
+
+
+def test_fill_after_a_connection_died_opens_its_replacement(make_pool, db):
+    pool = make_pool(maxconn=2, validate_after_s=0)
+    assert pool.fill(2) == 2
+    victim = pid_of(pool)
+    terminate(db, victim)
+    with pool.connection() as conn:                       # found dead on checkout: the sibling
+        assert conn.info.backend_pid != victim
+    assert pool.discarded == 1 and pool.fill(2) == 1      # the dead one's replacement
+    backends = pool_backends(db)
+    assert len(backends) == 2 and victim not in backends
+
+
+def test_fill_after_close_opens_nothing_and_a_failure_is_left_to_the_next_checkout(make_pool, dsn):
+    config = config_for(dsn)
+    port = free_port()          # nothing listens there
+    broken = make_pool(name="nowhere", connect_kwargs_fn=lambda: config.connect_kwargs(port=port))
+    assert broken.fill(2) == 0
+    with pytest.raises(ConnectError, match="^nowhere: cannot open a pooled connection: "):
+        with broken.connection(timeout_s=1.0):
+            pass
+    closed = make_pool()
+    closed.close()
+    assert closed.fill(2) == 0
+
+
+def test_the_check_of_an_idle_connection_leaves_the_callers_transaction_mode_alone(make_pool, db):
+    """The check (one autocommit SELECT 1) runs before every checkout here
+    (validate_after_s=0): a block without autocommit still is one transaction."""
+    execute(db, "CREATE TABLE t (n int)")
+    pool = make_pool(maxconn=1, validate_after_s=0)
+    with pool.connection(autocommit=True) as conn:
+        assert conn.autocommit
+    with pytest.raises(RuntimeError):
+        with pool.connection() as conn, conn.cursor() as cur:
+            assert not conn.autocommit
+            cur.execute("INSERT INTO t VALUES (1)")
+            raise RuntimeError("roll it back")
+    assert execute(db, "SELECT count(*) FROM t") == [(0,)]
+
+
 # -- dead connections ----------------------------------------------------------------------
 
 

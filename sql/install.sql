@@ -66,6 +66,12 @@ CREATE TABLE IF NOT EXISTS pgnotify_sync.watched_tables (
 );
 
 ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS mode text NOT NULL DEFAULT 'row';
+-- The table (renames keep it) and the role whose rights its capture code runs with:
+-- the table's owner, or NULL for the installer's own functions (see capture_function).
+ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS relid oid;
+ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS runs_as oid;
+UPDATE pgnotify_sync.watched_tables w SET relid = to_regclass(format('%I.%I', w.schema_name, w.table_name))
+ WHERE w.relid IS NULL;
 
 CREATE TABLE IF NOT EXISTS pgnotify_sync.consumers (
     name        text NOT NULL,
@@ -427,6 +433,87 @@ BEGIN
 END
 $fn$;
 
+-- Capture code runs with the rights of the watched table's owner, never more.
+--
+-- The capture functions are SECURITY DEFINER (writers need no privilege on our
+-- schema), and row_to_json() runs code the table's owner controls: a cast to json
+-- of a column type they own (CREATE CAST (mood AS json) WITH FUNCTION f(mood)).
+-- Run as the installer, f would run as the installer, usually a superuser. So a
+-- table owned by another role (not a superuser) is captured by that owner's own
+-- copies of the capture functions: SECURITY DEFINER as the owner, who may insert
+-- into the log only events on the channels of the tables they own (the policy
+-- below) and read back only ids and xids. A cast function then runs with the
+-- owner's rights, which it had anyway. A writer cannot tell the difference; its
+-- transaction writes the same rows. Copies are named capture_<kind>_o<owner oid>
+-- and made from the installer's functions (install re-makes them after an upgrade).
+CREATE OR REPLACE FUNCTION pgnotify_sync.installer() RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT relowner FROM pg_class WHERE oid = 'pgnotify_sync.event_log'::regclass
+$fn$;
+
+-- The role whose rights capture code of a table owned by p_owner runs with: NULL
+-- (the installer's functions) for the installer or a superuser, else p_owner.
+CREATE OR REPLACE FUNCTION pgnotify_sync.capture_role(p_owner oid) RETURNS oid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT CASE WHEN p_owner = pgnotify_sync.installer()
+                  OR (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = p_owner) THEN NULL
+                ELSE p_owner END
+$fn$;
+
+-- The capture function p_kind ('capture_row', 'capture_partition_row',
+-- 'capture_statement') to attach to a table owned by p_owner: the installer's, or
+-- the owner's copy (made or brought up to date here, with the few grants it needs).
+CREATE OR REPLACE FUNCTION pgnotify_sync.capture_function(p_kind text, p_owner oid) RETURNS text
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_role oid := pgnotify_sync.capture_role(p_owner);
+    v_name text := p_kind || '_o' || p_owner;
+    v_def  text;
+BEGIN
+    IF p_kind NOT IN ('capture_row', 'capture_partition_row', 'capture_statement') THEN
+        RAISE EXCEPTION 'pgnotify_sync: no capture function %', quote_literal(p_kind)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_role IS NULL THEN
+        RETURN 'pgnotify_sync.' || p_kind;
+    END IF;
+    IF NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user) THEN
+        RAISE EXCEPTION 'pgnotify_sync: table owner % is not the installer: watching its tables needs a superuser',
+                        quote_ident(p_owner::regrole::text)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Capture code runs with the rights of the table''s owner: making the owner''s copy of '
+                         'the capture functions takes a superuser. Or watch a table the installer owns.';
+    END IF;
+    v_def := replace(pg_get_functiondef(format('pgnotify_sync.%I()', p_kind)::regprocedure),
+                     format('FUNCTION pgnotify_sync.%s()', p_kind), format('FUNCTION pgnotify_sync.%s()', v_name));
+    EXECUTE v_def;
+    EXECUTE format('ALTER FUNCTION pgnotify_sync.%I() OWNER TO %s', v_name, v_role::regrole);
+    EXECUTE format('REVOKE ALL ON FUNCTION pgnotify_sync.%I() FROM PUBLIC', v_name);
+    EXECUTE format('GRANT USAGE ON SCHEMA pgnotify_sync TO %s', v_role::regrole);
+    EXECUTE format('GRANT INSERT (xid, channel, operation, schema_name, table_name, data, old), SELECT (id, xid) '
+                   'ON pgnotify_sync.event_log TO %s', v_role::regrole);
+    EXECUTE format('GRANT SELECT (channel, runs_as) ON pgnotify_sync.watched_tables TO %s', v_role::regrole);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.kept_columns(oid, text[], text), '
+                   'pgnotify_sync.without_columns(anyelement, oid, text[]) TO %s', v_role::regrole);
+    RETURN 'pgnotify_sync.' || quote_ident(v_name);
+END
+$fn$;
+
+-- Who may insert log rows (the installer and superusers pass by RLS anyway): the
+-- owner copies, on the channels of the tables their owner has watched, table
+-- events only. Everything else reads and deletes as the table privileges allow.
+ALTER TABLE pgnotify_sync.event_log ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS capture_by_owner ON pgnotify_sync.event_log;
+CREATE POLICY capture_by_owner ON pgnotify_sync.event_log FOR INSERT TO PUBLIC
+    WITH CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE')
+                -- uncorrelated: evaluated once per statement, not per row
+                AND channel = ANY (ARRAY(SELECT w.channel FROM pgnotify_sync.watched_tables w
+                                          WHERE w.runs_as = to_regrole(quote_ident(current_user)))));
+DROP POLICY IF EXISTS read_as_granted ON pgnotify_sync.event_log;
+CREATE POLICY read_as_granted ON pgnotify_sync.event_log FOR SELECT TO PUBLIC USING (true);
+DROP POLICY IF EXISTS delete_as_granted ON pgnotify_sync.event_log;
+CREATE POLICY delete_as_granted ON pgnotify_sync.event_log FOR DELETE TO PUBLIC USING (true);
+
 DROP FUNCTION IF EXISTS pgnotify_sync.watch_table(regclass, text, text[]);
 
 -- Attach the capture triggers to a table (replacing earlier ones).
@@ -448,6 +535,7 @@ DECLARE
     v_args   text;
     v_mode   text := p_mode;
     v_kind   "char";
+    v_owner  oid;
 BEGIN
     IF p_channel IS NULL OR p_channel = '' THEN
         RAISE EXCEPTION 'pgnotify_sync: channel name must not be empty' USING ERRCODE = 'invalid_parameter_value';
@@ -461,7 +549,7 @@ BEGIN
         RAISE EXCEPTION 'pgnotify_sync: mode must be ''statement'' or ''row'', got %', quote_literal(v_mode)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT n.nspname, c.relname, c.relkind INTO v_schema, v_name, v_kind
+    SELECT n.nspname, c.relname, c.relkind, c.relowner INTO v_schema, v_name, v_kind, v_owner
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
     IF v_kind = 'p' THEN
         v_mode := 'row';
@@ -486,25 +574,30 @@ BEGIN
         SELECT string_agg(quote_literal(a), ', ') INTO v_args
           FROM unnest(ARRAY[p_channel, v_schema, v_name] || coalesce(p_exclude, '{}')) AS a;
         EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                       'FOR EACH ROW EXECUTE FUNCTION pgnotify_sync.capture_partition_row(%s)', p_table, v_args);
+                       'FOR EACH ROW EXECUTE FUNCTION %s(%s)', p_table,
+                       pgnotify_sync.capture_function('capture_partition_row', v_owner), v_args);
     ELSIF v_mode = 'row' THEN
         EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                       'FOR EACH ROW EXECUTE FUNCTION pgnotify_sync.capture_row(%s)', p_table, v_args);
+                       'FOR EACH ROW EXECUTE FUNCTION %s(%s)', p_table,
+                       pgnotify_sync.capture_function('capture_row', v_owner), v_args);
     ELSE
         EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER UPDATE ON %s '
-                       'FOR EACH ROW EXECUTE FUNCTION pgnotify_sync.capture_row(%s)', p_table, v_args);
+                       'FOR EACH ROW EXECUTE FUNCTION %s(%s)', p_table,
+                       pgnotify_sync.capture_function('capture_row', v_owner), v_args);
         EXECUTE format('CREATE TRIGGER pgnotify_sync_capture_insert AFTER INSERT ON %s '
                        'REFERENCING NEW TABLE AS pgnotify_sync_new '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION pgnotify_sync.capture_statement(%s)', p_table, v_args);
+                       'FOR EACH STATEMENT EXECUTE FUNCTION %s(%s)', p_table,
+                       pgnotify_sync.capture_function('capture_statement', v_owner), v_args);
         EXECUTE format('CREATE TRIGGER pgnotify_sync_capture_delete AFTER DELETE ON %s '
                        'REFERENCING OLD TABLE AS pgnotify_sync_old '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION pgnotify_sync.capture_statement(%s)', p_table, v_args);
+                       'FOR EACH STATEMENT EXECUTE FUNCTION %s(%s)', p_table,
+                       pgnotify_sync.capture_function('capture_statement', v_owner), v_args);
     END IF;
-    INSERT INTO pgnotify_sync.watched_tables (schema_name, table_name, channel, exclude_columns, mode)
-    VALUES (v_schema, v_name, p_channel, coalesce(p_exclude, '{}'), v_mode)
+    INSERT INTO pgnotify_sync.watched_tables (schema_name, table_name, channel, exclude_columns, mode, relid, runs_as)
+    VALUES (v_schema, v_name, p_channel, coalesce(p_exclude, '{}'), v_mode, p_table, pgnotify_sync.capture_role(v_owner))
     ON CONFLICT (schema_name, table_name)
     DO UPDATE SET channel = EXCLUDED.channel, exclude_columns = EXCLUDED.exclude_columns, mode = EXCLUDED.mode,
-                  created_at = now();
+                  relid = EXCLUDED.relid, runs_as = EXCLUDED.runs_as, created_at = now();
     RETURN v_mode;
 END
 $fn$;
@@ -517,6 +610,72 @@ BEGIN
     EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_delete ON %s', p_table);
     DELETE FROM pgnotify_sync.watched_tables w
      USING pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE c.oid = p_table AND w.schema_name = n.nspname AND w.table_name = c.relname;
+     WHERE c.oid = p_table AND ((w.schema_name = n.nspname AND w.table_name = c.relname) OR w.relid = p_table);
 END
 $fn$;
+
+-- After a watched table changed hands (ALTER TABLE ... OWNER TO; REASSIGN OWNED fires no
+-- event trigger: run install() or watch_table() again after one),
+-- its capture code would still run with the former owner's rights: watch it again,
+-- so it runs with the new owner's. Also brings the owners' copies up to date with
+-- the installer's functions (install runs it after an upgrade). Names come from
+-- the catalog: a renamed table is found by its oid.
+CREATE OR REPLACE FUNCTION pgnotify_sync.rewatch_owners() RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    r record;
+    v_n integer := 0;
+BEGIN
+    FOR r IN SELECT w.relid, w.channel, w.exclude_columns, w.mode
+               FROM pgnotify_sync.watched_tables w JOIN pg_class c ON c.oid = w.relid
+              WHERE w.runs_as IS DISTINCT FROM pgnotify_sync.capture_role(c.relowner)
+    LOOP
+        PERFORM pgnotify_sync.watch_table(r.relid::regclass, r.channel, r.exclude_columns, r.mode);
+        v_n := v_n + 1;
+    END LOOP;
+    RETURN v_n;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgnotify_sync.on_owner_change() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM pgnotify_sync.rewatch_owners();
+END
+$fn$;
+
+-- An event trigger takes a superuser; without one, changing the owner of a watched
+-- table needs watch_table() again (status() shows such tables).
+DO $do$
+BEGIN
+    IF (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+       AND NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgnotify_sync_owner_change') THEN
+        CREATE EVENT TRIGGER pgnotify_sync_owner_change ON ddl_command_end
+            WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION pgnotify_sync.on_owner_change();
+    END IF;
+END
+$do$;
+
+-- After an upgrade: the owners' copies re-made from the functions above (same
+-- oids: their triggers stay), then tables watched before owners' copies existed
+-- moved to them. That takes a superuser: anyone else is warned and changes nothing.
+DO $do$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT substring(p.proname from '^(.*)_o[0-9]+$') AS kind, p.proowner
+               FROM pg_proc p WHERE p.pronamespace = 'pgnotify_sync'::regnamespace
+                AND p.proname ~ '^capture_(row|partition_row|statement)_o[0-9]+$'
+    LOOP
+        PERFORM pgnotify_sync.capture_function(r.kind, r.proowner);
+    END LOOP;
+    PERFORM pgnotify_sync.rewatch_owners();
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE WARNING 'pgnotify_sync: tables owned by other roles still capture with the rights of an earlier '
+                  'version''s functions: run install() again as a superuser';
+END
+$do$;
+
+-- Nothing here is for PUBLIC: the capture functions fire as triggers (no EXECUTE
+-- check), owners' copies get what they need in capture_function.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgnotify_sync FROM PUBLIC;

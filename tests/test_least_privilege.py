@@ -1,0 +1,249 @@
+"""Least privilege (issue 13): capture code runs with the table owner's rights.
+
+A table owner whose table the installer (a superuser here, as usual) watches
+controls code that the capture trigger runs: a cast to json of a column type the
+owner owns is called by row_to_json(). Before, the capture functions ran it as
+the installer (``current_user`` inside it was ``postgres``). Now a table owned by
+another role is captured by that owner's own copies of the capture functions, so
+the cast runs with the owner's rights, and those rights are only: insert log rows
+on the channels of the owner's watched tables, read back ids and xids.
+
+Each test makes its roles (cluster-wide, so named after the test's database) and
+drops them, with what they own, at teardown.
+"""
+
+import contextlib
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+from pgnotify_sync import SchemaError, install, uninstall, watch_table
+
+from pgutil import Collector, execute
+
+PASSWORD = "pw"
+
+# The owner's cast: records who runs it, then converts as text would.
+CAST = """
+CREATE TYPE mood AS ENUM ('happy', 'sad');
+CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.cast_calls VALUES (current_user, session_user);
+    RETURN to_json($1::text);
+END $$;
+CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood);
+"""
+
+
+class Roles:
+    """LOGIN roles for one test: ``make("owner")`` -> the role's name; ``connect``."""
+
+    def __init__(self, pg_cluster, dbname):
+        self.cluster, self.dbname, self.names = pg_cluster, dbname, []
+
+    def make(self, suffix, *options):
+        name = f"{self.dbname}_{suffix}"
+        with self.cluster.connect("postgres", autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE ROLE {name} LOGIN PASSWORD %s {' '.join(options)}", (PASSWORD,))
+        self.names.append(name)
+        return name
+
+    def connect(self, name, dbname=None):
+        """An autocommit connection as *name* (use contextlib.closing: psycopg2's own
+        ``with conn`` is a transaction, even in autocommit)."""
+        info = dict(self.cluster.conninfo(dbname or self.dbname), user=name, password=PASSWORD)
+        conn = psycopg2.connect(**info)
+        conn.autocommit = True
+        return conn
+
+    def drop_all(self, dbnames):
+        for dbname in dbnames:
+            with self.cluster.connect(dbname, autocommit=True) as conn, conn.cursor() as cur:
+                for name in self.names:
+                    cur.execute(f"DROP OWNED BY {name} CASCADE")
+        with self.cluster.connect("postgres", autocommit=True) as conn, conn.cursor() as cur:
+            for name in self.names:
+                cur.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+@pytest.fixture
+def roles(pg_cluster, dbname):
+    r = Roles(pg_cluster, dbname)
+    yield r
+    r.drop_all([dbname])
+
+
+@pytest.fixture
+def owned(db, roles):
+    """pgnotify_sync installed by the superuser; role ``owner`` owns table ``feelings``
+    (a column of its own type ``mood``, with its cast to json) in schema ``own``."""
+    install(db)
+    owner = roles.make("owner")
+    execute(db, f"CREATE SCHEMA own AUTHORIZATION {owner}; "
+                "CREATE TABLE public.cast_calls (runs_as text, session_as text); "
+                "GRANT INSERT ON public.cast_calls TO PUBLIC")
+    conn = roles.connect(owner)
+    with conn.cursor() as cur:
+        cur.execute("SET search_path = own")
+        cur.execute(CAST)
+        cur.execute("CREATE TABLE own.feelings (id serial PRIMARY KEY, m mood, secret text, note text)")
+    yield owner, conn
+    conn.close()
+
+
+def cast_callers(db):
+    return {r[0] for r in execute(db, "SELECT runs_as FROM public.cast_calls")}
+
+
+@pytest.mark.parametrize("mode,exclude", [("statement", ()), ("row", ()), ("statement", ("secret",)),
+                                          ("row", ("secret",))])
+def test_the_owners_cast_runs_with_the_owners_rights_and_events_arrive(owned, db, make_listener, mode, exclude):
+    owner, conn = owned
+    watch_table(db, "own.feelings", channel="feelings", exclude_columns=exclude, mode=mode)
+    listener = make_listener(channels=("feelings",))
+    got = Collector()
+    listener.on_event("feelings", got)
+    listener.start()
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO own.feelings (m, secret, note) VALUES ('happy', 's', 'one')")
+        cur.execute("INSERT INTO own.feelings (m, secret, note) SELECT 'sad', 's', 'n' || g "
+                    "FROM generate_series(1, 12) g")
+        cur.execute("UPDATE own.feelings SET m = 'sad' WHERE note = 'one'")
+        cur.execute("DELETE FROM own.feelings WHERE note = 'n1'")
+    events = got.wait(15, settle=listener)
+    assert cast_callers(db) == {owner}          # never the installer
+    assert [e.operation for e in events] == ["INSERT"] * 13 + ["UPDATE", "DELETE"]
+    assert events[0].data["m"] == "happy" and events[13].data["m"] == "sad" and events[13].old["m"] == "happy"
+    assert ("secret" in events[0].data) is not bool(exclude)
+    assert {e.table for e in events} == {"feelings"} and {e.schema for e in events} == {"own"}
+
+
+def test_a_partitioned_table_of_another_owner_captures_with_its_rights(owned, db, make_listener):
+    owner, conn = owned
+    with conn.cursor() as cur:
+        cur.execute("SET search_path = own")
+        cur.execute("CREATE TABLE own.parts (id int, m mood) PARTITION BY RANGE (id); "
+                    "CREATE TABLE own.parts_1 PARTITION OF own.parts FOR VALUES FROM (0) TO (100)")
+    watch_table(db, "own.parts", channel="parts")
+    listener = make_listener(channels=("parts",))
+    got = Collector()
+    listener.on_event("parts", got)
+    listener.start()
+    execute(conn, "INSERT INTO own.parts VALUES (1, 'happy')")
+    (event,) = got.wait(1, settle=listener)
+    assert (event.table, event.data) == ("parts", {"id": 1, "m": "happy"})
+    assert cast_callers(db) == {owner}
+
+
+def test_a_writer_without_privileges_on_our_schema_writes_an_owners_table(owned, db, roles, make_listener):
+    owner, conn = owned
+    watch_table(db, "own.feelings", channel="feelings")
+    writer = roles.make("writer")
+    execute(conn, f"GRANT USAGE ON SCHEMA own TO {writer}; GRANT INSERT ON own.feelings TO {writer}; "
+                  f"GRANT USAGE ON SEQUENCE own.feelings_id_seq TO {writer}")
+    listener = make_listener(channels=("feelings",))
+    got = Collector()
+    listener.on_event("feelings", got)
+    listener.start()
+    with contextlib.closing(roles.connect(writer)) as w:
+        execute(w, "INSERT INTO own.feelings (m, note) VALUES ('sad', 'by the writer')")
+    (event,) = got.wait(1, settle=listener)
+    assert event.data["note"] == "by the writer"
+    assert cast_callers(db) == {owner}          # the owner's rights, not the writer's, not ours
+
+
+def test_after_the_table_changes_hands_its_capture_runs_with_the_new_owners_rights(db, roles, make_listener):
+    """The usual migration: the superuser creates and watches the table, then gives
+    it to the application's role, which then owns the column type's cast too."""
+    install(db)
+    owner = roles.make("owner")
+    execute(db, "CREATE TABLE public.cast_calls (runs_as text, session_as text); "
+                "GRANT INSERT ON public.cast_calls TO PUBLIC; "
+                "CREATE TABLE public.handed (id serial PRIMARY KEY, note text)")
+    watch_table(db, "public.handed", channel="handed")
+    execute(db, f"GRANT CREATE ON SCHEMA public TO {owner}; ALTER TABLE public.handed OWNER TO {owner}")
+    with contextlib.closing(roles.connect(owner)) as conn:
+        execute(conn, CAST + "ALTER TABLE public.handed ADD COLUMN m mood")
+        listener = make_listener(channels=("handed",))
+        got = Collector()
+        listener.on_event("handed", got)
+        listener.start()
+        execute(conn, "INSERT INTO public.handed (note, m) VALUES ('x', 'happy')")
+        (event,) = got.wait(1, settle=listener)
+    assert event.data["m"] == "happy"
+    assert cast_callers(db) == {owner}
+    assert execute(db, "SELECT runs_as::regrole::text FROM pgnotify_sync.watched_tables "
+                       "WHERE table_name = 'handed'") == [(owner,)]
+
+
+def test_the_owners_rights_log_only_its_own_channels_and_read_no_values(owned, db):
+    owner, conn = owned
+    execute(db, "CREATE TABLE public.payroll (id serial PRIMARY KEY, salary int)")
+    watch_table(db, "public.payroll", channel="payroll")
+    watch_table(db, "own.feelings", channel="feelings")
+    execute(db, "INSERT INTO public.payroll (salary) VALUES (1000)")
+    # A cast function that tries to invent an event on another channel: refused, so
+    # the owner's own statement fails (its own code raised).
+    with conn.cursor() as cur:
+        cur.execute("SET search_path = own")
+        cur.execute("""CREATE OR REPLACE FUNCTION mood_json(mood) RETURNS json LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO pgnotify_sync.event_log (channel, operation, schema_name, table_name, data)
+                VALUES ('payroll', 'INSERT', 'public', 'payroll', '{"salary": 1}');
+                RETURN to_json($1::text);
+            END $$""")
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="row-level security"):
+            cur.execute("INSERT INTO own.feelings (m) VALUES ('happy')")
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="event_log"):
+            cur.execute("SELECT data FROM pgnotify_sync.event_log")
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="publish"):
+            cur.execute("SELECT pgnotify_sync.publish('payroll', '{}')")
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="trim_event_log"):
+            cur.execute("SELECT pgnotify_sync.trim_event_log(1e-9, 1e-9)")
+        cur.execute("SELECT count(*) FROM pgnotify_sync.event_log")     # ids only, but it may count
+    assert execute(db, "SELECT count(*) FROM pgnotify_sync.event_log WHERE channel = 'payroll'") == [(1,)]
+
+
+def test_a_non_superuser_installer_is_told_why_it_cannot_watch_another_owners_table(pg_cluster, roles, db):
+    installer = roles.make("installer")
+    owner = roles.make("owner")
+    name = f"{roles.dbname}_own"
+    pg_cluster.create_database(name)
+    try:
+        with pg_cluster.connect(name, autocommit=True) as admin:
+            execute(admin, f"GRANT CREATE ON DATABASE {name} TO {installer}; "
+                           f"GRANT CREATE ON SCHEMA public TO {owner}, {installer}")
+        with contextlib.closing(roles.connect(installer, name)) as conn:
+            install(conn)
+            execute(conn, "CREATE TABLE mine (id int)")
+            watch_table(conn, "public.mine", channel="mine")      # its own table: fine
+        with contextlib.closing(roles.connect(owner, name)) as conn:
+            execute(conn, f"CREATE TABLE theirs (id int); GRANT TRIGGER ON theirs TO {installer}")
+        with contextlib.closing(roles.connect(installer, name)) as conn:
+            with pytest.raises(SchemaError, match=f"table owner {owner} is not the installer: watching its "
+                                                  "tables needs a superuser"):
+                watch_table(conn, "public.theirs", channel="theirs")
+    finally:
+        roles.drop_all([name])
+        roles.names.clear()
+        pg_cluster.drop_database(name)
+
+
+def test_install_again_keeps_owners_copies_working_and_uninstall_removes_everything(owned, db, make_listener):
+    owner, conn = owned
+    watch_table(db, "own.feelings", channel="feelings")
+    install(db)
+    install(db)
+    listener = make_listener(channels=("feelings",))
+    got = Collector()
+    listener.on_event("feelings", got)
+    listener.start()
+    execute(conn, "INSERT INTO own.feelings (m) VALUES ('happy')")
+    got.wait(1, settle=listener)
+    assert cast_callers(db) == {owner}
+    listener.stop()
+    uninstall(db)
+    assert execute(db, "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgnotify_sync%'") == [(0,)]
+    assert execute(db, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture%'") == [(0,)]
+    execute(conn, "INSERT INTO own.feelings (m) VALUES ('sad')")      # no trigger left to fail it

@@ -13,7 +13,7 @@ import psycopg2
 
 from ._eventlog import xids_of
 from ._snapshot import Snapshot
-from .errors import PgNotifyError, first_line
+from .errors import PgNotifyError, PrivilegeError, first_line
 
 log = logging.getLogger("pgnotify_sync")
 
@@ -59,7 +59,17 @@ class ConsumerStore:
                     cur.execute("INSERT INTO pgnotify_sync.consumers (name, channel, position) "
                                 "VALUES (%s, %s, %s::pg_snapshot) ON CONFLICT DO NOTHING",
                                 (self.consumer, ch.wire, str(start)))
+                    if cur.rowcount == 0:
+                        self._check_visible(cur, ch)
                     log.info("%s: new consumer %r starts channel %r now", self._name, self.consumer, ch.name)
+
+    def _check_visible(self, cur, ch):
+        """A stored position we did not see, and could not insert, is another role's
+        (each role sees only its own): refused, else ours would never be stored."""
+        cur.execute("SELECT 1 FROM pgnotify_sync.consumers WHERE name = %s AND channel = %s", (self.consumer, ch.wire))
+        if cur.fetchone() is None:
+            raise PrivilegeError(f"{self._name}: consumer name {self.consumer!r} on channel {ch.name!r} is kept by "
+                                 "another database role: choose another consumer name for this role")
 
     def save(self, ch, undelivered=None):
         """Store *ch*'s position; ids in *undelivered* (of the batch in hand, not yet

@@ -14,9 +14,10 @@ import itertools
 import logging
 
 import psycopg2
+import psycopg2.errors
 
 from ._snapshot import Snapshot
-from .errors import ConnectError, PgNotifyError, first_line
+from .errors import ConnectError, PgNotifyError, PrivilegeError, first_line
 from .events import OPERATIONS, DatabaseEvent, loads
 
 log = logging.getLogger("pgnotify_sync")
@@ -236,6 +237,9 @@ class EventLog:
                 n, after = self.trim_batch(retention_s, consumer_retention_s, after)
                 deleted += n
                 on_batch(n)
+        except psycopg2.errors.InsufficientPrivilege as exc:
+            raise PrivilegeError(f"{name}: this role may not trim the event log ({first_line(exc)}): retention is "
+                                 "left to a role given grant_admin (or the installer)") from exc
         except psycopg2.Error as exc:
             raise ConnectError(f"{name}: cleanup failed after deleting {deleted} rows: {first_line(exc)}") from exc
         if deleted:

@@ -10,7 +10,7 @@ import logging
 import time
 
 from ._threads import spawn
-from .errors import first_line
+from .errors import PrivilegeError, first_line
 
 log = logging.getLogger("pgnotify_sync")
 
@@ -72,3 +72,23 @@ class Maintenance:
             next_at = self.run_due(time.monotonic())
             if self._stop.wait(max(0.0, next_at - time.monotonic())):
                 return
+
+
+class TrimUnlessRefused:
+    """The retention task's action, *cleanup*: a role the database does not let
+    trim (no grant_admin) is told so once, at INFO, and not asked again; an
+    admin's listener or a cron job trims."""
+
+    def __init__(self, cleanup):
+        self._cleanup = cleanup
+        self.refused = False
+
+    def __call__(self):
+        if self.refused:
+            return 0
+        try:
+            return self._cleanup()
+        except PrivilegeError as exc:
+            self.refused = True
+            log.info("%s", exc, extra={"event": "retention_not_granted"})
+            return 0

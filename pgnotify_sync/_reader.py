@@ -31,10 +31,38 @@ from ._lifecycle import ConnectionState
 from ._notifications import Router
 from ._snapshot import Snapshot
 from ._threads import spawn
-from .errors import ConnectError, PgNotifyError, SchemaError, first_line, retry_can_fix, translated
+from .errors import (ConnectError, PgNotifyError, PrivilegeError, SchemaError, first_line, retry_can_fix,
+                     translated)
 from .metrics import Histogram
 
 log = logging.getLogger("pgnotify_sync")
+
+# The start snapshot, whether our schema is there and usable (no grant: 'no usage';
+# an install older than the grants: 'old'), the backend's start time and our role.
+_START_SQL = ("SELECT pg_current_snapshot()::text, "
+              "CASE WHEN to_regnamespace('pgnotify_sync') IS NULL THEN 'absent' "
+              "     WHEN NOT has_schema_privilege('pgnotify_sync', 'USAGE') THEN 'no usage' "
+              "     WHEN to_regclass('pgnotify_sync.event_log') IS NULL THEN 'absent' "
+              "     WHEN to_regprocedure('pgnotify_sync.unreadable_channels(text[])') IS NULL THEN 'old' "
+              "     ELSE 'ok' END, "
+              "(SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()), current_user::text")
+
+def _check_privileges(name, host, role, no_usage, unreadable):
+    """A PrivilegeError naming the missing grant: *role* may not use our schema at
+    all (*no_usage*), or may not read the channels *unreadable* (wire names)."""
+    if no_usage:
+        missing = [ch.wire for ch in host.channels.values()]
+        what = f"has no grant on pgnotify_sync in database {host.config.postgres_db!r}"
+    elif unreadable:
+        missing = list(unreadable)
+        by_wire = {ch.wire: channel for channel, ch in host.channels.items()}
+        what = f"may not read channel(s) {', '.join(repr(by_wire.get(w, w)) for w in missing)} of the event log"
+    else:
+        return
+    raise PrivilegeError(f"{name}: role {role!r} {what}: grant it with pgnotify_sync.grant_listener(conn, {role!r}, "
+                         f"{missing!r}) or 'pgnotify-sync grant-listener {role} "
+                         + " ".join(f"--channel {w}" for w in missing) + "'")
+
 
 # Send the marker round trip (which lets positions advance and handled-id sets
 # shrink) at least every this many events, not only every health-check interval.
@@ -253,13 +281,15 @@ class Reader:
         """Connect, LISTEN on every channel, take the start snapshot."""
         cfg = self._host.config
         deadline = time.monotonic() + cfg.connect_timeout_s
-        with translated(ConnectError, "cannot connect"):
+        # The target (and its TLS settings: which CA) in every connect error.
+        what = f"cannot connect to {cfg.describe_target()}"
+        with translated(ConnectError, what):
             # After a lost session a tunnel is rebuilt even if it looks alive: a
             # frozen SSH session keeps its transport "active".
             fresh, self._tunnel_stale = self._tunnel_stale, False
             conn = psycopg2.connect(async_=True, **self._host.listener_connect_kwargs(fresh))
         try:
-            self._wake.wait(conn, deadline, "connect")
+            self._wake.wait(conn, deadline, what)
             pid = conn.info.backend_pid
             hc = HealthCheck(channel_name(), time.monotonic() + cfg.health_check_interval_s, pid)
             self.health_channel = hc.channel
@@ -270,16 +300,21 @@ class Reader:
             self._wake.wait(conn, deadline, "LISTEN")
             # Every transaction not visible in this snapshot commits after our LISTEN,
             # so its notification reaches us.
-            cur.execute("SELECT pg_current_snapshot()::text, to_regclass('pgnotify_sync.event_log') IS NOT NULL, "
-                        "(SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid())")
+            cur.execute(_START_SQL)
             self._wake.wait(conn, deadline, "snapshot")
-            text, installed, backend_start = cur.fetchone()
+            text, schema, backend_start, role = cur.fetchone()
             start = Snapshot.parse(text)
             hc.backend = (pid, backend_start)
             if self._stale_backends:
                 self._end_stale_backends(conn, cur, deadline)
+            unreadable = ()
+            if schema == "ok":
+                cur.execute("SELECT pgnotify_sync.unreadable_channels(%s::text[])", (wires[:-1],))
+                self._wake.wait(conn, deadline, "grants")
+                unreadable = cur.fetchone()[0]
             cur.close()
-            self._check_installed(installed)
+            _check_privileges(self._name, self._host, role, schema == "no usage", unreadable)
+            self._check_installed(schema != "absent")
             if first and self._host.consumer:
                 self._host.load_consumer(start)
         except BaseException:

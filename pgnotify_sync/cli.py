@@ -91,6 +91,30 @@ def cmd_unwatch(args):
     print(f"no longer watching {args.table}")
 
 
+def cmd_grant(args):
+    from . import schema
+    if args.kind == "admin":
+        _with_connection(args, lambda conn, cfg: schema.grant_admin(conn, args.role))
+        print(f"{args.role} may now trim the event log, watch and unwatch tables")
+        return
+    grant = schema.grant_listener if args.kind == "listener" else schema.grant_publisher
+    _with_connection(args, lambda conn, cfg: grant(conn, args.role, args.channel, channel_prefix=cfg.channel_prefix))
+    what = "read" if args.kind == "listener" else "publish on"
+    print(f"{args.role} may now {what} " + ", ".join(repr(c) for c in args.channel))
+
+
+def cmd_revoke(args):
+    from .schema import revoke
+    n = _with_connection(args, lambda conn, cfg: revoke(conn, args.role))
+    print(f"revoked {n} grant(s) of {args.role}")
+
+
+def cmd_retention_floor(args):
+    from .schema import set_retention_floor
+    _with_connection(args, lambda conn, cfg: set_retention_floor(conn, args.retention, args.consumer_retention))
+    print("retention floors set")
+
+
 def cmd_publish(args):
     from .listener import Listener
     try:
@@ -177,6 +201,33 @@ def _add_schema_parsers(sub):
     p.set_defaults(func=cmd_unwatch)
 
 
+def _add_grant_parsers(sub):
+    """grant-listener, grant-publisher, grant-admin, revoke, retention-floor: who may
+    do what (run as the installer or a superuser)."""
+    for kind, text in (("listener", "let a role read the events of these channels and keep its consumer positions"),
+                       ("publisher", "let a role publish on these channels")):
+        p = sub.add_parser(f"grant-{kind}", help=text)
+        p.add_argument("role")
+        p.add_argument("--channel", action="append", required=True, metavar="CHANNEL",
+                       help="a channel (repeat for more); the channel prefix (PG_NOTIFY_CHANNEL) is applied "
+                            "as listeners do")
+        _add_db_flags(p)
+        p.set_defaults(func=cmd_grant, kind=kind)
+    p = sub.add_parser("grant-admin", help="let a role trim the event log, watch and unwatch tables")
+    p.add_argument("role")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_grant, kind="admin")
+    p = sub.add_parser("revoke", help="take every grant of a role back")
+    p.add_argument("role")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_revoke)
+    p = sub.add_parser("retention-floor", help="the least retention any trim keeps, whoever asks")
+    p.add_argument("--retention", type=float, metavar="SECONDS")
+    p.add_argument("--consumer-retention", type=float, metavar="SECONDS")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_retention_floor)
+
+
 def _add_event_parsers(sub):
     """listen, publish, status: events and the server's state."""
     p = sub.add_parser("listen", help="print events as JSON lines")
@@ -227,6 +278,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_schema_parsers(sub)
+    _add_grant_parsers(sub)
     _add_event_parsers(sub)
     _add_demo_parser(sub)
     return parser

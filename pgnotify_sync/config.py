@@ -19,6 +19,7 @@ import os
 
 import attrs
 
+from . import _tls
 from .errors import ConfigError
 
 # PostgreSQL truncates identifiers (channel names) to NAMEDATALEN-1 bytes.
@@ -115,6 +116,11 @@ class Config:
         ``cleanup_interval_s`` (0 disables cleanup by this listener), except rows a
         durable consumer has not handled yet; those are kept up to
         ``consumer_retention_s``, after which the consumer is told of the gap.
+    :param postgres_sslmode: libpq's ``sslmode`` for every connection, listener and
+        pool (``verify-full`` recommended: the server's certificate is checked against
+        ``postgres_sslrootcert`` and the host name); with ``postgres_sslrootcert``,
+        ``postgres_sslcert`` and ``postgres_sslkey`` (PEM files, checked when the
+        Config is made). None: libpq's defaults.
     :param accept_plain_payloads: deliver notifications that carry a whole event and
         no log id (a foreign trigger's ``pg_notify``, the product spec's example).
         Off by default: any role that can connect may NOTIFY any channel, so such
@@ -128,6 +134,13 @@ class Config:
     postgres_password: str = attrs.field(default="", repr=False)
     postgres_host: str = attrs.field(default="127.0.0.1")
     postgres_port: int = attrs.field(default=5432, validator=_positive_int("postgres_port", 1, 65535))
+    postgres_sslmode: str = attrs.field(default=None, validator=lambda _i, _a, v: _tls.check_mode(v))
+    postgres_sslrootcert: str = attrs.field(
+        default=None, validator=lambda _i, _a, v: _tls.check_file("postgres_sslrootcert", v, "certificate"))
+    postgres_sslcert: str = attrs.field(
+        default=None, validator=lambda _i, _a, v: _tls.check_file("postgres_sslcert", v, "certificate"))
+    postgres_sslkey: str = attrs.field(
+        default=None, validator=lambda _i, _a, v: _tls.check_file("postgres_sslkey", v, "key"))
     channels: tuple = attrs.field(default=(), converter=_channels_tuple)
     channel_prefix: str = attrs.field(default="")
 
@@ -242,12 +255,14 @@ class Config:
             "keepalives_idle": 1,
             "keepalives_interval": 1,
             "keepalives_count": 3,
+            **_tls.connect_kwargs(self, host),
         }
 
     def describe_target(self):
         """Where we connect, safe for logs (no password)."""
         via = f" via ssh {self.ssh_user}@{self.ssh_host}:{self.ssh_port}" if self.use_ssh else ""
-        return f"{self.postgres_user}@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}{via}"
+        return (f"{self.postgres_user}@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}{via}"
+                f"{_tls.describe(self)}")
 
     @classmethod
     def from_env(cls, environ=None, **overrides):
@@ -327,6 +342,10 @@ _ENV_VARS = (
     ("POSTGRES_USER", "postgres_user", _parse_str),
     ("POSTGRES_PASSWORD", "postgres_password", _parse_str),
     ("POSTGRES_DB", "postgres_db", _parse_str),
+    ("POSTGRES_SSLMODE", "postgres_sslmode", _parse_str),
+    ("POSTGRES_SSLROOTCERT", "postgres_sslrootcert", _parse_str),
+    ("POSTGRES_SSLCERT", "postgres_sslcert", _parse_str),
+    ("POSTGRES_SSLKEY", "postgres_sslkey", _parse_str),
     ("PG_NOTIFY_CHANNELS", "channels", _parse_channels),
     ("PG_NOTIFY_CHANNEL", "channel_prefix", _parse_str),
     ("SSH_HOST", "ssh_host", _parse_str),

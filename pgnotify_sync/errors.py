@@ -67,6 +67,14 @@ class SchemaError(PgNotifyError):
     """install/watch_table failed, or the schema objects are missing."""
 
 
+class PrivilegeError(PgNotifyError):
+    """The database role lacks a grant it needs (``grant_listener``,
+    ``grant_publisher``, ``grant_admin``); the message names it. Not retried:
+    waiting does not grant anything."""
+
+    retryable = False
+
+
 class PublishBufferFull(PgNotifyError):
     """publish() could not reach the database and the publish buffer is full: the
     event was NOT sent and NOT kept. Nothing is ever dropped silently."""
@@ -100,7 +108,10 @@ def describe(exc):
 # Server answers that retrying cannot change (libpq's texts; the SQLSTATE is not
 # available before a session exists).
 _NOT_RETRYABLE_TEXT = ("authentication failed", "does not exist", "no pg_hba.conf entry",
-                       "permission denied", "is not installed")
+                       "permission denied", "is not installed",
+                       # a certificate libpq will not accept (_tls.CERTIFICATE_FAILURES)
+                       "certificate verify failed", "does not match host name", "certificate file",
+                       "private key file", "certificate is not yet valid", "certificate has expired")
 
 
 def retry_can_fix(exc, first_session=True):

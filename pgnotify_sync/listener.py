@@ -35,7 +35,7 @@ from ._dispatch import Dispatcher
 from ._fetch import READ_AHEAD, fetch_timeout_s
 from ._hooks import ListenerHooks
 from ._lifecycle import ConnectionState, Lifecycle
-from ._maintenance import Every, Maintenance
+from ._maintenance import Every, Maintenance, TrimUnlessRefused
 from ._observe import Observer, new_stats
 from ._publisher import Publisher
 from ._reader import Reader
@@ -353,28 +353,26 @@ class Listener:
             report=self._reporter.report, load_consumer=hooks.load_consumer,
             listener_connect_kwargs=conns.listener_connect_kwargs, expect_catchup=hooks.expect_catchup)
         self._reader = parts.reader = Reader(host, self._stop_event)
-        self._maintenance = Maintenance(f"{self.name}-maintenance", self._stop_event,
-                                        self._maintenance_tasks()).start()
-
-    def _maintenance_tasks(self):
-        cfg = self.config
         has_log = lambda: self._reader.installed is not False     # noqa: E731 - known after connecting
-        tasks = [
-            # Reads on the delivery path find a connection open (no connect stall
-            # when maintenance holds the other one); re-filled after connections die.
-            Every("open pooled connections", POOL_FILL_EVERY_S,
-                  lambda: self._connections.pool.fill(WARM_CONNECTIONS), first_s=0.0,
-                  when=lambda: has_log() and self._lifecycle.state is ConnectionState.LISTENING),
-            Every("retry overflowed channels", RESUME_EVERY_S, self._dispatcher.retry_overflowed),
-            Every("flush publishes", FLUSH_EVERY_S, self._publisher.flush, when=lambda: len(self._publisher) > 0),
-            # Lag feeds the metrics and health().
-            Every("lag", cfg.health_check_interval_s, self._observer.update_lag, first_s=1.0,
-                  when=lambda: has_log() and self._lifecycle.state is ConnectionState.LISTENING),
-        ]
-        if cfg.cleanup_interval_s:
-            tasks.append(Every("retention", cfg.cleanup_interval_s, self.cleanup,
-                               first_s=min(cfg.cleanup_interval_s, 5.0), when=has_log))
-        return tasks
+        self._maintenance = Maintenance(f"{self.name}-maintenance", self._stop_event, _maintenance_tasks(
+            cfg, has_log, lambda: has_log() and self._lifecycle.state is ConnectionState.LISTENING,
+            lambda: self._connections.pool.fill(WARM_CONNECTIONS), self._dispatcher, self._publisher,
+            self._observer.update_lag, self.cleanup)).start()
+
+
+def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup):
+    tasks = [
+        # Reads on the delivery path find a connection open (no connect stall).
+        Every("open pooled connections", POOL_FILL_EVERY_S, fill_pool, first_s=0.0, when=listening),
+        Every("retry overflowed channels", RESUME_EVERY_S, dispatcher.retry_overflowed),
+        Every("flush publishes", FLUSH_EVERY_S, publisher.flush, when=lambda: len(publisher) > 0),
+        # Lag feeds the metrics and health().
+        Every("lag", cfg.health_check_interval_s, update_lag, first_s=1.0, when=listening),
+    ]
+    if cfg.cleanup_interval_s:
+        tasks.append(Every("retention", cfg.cleanup_interval_s, TrimUnlessRefused(cleanup),
+                           first_s=min(cfg.cleanup_interval_s, 5.0), when=has_log))
+    return tasks
 
 
 def _checked_name(name):

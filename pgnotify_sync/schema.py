@@ -127,3 +127,70 @@ def watched_tables(conn):
                     "FROM pgnotify_sync.watched_tables ORDER BY 1, 2")
         return [dict(schema=r[0], table=r[1], channel=r[2], exclude_columns=list(r[3]), mode=r[4])
                 for r in cur.fetchall()]
+
+
+# -- who may do what (sql/install.sql, "Who may do what") ----------------------------
+
+def _wires(channels, channel_prefix):
+    if isinstance(channels, str):
+        raise SchemaError("channels must be a sequence of channel names, not a string")
+    wires = [_wire(c, channel_prefix) for c in channels]
+    if not wires:
+        raise SchemaError("channels: give at least one channel")
+    return wires
+
+
+def grant_listener(conn, role, channels, channel_prefix=""):
+    """Let *role* read the events of *channels* (row-level security on the log, by
+    channel; *channel_prefix* as in the listeners' ``Config.channel_prefix``) and
+    keep its own durable consumer positions; nothing else. Run as the installer
+    (or a superuser). Adds to the role's earlier grants."""
+    wires = _wires(channels, channel_prefix)
+    with _transaction(conn) as cur:
+        cur.execute("SELECT pgnotify_sync.grant_listener(%s::regrole, %s::text[])", (_role(role), wires))
+
+
+def grant_publisher(conn, role, channels, channel_prefix=""):
+    """Let *role* ``publish()`` on *channels* only."""
+    wires = _wires(channels, channel_prefix)
+    with _transaction(conn) as cur:
+        cur.execute("SELECT pgnotify_sync.grant_publisher(%s::regrole, %s::text[])", (_role(role), wires))
+
+
+def grant_admin(conn, role):
+    """Let *role* trim the log (never below the floors of :func:`set_retention_floor`),
+    watch and unwatch tables (those it may add triggers to) and see every consumer."""
+    with _transaction(conn) as cur:
+        cur.execute("SELECT pgnotify_sync.grant_admin(%s::regrole)", (_role(role),))
+
+
+def revoke(conn, role):
+    """Take every grant of *role* back (what capture of the tables it owns needs
+    stays). Returns how many grants were removed."""
+    with _transaction(conn) as cur:
+        cur.execute("SELECT pgnotify_sync.revoke_role(%s::regrole)", (_role(role),))
+        return cur.fetchone()[0]
+
+
+def set_retention_floor(conn, retention_s=None, consumer_retention_s=None):
+    """Keep in the database the least retention any trim may use (seconds; None
+    leaves a floor as it is): a listener configured for less keeps this much."""
+    with _transaction(conn) as cur:
+        cur.execute("SELECT pgnotify_sync.set_retention_floor(%s, %s)", (retention_s, consumer_retention_s))
+
+
+def grants(conn):
+    """Who may do what: a list of dicts role, kind (``listen``, ``publish``,
+    ``admin``), channels (wire names; empty for admin), as the caller may see them
+    (the installer: every grant)."""
+    with _transaction(conn) as cur:
+        cur.execute("SELECT g.role::regrole::text, g.kind, array_agg(g.channel ORDER BY g.channel) "
+                    "FILTER (WHERE g.channel <> '') FROM pgnotify_sync.grants g GROUP BY 1, 2 ORDER BY 1, 2")
+        return [dict(role=r[0], kind=r[1], channels=list(r[2] or ())) for r in cur.fetchall()]
+
+
+def _role(role):
+    if not isinstance(role, str) or not role:
+        raise SchemaError(f"role: expected a role name, got {role!r}")
+    # regrole input takes an identifier: quote it, so any role name works as given.
+    return '"' + role.replace('"', '""') + '"'

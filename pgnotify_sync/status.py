@@ -21,5 +21,30 @@ def server_status(conn):
         status["watched_tables"] = [{"table": f"{s}.{t}", "channel": c, "exclude_columns": list(x)}
                                     for s, t, c, x in cur.fetchall()]
         status["consumers"] = consumers
+        status["privileges"] = _privileges(cur)
     conn.rollback()
     return status
+
+
+def _privileges(cur):
+    """Who may do what: this role's own grants, every role's grants (as far as this
+    role may see them: the installer sees all), the retention floors, and watched
+    tables whose capture does not run with their owner's rights yet."""
+    cur.execute("SELECT to_regprocedure('pgnotify_sync.my_grants()') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return {"model": False}         # an install older than the grants
+    cur.execute("SELECT current_user::text, pgnotify_sync.my_grants(), pgnotify_sync.unrestricted()")
+    role, mine, unrestricted = cur.fetchone()
+    cur.execute("SELECT g.role::regrole::text, g.kind, coalesce(array_agg(g.channel ORDER BY g.channel) "
+                "FILTER (WHERE g.channel <> ''), '{}') FROM pgnotify_sync.grants g GROUP BY 1, 2 ORDER BY 1, 2")
+    grants = [{"role": r, "kind": k, "channels": list(c)} for r, k, c in cur.fetchall()]
+    cur.execute("SELECT name, value FROM pgnotify_sync.settings ORDER BY 1")
+    floors = {n: v for n, v in cur.fetchall()}
+    stale = []
+    if unrestricted:        # capture_role() is the installer's
+        cur.execute("SELECT w.schema_name || '.' || w.table_name FROM pgnotify_sync.watched_tables w "
+                    "JOIN pg_class c ON c.oid = w.relid "
+                    "WHERE w.runs_as IS DISTINCT FROM pgnotify_sync.capture_role(c.relowner) ORDER BY 1")
+        stale = [r[0] for r in cur.fetchall()]
+    return {"model": True, "role": role, "unrestricted": unrestricted, "granted": list(mine), "grants": grants,
+            "retention_floors": floors, "capture_owner_mismatch": stale}

@@ -86,6 +86,26 @@ CREATE TABLE IF NOT EXISTS pgnotify_sync.consumers (
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (name, channel)
 );
+-- The role that keeps a consumer's positions (grant_listener: a role sees and moves
+-- only its own); rows of earlier versions belong to the installer.
+ALTER TABLE pgnotify_sync.consumers ADD COLUMN IF NOT EXISTS role oid;
+UPDATE pgnotify_sync.consumers c SET role = (SELECT relowner FROM pg_class WHERE oid = 'pgnotify_sync.event_log'::regclass)
+ WHERE c.role IS NULL;
+ALTER TABLE pgnotify_sync.consumers ALTER COLUMN role SET DEFAULT to_regrole(quote_ident(current_user));
+ALTER TABLE pgnotify_sync.consumers ALTER COLUMN role SET NOT NULL;
+
+-- Settings kept in the database: the retention floors (set_retention_floor).
+CREATE TABLE IF NOT EXISTS pgnotify_sync.settings (
+    name  text PRIMARY KEY,
+    value double precision NOT NULL
+);
+INSERT INTO pgnotify_sync.settings VALUES ('retention_floor_s', 0), ('consumer_retention_floor_s', 0)
+    ON CONFLICT (name) DO NOTHING;
+
+CREATE OR REPLACE FUNCTION pgnotify_sync.setting(p_name text) RETURNS double precision
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce((SELECT s.value FROM pgnotify_sync.settings s WHERE s.name = p_name), 0)
+$fn$;
 
 -- Trim the event log: rows older than p_retention_s, except rows a durable consumer
 -- has not handled yet; those go only once older than p_consumer_retention_s, and the
@@ -103,7 +123,11 @@ CREATE OR REPLACE FUNCTION pgnotify_sync.trim_event_log_batch(p_retention_s doub
                                                               OUT deleted bigint, OUT last_id bigint)
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    v_cutoff  timestamptz := now() - make_interval(secs => p_retention_s);
+    -- No caller keeps less than the floors kept in the database (set_retention_floor).
+    v_retention_s double precision := greatest(p_retention_s, pgnotify_sync.setting('retention_floor_s'));
+    v_consumer_s  double precision := greatest(p_consumer_retention_s,
+                                               pgnotify_sync.setting('consumer_retention_floor_s'));
+    v_cutoff  timestamptz := now() - make_interval(secs => v_retention_s);
     v_bound   bigint;
     v_scanned bigint;
 BEGIN
@@ -127,7 +151,7 @@ BEGIN
         INSERT INTO pgnotify_sync_doomed
         SELECT e.id, e.channel, e.xid FROM examined e
          WHERE e.created_at < v_cutoff
-           AND (e.created_at < now() - make_interval(secs => p_consumer_retention_s)
+           AND (e.created_at < now() - make_interval(secs => v_consumer_s)
                 OR NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
                                 WHERE c.channel = e.channel AND NOT pg_visible_in_snapshot(e.xid, c.position)))
         RETURNING 1
@@ -406,9 +430,12 @@ $fn$;
 -- p_key (optional) makes it idempotent: a second call with the same key logs and
 -- notifies nothing and returns the first call's id.
 DROP FUNCTION IF EXISTS pgnotify_sync.publish(text, jsonb);
+--
+-- SECURITY INVOKER: the caller's own grants decide (grant_publisher: row-level
+-- security lets a publisher log PUBLISH rows on its channels only).
 CREATE OR REPLACE FUNCTION pgnotify_sync.publish(p_channel text, p_payload jsonb, p_key uuid DEFAULT NULL)
 RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_id      bigint;
     v_xid     xid8 := pg_current_xact_id();
@@ -498,21 +525,6 @@ BEGIN
     RETURN 'pgnotify_sync.' || quote_ident(v_name);
 END
 $fn$;
-
--- Who may insert log rows (the installer and superusers pass by RLS anyway): the
--- owner copies, on the channels of the tables their owner has watched, table
--- events only. Everything else reads and deletes as the table privileges allow.
-ALTER TABLE pgnotify_sync.event_log ENABLE ROW LEVEL SECURITY;
-DROP POLICY IF EXISTS capture_by_owner ON pgnotify_sync.event_log;
-CREATE POLICY capture_by_owner ON pgnotify_sync.event_log FOR INSERT TO PUBLIC
-    WITH CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE')
-                -- uncorrelated: evaluated once per statement, not per row
-                AND channel = ANY (ARRAY(SELECT w.channel FROM pgnotify_sync.watched_tables w
-                                          WHERE w.runs_as = to_regrole(quote_ident(current_user)))));
-DROP POLICY IF EXISTS read_as_granted ON pgnotify_sync.event_log;
-CREATE POLICY read_as_granted ON pgnotify_sync.event_log FOR SELECT TO PUBLIC USING (true);
-DROP POLICY IF EXISTS delete_as_granted ON pgnotify_sync.event_log;
-CREATE POLICY delete_as_granted ON pgnotify_sync.event_log FOR DELETE TO PUBLIC USING (true);
 
 DROP FUNCTION IF EXISTS pgnotify_sync.watch_table(regclass, text, text[]);
 
@@ -676,6 +688,224 @@ EXCEPTION WHEN insufficient_privilege THEN
 END
 $do$;
 
--- Nothing here is for PUBLIC: the capture functions fire as triggers (no EXECUTE
--- check), owners' copies get what they need in capture_function.
+-- == Who may do what ==========================================================
+--
+-- The installer (the owner of these objects) and superusers may do everything;
+-- row-level security does not apply to them. Every other role gets exactly what a
+-- grant below gives it, kept in the grants table and enforced by the database:
+--   listen  (grant_listener)  read the events of its channels; keep its own consumer
+--                             positions
+--   publish (grant_publisher) publish() on its channels
+--   admin   (grant_admin)     trim the log (never below the floors in settings),
+--                             watch and unwatch tables, see every consumer
+-- Channels are names on the wire (the listeners' channel_prefix included). A role
+-- has the grants of the roles it is a member of.
+CREATE TABLE IF NOT EXISTS pgnotify_sync.grants (
+    role       oid NOT NULL,
+    kind       text NOT NULL CHECK (kind IN ('listen', 'publish', 'admin')),
+    channel    text NOT NULL DEFAULT '',        -- '' for admin
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (role, kind, channel)
+);
+ALTER TABLE pgnotify_sync.grants ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS own_grants ON pgnotify_sync.grants;
+CREATE POLICY own_grants ON pgnotify_sync.grants FOR SELECT TO PUBLIC USING (pg_has_role(role, 'MEMBER'));
+GRANT SELECT ON pgnotify_sync.grants, pgnotify_sync.settings TO PUBLIC;
+
+-- Every policy below reads the caller's own grants with uncorrelated subqueries,
+-- evaluated once per statement, not per row.
+ALTER TABLE pgnotify_sync.event_log ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS capture_by_owner ON pgnotify_sync.event_log;
+DROP POLICY IF EXISTS read_as_granted ON pgnotify_sync.event_log;
+DROP POLICY IF EXISTS delete_as_granted ON pgnotify_sync.event_log;
+DROP POLICY IF EXISTS log_writers ON pgnotify_sync.event_log;
+DROP POLICY IF EXISTS log_readers ON pgnotify_sync.event_log;
+DROP POLICY IF EXISTS log_trimmers ON pgnotify_sync.event_log;
+-- Inserts, in the writer's own transaction: the owners' copies of the capture
+-- functions (table events on the channels of their owner's watched tables) and
+-- publishers (PUBLISH rows on their channels).
+CREATE POLICY log_writers ON pgnotify_sync.event_log FOR INSERT TO PUBLIC
+    WITH CHECK (xid = pg_current_xact_id() AND (
+        (operation IN ('INSERT', 'UPDATE', 'DELETE')
+         AND channel = ANY (ARRAY(SELECT w.channel FROM pgnotify_sync.watched_tables w
+                                   WHERE w.runs_as = to_regrole(quote_ident(current_user)))))
+     OR (operation = 'PUBLISH'
+         AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
+                                   WHERE g.kind = 'publish' AND pg_has_role(g.role, 'MEMBER'))))));
+-- Rows: listeners and publishers see their channels' (publishers get only id, xid
+-- and publish_key by column privilege), the owners' copies their own channels' (id
+-- and xid), admins every row (id, channel, xid, created_at).
+CREATE POLICY log_readers ON pgnotify_sync.event_log FOR SELECT TO PUBLIC
+    USING (channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
+                                 WHERE g.kind IN ('listen', 'publish') AND pg_has_role(g.role, 'MEMBER')
+                                UNION ALL
+                                SELECT w.channel FROM pgnotify_sync.watched_tables w
+                                 WHERE w.runs_as = to_regrole(quote_ident(current_user))))
+           OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+CREATE POLICY log_trimmers ON pgnotify_sync.event_log FOR DELETE TO PUBLIC
+    USING (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+
+-- Consumers: each role its own positions; admins every one (trimming needs them).
+ALTER TABLE pgnotify_sync.consumers ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS own_positions ON pgnotify_sync.consumers;
+CREATE POLICY own_positions ON pgnotify_sync.consumers FOR ALL TO PUBLIC
+    USING (pg_has_role(role, 'MEMBER')
+           OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')))
+    WITH CHECK (pg_has_role(role, 'MEMBER')
+                OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+
+-- Watched tables: the owners' copies see their own rows (the policies above read
+-- them), admins all.
+ALTER TABLE pgnotify_sync.watched_tables ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS own_watches ON pgnotify_sync.watched_tables;
+CREATE POLICY own_watches ON pgnotify_sync.watched_tables FOR ALL TO PUBLIC
+    USING (runs_as = to_regrole(quote_ident(current_user))
+           OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')))
+    WITH CHECK (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+GRANT SELECT (channel, runs_as) ON pgnotify_sync.watched_tables TO PUBLIC;
+
+-- Does the caller bypass all of this (the installer, a superuser, BYPASSRLS)?
+CREATE OR REPLACE FUNCTION pgnotify_sync.unrestricted() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce((SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.rolname = current_user), false)
+        OR to_regrole(quote_ident(current_user)) = pgnotify_sync.installer()
+$fn$;
+
+-- Of p_channels, those the caller may not read (a listener checks at start).
+CREATE OR REPLACE FUNCTION pgnotify_sync.unreadable_channels(p_channels text[]) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(array_agg(c ORDER BY c), '{}') FROM unnest(p_channels) c
+     WHERE NOT pgnotify_sync.unrestricted()
+       AND NOT EXISTS (SELECT 1 FROM pgnotify_sync.grants g
+                        WHERE g.kind = 'listen' AND g.channel = c AND pg_has_role(g.role, 'MEMBER'))
+$fn$;
+
+-- Kinds the caller holds ('listen', 'publish', 'admin'; all for the unrestricted).
+CREATE OR REPLACE FUNCTION pgnotify_sync.my_grants() RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT CASE WHEN pgnotify_sync.unrestricted() THEN ARRAY['admin', 'listen', 'publish']
+                ELSE coalesce((SELECT array_agg(DISTINCT g.kind ORDER BY g.kind) FROM pgnotify_sync.grants g
+                                WHERE pg_has_role(g.role, 'MEMBER')), '{}') END
+$fn$;
+
+-- The schema itself (every grant needs it) and the functions anyone may call:
+-- they answer only about the caller.
+CREATE OR REPLACE FUNCTION pgnotify_sync.grant_base(p_role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF p_role IS NULL THEN
+        RAISE EXCEPTION 'pgnotify_sync: role must not be NULL' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA pgnotify_sync TO %s', p_role);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgnotify_sync.add_grants(p_role regrole, p_kind text, p_channels text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_channel text;
+BEGIN
+    IF p_channels IS NULL OR cardinality(p_channels) = 0 THEN
+        RAISE EXCEPTION 'pgnotify_sync: no channel given for the % grant to %', p_kind, p_role
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_channel IN ARRAY p_channels LOOP
+        IF v_channel IS NULL OR v_channel = '' OR octet_length(v_channel) > 63 THEN
+            RAISE EXCEPTION 'pgnotify_sync: channel name % must be 1 to 63 bytes', quote_nullable(v_channel)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        INSERT INTO pgnotify_sync.grants (role, kind, channel) VALUES (p_role, p_kind, v_channel)
+            ON CONFLICT DO NOTHING;
+    END LOOP;
+END
+$fn$;
+
+-- grant_listener: read the events of p_channels, keep its own consumer positions.
+CREATE OR REPLACE FUNCTION pgnotify_sync.grant_listener(p_role regrole, p_channels text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM pgnotify_sync.grant_base(p_role);
+    PERFORM pgnotify_sync.add_grants(p_role, 'listen', p_channels);
+    EXECUTE format('GRANT SELECT ON pgnotify_sync.event_log TO %s', p_role);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.consumers TO %s', p_role);
+END
+$fn$;
+
+-- grant_publisher: publish() on p_channels.
+CREATE OR REPLACE FUNCTION pgnotify_sync.grant_publisher(p_role regrole, p_channels text[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM pgnotify_sync.grant_base(p_role);
+    PERFORM pgnotify_sync.add_grants(p_role, 'publish', p_channels);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.publish(text, jsonb, uuid) TO %s', p_role);
+    EXECUTE format('GRANT INSERT (xid, channel, operation, schema_name, table_name, data, publish_key), '
+                   'SELECT (id, xid, publish_key) ON pgnotify_sync.event_log TO %s', p_role);
+END
+$fn$;
+
+-- grant_admin: trim (above the floors), watch and unwatch, every consumer's state.
+CREATE OR REPLACE FUNCTION pgnotify_sync.grant_admin(p_role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM pgnotify_sync.grant_base(p_role);
+    INSERT INTO pgnotify_sync.grants (role, kind) VALUES (p_role, 'admin') ON CONFLICT DO NOTHING;
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.trim_event_log(double precision, double precision), '
+                   'pgnotify_sync.trim_event_log_batch(double precision, double precision, bigint, integer), '
+                   'pgnotify_sync.consumer_handled(jsonb, bigint, xid8), pgnotify_sync.setting(text), '
+                   'pgnotify_sync.watch_table(regclass, text, text[], text), '
+                   'pgnotify_sync.unwatch_table(regclass), pgnotify_sync.capture_function(text, oid), '
+                   'pgnotify_sync.capture_role(oid), pgnotify_sync.installer() TO %s', p_role);
+    EXECUTE format('GRANT SELECT (id, channel, xid, created_at), DELETE ON pgnotify_sync.event_log TO %s', p_role);
+    EXECUTE format('GRANT SELECT, UPDATE ON pgnotify_sync.consumers TO %s', p_role);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.watched_tables TO %s', p_role);
+END
+$fn$;
+
+-- revoke_role: every grant above, and what pgnotify_sync gave with it. Returns
+-- the grants removed.
+CREATE OR REPLACE FUNCTION pgnotify_sync.revoke_role(p_role regrole) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_n integer;
+BEGIN
+    DELETE FROM pgnotify_sync.grants g WHERE g.role = p_role;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA pgnotify_sync FROM %s', p_role);
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgnotify_sync FROM %s', p_role);
+    -- The owners' copies keep what capture needs (capture_function gave it).
+    IF NOT EXISTS (SELECT 1 FROM pgnotify_sync.watched_tables w WHERE w.runs_as = p_role) THEN
+        EXECUTE format('REVOKE ALL ON SCHEMA pgnotify_sync FROM %s', p_role);
+    ELSE
+        EXECUTE format('GRANT INSERT (xid, channel, operation, schema_name, table_name, data, old), SELECT (id, xid) '
+                       'ON pgnotify_sync.event_log TO %s', p_role);
+        EXECUTE format('GRANT SELECT (channel, runs_as) ON pgnotify_sync.watched_tables TO %s', p_role);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.kept_columns(oid, text[], text), '
+                       'pgnotify_sync.without_columns(anyelement, oid, text[]) TO %s', p_role);
+    END IF;
+    RETURN v_n;
+END
+$fn$;
+
+-- The floors no trim goes below, whoever asks (NULL: leave as is).
+CREATE OR REPLACE FUNCTION pgnotify_sync.set_retention_floor(p_retention_s double precision,
+                                                             p_consumer_retention_s double precision DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF p_retention_s < 0 OR p_consumer_retention_s < 0 THEN
+        RAISE EXCEPTION 'pgnotify_sync: a retention floor is a number of seconds >= 0'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE pgnotify_sync.settings SET value = p_retention_s WHERE name = 'retention_floor_s' AND p_retention_s IS NOT NULL;
+    UPDATE pgnotify_sync.settings SET value = p_consumer_retention_s
+     WHERE name = 'consumer_retention_floor_s' AND p_consumer_retention_s IS NOT NULL;
+END
+$fn$;
+
+-- Nothing here is for PUBLIC but what answers about the caller alone: the capture
+-- functions fire as triggers (no EXECUTE check), owners' copies get what they need
+-- in capture_function, every other role what its grants give.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgnotify_sync FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgnotify_sync.unreadable_channels(text[]), pgnotify_sync.my_grants(),
+                          pgnotify_sync.unrestricted(), pgnotify_sync.installer() TO PUBLIC;
+-- The settings only by the installer (set_retention_floor) or a superuser.
+REVOKE INSERT, UPDATE, DELETE ON pgnotify_sync.settings FROM PUBLIC;

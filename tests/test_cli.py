@@ -240,7 +240,12 @@ def test_install_is_idempotent_and_watch_unwatch_exclude(cli, messages_table):
                       "event_log": log_state,
                       "watched_tables": [{"table": "public.messages", "channel": "messages",
                                           "exclude_columns": ["password_hash"]}],
-                      "consumers": []}
+                      "consumers": [],
+                      "privileges": {"model": True, "role": "postgres", "unrestricted": True,
+                                     "granted": ["admin", "listen", "publish"], "grants": [],
+                                     "retention_floors": {"consumer_retention_floor_s": 0.0,
+                                                          "retention_floor_s": 0.0},
+                                     "capture_owner_mismatch": []}}
 
     proc = cli.run("unwatch", "public.messages")
     assert proc.returncode == 0, proc.stderr
@@ -401,3 +406,33 @@ def test_demo_web_serves_page_and_stream(cli, db):
         client.wait_ended()
     finally:
         client.close()
+
+
+def test_grant_listener_publisher_admin_and_revoke_show_in_status(cli, db, admin_db, dbname):
+    role = f"{dbname}_cli_reader"
+    with admin_db.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        assert cli.run("install").returncode == 0
+        for args in (("grant-listener", role, "--channel", "acc", "--channel", "books"),
+                     ("grant-publisher", role, "--channel", "acc"), ("grant-admin", role)):
+            proc = cli.run(*args)
+            assert proc.returncode == 0, proc.stderr
+        assert cli.run("grant-listener", role, "--channel", "acc", PG_NOTIFY_CHANNEL="prod").returncode == 0
+        proc = cli.run("retention-floor", "--retention", "600")
+        assert proc.returncode == 0, proc.stderr
+        privileges = json.loads(cli.run("status").stdout)["privileges"]
+        assert privileges["grants"] == [{"role": role, "kind": "admin", "channels": []},
+                                        {"role": role, "kind": "listen", "channels": ["acc", "books", "prod.acc"]},
+                                        {"role": role, "kind": "publish", "channels": ["acc"]}]
+        assert privileges["retention_floors"]["retention_floor_s"] == 600
+        proc = cli.run("revoke", role)
+        assert proc.returncode == 0 and proc.stdout.strip() == f"revoked 5 grant(s) of {role}"
+        assert json.loads(cli.run("status").stdout)["privileges"]["grants"] == []
+        proc = cli.run("grant-listener", "no_such_role_here", "--channel", "acc")
+        assert proc.returncode != 0 and 'role "no_such_role_here" does not exist' in proc.stderr
+    finally:
+        with db.cursor() as cur:
+            cur.execute(f"DROP OWNED BY {role}")
+        with admin_db.cursor() as cur:
+            cur.execute(f"DROP ROLE {role}")

@@ -45,6 +45,12 @@ def test_bogus_bindir_raises_cluster_error(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_each_cluster_gets_its_own_random_password_unless_given(tmp_path):
+    first, second = TemporaryCluster(base_dir=tmp_path / "a"), TemporaryCluster(base_dir=tmp_path / "b")
+    assert first.password != second.password and len(first.password) >= 20
+    assert TemporaryCluster(base_dir=tmp_path / "c", password="chosen").password == "chosen"
+
+
 def test_stop_before_start_is_a_no_op(tmp_path):
     cluster = TemporaryCluster(base_dir=tmp_path / "never")
     cluster.stop()

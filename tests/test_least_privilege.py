@@ -18,8 +18,10 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from pgnotify_sync import SchemaError, install, uninstall, watch_table
+from pgnotify_sync import (Listener, PrivilegeError, SchemaError, grant_admin, grant_listener, grant_publisher,
+                           grants, install, revoke, set_retention_floor, uninstall, watch_table)
 
+from helpers import wait_for
 from pgutil import Collector, execute
 
 PASSWORD = "pw"
@@ -247,3 +249,150 @@ def test_install_again_keeps_owners_copies_working_and_uninstall_removes_everyth
     assert execute(db, "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgnotify_sync%'") == [(0,)]
     assert execute(db, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture%'") == [(0,)]
     execute(conn, "INSERT INTO own.feelings (m) VALUES ('sad')")      # no trigger left to fail it
+
+
+# -- who may do what: grant_listener, grant_publisher, grant_admin, revoke ----------------
+
+@pytest.fixture
+def ledger(db):
+    """Installed; tables ``acc`` and ``payroll`` watched on channels of those names,
+    one row logged in each."""
+    install(db)
+    execute(db, "CREATE TABLE acc (id serial PRIMARY KEY, note text); "
+                "CREATE TABLE payroll (id serial PRIMARY KEY, salary int)")
+    watch_table(db, "public.acc", channel="acc")
+    watch_table(db, "public.payroll", channel="payroll")
+    execute(db, "INSERT INTO acc (note) VALUES ('a1'); INSERT INTO payroll (salary) VALUES (5000)")
+    return db
+
+
+def as_role(roles, name, sql, args=None):
+    with contextlib.closing(roles.connect(name)) as conn:
+        return execute(conn, sql, args)
+
+
+def refused(roles, name, sql, match, args=None):
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege, match=match):
+        as_role(roles, name, sql, args)
+
+
+def role_config(dsn, role, **overrides):
+    from pgutil import config_for
+    return config_for(dict(dsn, user=role, password=PASSWORD), **overrides)
+
+
+def test_a_listener_role_reads_its_channels_and_can_do_nothing_else(ledger, roles):
+    reader = roles.make("reader")
+    grant_listener(ledger, reader, ["acc"])
+    assert as_role(roles, reader, "SELECT channel, data->>'note' FROM pgnotify_sync.event_log") == [("acc", "a1")]
+    refused(roles, reader, "SELECT pgnotify_sync.trim_event_log(1e-9, 1e-9)", "trim_event_log")
+    refused(roles, reader, "SELECT pgnotify_sync.publish('acc', '{}')", "publish")
+    refused(roles, reader, "INSERT INTO pgnotify_sync.event_log (channel, operation, schema_name, table_name) "
+                           "VALUES ('acc', 'INSERT', 'public', 'acc')", "event_log")
+    refused(roles, reader, "DELETE FROM pgnotify_sync.event_log", "event_log")
+    refused(roles, reader, "SELECT pgnotify_sync.watch_table('public.acc', 'x')", "watch_table")
+    # Other roles' consumer positions: invisible, so they cannot be moved.
+    execute(ledger, "INSERT INTO pgnotify_sync.consumers (name, channel, position) "
+                    "VALUES ('theirs', 'acc', pg_current_snapshot())")
+    before = execute(ledger, "SELECT position::text, handled::text FROM pgnotify_sync.consumers")
+    assert as_role(roles, reader, "SELECT count(*) FROM pgnotify_sync.consumers") == [(0,)]
+    as_role(roles, reader, "UPDATE pgnotify_sync.consumers SET position = pg_current_snapshot(), handled = '[[1, 9]]'")
+    assert execute(ledger, "SELECT position::text, handled::text FROM pgnotify_sync.consumers") == before
+    assert grants(ledger) == [{"role": reader, "kind": "listen", "channels": ["acc"]}]
+
+
+def test_a_listener_roles_durable_consumer_sees_only_its_channel_across_a_restart(ledger, roles, dsn):
+    reader = roles.make("reader")
+    grant_listener(ledger, reader, ["acc"])
+    got = Collector()
+
+    def start():
+        listener = Listener(role_config(dsn, reader, channels=("acc",)), consumer="books", registry=False)
+        listener.on_event("acc", got)
+        listener.start(timeout_s=10)
+        return listener
+    listener = start()
+    execute(ledger, "INSERT INTO acc (note) VALUES ('a2'); INSERT INTO payroll (salary) VALUES (6000)")
+    wait_for(lambda: len(got) == 1, message="a2 not delivered")
+    listener.stop()
+    execute(ledger, "INSERT INTO acc (note) VALUES ('a3'); INSERT INTO payroll (salary) VALUES (7000)")
+    listener = start()
+    try:
+        wait_for(lambda: len(got) == 2, message="a3 not delivered after the restart")
+    finally:
+        listener.stop()
+    assert [e.data["note"] for e in got.events] == ["a2", "a3"]
+    assert execute(ledger, "SELECT name, role::regrole::text FROM pgnotify_sync.consumers") == [("books", reader)]
+
+
+def test_a_listener_without_the_grant_fails_at_start_naming_it(ledger, roles, dsn):
+    nobody = roles.make("nobody")
+    listener = Listener(role_config(dsn, nobody, channels=("acc",)), registry=False)
+    with pytest.raises(PrivilegeError, match=f"role '{nobody}' has no grant on pgnotify_sync .*"
+                                             f"'pgnotify-sync grant-listener {nobody} --channel acc'"):
+        listener.start(timeout_s=10)
+    reader = roles.make("reader")
+    grant_listener(ledger, reader, ["acc"])
+    listener = Listener(role_config(dsn, reader, channels=("acc", "payroll")), registry=False)
+    with pytest.raises(PrivilegeError, match=f"role '{reader}' may not read channel\\(s\\) 'payroll' .*"
+                                             f"grant-listener {reader} --channel payroll"):
+        listener.start(timeout_s=10)
+
+
+def test_a_publisher_publishes_on_its_channels_only_and_reads_no_values(ledger, roles):
+    writer = roles.make("publisher")
+    grant_publisher(ledger, writer, ["acc"])
+    key = "1c3b1b6e-4a56-4d3e-9d59-3c9f6a1d2e01"
+    first = as_role(roles, writer, "SELECT pgnotify_sync.publish('acc', '{\"n\": 1}', %s)", (key,))
+    again = as_role(roles, writer, "SELECT pgnotify_sync.publish('acc', '{\"n\": 1}', %s)", (key,))
+    assert first == again and first[0][0] is not None                 # idempotent for the publisher too
+    refused(roles, writer, "SELECT pgnotify_sync.publish('payroll', '{}')", "row-level security")
+    refused(roles, writer, "SELECT data FROM pgnotify_sync.event_log", "event_log")
+    # Not even its own transaction's xid can be forged.
+    refused(roles, writer, "INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name) "
+                           "VALUES ('1'::xid8, 'acc', 'PUBLISH', '', '')", "row-level security")
+    assert execute(ledger, "SELECT count(*) FROM pgnotify_sync.event_log WHERE operation = 'PUBLISH'") == [(1,)]
+
+
+def test_an_admin_trims_but_never_below_the_floor_kept_in_the_database(ledger, roles):
+    admin = roles.make("admin")
+    grant_admin(ledger, admin)
+    set_retention_floor(ledger, 3600)
+    assert as_role(roles, admin, "SELECT pgnotify_sync.trim_event_log(1e-9, 1e-9)") == [(0,)]
+    refused(roles, admin, "SELECT data FROM pgnotify_sync.event_log", "event_log")
+    refused(roles, admin, "SELECT pgnotify_sync.set_retention_floor(0)", "set_retention_floor")
+    set_retention_floor(ledger, 0)
+    assert as_role(roles, admin, "SELECT pgnotify_sync.trim_event_log(1e-9, 1e-9)") == [(2,)]
+
+
+def test_revoke_takes_every_grant_back(ledger, roles):
+    reader = roles.make("reader")
+    grant_listener(ledger, reader, ["acc"])
+    grant_publisher(ledger, reader, ["acc"])
+    assert revoke(ledger, reader) == 2
+    refused(roles, reader, "SELECT count(*) FROM pgnotify_sync.event_log", "pgnotify_sync")
+    assert grants(ledger) == []
+
+
+def test_the_cleanup_of_a_role_that_may_not_trim_says_so_once_at_info(ledger, roles, dsn, caplog):
+    reader = roles.make("reader")
+    grant_listener(ledger, reader, ["acc"])
+    listener = Listener(role_config(dsn, reader, channels=("acc",), cleanup_interval_s=0.05), registry=False)
+    got = Collector()
+    listener.on_event("acc", got)
+    errors = []
+    listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
+    with caplog.at_level("INFO", logger="pgnotify_sync"):
+        listener.start(timeout_s=10)
+        try:
+            wait_for(lambda: any("may not trim" in r.getMessage() for r in caplog.records),
+                     message="no word about trimming")
+            for n in range(3):      # each round trip spans several cleanup intervals
+                execute(ledger, "INSERT INTO acc (note) VALUES (%s)", (f"r{n}",))
+                wait_for(lambda: len(got) == n + 1)
+        finally:
+            listener.stop()
+    told = [r for r in caplog.records if "may not trim" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelname == "INFO"
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR") and "retention" in r.getMessage()]
+    assert errors == []

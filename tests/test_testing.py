@@ -73,7 +73,7 @@ def test_postgres_on_a_shared_cluster(pg_cluster, admin_db):
     with postgres(cluster=pg_cluster, channels=("orders",), reconnect_delay_ms=50) as pg:
         assert isinstance(pg, PostgresDatabase) and pg.cluster is pg_cluster
         assert pg.dsn() == pg_cluster.conninfo(pg.dbname)
-        assert pg.url() == f"postgresql://postgres:pgnotify-test-pw@127.0.0.1:{pg_cluster.port}/{pg.dbname}"
+        assert pg.url() == f"postgresql://postgres:{pg_cluster.password}@127.0.0.1:{pg_cluster.port}/{pg.dbname}"
         cfg = pg.config
         assert (cfg.postgres_host, cfg.postgres_port, cfg.postgres_db) == (pg.host, pg.port, pg.dbname)
         assert (cfg.channels, cfg.reconnect_delay_ms, cfg.health_check_interval_s) == (("orders",), 50, 2.0)

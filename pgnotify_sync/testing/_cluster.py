@@ -11,6 +11,7 @@ use only the standard library and psycopg2, nothing else of pgnotify_sync.
 """
 
 import os
+import secrets
 import re
 import shlex
 import shutil
@@ -52,7 +53,7 @@ class TemporaryCluster:
 
     Use as a context manager (start on enter, stop and delete on exit) or call
     ``start()`` / ``cleanup()`` yourself.  ``bindir`` overrides binary discovery;
-    ``settings`` are extra server settings (``{"work_mem": "8MB"}``).
+    ``password`` is random per cluster unless given. ``settings`` are extra server settings (``{"work_mem": "8MB"}``).
 
     Server: ``start()``, ``stop(mode)``, ``restart(mode)``, ``is_running()``,
     ``cleanup()``; ``host``, ``port``, ``user``, ``password``, ``base_dir``,
@@ -68,7 +69,7 @@ class TemporaryCluster:
         base_dir=None,
         port=None,
         user="postgres",
-        password="pgnotify-test-pw",
+        password=None,
         settings=None,
         bindir=None,
     ):
@@ -79,7 +80,9 @@ class TemporaryCluster:
         self._port_was_given = port is not None
         self.port = int(port) if port is not None else free_port()
         self.user = user
-        self.password = password
+        # A random password per cluster (unless given): another local user, or a
+        # test that leaks a connection string, learns nothing that opens the next one.
+        self.password = password if password is not None else secrets.token_urlsafe(18)
         self.settings = dict(settings or {})
         self._bindir = bindir
         self._socket_dir = None  # decided on first start

@@ -93,6 +93,12 @@ SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old, cha
  LIMIT %s
 """
 
+_REPLAY_SIZE_SQL = """
+SELECT (SELECT count(*) FROM (SELECT 1 FROM pgnotify_sync.event_log
+                               WHERE channel = ANY(%(wires)s) AND id > %(after)s ORDER BY id LIMIT %(most)s) s),
+       (SELECT max(id) FROM pgnotify_sync.event_log WHERE channel = ANY(%(wires)s) AND id > %(after)s)
+"""
+
 _PENDING_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE channel = %s "
                 "AND xid >= %s::text::xid8 AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)")
 
@@ -208,17 +214,29 @@ class EventLog:
     def replay(self, channels_by_wire, after):
         """Every event of these channels above id *after*, in id order (the SSE
         replay; ``channels_by_wire`` maps wire names to logical ones)."""
-        events = []
+        return [event for page in self.replay_pages(channels_by_wire, after) for event in page]
+
+    def replay_pages(self, channels_by_wire, after):
+        """:meth:`replay` as pages of at most REPLAY_PAGE events, each read on a
+        connection of its own when asked for: a long replay holds neither a
+        connection nor more than a page in memory."""
         while True:
             with self._pool.connection(timeout_s=self._timeout_s) as conn, conn.cursor() as cur:
                 cur.execute(_REPLAY_SQL, (list(channels_by_wire), after, REPLAY_PAGE))
                 rows = cur.fetchall()
-            for ident, xid, operation, schema, table, data, old, wire in rows:
-                events.append(DatabaseEvent(channels_by_wire[wire], OPERATIONS[operation], schema, table, data, old,
-                                            ident, xid))
+            yield [DatabaseEvent(channels_by_wire[wire], OPERATIONS[operation], schema, table, data, old, ident, xid)
+                   for ident, xid, operation, schema, table, data, old, wire in rows]
             if len(rows) < REPLAY_PAGE:
-                return events
+                return
             after = rows[-1][0]
+
+    def replay_size(self, wires, after, most):
+        """(events of channels *wires* above id *after*, counted up to *most*; the
+        newest log id of those channels, or *after*)."""
+        with self._pool.connection(timeout_s=self._timeout_s) as conn, conn.cursor() as cur:
+            cur.execute(_REPLAY_SIZE_SQL, {"wires": list(wires), "after": after, "most": most})
+            count, newest = cur.fetchone()
+            return count, newest if newest is not None else after
 
     def pending(self, wire, position):
         """Logged events of *wire* in transactions not visible in *position*."""

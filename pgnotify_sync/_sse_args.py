@@ -42,13 +42,32 @@ def checked_channels(listener, channels):
     return channels
 
 
-def check_options(authorize, row_filter, client_buffer, heartbeat_s, replay_limit):
+# The largest id a log row can have (bigint).
+_MAX_ID = 2 ** 63 - 1
+
+
+def parse_last_event_id(raw):
+    """The event id of a ``Last-Event-ID`` header (or ``last_event_id`` argument),
+    None when absent or empty; ValueError with the reason otherwise. ASCII digits
+    only: ``int()`` would take ``-1``, ``1_000``, `` 7 `` and non-ASCII digits."""
+    if raw is None or raw == "":
+        return None
+    text = str(raw)
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > _MAX_ID:
+        raise ValueError(f"Last-Event-ID must be an event id: ASCII digits, at most {_MAX_ID}; got {text[:40]!r}")
+    return int(text)
+
+
+def check_options(authorize, row_filter, client_buffer, heartbeat_s, replay_limit, replay_max_events=1,
+                  max_clients=1, max_replays=1):
     """ConfigError naming the first of these arguments that is wrong, and why."""
     if not callable(authorize):
         raise NotCallable(f"authorize: expected a callable (e.g. pgnotify_sync.sse.allow_all), got {authorize!r}")
     if row_filter is not None and not callable(row_filter):
         raise NotCallable(f"row_filter: expected a callable or None, got {row_filter!r}")
-    for name, value, minimum in (("client_buffer", client_buffer, 1), ("replay_limit", replay_limit, 0)):
+    for name, value, minimum in (("client_buffer", client_buffer, 1), ("replay_limit", replay_limit, 0),
+                                 ("replay_max_events", replay_max_events, 1), ("max_clients", max_clients, 1),
+                                 ("max_replays", max_replays, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{name}: expected a whole number >= {minimum}, got {value!r}")
     if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)):

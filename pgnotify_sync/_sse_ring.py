@@ -7,11 +7,14 @@ shared by every client). Events with a log id are also kept in the ring, the las
 delivery order (which is commit order, not id order: see sse.py's docstring).
 
 Not thread-safe by itself: the bridge adds (on the listener's worker threads) and
-looks up (on the request threads) while holding its own lock.
+looks up (on the request threads) while holding its own lock. :func:`log_replay`
+reads a resume older than the ring from the event log, page by page.
 """
 
 import collections
 import itertools
+
+from ._sse_stream import ReplayTooLong
 
 
 def frame(channel, event):
@@ -75,3 +78,22 @@ class ReplayRing:
         """True if event *event_id* is in the ring and was delivered at or before *seq*."""
         at = self._seq_of.get(event_id)
         return at is not None and at <= seq
+
+
+def log_replay(event_log, wires, after, most, delivered_before):
+    """(The events of channels *wires* above id *after* from the event log, as
+    entries read page by page; the set of their ids the live queue must skip,
+    filled as pages are read: those not in ``delivered_before(ids)``, which may
+    still reach the queue.) ReplayTooLong when more than *most* follow *after*."""
+    count, newest = event_log.replay_size(wires, after, most + 1)
+    if count > most:
+        raise ReplayTooLong(newest)
+    skip = set()
+
+    def entries():
+        for page in event_log.replay_pages(wires, after):
+            got = [Entry(0, event.channel, event, frame(event.channel, event)) for event in page]
+            delivered = delivered_before([e.event.id for e in got])
+            skip.update(e.event.id for e in got if e.event.id not in delivered)
+            yield from got
+    return entries(), skip

@@ -11,6 +11,7 @@ the event-log replay, the counters, unregistering) it asks through
 """
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -26,6 +27,9 @@ RETRY = b"retry: 1000\n\n"
 HEARTBEAT = b": keep-alive\n\n"
 # Sent instead of the replay when the event log cannot be read; the browser retries.
 REPLAY_FAILED = b": replay failed\n\n"
+# How long a resume waits for one of the bridge's replay slots (max_replays) before
+# it ends with REPLAY_FAILED (the browser retries a second later).
+REPLAY_SLOT_WAIT_S = 10.0
 # Longest a stream waits before it checks whether the listener was stopped.
 STATE_CHECK_S = 1.0
 # Replayed frames joined into one write (fewer syscalls for replays).
@@ -77,6 +81,39 @@ class Client:
             return items
 
 
+class ReplayTooLong(Exception):
+    """More than ``replay_max_events`` events follow the client's Last-Event-ID;
+    *newest* is the id it resumes from after reloading."""
+
+    def __init__(self, newest):
+        super().__init__(newest)
+        self.newest = newest
+
+
+class ReplaySlots:
+    """At most *count* replays from the event log at once: ``with slots():``, or
+    TimeoutError after REPLAY_SLOT_WAIT_S."""
+
+    def __init__(self, count):
+        self._free = threading.BoundedSemaphore(count)
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not self._free.acquire(timeout=REPLAY_SLOT_WAIT_S):
+            raise TimeoutError(f"no replay slot free within {REPLAY_SLOT_WAIT_S:g} s (max_replays)")
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
+def reload_frame(newest, most):
+    """Sent instead of a replay over *most* events: the client should reload its
+    state; its next resume starts at *newest* (the frame's id)."""
+    return (f'event: reload\nid: {newest}\ndata: {{"reason": "replay_too_long", "max_events": {most}}}\n\n'
+            .encode())
+
+
 class StreamHooks(typing.Protocol):
     """What a stream asks of its bridge, on the request's thread."""
 
@@ -84,7 +121,15 @@ class StreamHooks(typing.Protocol):
         """Whether the row filter lets *client* see *entry* (a filter that raises hides it)."""
 
     def replay_from_log(self, client, after, registered_at) -> tuple:
-        """(entries above id *after* from the event log, ids the live queue must skip); may raise."""
+        """(entries above id *after* from the event log, an iterable read page by page;
+        the set of ids the live queue must skip, filled as pages are read); may raise,
+        also while iterated; ReplayTooLong over the bridge's replay_max_events."""
+
+    def replay_slot(self) -> typing.ContextManager:
+        """One of the bridge's concurrent replays; TimeoutError when none frees in time."""
+
+    def replay_max(self) -> int:
+        """The bridge's replay_max_events."""
 
     def count_sent(self, count, replayed_from=None) -> None:
         """*count* events were written; *replayed_from* is "ring" or "log" for a replay."""
@@ -106,23 +151,43 @@ def stream(client, hooks, heartbeat_s, last_event_id, registered_at, replay):
     try:
         yield RETRY
         skip = None
-        if last_event_id is not None:
-            from_log = replay is None
-            if from_log:
-                try:
-                    replay, skip = hooks.replay_from_log(client, last_event_id, registered_at)
-                except Exception as exc:    # database down, pool closed...: end; the browser retries
-                    log.warning("SSE client %s: cannot replay from the event log (%s); it retries",
-                                client.id, first_line(exc))
-                    ended_by = "replay failed"
-                    yield REPLAY_FAILED
-                    return
-            count = yield from _replayed(client, hooks, replay)
-            hooks.count_sent(count, "log" if from_log else "ring")
+        if last_event_id is not None and replay is not None:
+            if len(replay) > hooks.replay_max():
+                yield reload_frame(replay[-1].event.id, hooks.replay_max())
+            else:
+                hooks.count_sent((yield from _replayed(client, hooks, replay)), "ring")
+        elif last_event_id is not None:
+            skip = yield from _replayed_from_log(client, hooks, last_event_id, registered_at)
+            if skip is None:
+                ended_by = "replay failed"
+                return
         ended_by = yield from _live(client, hooks, heartbeat_s, skip)
     finally:
         hooks.forget(client.id)
         log.debug("SSE client %s ended (%s)", client.id, ended_by)
+
+
+def _replayed_from_log(client, hooks, after, registered_at):
+    """The replay from the event log, page by page, in one of the bridge's replay
+    slots; returns the ids the live queue must skip, or None after REPLAY_FAILED
+    (database down, pool closed, no slot in time: the browser retries)."""
+    try:
+        with hooks.replay_slot():
+            try:
+                entries, skip = hooks.replay_from_log(client, after, registered_at)
+            except ReplayTooLong as too_long:
+                yield reload_frame(too_long.newest, hooks.replay_max())
+                return set()
+            count = 0
+            try:
+                count = yield from _replayed(client, hooks, entries)
+            finally:
+                hooks.count_sent(count, "log")
+            return skip
+    except Exception as exc:
+        log.warning("SSE client %s: cannot replay from the event log (%s); it retries", client.id, first_line(exc))
+        yield REPLAY_FAILED
+        return None
 
 
 def _replayed(client, hooks, entries):

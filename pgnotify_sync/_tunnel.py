@@ -18,6 +18,7 @@ session still looks active).
 
 import logging
 import os
+import re
 import select
 import socket
 import stat
@@ -122,11 +123,17 @@ def load_host_key(config):
     if not os.path.exists(path):
         raise ConfigError(f"SSH_KNOWN_HOSTS: {path} does not exist; verify the server's host key "
                           f"fingerprint and add it (e.g. {scan})")
-    try:
-        keys = paramiko.HostKeys(path)
-    except (OSError, paramiko.SSHException, ValueError) as exc:
-        raise ConfigError(f"SSH_KNOWN_HOSTS: cannot read {path}: {exc}") from None
-    entry = keys.lookup(name)
+    keys, revoked, authorities = _read_known_hosts(path, name)
+    entry = {kind: key for kind, key in (keys.lookup(name) or {}).items() if key.get_base64() not in revoked}
+    if not entry and revoked:
+        security_log.warning("refused SSH server %s: its host key is marked @revoked in %s", name, path,
+                             extra={"event": "security", "details": {"reason": "revoked-host-key"}})
+        raise HostKeyError(f"SSH host key of {name} is marked @revoked in {path}: refusing it; verify the "
+                           f"server's new key and add it")
+    if not entry and authorities:
+        raise HostKeyError(f"{path} trusts a certificate authority for {name} (@cert-authority), which this "
+                           f"client cannot check (no host certificates in paramiko): add the host's own key "
+                           f"(e.g. {scan})")
     if not entry:
         security_log.warning("refused SSH server %s: no host key in %s", name, path,
                              extra={"event": "security", "details": {"reason": "unknown-host-key"}})
@@ -137,6 +144,59 @@ def load_host_key(config):
         if preferred in entry:
             return entry[preferred]
     return next(iter(entry.values()))
+
+
+def _read_known_hosts(path, name):
+    """(paramiko.HostKeys of the plain lines, {base64 of the keys marked @revoked
+    for host *name*}, whether a @cert-authority line names it). paramiko cannot
+    parse marker lines (OpenSSH honours them); a malformed line is a ConfigError
+    naming it."""
+    keys, revoked, authorities = paramiko.HostKeys(), set(), False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"SSH_KNOWN_HOSTS: cannot read {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if fields[0].startswith("@"):
+            if len(fields) < 4 or fields[0] not in ("@revoked", "@cert-authority"):
+                raise ConfigError(f"SSH_KNOWN_HOSTS: {path} line {number}: unknown marker {fields[0]!r}")
+            if _host_matches(name, fields[1]):
+                if fields[0] == "@revoked":
+                    revoked.add(fields[3])
+                else:
+                    authorities = True
+            continue
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+        except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError) as exc:
+            raise ConfigError(f"SSH_KNOWN_HOSTS: {path} line {number} is not a host key line: "
+                              f"{type(exc).__name__}") from None
+        if entry is not None:           # None: a key type paramiko does not know
+            for host in entry.hostnames:
+                keys.add(host, entry.key.get_name(), entry.key)
+    return keys, revoked, authorities
+
+
+def _host_matches(name, patterns):
+    """OpenSSH's host patterns: comma-separated names, hashed names (``|1|``),
+    ``*`` and ``?`` wildcards, ``!`` negation."""
+    matched = False
+    for pattern in patterns.split(","):
+        negated = pattern.startswith("!")
+        pattern = pattern[1:] if negated else pattern
+        if pattern.startswith("|1|"):
+            hit = paramiko.HostKeys.hash_host(name, pattern) == pattern
+        else:       # only * and ? are special ("[host]:port" is literal)
+            hit = re.fullmatch("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern),
+                               name) is not None
+        if hit and negated:
+            return False
+        matched = matched or hit
+    return matched
 
 
 # SSH keepalives this often keep NAT and firewall state of an idle session (the
@@ -151,6 +211,16 @@ SSH_KEEPALIVE_S = 5.0
 _CHUNK = 1 << 20
 _MAX_PACKET = 1 << 17
 _WINDOW = 1 << 23
+
+
+# Algorithms a session may not use, whatever the server offers: CBC-mode ciphers
+# (plaintext recovery attacks) and SHA-1/MD5 MACs. paramiko already offers no
+# SHA-1 key exchange and no ssh-rsa/ssh-dss signatures.
+WEAK_ALGORITHMS = {
+    "ciphers": ["aes128-cbc", "aes192-cbc", "aes256-cbc", "3des-cbc", "blowfish-cbc", "arcfour", "arcfour128",
+                "arcfour256"],
+    "macs": ["hmac-sha1", "hmac-sha1-96", "hmac-md5", "hmac-md5-96"],
+}
 
 
 def _nodelay(sock):
@@ -198,6 +268,7 @@ class _Forwarder(sshtunnel.SSHTunnelForwarder):
     def _connect_to_gateway(self):
         try:
             self._transport = self._get_transport()
+            self._transport.disabled_algorithms = WEAK_ALGORITHMS     # read at negotiation
             _nodelay(self._transport.sock)
             self._transport.default_max_packet_size = _MAX_PACKET
             self._transport.default_window_size = _WINDOW
@@ -285,6 +356,14 @@ class SshTunnel:
                                extra={"event": "security", "details": {"reason": "auth-failed"}})
             return SshAuthError(f"SSH server {cfg.ssh_host}:{cfg.ssh_port} refused the key for user "
                                 f"{cfg.ssh_user!r} (check SSH_USER and that the public key is authorized)")
+        if isinstance(exc, paramiko.ssh_exception.IncompatiblePeer):
+            security_log.error("%s: SSH server %s offers no algorithm we accept: %s", self.name, where, exc,
+                               extra={"event": "security", "details": {"reason": "weak-algorithms"}})
+            error = ConnectError(f"SSH server {cfg.ssh_host}:{cfg.ssh_port} offers no algorithm we accept ({exc}): "
+                                 "CBC ciphers and SHA-1/MD5 MACs are refused as weak; enable aes*-ctr or "
+                                 "*-gcm@openssh.com ciphers and hmac-sha2-* MACs on the server")
+            error.retryable = False
+            return error
         if isinstance(exc, (socket.error, EOFError, paramiko.SSHException)):
             return ConnectError(f"SSH tunnel to {where} failed: {exc or type(exc).__name__}")
         return ConnectError(f"SSH tunnel to {where} failed: {type(exc).__name__}: {exc}")

@@ -100,8 +100,8 @@ import types
 from urllib.parse import parse_qs
 
 from . import _sse_stream
-from ._sse_args import check_options, checked_channels
-from ._sse_ring import Entry, ReplayRing, frame
+from ._sse_args import check_options, checked_channels, parse_last_event_id
+from ._sse_ring import ReplayRing, frame, log_replay
 from .config import split_names
 from .listener import ConnectionState
 
@@ -118,6 +118,12 @@ DEFAULT_HEARTBEAT_S = 15.0
 # Delivered events kept for an exact resume (bounds the ring's memory); a
 # Last-Event-ID older than that falls back to the event log (approximate).
 DEFAULT_REPLAY_LIMIT = 10000
+# A resume further behind than this is told to reload (an ``event: reload`` frame)
+# instead of being replayed; streams at once and replays at a time are bounded too,
+# so clients cannot take the process's memory or the pool.
+DEFAULT_REPLAY_MAX_EVENTS = 10000
+DEFAULT_MAX_CLIENTS = 1000
+DEFAULT_MAX_REPLAYS = 4
 
 _ids = itertools.count(1)
 
@@ -196,6 +202,12 @@ class SSEBridge:
     :param client_buffer: events queued per client before it is disconnected.
     :param heartbeat_s: a ``: keep-alive`` comment after this long without output.
     :param replay_limit: delivered events kept for exact ``Last-Event-ID`` resume.
+    :param replay_max_events: a resume with more events to replay gets an
+        ``event: reload`` frame (its ``id`` is where the next resume starts) and live
+        events from then on.
+    :param max_clients: streams at once; more are refused (503).
+    :param max_replays: replays from the event log at once; a resume waits up to
+        10 s for one, then ends with ``: replay failed`` (the browser retries).
 
     A wrong argument raises :class:`~pgnotify_sync.ConfigError` naming it (for
     ``authorize`` and ``row_filter`` it is also a ``TypeError``).
@@ -206,9 +218,14 @@ class SSEBridge:
 
     def __init__(self, listener, channels, authorize=refuse_all, row_filter=None,
                  client_buffer=DEFAULT_CLIENT_BUFFER, heartbeat_s=DEFAULT_HEARTBEAT_S,
-                 replay_limit=DEFAULT_REPLAY_LIMIT):
+                 replay_limit=DEFAULT_REPLAY_LIMIT, replay_max_events=DEFAULT_REPLAY_MAX_EVENTS,
+                 max_clients=DEFAULT_MAX_CLIENTS, max_replays=DEFAULT_MAX_REPLAYS):
         channels = checked_channels(listener, channels)
-        check_options(authorize, row_filter, client_buffer, heartbeat_s, replay_limit)
+        check_options(authorize, row_filter, client_buffer, heartbeat_s, replay_limit, replay_max_events,
+                      max_clients, max_replays)
+        self.replay_max_events = replay_max_events
+        self.max_clients = max_clients
+        self._replay_slot = _sse_stream.ReplaySlots(max_replays)
         self.listener = listener
         self.channels = channels
         self.authorize = authorize
@@ -228,7 +245,8 @@ class SSEBridge:
         # What each stream (_sse_stream.StreamHooks) asks of the bridge, on its request thread.
         self._hooks = types.SimpleNamespace(
             visible=self._visible, replay_from_log=self._replay_from_log, count_sent=self._count_sent,
-            forget=self._forget, stopped=lambda: _listener_stopped(self.listener))
+            forget=self._forget, stopped=lambda: _listener_stopped(self.listener), replay_slot=self._replay_slot,
+            replay_max=lambda: self.replay_max_events)
         for channel in channels:
             listener.signals.event.connect(self._on_event, sender=channel, weak=False)
 
@@ -315,6 +333,8 @@ class SSEBridge:
         with self._lock:
             if self._closed:
                 raise _Refused("503 Service Unavailable", "the event stream is shut down")
+            if len(self._clients) >= self.max_clients:
+                raise _Refused("503 Service Unavailable", f"too many event streams (max_clients={self.max_clients})")
             # Registered before the replay is read: nothing falls between replay and live.
             self._clients[client.id] = client
             registered_at = self._ring.seq
@@ -324,17 +344,12 @@ class SSEBridge:
     # -- what the streams ask of the bridge (request threads; _sse_stream.StreamHooks) -------
 
     def _replay_from_log(self, client, after, registered_at):
-        """Events with an id above *after* from the log; the ids the live queue must skip."""
-        listener = self.listener
-        wires = {listener.config.wire_channel(c): c for c in client.channels}
-        entries = [Entry(0, event.channel, event, frame(event.channel, event))
-                   for event in listener.event_log().replay(wires, after)]
-        # A replayed event may also reach the live queue: the ones not delivered
-        # before the client registered. Those delivered before (still in the ring
-        # with an earlier seq) never come again and need no entry.
-        with self._lock:
-            skip = {e.event.id for e in entries if not self._ring.delivered_by(e.event.id, registered_at)}
-        return entries, skip
+        """Events above *after* from the log, page by page (_sse_ring.log_replay)."""
+        def delivered_before(ids):
+            with self._lock:
+                return {i for i in ids if self._ring.delivered_by(i, registered_at)}
+        wires = {self.listener.config.wire_channel(c): c for c in client.channels}
+        return log_replay(self.listener.event_log(), wires, after, self.replay_max_events, delivered_before)
 
     def _visible(self, client, entry):
         if self.row_filter is None:
@@ -363,12 +378,10 @@ class SSEBridge:
 
     def _serve(self, info, last_event_id_raw):
         """(status, headers, body iterable) for a stream request."""
-        last_event_id = None
-        if last_event_id_raw not in (None, ""):
-            try:
-                last_event_id = int(str(last_event_id_raw).strip())
-            except ValueError:
-                return _plain("400 Bad Request", "Last-Event-ID must be an event id (an integer)")
+        try:
+            last_event_id = parse_last_event_id(last_event_id_raw)
+        except ValueError as exc:
+            return _plain("400 Bad Request", str(exc))
         try:
             client, registered_at, replay = self._open(info, last_event_id)
         except _Refused as refused:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent machine + virtualenv set-up for pgnotify_sync's tests and demo.
 #
-#  * openssh-server (the SSH-tunnel tests start a private sshd), the
+#  * openssh-server (the SSH-tunnel tests start a private sshd), openssl (the
+#    TLS tests make their CA), the
 #    PostgreSQL server binaries (the tests start a throwaway cluster) and
 #    chromium + chromium-driver (the browser test of the web demo) are
 #    installed with apt when missing - only as root; otherwise we say what is
@@ -54,6 +55,7 @@ if [ -x /usr/sbin/sshd ]; then
 else
     apt_install openssh-server
 fi
+if command -v openssl >/dev/null 2>&1; then say "openssl: ok"; else apt_install openssl; fi  # tests/test_tls.py
 if ! command -v promtool >/dev/null 2>&1; then apt_install --no-install-recommends prometheus; else say "promtool: ok"; fi  # tests/test_contrib.py
 
 if have_pg_server; then

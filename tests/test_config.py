@@ -1,5 +1,10 @@
 """Unit tests for pgnotify_sync.config (no database)."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import attrs
 import pytest
 
@@ -212,8 +217,28 @@ def test_evolve_validates():
 # -- from_env ------------------------------------------------------------------------------
 
 # One non-default raw value per environment variable, and what it must parse to.
+def _pem_files():
+    """A CA, a client certificate and its key as the TLS settings check them (PEM
+    headers; the key mode 0600): the content itself is libpq's business."""
+    folder = tempfile.mkdtemp(prefix="pgnotify-config-tls-")
+    atexit.register(shutil.rmtree, folder, True)
+    paths = {}
+    for name, head in (("ca.crt", "CERTIFICATE"), ("client.crt", "CERTIFICATE"), ("client.key", "PRIVATE KEY")):
+        paths[name] = os.path.join(folder, name)
+        with open(paths[name], "w") as f:
+            f.write(f"-----BEGIN {head}-----\nMIIB\n-----END {head}-----\n")
+        os.chmod(paths[name], 0o600)
+    return paths
+
+
+_TLS = _pem_files()
+
 FULL_ENV = {
     "POSTGRES_HOST": ("db.example.internal", "postgres_host", "db.example.internal"),
+    "POSTGRES_SSLMODE": ("verify-full", "postgres_sslmode", "verify-full"),
+    "POSTGRES_SSLROOTCERT": (_TLS["ca.crt"], "postgres_sslrootcert", _TLS["ca.crt"]),
+    "POSTGRES_SSLCERT": (_TLS["client.crt"], "postgres_sslcert", _TLS["client.crt"]),
+    "POSTGRES_SSLKEY": (_TLS["client.key"], "postgres_sslkey", _TLS["client.key"]),
     "POSTGRES_PORT": (" 6543 ", "postgres_port", 6543),
     "POSTGRES_USER": ("svc", "postgres_user", "svc"),
     "POSTGRES_PASSWORD": (PASSWORD, "postgres_password", PASSWORD),

@@ -339,6 +339,14 @@ def test_replay_maps_wire_names_and_pages(tdb, log, monkeypatch):
     # a page exactly full: one more query finds the end
     assert log.replay({"t": "T", wire_u: "U"}, expected[1].id) == expected[2:]
     assert [e.channel for e in log.replay({wire_w: "W"}, 0)] == ["W"] * 4
+    # Pages come one at a time (each read when asked for), at most REPLAY_PAGE events.
+    pages = log.replay_pages({"t": "T", wire_u: "U"}, 0)
+    assert next(pages) == expected[:3]
+    assert [len(p) for p in pages] == [3, 2]
+    # The size of a replay, counted up to a bound, and the newest id of those channels.
+    assert log.replay_size(["t", wire_u], 0, 100) == (8, expected[-1].id)
+    assert log.replay_size(["t", wire_u], 0, 5) == (5, expected[-1].id)
+    assert log.replay_size(["t", wire_u], expected[-1].id, 5) == (0, expected[-1].id)
 
 
 def test_pending_counts_what_the_position_does_not_see(tdb, dsn, log):

@@ -589,3 +589,58 @@ def test_authorize_and_row_filter_that_raise_are_counted_and_reported(installed,
     reported = [e for e in errors if e["kind"] == "sse"]
     assert sorted(type(e["error"]).__name__ for e in reported) == ["KeyError", "ValueError"]
     assert [e["event_id"] for e in reported if isinstance(e["error"], ValueError)] == [logged[1]]
+
+
+# -- bounds (issue 13): Last-Event-ID, replay size, clients -----------------------------------
+
+@pytest.mark.parametrize("raw", ["-1", "1_000", "+7", "7a", "%D9%A3", "99999999999999999999", "%207"])
+def test_last_event_id_must_be_ascii_digits(installed, make_listener, sse, raw):
+    listener = make_listener()
+    _bridge, url = sse.start(listener, authorize=allow_all)
+    client = sse.client(f"{url}/stream?channels=messages&last_event_id={raw}")
+    assert client.status == 400
+    assert client.body.startswith("Last-Event-ID must be an event id: ASCII digits, at most 9223372036854775807")
+
+
+def test_a_resume_over_replay_max_events_is_told_to_reload_and_goes_on_live(installed, make_listener, sse):
+    listener = make_listener()
+    bridge, url = sse.start(listener, authorize=allow_all, replay_limit=0, replay_max_events=3)
+    listener.start()
+    watcher = sse.client(f"{url}/stream?channels=messages")
+    insert(installed, 5)
+    ids = watcher.wait_ids(5)
+    near = sse.client(f"{url}/stream?channels=messages", headers={"Last-Event-ID": str(ids[1])})
+    assert near.wait_ids(3) == ids[2:]                     # 3 to replay: within the cap
+    far = sse.client(f"{url}/stream?channels=messages", headers={"Last-Event-ID": str(ids[0])})
+    wait_for(lambda: far.events, message="no reload event")
+    assert far.events[0] == {"event": "reload", "id": str(ids[-1]),
+                             "data": '{"reason": "replay_too_long", "max_events": 3}'}
+    insert(installed, 1)
+    assert far.wait_ids(2)[1] == watcher.wait_ids(6)[5]     # then live events
+    assert bridge.replayed_from_log == 3
+
+
+def test_more_clients_than_max_clients_are_refused_with_503(installed, make_listener, sse):
+    listener = make_listener()
+    bridge, url = sse.start(listener, authorize=allow_all, max_clients=2, heartbeat_s=0.2)  # a gone client: at a write
+    first = sse.client(f"{url}/stream?channels=messages")
+    sse.client(f"{url}/stream?channels=messages")
+    refused = sse.client(f"{url}/stream?channels=messages")
+    assert refused.status == 503 and refused.body == "too many event streams (max_clients=2)\n"
+    first.close()
+    wait_for(lambda: bridge.clients == 1, message="the closed stream was not noticed")
+    assert sse.client(f"{url}/stream?channels=messages").status == 200
+
+
+def test_authorize_is_asked_again_when_a_client_resumes(installed, make_listener, sse):
+    allowed = {"alice"}
+    listener = make_listener()
+    _bridge, url = sse.start(listener, authorize=lambda info: {"messages"} if info.headers.get("X-User") in allowed
+                             else None)
+    listener.start()
+    client = sse.client(f"{url}/stream?channels=messages", headers={"X-User": "alice"})
+    insert(installed, 1)
+    (first,) = client.wait_ids(1)
+    allowed.clear()                                        # alice loses her access
+    resumed = sse.client(f"{url}/stream?channels=messages", headers={"X-User": "alice", "Last-Event-ID": str(first)})
+    assert resumed.status == 403 and resumed.body == "not authorized\n"

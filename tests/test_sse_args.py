@@ -8,6 +8,7 @@ import math
 import pytest
 
 from pgnotify_sync import Config, ConfigError, Listener
+from pgnotify_sync._sse_args import parse_last_event_id
 from pgnotify_sync.sse import SSEBridge, allow_all
 
 
@@ -55,6 +56,34 @@ def test_client_buffer_must_be_a_whole_number_above_zero(listener, value):
 @pytest.mark.parametrize("value", [-1, 2.0, "5", None, True, False])
 def test_replay_limit_must_be_a_whole_number_from_zero(listener, value):
     refused(listener, rf"^replay_limit: expected a whole number >= 0, got {value!r}$", replay_limit=value)
+
+
+@pytest.mark.parametrize("name", ["replay_max_events", "max_clients", "max_replays"])
+@pytest.mark.parametrize("value", [0, -1, 2.0, "5", None, True])
+def test_the_bounds_must_be_whole_numbers_above_zero(listener, name, value):
+    refused(listener, rf"^{name}: expected a whole number >= 1, got {value!r}$", **{name: value})
+
+
+def test_the_bounds_have_defaults(listener):
+    bridge = SSEBridge(listener, ["messages"])
+    try:
+        assert (bridge.replay_max_events, bridge.max_clients) == (10000, 1000)
+    finally:
+        bridge.close()
+
+
+@pytest.mark.parametrize("raw,expected", [(None, None), ("", None), ("0", 0), ("42", 42),
+                                          ("9223372036854775807", 2 ** 63 - 1)])
+def test_last_event_id_of_ascii_digits(raw, expected):
+    assert parse_last_event_id(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "1_000", " 7", "7 ", "+7", "\u0663", "\uff17", "1e3", "0x10",
+                                 "9223372036854775808", "1" * 30])
+def test_last_event_id_of_anything_else_is_refused_with_the_reason(raw):
+    with pytest.raises(ValueError, match="^Last-Event-ID must be an event id: ASCII digits, at most "
+                                         "9223372036854775807; got "):
+        parse_last_event_id(raw)
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -1, -0.5, "15", None, True, False])

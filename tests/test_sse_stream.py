@@ -3,6 +3,7 @@
 driven by hand through fake StreamHooks.
 """
 
+import contextlib
 import json
 import threading
 import types
@@ -12,7 +13,7 @@ import pytest
 from pgnotify_sync import DatabaseEvent, Operation
 from pgnotify_sync._sse_ring import Entry, ReplayRing, frame
 from pgnotify_sync._sse_stream import (HEARTBEAT, LIVE_BATCH_FRAMES, REPLAY_FAILED, RETRY, WRITE_BATCH_BYTES, Body,
-                                       Client, StreamHooks, stream)
+                                       Client, ReplayTooLong, StreamHooks, reload_frame, stream)
 
 
 def event(ident, channel="messages", body="hi"):
@@ -102,11 +103,14 @@ def test_client_full_queue_ends_it_and_drops_what_it_held():
 class FakeHooks:
     """StreamHooks that record what the stream asked."""
 
-    def __init__(self, hidden=(), log=None, skip=None, fail=None):
+    def __init__(self, hidden=(), log=None, skip=None, fail=None, most=10_000, slot_free=True):
         self.hidden = set(hidden)
         self.log = log or []
         self.skip = skip
         self.fail = fail
+        self.most = most
+        self.slot_free = slot_free
+        self.slots_taken = 0
         self.sent = []
         self.forgotten = []
         self.is_stopped = False
@@ -123,6 +127,16 @@ class FakeHooks:
 
     def count_sent(self, count, replayed_from=None):
         self.sent.append((count, replayed_from))
+
+    @contextlib.contextmanager
+    def replay_slot(self):
+        if not self.slot_free:
+            raise TimeoutError("no replay slot free within 10 s (max_replays)")
+        self.slots_taken += 1
+        yield
+
+    def replay_max(self):
+        return self.most
 
     def forget(self, client_id):
         self.forgotten.append(client_id)
@@ -161,7 +175,7 @@ def guarded():
 
 def test_fake_hooks_implement_the_protocol():
     declared = {name for name in vars(StreamHooks) if not name.startswith("_")}
-    assert declared == {"visible", "replay_from_log", "count_sent", "forget", "stopped"}
+    assert declared == {"visible", "replay_from_log", "count_sent", "forget", "stopped", "replay_slot", "replay_max"}
     assert all(callable(getattr(FakeHooks(), name)) for name in declared)
 
 
@@ -282,3 +296,46 @@ def test_a_closed_bridge_is_not_kept_alive_by_the_listener():
     del bridge
     gc.collect()
     assert gone() is None, "the listener still holds a closed bridge (and its replay ring)"
+
+
+def test_a_ring_replay_over_the_cap_is_a_reload_frame_then_live_events(guarded):
+    client, hooks = guarded(1, ["messages"], 100), FakeHooks(most=2)
+    body = stream(client, hooks, 60.0, 1, 0, entries(2, 3, 4))
+    assert next(body) == RETRY
+    assert next(body) == reload_frame(4, 2) == (b'event: reload\nid: 4\ndata: {"reason": "replay_too_long", '
+                                                b'"max_events": 2}\n\n')
+    client.offer(entries(5)[0])
+    assert frames_of(next(body)) == [5]
+    client.end("closed")
+    assert list(body) == [] and hooks.sent == [(1, None)]
+
+
+def test_a_log_replay_over_the_cap_is_a_reload_frame_at_the_newest_id(guarded):
+    client = guarded(1, ["messages"], 100)
+    hooks = FakeHooks(fail=ReplayTooLong(99), most=5)
+    body = stream(client, hooks, 60.0, 1, 0, None)
+    assert next(body) == RETRY and next(body) == reload_frame(99, 5)
+    client.offer(entries(100)[0])
+    assert frames_of(next(body)) == [100]
+    client.end("closed")
+    assert list(body) == [] and hooks.slots_taken == 1
+
+
+def test_a_log_replay_failing_midway_ends_with_replay_failed(guarded):
+    """A page read fails after the first (a lost connection): the stream ends with
+    the comment; the browser resumes from the last id it got, so what was read but
+    not yet written is replayed again, not lost."""
+    def pages():
+        yield from entries(2, 3)
+        raise OSError("connection lost")
+    client = guarded(1, ["messages"], 100)
+    hooks = FakeHooks(log=pages())
+    assert list(stream(client, hooks, 60.0, 1, 0, None)) == [RETRY, REPLAY_FAILED]
+    assert hooks.sent == [(0, "log")] and hooks.forgotten == [1]
+
+
+def test_no_free_replay_slot_ends_the_stream_with_replay_failed(guarded):
+    client = guarded(1, ["messages"], 100)
+    hooks = FakeHooks(log=entries(2), slot_free=False)
+    assert list(stream(client, hooks, 60.0, 1, 0, None)) == [RETRY, REPLAY_FAILED]
+    assert hooks.log_reads == []

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pgnotify_sync import Config, ConfigError, ConnectionState, Listener
+from pgnotify_sync import Config, ConfigError, ConnectError, ConnectionState, Listener
 from pgnotify_sync._tunnel import HostKeyError, SshAuthError
 
 from helpers import wait_for
@@ -386,3 +386,69 @@ def test_ssh_password_refusal_is_logged_on_the_security_logger(caplog):
         Config.from_env(environ={"POSTGRES_USER": "u", "POSTGRES_DB": "d", "SSH_HOST": "h", "SSH_USER": "u",
                                  "SSH_KEY_PATH": "/k", "SSH_PASSWORD": "x-Pw-1"})
     assert security_records(caplog)
+
+
+# -- known_hosts markers and weak algorithms (issue 13) ----------------------------------
+
+def host_line(server):
+    with open(server.host_pub_path) as fh:
+        key_type, blob = fh.read().split()[:2]
+    return f"[{server.host}]:{server.port}", key_type, blob
+
+
+def test_a_host_key_marked_revoked_is_refused_even_if_also_listed(stream_db, make_ssh_listener, ssh_server,
+                                                                  tmp_path):
+    name, key_type, blob = host_line(ssh_server)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"{name} {key_type} {blob}\n@revoked {name} {key_type} {blob}\n")
+    listener = make_ssh_listener(ssh_known_hosts=str(known))
+    with pytest.raises(HostKeyError, match=r"SSH host key of .* is marked @revoked in .*known_hosts: refusing it"):
+        listener.start()
+    assert listener.threads() == []
+
+
+def test_a_revoked_key_of_another_host_or_an_old_key_does_not_stop_a_good_one(stream_db, make_ssh_listener,
+                                                                             ssh_server, tmp_path):
+    name, key_type, blob = host_line(ssh_server)
+    old = ssh_server.make_key("tunnel-old-host")
+    with open(old + ".pub") as fh:
+        old_type, old_blob = fh.read().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@revoked {name} {old_type} {old_blob}\n@revoked other.example {key_type} {blob}\n"
+                     f"{name} {key_type} {blob}\n")
+    listener = make_ssh_listener(ssh_known_hosts=str(known))
+    listener.on_event("stream", lambda e: None)
+    listener.start(timeout_s=20)
+    assert listener.state is ConnectionState.LISTENING
+
+
+def test_a_host_known_only_through_a_cert_authority_gets_a_clear_error(stream_db, make_ssh_listener, ssh_server,
+                                                                     tmp_path):
+    name, key_type, blob = host_line(ssh_server)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@cert-authority *:{ssh_server.port},[{ssh_server.host}]:* {key_type} {blob}\n")
+    listener = make_ssh_listener(ssh_known_hosts=str(known))
+    with pytest.raises(HostKeyError, match=r"trusts a certificate authority for .* \(@cert-authority\), which this "
+                                           r"client cannot check .* add the host's own key"):
+        listener.start()
+
+
+@pytest.mark.parametrize("offer", ["Ciphers aes128-cbc,aes256-cbc", "Ciphers aes128-ctr\nMACs hmac-sha1,hmac-md5"])
+def test_a_server_offering_only_weak_algorithms_is_refused_at_once(stream_db, dsn, tmp_path, offer):
+    from sshd import SshServer
+    server = SshServer(tmp_path / "weak")
+    with open(server.config_path, "a") as fh:
+        fh.write(offer + "\n")
+    server.start()
+    try:
+        listener = Listener(ssh_config(dsn, server, channels=("stream",)), registry=False, name="weak")
+        retries = counter(listener.signals.reconnecting)
+        try:
+            with pytest.raises(ConnectError, match="offers no algorithm we accept .*CBC ciphers and SHA-1/MD5 MACs "
+                                                   "are refused as weak"):
+                listener.start(timeout_s=20)
+            assert retries == []
+        finally:
+            listener.stop()
+    finally:
+        server.stop()

@@ -1,29 +1,56 @@
 """Listener-relevant server state (``pgnotify-sync status``)."""
 
+import psycopg2.errors
+
 from ._eventlog import log_status
 
 
 def server_status(conn):
-    """A dict: notification queue usage, event-log size and age, consumers, watched tables."""
+    """A dict: notification queue usage, event-log size and age, consumers, watched
+    tables, who may do what. Each part as far as this role may see it: a part the
+    role's grants do not cover says ``"not granted"`` (the rows a role sees are its
+    channels' alone)."""
     with conn.cursor() as cur:
         cur.execute("SELECT pg_notification_queue_usage(), version()")
         usage, version = cur.fetchone()
         status = {"server": version.split(",")[0], "notification_queue_usage": float(usage)}
-        cur.execute("SELECT to_regclass('pgnotify_sync.event_log') IS NOT NULL")
+        cur.execute("SELECT to_regnamespace('pgnotify_sync') IS NOT NULL AND "
+                    "(NOT has_schema_privilege('pgnotify_sync', 'USAGE') "
+                    " OR to_regclass('pgnotify_sync.event_log') IS NOT NULL)")
         if not cur.fetchone()[0]:
             status["installed"] = False
             conn.rollback()
             return status
         status["installed"] = True
-        status["event_log"], consumers = log_status(cur)
-        cur.execute("SELECT schema_name, table_name, channel, exclude_columns FROM pgnotify_sync.watched_tables "
-                    "ORDER BY 1, 2")
-        status["watched_tables"] = [{"table": f"{s}.{t}", "channel": c, "exclude_columns": list(x)}
-                                    for s, t, c, x in cur.fetchall()]
+        log_part = _granted(cur, log_status)
+        summary, consumers = log_part if log_part != NOT_GRANTED else (NOT_GRANTED, NOT_GRANTED)
+        status["event_log"] = summary
+        status["watched_tables"] = _granted(cur, _watched)
         status["consumers"] = consumers
-        status["privileges"] = _privileges(cur)
+        status["privileges"] = _granted(cur, _privileges)
     conn.rollback()
     return status
+
+
+NOT_GRANTED = "not granted"
+
+
+def _granted(cur, part):
+    """part(cur), or NOT_GRANTED if this role may not read what it reads."""
+    cur.execute("SAVEPOINT pgnotify_status")
+    try:
+        value = part(cur)
+    except psycopg2.errors.InsufficientPrivilege:
+        cur.execute("ROLLBACK TO SAVEPOINT pgnotify_status")
+        return NOT_GRANTED
+    cur.execute("RELEASE SAVEPOINT pgnotify_status")
+    return value
+
+
+def _watched(cur):
+    cur.execute("SELECT schema_name, table_name, channel, exclude_columns FROM pgnotify_sync.watched_tables "
+                "ORDER BY 1, 2")
+    return [{"table": f"{s}.{t}", "channel": c, "exclude_columns": list(x)} for s, t, c, x in cur.fetchall()]
 
 
 def _privileges(cur):

@@ -396,3 +396,22 @@ def test_the_cleanup_of_a_role_that_may_not_trim_says_so_once_at_info(ledger, ro
     assert len(told) == 1 and told[0].levelname == "INFO"
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR") and "retention" in r.getMessage()]
     assert errors == []
+
+
+def test_status_as_a_granted_role_shows_what_it_may_see(ledger, roles, dsn):
+    from pgnotify_sync.status import server_status
+    reader, writer = roles.make("reader"), roles.make("publisher")
+    grant_listener(ledger, reader, ["acc"])
+    grant_publisher(ledger, writer, ["acc"])
+    with contextlib.closing(roles.connect(reader)) as conn:
+        conn.autocommit = False
+        status = server_status(conn)
+    assert status["event_log"]["rows"] == 1                     # its channel's row only
+    assert status["watched_tables"] == "not granted"
+    assert status["privileges"]["granted"] == ["listen"] and not status["privileges"]["unrestricted"]
+    assert status["privileges"]["grants"] == [{"role": reader, "kind": "listen", "channels": ["acc"]}]
+    with contextlib.closing(roles.connect(writer)) as conn:
+        conn.autocommit = False
+        status = server_status(conn)
+    assert status["event_log"] == "not granted" and status["consumers"] == "not granted"
+    assert status["privileges"]["granted"] == ["publish"]

@@ -94,6 +94,15 @@ def owned(db, roles):
     conn.close()
 
 
+def collecting(make_listener, channel):
+    """A started listener of *channel* (the installer's) and its Collector."""
+    listener = make_listener(channels=(channel,))
+    got = Collector()
+    listener.on_event(channel, got)
+    listener.start()
+    return listener, got
+
+
 def cast_callers(db):
     return {r[0] for r in execute(db, "SELECT runs_as FROM public.cast_calls")}
 
@@ -103,10 +112,7 @@ def cast_callers(db):
 def test_the_owners_cast_runs_with_the_owners_rights_and_events_arrive(owned, db, make_listener, mode, exclude):
     owner, conn = owned
     watch_table(db, "own.feelings", channel="feelings", exclude_columns=exclude, mode=mode)
-    listener = make_listener(channels=("feelings",))
-    got = Collector()
-    listener.on_event("feelings", got)
-    listener.start()
+    listener, got = collecting(make_listener, "feelings")
     with conn.cursor() as cur:
         cur.execute("INSERT INTO own.feelings (m, secret, note) VALUES ('happy', 's', 'one')")
         cur.execute("INSERT INTO own.feelings (m, secret, note) SELECT 'sad', 's', 'n' || g "
@@ -128,10 +134,7 @@ def test_a_partitioned_table_of_another_owner_captures_with_its_rights(owned, db
         cur.execute("CREATE TABLE own.parts (id int, m mood) PARTITION BY RANGE (id); "
                     "CREATE TABLE own.parts_1 PARTITION OF own.parts FOR VALUES FROM (0) TO (100)")
     watch_table(db, "own.parts", channel="parts")
-    listener = make_listener(channels=("parts",))
-    got = Collector()
-    listener.on_event("parts", got)
-    listener.start()
+    listener, got = collecting(make_listener, "parts")
     execute(conn, "INSERT INTO own.parts VALUES (1, 'happy')")
     (event,) = got.wait(1, settle=listener)
     assert (event.table, event.data) == ("parts", {"id": 1, "m": "happy"})
@@ -144,10 +147,7 @@ def test_a_writer_without_privileges_on_our_schema_writes_an_owners_table(owned,
     writer = roles.make("writer")
     execute(conn, f"GRANT USAGE ON SCHEMA own TO {writer}; GRANT INSERT ON own.feelings TO {writer}; "
                   f"GRANT USAGE ON SEQUENCE own.feelings_id_seq TO {writer}")
-    listener = make_listener(channels=("feelings",))
-    got = Collector()
-    listener.on_event("feelings", got)
-    listener.start()
+    listener, got = collecting(make_listener, "feelings")
     with contextlib.closing(roles.connect(writer)) as w:
         execute(w, "INSERT INTO own.feelings (m, note) VALUES ('sad', 'by the writer')")
     (event,) = got.wait(1, settle=listener)
@@ -167,10 +167,7 @@ def test_after_the_table_changes_hands_its_capture_runs_with_the_new_owners_righ
     execute(db, f"GRANT CREATE ON SCHEMA public TO {owner}; ALTER TABLE public.handed OWNER TO {owner}")
     with contextlib.closing(roles.connect(owner)) as conn:
         execute(conn, CAST + "ALTER TABLE public.handed ADD COLUMN m mood")
-        listener = make_listener(channels=("handed",))
-        got = Collector()
-        listener.on_event("handed", got)
-        listener.start()
+        listener, got = collecting(make_listener, "handed")
         execute(conn, "INSERT INTO public.handed (note, m) VALUES ('x', 'happy')")
         (event,) = got.wait(1, settle=listener)
     assert event.data["m"] == "happy"
@@ -237,10 +234,7 @@ def test_install_again_keeps_owners_copies_working_and_uninstall_removes_everyth
     watch_table(db, "own.feelings", channel="feelings")
     install(db)
     install(db)
-    listener = make_listener(channels=("feelings",))
-    got = Collector()
-    listener.on_event("feelings", got)
-    listener.start()
+    listener, got = collecting(make_listener, "feelings")
     execute(conn, "INSERT INTO own.feelings (m) VALUES ('happy')")
     got.wait(1, settle=listener)
     assert cast_callers(db) == {owner}

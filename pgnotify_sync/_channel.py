@@ -53,7 +53,7 @@ class ChannelState:
                  "catchup_target", "catchup_upto", "in_catchup",
                  "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors",
                  "delivered_by", "handler_hist", "caught_up", "lag", "gap_events", "since_checkpoint",
-                 "last_event_at", "unmatched_hints", "missed")
+                 "last_event_at", "unmatched_hints", "missed", "poll_pending", "polled")
 
     def __init__(self, name, wire):
         self.name = name
@@ -93,3 +93,5 @@ class ChannelState:
         self.last_event_at = None   # wall-clock time of the last delivery
         self.unmatched_hints = 0    # hints that matched no committed event of the channel (forged, trimmed)
         self.missed = 0             # events delivered by the position check: no notification came
+        self.poll_pending = False   # a CatchUp("poll") is queued (_poller.py)
+        self.polled = 0             # events of notify-free tables, found by polling

@@ -46,8 +46,9 @@ class DispatchHooks(typing.Protocol):
     def deliver(self, ch, events) -> None:
         """Hand *events* (fresh, in order) to the channel's handlers."""
 
-    def catch_up(self, ch) -> tuple:
-        """(target snapshot, iterator of event pages) from ch.position up to now."""
+    def catch_up(self, ch, reason) -> tuple:
+        """(target snapshot, iterator of event pages) from ch.position up to now
+        (*reason* ``"poll"``: a notify-free channel's poll found rows)."""
 
     def fetch_ids(self, ch, ids):
         """The committed events of the channel among log *ids* (any order; channel

@@ -36,8 +36,9 @@ class ListenerHooks:
                                      fetch_range=self.fetch_range, window=self.window, report=self.report,
                                      caught_up=self.caught_up, after_batch=self.after_batch)
 
-    def catch_up(self, ch):
-        """(target snapshot, the pages of events from ch.position up to it)."""
+    def catch_up(self, ch, reason):
+        """(target snapshot, the pages of events from ch.position up to it); events
+        a poll found are counted as polled, the others as caught up."""
         pos = ch.position
         if self._p.reader.installed is False:
             return pos, iter(())    # no event log to read (plain payloads only)
@@ -48,7 +49,10 @@ class ListenerHooks:
             return log_.catchup_page(ch.name, ch.wire, pos, target, after, previous)
 
         def counted(events):
-            ch.caught_up += len(events)
+            if reason == "poll":
+                ch.polled += len(events)
+            else:
+                ch.caught_up += len(events)
 
         dispatcher = self._p.dispatcher
         return target, read_pages(read, dispatcher.submit, dispatcher.result, counted)

@@ -13,7 +13,7 @@ from ._position import handled_count
 # writer: the reader, or the worker holding the channel), and summed on reading.
 CHANNEL_TOTALS = {"received": "received", "delivered": "delivered", "parse_errors": "parse_errors",
                   "handler_errors": "handler_errors", "caught_up": "caught_up",
-                  "unmatched_hints": "unmatched_hints", "missed": "missed"}
+                  "unmatched_hints": "unmatched_hints", "missed": "missed", "polled": "polled"}
 
 
 def channel_totals(channels):
@@ -122,6 +122,7 @@ class Observer:
         add("consumer_gap_events", labels, ch.gap_events)
         add("unmatched_hints", labels, ch.unmatched_hints)
         add("missed_events", labels, ch.missed)
+        add("polled_events", labels, ch.polled)
         if ch.lag is not None:
             add("lag_events", labels, ch.lag)
 

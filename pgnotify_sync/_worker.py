@@ -173,11 +173,13 @@ class BatchRunner:
         self.catch_up(ch, item.reason)
 
     def catch_up(self, ch, reason):
+        if reason == "poll":
+            ch.poll_pending = False     # commits from now on get the next poll's catch-up
         if ch.position is None:
             # Nothing to catch up from: a fresh listener starts "now".
             self._hooks.caught_up(ch, reason, 0)
             return
-        snapshot, pages = self._hooks.catch_up(ch)
+        snapshot, pages = self._hooks.catch_up(ch, reason)
         # Rows come in id order and are not remembered one by one: live copies of them
         # are dropped by the new position once the catch-up ends, and if it fails
         # midway its cursor (target, upto) goes to ch.partial.

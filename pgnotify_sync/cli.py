@@ -81,8 +81,9 @@ def cmd_watch(args):
     from .schema import watch_table
     mode = _with_connection(args, lambda conn, cfg: watch_table(
         conn, args.table, channel=args.channel, exclude_columns=tuple(args.exclude or ()),
-        channel_prefix=cfg.channel_prefix, mode=args.mode))
-    print(f"watching {args.table} on channel {args.channel!r} ({mode} mode)")
+        channel_prefix=cfg.channel_prefix, mode=args.mode, notify=not args.no_notify))
+    quiet = ", notify-free: listeners poll the log" if args.no_notify else ""
+    print(f"watching {args.table} on channel {args.channel!r} ({mode} mode{quiet})")
 
 
 def cmd_unwatch(args):
@@ -192,6 +193,9 @@ def _add_schema_parsers(sub):
     p.add_argument("--exclude", action="append", metavar="COLUMN", help="a column that never leaves the database")
     p.add_argument("--mode", choices=("statement", "row"), default="statement",
                    help="statement (default): INSERT/DELETE captured per statement; row: everything per row")
+    p.add_argument("--no-notify", action="store_true",
+                   help="log only, no NOTIFY: concurrent writers commit in parallel; listeners poll the log "
+                        "(PG_NOTIFY_POLL_INTERVAL)")
     _add_db_flags(p)
     p.set_defaults(func=cmd_watch)
 

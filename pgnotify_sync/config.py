@@ -116,6 +116,10 @@ class Config:
         ``cleanup_interval_s`` (0 disables cleanup by this listener), except rows a
         durable consumer has not handled yet; those are kept up to
         ``consumer_retention_s``, after which the consumer is told of the gap.
+    :param poll_interval_s: how often the log is polled for channels with a
+        notify-free table (``watch_table(..., notify=False)``): one indexed query for
+        all of them, and new events are read only when it finds some. Listeners
+        without such channels look whether they have one every 30 s.
     :param postgres_sslmode: libpq's ``sslmode`` for every connection, listener and
         pool (``verify-full`` recommended: the server's certificate is checked against
         ``postgres_sslrootcert`` and the host name); with ``postgres_sslrootcert``,
@@ -172,6 +176,7 @@ class Config:
     retention_s: float = attrs.field(default=86_400.0, validator=_positive_float("retention_s"))
     consumer_retention_s: float = attrs.field(default=7 * 86_400.0,
                                               validator=_positive_float("consumer_retention_s"))
+    poll_interval_s: float = attrs.field(default=0.1, validator=_positive_float("poll_interval_s"))
     cleanup_interval_s: float = attrs.field(default=300.0,
                                             validator=_positive_float("cleanup_interval_s", allow_zero=True))
 
@@ -372,6 +377,7 @@ _ENV_VARS = (
     ("PG_NOTIFY_RETENTION", "retention_s", _parse_float),
     ("PG_NOTIFY_CONSUMER_RETENTION", "consumer_retention_s", _parse_float),
     ("PG_NOTIFY_CLEANUP_INTERVAL", "cleanup_interval_s", _parse_float),
+    ("PG_NOTIFY_POLL_INTERVAL", "poll_interval_s", _parse_float),
 )
 
 ENV_VARIABLES = tuple(var for var, _, _ in _ENV_VARS)

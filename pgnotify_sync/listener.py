@@ -36,6 +36,7 @@ from ._fetch import READ_AHEAD, fetch_timeout_s
 from ._hooks import ListenerHooks
 from ._lifecycle import ConnectionState, Lifecycle
 from ._maintenance import Every, Maintenance, TrimUnlessRefused
+from ._poller import Poller
 from ._observe import Observer, new_stats
 from ._publisher import Publisher
 from ._reader import Reader
@@ -118,7 +119,7 @@ class Listener:
             publisher=self._publisher, reader=None, dispatcher=None)
         self._hooks = ListenerHooks(self._parts, self.signals, self.checkpoint_every)
         self._observer = Observer(self._parts)
-        self._reader = self._dispatcher = self._maintenance = None
+        self._reader = self._dispatcher = self._maintenance = self._poller = None
 
     # -- public API ------------------------------------------------------------
 
@@ -225,7 +226,8 @@ class Listener:
         # In reverse order of start(): the reader (nothing new comes in) and the
         # maintenance thread, the dispatcher (what was received is delivered), the
         # buffered publishes, then the connections.
-        late = join_all((self._reader and self._reader.thread, self._maintenance), deadline)
+        late = join_all((self._reader and self._reader.thread, self._maintenance,
+                         self._poller and self._poller.thread), deadline)
         if self._dispatcher is not None:
             late += self._dispatcher.close(max(0.0, deadline - time.monotonic()))
         if len(self._publisher):
@@ -251,7 +253,8 @@ class Listener:
 
     def threads(self):
         """The threads this listener started (for tests and diagnostics)."""
-        threads = [t for t in (self._reader and self._reader.thread, self._maintenance) if t is not None]
+        threads = [t for t in (self._reader and self._reader.thread, self._maintenance,
+                               self._poller and self._poller.thread) if t is not None]
         if self._dispatcher is not None:
             threads.extend(self._dispatcher.threads())
         threads.extend(self._connections.threads())
@@ -358,6 +361,11 @@ class Listener:
             cfg, has_log, lambda: has_log() and self._lifecycle.state is ConnectionState.LISTENING,
             lambda: self._connections.pool.fill(WARM_CONNECTIONS), self._dispatcher, self._publisher,
             self._observer.update_lag, self.cleanup)).start()
+        self._poller = Poller(self.name, cfg.poll_interval_s, self._channels, self._connections.event_log.query_one,
+                              lambda ch, item: self._dispatcher.push_control(ch, item, skip_overflowing=True),
+                              self._stop_event, ready=lambda: self._reader.installed is True
+                              and self._lifecycle.state is ConnectionState.LISTENING)
+        self._poller.start()
 
 
 def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup):

@@ -116,6 +116,7 @@ class _LibraryCollector:
             counter("overflow_events", "Events dropped from memory when the buffer was full "
                                        "(re-read from the event log)", ["channel"]),
             counter("catchup_events", "Events read back from the event log (catch-up)", ["channel"]),
+            counter("polled_events", "Events of notify-free tables found by polling the event log", ["channel"]),
             gauge("lag_events", "Events of the channel in the event log not handled yet", ["channel"]),
             gauge("connection_state", "1 for the current connection state", ["state"]),
             gauge("connection_uptime_seconds", "Seconds since the listener connection was established", []),

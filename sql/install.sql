@@ -69,6 +69,8 @@ ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS mode text NOT 
 -- The table (renames keep it) and the role whose rights its capture code runs with:
 -- the table's owner, or NULL for the installer's own functions (see capture_function).
 ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS relid oid;
+-- false: a notify-free table (watch_table(..., notify => false)): listeners poll the log.
+ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS notify boolean NOT NULL DEFAULT true;
 ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS runs_as oid;
 UPDATE pgnotify_sync.watched_tables w SET relid = to_regclass(format('%I.%I', w.schema_name, w.table_name))
  WHERE w.relid IS NULL;
@@ -279,7 +281,8 @@ BEGIN
     VALUES (pg_current_xact_id(), TG_ARGV[0], TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME, v_data, v_old)
     RETURNING id, xid INTO v_id, v_xid;
     -- A hint, never the row (see the section's head).
-    v_void := CASE WHEN current_setting('pgnotify_sync.notify', true) = 'off' THEN NULL
+    v_void := CASE WHEN starts_with(TG_NAME, 'pgnotify_sync_quiet')
+                        OR current_setting('pgnotify_sync.notify', true) = 'off' THEN NULL
                    ELSE pg_notify(TG_ARGV[0], format('{"id":%s,"xid":%s}', v_id, v_xid)) END;
     RETURN NULL;
 END
@@ -326,7 +329,8 @@ BEGIN
     INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, old)
     VALUES (pg_current_xact_id(), TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], v_data, v_old)
     RETURNING id, xid INTO v_id, v_xid;
-    v_void := CASE WHEN current_setting('pgnotify_sync.notify', true) = 'off' THEN NULL
+    v_void := CASE WHEN starts_with(TG_NAME, 'pgnotify_sync_quiet')
+                        OR current_setting('pgnotify_sync.notify', true) = 'off' THEN NULL
                    ELSE pg_notify(TG_ARGV[0], format('{"id":%s,"xid":%s}', v_id, v_xid)) END;
     RETURN NULL;
 END
@@ -395,8 +399,9 @@ BEGIN
         END LOOP;
     END IF;
     -- Ids grow in row order: first = last is a single row; both NULL, no row at all.
-    IF v_first IS NULL OR current_setting('pgnotify_sync.notify', true) = 'off' THEN
-        RETURN NULL;        -- no row; or the writer must not NOTIFY (the position check finds them)
+    IF v_first IS NULL OR starts_with(TG_NAME, 'pgnotify_sync_quiet')
+       OR current_setting('pgnotify_sync.notify', true) = 'off' THEN
+        RETURN NULL;        -- no row; a notify-free table; or the writer must not NOTIFY
     ELSIF v_first = v_id THEN
         v_void := pg_notify(TG_ARGV[0], format('{"id":%s,"xid":%s}', v_id, v_xid));
         RETURN NULL;
@@ -527,6 +532,21 @@ END
 $fn$;
 
 DROP FUNCTION IF EXISTS pgnotify_sync.watch_table(regclass, text, text[]);
+DROP FUNCTION IF EXISTS pgnotify_sync.watch_table(regclass, text, text[], text);
+
+-- Drop every capture trigger of a table (both sets of names).
+CREATE OR REPLACE FUNCTION pgnotify_sync.drop_capture_triggers(p_table regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_name text;
+BEGIN
+    FOREACH v_name IN ARRAY ARRAY['pgnotify_sync_capture', 'pgnotify_sync_capture_insert',
+                                  'pgnotify_sync_capture_delete', 'pgnotify_sync_quiet', 'pgnotify_sync_quiet_insert',
+                                  'pgnotify_sync_quiet_delete'] LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', v_name, p_table);
+    END LOOP;
+END
+$fn$;
 
 -- Attach the capture triggers to a table (replacing earlier ones).
 -- p_mode 'statement' (default): INSERT and DELETE are captured per statement from
@@ -536,11 +556,17 @@ DROP FUNCTION IF EXISTS pgnotify_sync.watch_table(regclass, text, text[]);
 -- triggers (capture_partition_row) reach every partition.
 -- Identifiers and trigger arguments are quoted by format(%s of regclass, %L), never
 -- concatenated: any legal table or channel name works.
+-- p_notify false: a notify-free table. Its triggers only write the log (they are
+-- named pgnotify_sync_quiet*, which the capture functions test); listeners find the
+-- rows by polling the log. Without NOTIFY's commit-time lock, concurrent writers
+-- commit in parallel.
 CREATE OR REPLACE FUNCTION pgnotify_sync.watch_table(p_table regclass, p_channel text,
                                                      p_exclude text[] DEFAULT '{}',
-                                                     p_mode text DEFAULT 'statement')
+                                                     p_mode text DEFAULT 'statement',
+                                                     p_notify boolean DEFAULT true)
 RETURNS text LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
+    v_trigger text := CASE WHEN p_notify THEN 'pgnotify_sync_capture' ELSE 'pgnotify_sync_quiet' END;
     v_schema text;
     v_name   text;
     v_col    text;
@@ -579,37 +605,37 @@ BEGIN
     END LOOP;
     SELECT string_agg(quote_literal(a), ', ') INTO v_args
       FROM unnest(ARRAY[p_channel] || coalesce(p_exclude, '{}')) AS a;
-    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_insert ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_delete ON %s', p_table);
+    PERFORM pgnotify_sync.drop_capture_triggers(p_table);
     IF v_kind = 'p' THEN
         SELECT string_agg(quote_literal(a), ', ') INTO v_args
           FROM unnest(ARRAY[p_channel, v_schema, v_name] || coalesce(p_exclude, '{}')) AS a;
-        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                       'FOR EACH ROW EXECUTE FUNCTION %s(%s)', p_table,
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION %s(%s)', v_trigger, p_table,
                        pgnotify_sync.capture_function('capture_partition_row', v_owner), v_args);
     ELSIF v_mode = 'row' THEN
-        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
-                       'FOR EACH ROW EXECUTE FUNCTION %s(%s)', p_table,
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION %s(%s)', v_trigger, p_table,
                        pgnotify_sync.capture_function('capture_row', v_owner), v_args);
     ELSE
-        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture AFTER UPDATE ON %s '
-                       'FOR EACH ROW EXECUTE FUNCTION %s(%s)', p_table,
+        EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s '
+                       'FOR EACH ROW EXECUTE FUNCTION %s(%s)', v_trigger, p_table,
                        pgnotify_sync.capture_function('capture_row', v_owner), v_args);
-        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture_insert AFTER INSERT ON %s '
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s '
                        'REFERENCING NEW TABLE AS pgnotify_sync_new '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION %s(%s)', p_table,
+                       'FOR EACH STATEMENT EXECUTE FUNCTION %s(%s)', v_trigger || '_insert', p_table,
                        pgnotify_sync.capture_function('capture_statement', v_owner), v_args);
-        EXECUTE format('CREATE TRIGGER pgnotify_sync_capture_delete AFTER DELETE ON %s '
+        EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s '
                        'REFERENCING OLD TABLE AS pgnotify_sync_old '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION %s(%s)', p_table,
+                       'FOR EACH STATEMENT EXECUTE FUNCTION %s(%s)', v_trigger || '_delete', p_table,
                        pgnotify_sync.capture_function('capture_statement', v_owner), v_args);
     END IF;
-    INSERT INTO pgnotify_sync.watched_tables (schema_name, table_name, channel, exclude_columns, mode, relid, runs_as)
-    VALUES (v_schema, v_name, p_channel, coalesce(p_exclude, '{}'), v_mode, p_table, pgnotify_sync.capture_role(v_owner))
+    INSERT INTO pgnotify_sync.watched_tables (schema_name, table_name, channel, exclude_columns, mode, relid, runs_as,
+                                              notify)
+    VALUES (v_schema, v_name, p_channel, coalesce(p_exclude, '{}'), v_mode, p_table, pgnotify_sync.capture_role(v_owner),
+            coalesce(p_notify, true))
     ON CONFLICT (schema_name, table_name)
     DO UPDATE SET channel = EXCLUDED.channel, exclude_columns = EXCLUDED.exclude_columns, mode = EXCLUDED.mode,
-                  relid = EXCLUDED.relid, runs_as = EXCLUDED.runs_as, created_at = now();
+                  relid = EXCLUDED.relid, runs_as = EXCLUDED.runs_as, notify = EXCLUDED.notify, created_at = now();
     RETURN v_mode;
 END
 $fn$;
@@ -617,9 +643,7 @@ $fn$;
 CREATE OR REPLACE FUNCTION pgnotify_sync.unwatch_table(p_table regclass) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
-    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_insert ON %s', p_table);
-    EXECUTE format('DROP TRIGGER IF EXISTS pgnotify_sync_capture_delete ON %s', p_table);
+    PERFORM pgnotify_sync.drop_capture_triggers(p_table);
     DELETE FROM pgnotify_sync.watched_tables w
      USING pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p_table AND ((w.schema_name = n.nspname AND w.table_name = c.relname) OR w.relid = p_table);
@@ -638,11 +662,11 @@ DECLARE
     r record;
     v_n integer := 0;
 BEGIN
-    FOR r IN SELECT w.relid, w.channel, w.exclude_columns, w.mode
+    FOR r IN SELECT w.relid, w.channel, w.exclude_columns, w.mode, w.notify
                FROM pgnotify_sync.watched_tables w JOIN pg_class c ON c.oid = w.relid
               WHERE w.runs_as IS DISTINCT FROM pgnotify_sync.capture_role(c.relowner)
     LOOP
-        PERFORM pgnotify_sync.watch_table(r.relid::regclass, r.channel, r.exclude_columns, r.mode);
+        PERFORM pgnotify_sync.watch_table(r.relid::regclass, r.channel, r.exclude_columns, r.mode, r.notify);
         v_n := v_n + 1;
     END LOOP;
     RETURN v_n;
@@ -760,9 +784,18 @@ ALTER TABLE pgnotify_sync.watched_tables ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS own_watches ON pgnotify_sync.watched_tables;
 CREATE POLICY own_watches ON pgnotify_sync.watched_tables FOR ALL TO PUBLIC
     USING (runs_as = to_regrole(quote_ident(current_user))
+           OR channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
+                                    WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER')))
            OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')))
     WITH CHECK (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
-GRANT SELECT (channel, runs_as) ON pgnotify_sync.watched_tables TO PUBLIC;
+GRANT SELECT (channel, runs_as, notify) ON pgnotify_sync.watched_tables TO PUBLIC;
+
+-- Of p_channels, those with a notify-free table (the listener polls them).
+CREATE OR REPLACE FUNCTION pgnotify_sync.quiet_channels(p_channels text[]) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(array_agg(DISTINCT w.channel ORDER BY w.channel), '{}') FROM pgnotify_sync.watched_tables w
+     WHERE w.channel = ANY(p_channels) AND NOT w.notify
+$fn$;
 
 -- Does the caller bypass all of this (the installer, a superuser, BYPASSRLS)?
 CREATE OR REPLACE FUNCTION pgnotify_sync.unrestricted() RETURNS boolean
@@ -852,8 +885,9 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.trim_event_log(double precision, double precision), '
                    'pgnotify_sync.trim_event_log_batch(double precision, double precision, bigint, integer), '
                    'pgnotify_sync.consumer_handled(jsonb, bigint, xid8), pgnotify_sync.setting(text), '
-                   'pgnotify_sync.watch_table(regclass, text, text[], text), '
-                   'pgnotify_sync.unwatch_table(regclass), pgnotify_sync.capture_function(text, oid), '
+                   'pgnotify_sync.watch_table(regclass, text, text[], text, boolean), '
+                   'pgnotify_sync.unwatch_table(regclass), pgnotify_sync.drop_capture_triggers(regclass), '
+                   'pgnotify_sync.capture_function(text, oid), '
                    'pgnotify_sync.capture_role(oid), pgnotify_sync.installer() TO %s', p_role);
     EXECUTE format('GRANT SELECT (id, channel, xid, created_at), DELETE ON pgnotify_sync.event_log TO %s', p_role);
     EXECUTE format('GRANT SELECT, UPDATE ON pgnotify_sync.consumers TO %s', p_role);
@@ -906,6 +940,7 @@ $fn$;
 -- in capture_function, every other role what its grants give.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgnotify_sync FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgnotify_sync.unreadable_channels(text[]), pgnotify_sync.my_grants(),
+                          pgnotify_sync.quiet_channels(text[]),
                           pgnotify_sync.unrestricted(), pgnotify_sync.installer() TO PUBLIC;
 -- The settings only by the installer (set_retention_floor) or a superuser.
 REVOKE INSERT, UPDATE, DELETE ON pgnotify_sync.settings FROM PUBLIC;

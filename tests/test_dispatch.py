@@ -121,7 +121,7 @@ class FakeHooks:
         with self.lock:
             self.caught_ups.append((ch.name, reason, count))
 
-    def catch_up(self, ch):
+    def catch_up(self, ch, reason):
         with self.lock:
             self.catch_up_calls.append(ch.name)
             script = self.catch_up_script[ch.name]

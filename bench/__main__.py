@@ -7,6 +7,10 @@ writer_bulk    rows/s of 1000-row INSERT ... SELECT statements: our capture
                (statement mode, the default) vs the product spec's plain row
                trigger; our mode="row" for information.                 >= 1.0x
 writer_single  single-row autocommit INSERTs/s, ours vs plain.            >= 0.8x
+concurrent     commits/s of 16 pgbench clients (single-row INSERTs, fsync on, a
+               cluster of its own): no trigger, plain (a raw loop drains it),
+               ours, ours notify=False; our Listener delivers every row.
+                                     notify=False >= 2.0x, default >= 1.0x
 delivery       events/s of a 200,000-row burst committed in ONE transaction,
                COMMIT returning -> last handler call: Listener (1 worker) vs the
                raw select/poll/json.loads loop on the plain trigger.    >= 0.8x
@@ -58,7 +62,8 @@ from pgnotify_sync import PgNotifyError
 from pgnotify_sync.testing import ClusterError
 
 DEFAULT_PLOT = pathlib.Path(__file__).resolve().parent / "results" / "load.png"
-ORDER = ("writer_bulk", "writer_single", "delivery", "delivery_ssh", "latency", "load", "catchup", "memory", "faults")
+ORDER = ("writer_bulk", "writer_single", "concurrent", "delivery", "delivery_ssh", "latency", "load", "catchup",
+         "memory", "faults")
 
 
 def parse_args(argv=None):

@@ -269,6 +269,7 @@ FULL_ENV = {
     "PG_NOTIFY_RETENTION": ("3600", "retention_s", 3600.0),
     "PG_NOTIFY_CONSUMER_RETENTION": ("7200.5", "consumer_retention_s", 7200.5),
     "PG_NOTIFY_CLEANUP_INTERVAL": ("0", "cleanup_interval_s", 0.0),
+    "PG_NOTIFY_POLL_INTERVAL": ("0.25", "poll_interval_s", 0.25),
 }
 
 

@@ -14,6 +14,9 @@ concurrent     commits/s of 16 pgbench clients (single-row INSERTs, fsync on, a
 delivery       events/s of a 200,000-row burst committed in ONE transaction,
                COMMIT returning -> last handler call: Listener (1 worker) vs the
                raw select/poll/json.loads loop on the plain trigger.    >= 0.8x
+drain          events/s of ONE statement of 100,000 rows in one transaction, the
+               Listener with its default buffer (10,000): read as a range, page by
+               page, vs the raw loop.                                     info
 delivery_ssh   (--ssh) the same through SSH tunnels to a throwaway sshd: Listener
                (ssh_host=...) vs the raw loop through an sshtunnel forwarder;
                Listener tunnel vs direct for information.               >= 0.8x
@@ -62,8 +65,8 @@ from pgnotify_sync import PgNotifyError
 from pgnotify_sync.testing import ClusterError
 
 DEFAULT_PLOT = pathlib.Path(__file__).resolve().parent / "results" / "load.png"
-ORDER = ("writer_bulk", "writer_single", "concurrent", "delivery", "delivery_ssh", "latency", "load", "catchup",
-         "memory", "faults")
+ORDER = ("writer_bulk", "writer_single", "concurrent", "delivery", "drain", "delivery_ssh", "latency", "load",
+         "catchup", "memory", "faults")
 
 
 def parse_args(argv=None):

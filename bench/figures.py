@@ -80,15 +80,18 @@ class Sizes:
     memory_rows: int            # memory: the big burst (the small one is 10x smaller)
     memory_sample_s: float      # memory: sampling continues this long after the writer
     memory_handler_s: float     # memory: the slow handler's time per event
-    concurrent_s: float         # concurrent: seconds of pgbench per measurement
+    concurrent_s: int           # concurrent: seconds of pgbench per measurement (whole)
+    drain_rows: int             # drain: rows of the one statement
 
 
 FULL = Sizes(bulk_statements=40, single_inserts=3000, delivery_rows=200_000, latency_rate=1000, latency_s=5.0,
              load_rates=(500, 1000, 2000, 4000, 8000), load_s=2.5, catchup_rows=100_000, catchup_deadline_s=20.0,
-             memory_rows=1_000_000, memory_sample_s=20.0, memory_handler_s=0.0001, concurrent_s=8.0)
+             memory_rows=1_000_000, memory_sample_s=20.0, memory_handler_s=0.0001, concurrent_s=8,
+             drain_rows=100_000)
 QUICK = Sizes(bulk_statements=5, single_inserts=300, delivery_rows=20_000, latency_rate=1000, latency_s=1.5,
               load_rates=(1000, 4000), load_s=1.0, catchup_rows=10_000, catchup_deadline_s=6.0,
-              memory_rows=50_000, memory_sample_s=4.0, memory_handler_s=0.0001, concurrent_s=1.5)
+              memory_rows=50_000, memory_sample_s=4.0, memory_handler_s=0.0001, concurrent_s=2,
+              drain_rows=20_000)
 
 
 @attrs.define
@@ -263,32 +266,36 @@ def _wait_count(tally, count, timeout_s=IDLE_TIMEOUT_S):
         time.sleep(0.005)
 
 
-def delivery_once(ctx, writer, kind, rows, via_ssh=False, raw_address=None):
+def delivery_once(ctx, writer, kind, rows, via_ssh=False, raw_address=None, batch=None, buffer=None):
     """One burst of *rows* rows committed at once by *writer* (a BurstWriter, in its
-    own process); events/s from COMMIT returning (the writer's clock) to the last
-    event. A small warm-up burst goes first (connections, pool, tunnels)."""
+    own process), in statements of *batch* rows (default BATCH); events/s from
+    COMMIT returning (the writer's clock) to the last event. A small warm-up burst
+    goes first (connections, pool, tunnels). The Listener's buffer holds the whole
+    burst unless *buffer* gives its size."""
+    batch = batch or BATCH
     warm = min(2000, rows)
     tally = Tally(warm + rows)
     info = {}
     if kind == "raw":
         with RawReceiver(ctx.target, tally, PLAIN_CHANNEL, address=raw_address):
-            writer.transaction(warm, BATCH, PLAIN_TABLE)
+            writer.transaction(warm, batch, PLAIN_TABLE)
             _wait_count(tally, warm)
             cpu = process_cpu_s()
-            sent, committed = writer.transaction(rows, BATCH, PLAIN_TABLE)
+            sent, committed = writer.transaction(rows, batch, PLAIN_TABLE)
             tally.wait(IDLE_TIMEOUT_S, describe=lambda: "raw loop")
             cpu = process_cpu_s() - cpu
     else:
-        config = ctx.listener_config(via_ssh=via_ssh, worker_pool_size=1, event_buffer_size=warm + rows + 10)
+        config = ctx.listener_config(via_ssh=via_ssh, worker_pool_size=1,
+                                     event_buffer_size=buffer or warm + rows + 10)
         listener = Listener(config, name=f"bench-{kind}")
         add = tally.add
         listener.on_event(CHANNEL, lambda event: add())
         try:
             listener.start(timeout_s=30)
-            writer.transaction(warm, BATCH, BENCH_TABLE)
+            writer.transaction(warm, batch, BENCH_TABLE)
             _wait_count(tally, warm)
             cpu = process_cpu_s()
-            sent, committed = writer.transaction(rows, BATCH, BENCH_TABLE)
+            sent, committed = writer.transaction(rows, batch, BENCH_TABLE)
             tally.wait(IDLE_TIMEOUT_S, describe=lambda: f"listener stats {listener.get_stats()}")
             cpu = process_cpu_s() - cpu
             stats = listener.get_stats()
@@ -326,6 +333,27 @@ def delivery(ctx):
                   target=">= 0.8x", judge=at_least(0.8)),
              Line("delivery, fresh (TRUNCATEd) event log", "events/s", results["ours_fresh_log"], results["raw"])]
     return lines, {"unit": "events/s", "rows": rows, **results, "details": details}
+
+
+def drain(ctx):
+    """One statement of drain_rows rows in one transaction (the issue's "100,000-row
+    transaction"), the Listener with its default buffer (10,000): the range is read
+    page by page, not dropped to a catch-up."""
+    rows = ctx.sizes.drain_rows
+    kinds = ("raw", "ours")
+    results = {k: [] for k in kinds}
+    with BurstWriter(ctx.target) as writer:
+        for run in range(ctx.runs):
+            for kind in alternate(kinds, run):
+                ctx.reset()
+                rate, info = delivery_once(ctx, writer, kind, rows, batch=rows, buffer=10_000)
+                if info.get("problems"):
+                    raise BenchError(f"drain: not a live range run: {info['problems']}")
+                results[kind].append(rate)
+            ctx.log(f"  run {run + 1}: " + "  ".join(f"{k} {fmt_rate(results[k][-1])} events/s" for k in kinds))
+    lines = [Line(f"drain: one {fmt_rate(rows)}-row statement, default buffer", "events/s", results["ours"],
+                  results["raw"], target="info")]
+    return lines, {"unit": "events/s", "rows": rows, **results}
 
 
 def delivery_ssh(ctx):
@@ -628,6 +656,7 @@ FIGURES = {
     "memory": memory,
     "faults": faults,
     "concurrent": concurrent,
+    "drain": drain,
 }
 
 

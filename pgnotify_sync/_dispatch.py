@@ -21,7 +21,7 @@ import threading
 import time
 import typing
 
-from ._channel import CatchUp, weight
+from ._channel import CatchUp, held, weight
 from ._fetch import READ_AHEAD, Fetcher
 from ._threads import join_all, spawn
 from ._worker import BatchRunner
@@ -152,7 +152,7 @@ class Dispatcher:
 
     def push(self, ch, events):
         """Queue *events* (decoded, in arrival order) for channel *ch*. Never blocks."""
-        total = sum(map(weight, events))        # an EventRange counts its rows
+        total = sum(map(held, events))          # an EventRange counts its rows, up to a page
         try:
             with self._lock:
                 self._push_locked(ch, events, total)
@@ -175,18 +175,21 @@ class Dispatcher:
                 return
         room = self.capacity - self.buffered
         if total > room:
-            # Keep the prefix that fits; the rest is in the log.
+            # Keep the prefix that fits; the rest is in the log. An empty buffer takes
+            # one item whatever its size (a range of more rows than the buffer holds
+            # is read page by page: over capacity by one page at most).
             kept, used = 0, 0
             for item in events:
-                w = weight(item)
-                if used + w > room:
+                w = held(item)
+                if used + w > room and (kept or self.buffered):
                     break
                 used += w
                 kept += 1
-            self._drop_locked(ch, events[kept:])
+            if kept < len(events):
+                self._drop_locked(ch, events[kept:])
+                ch.overflow = True
+                ch.retry_at = 0.0
             events, total = events[:kept], used
-            ch.overflow = True
-            ch.retry_at = 0.0
         if events:
             ch.items.extend(events)
             self.buffered += total
@@ -275,19 +278,19 @@ class Dispatcher:
             item = popleft()
             items.append(item)
             count += 1
-            n += weight(item)
+            n += held(item)
         # Still counted in ``buffered`` until the worker is done with them (_run): what
         # a worker holds (and reads ahead for) is memory too.
         return items, n
 
     def _run(self, ch):
         with self._lock:
-            items, held = self._take_locked(ch)
+            items, holding = self._take_locked(ch)
         try:
             self._runner.run(ch, items)
         finally:
             with self._lock:
-                self.buffered -= held
+                self.buffered -= holding
 
     def _queued(self, ch, n):
         """The first *n* items waiting on *ch* (for the read-ahead)."""
@@ -300,8 +303,8 @@ class Dispatcher:
         all from the log after RETRY_S."""
         ch.ahead.clear()     # their items are dropped: they come from the log later
         with self._lock:
+            self.buffered -= sum(map(held, ch.items))
             queued = sum(map(weight, ch.items))
-            self.buffered -= queued
             ch.items.clear()
             ch.overflow = True
             ch.retry_at = time.monotonic() + self._retry_s

@@ -1084,3 +1084,31 @@ def test_an_advance_whose_check_cannot_read_the_log_does_not_move(make_dispatche
     wait_for(lambda: "catchup" in hooks.kinds())
     wait_idle(d, chans)
     assert a.position == snap("100:100:") and a.overflow     # read again from the log later
+
+
+def test_a_range_bigger_than_the_buffer_is_delivered_as_a_range_not_a_catch_up(make_dispatcher):
+    """A statement of more rows than the buffer holds: an empty buffer takes it
+    (it is read page by page, so it holds a page at most), and it is delivered by
+    its range, not dropped to a catch-up; one behind it that does not fit overflows."""
+    d, chans, hooks = make_dispatcher(capacity=4, workers=1, start=False)
+    a = chans["a"]
+    big, events = _range("a", 1, 10, 101)
+    d.push_control(a, SetPosition(snap("100:100:")))
+    hooks.ranges = {big.first: lambda: events}
+    d.push(a, [big])
+    assert not a.overflow and a.dropped == 0 and d.buffered == 10
+    other, _ = _range("a", 11, 3, 102)
+    d.push(a, [other])                       # the buffer is not empty now: does not fit
+    assert a.overflow and a.dropped == 3
+    d.start()
+    wait_for(lambda: hooks.ids("a") == list(range(1, 11)))
+    wait_idle(d, chans)
+    assert d.buffered == 0 and hooks.catch_up_calls == []
+    no_internal_errors(hooks)
+
+
+def test_a_range_counts_at_most_a_page_in_the_buffer():
+    from pgnotify_sync._channel import RANGE_HELD_MAX, held, weight
+    from pgnotify_sync._eventlog import RANGE_PAGE
+    big = EventRange("a", 7, 1, 10 ** 6, 10 ** 6)
+    assert (weight(big), held(big)) == (10 ** 6, RANGE_HELD_MAX) and RANGE_HELD_MAX == RANGE_PAGE

@@ -134,3 +134,20 @@ def test_poll_interval_comes_from_the_environment():
     with pytest.raises(Exception, match="PG_NOTIFY_POLL_INTERVAL"):
         Config.from_env({"POSTGRES_USER": "u", "POSTGRES_DB": "d", "PG_NOTIFY_POLL_INTERVAL": "0"})
 
+
+
+# -- large statements (issue 14, 2.) -------------------------------------------------------
+
+def test_a_statement_bigger_than_the_buffer_streams_as_a_range_without_a_catch_up(stream_db, make_listener):
+    """25,000 rows in one INSERT (more than a range page of 20,000) with a buffer of
+    1,000: delivered from the range hint, page by page, exactly once, in id order;
+    nothing dropped to the overflow path."""
+    listener = make_listener(channels=("stream",), event_buffer_size=1000)
+    got = Collector()
+    listener.on_event("stream", got)
+    listener.start()
+    execute(stream_db, "INSERT INTO stream (w) SELECT g FROM generate_series(1, 25000) g")
+    events = got.wait(25000, timeout=60, settle=listener)
+    assert [e.data["w"] for e in events] == list(range(1, 25001))
+    stats = listener.get_stats()
+    assert stats["caught_up"] == 0 and stats["missed"] == 0 and stats["dropped_to_log"] == 0

@@ -81,6 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("--plot", default=str(DEFAULT_PLOT), metavar="PATH",
                         help="load-curve PNG (default bench/results/load.png; 'none': no plot)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every measured value as JSON")
+    parser.add_argument("--peers", action="store_true",
+                        help="pg-listen beside the raw loop in delivery and drain (npm installs pg-listen@1.7.0 and "
+                             "pg@8.11.3 into a cache folder; skipped with a message without node)")
     parser.add_argument("--writer", choices=("thread", "process"), default="thread",
                         help="the paced writer of latency/load: threads of this process (default; they share the "
                              "GIL with the receivers, as in an app that writes and listens) or a child process")
@@ -136,8 +139,17 @@ def main(argv=None):
                 ])
                 print(flush=True)
                 machine = _machine_dict(info, args)
+                peers = args.peers
+                if peers:
+                    from bench import peers as peer_libs
+                    why = peer_libs.unavailable()
+                    if why:
+                        print(why, flush=True)
+                        peers = False
+                    else:
+                        peer_libs.install()
                 ctx = figures.Ctx(target=target, admin=admin, sizes=sizes, runs=args.runs, writer=args.writer,
-                                  log=lambda text: print(text, flush=True))
+                                  peers=peers, log=lambda text: print(text, flush=True))
                 figures.prepare(ctx)
                 ssh_cm = None
                 if args.ssh and "delivery_ssh" in args.names:

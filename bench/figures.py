@@ -121,6 +121,7 @@ class Ctx:
     log: object = print
     history_seeded: bool = False
     writer: str = "thread"      # the paced writer: "thread" (this process) or "process"
+    peers: bool = False         # --peers: pg-listen in the same runs (bench/peers.py)
 
     def reset(self, fresh_log=False):
         """Empty the tables and the consumers, and delete the bench's rows from the
@@ -276,7 +277,15 @@ def delivery_once(ctx, writer, kind, rows, via_ssh=False, raw_address=None, batc
     warm = min(2000, rows)
     tally = Tally(warm + rows)
     info = {}
-    if kind == "raw":
+    if kind == "pg_listen":
+        from bench.peers import PgListenReceiver
+        with PgListenReceiver(ctx.target, warm + rows) as peer:
+            writer.transaction(warm, batch, PLAIN_TABLE)
+            cpu = process_cpu_s()
+            sent, committed = writer.transaction(rows, batch, PLAIN_TABLE)
+            tally.last_at = peer.wait(IDLE_TIMEOUT_S)
+            cpu = process_cpu_s() - cpu     # ours is nothing: the peer is another process
+    elif kind == "raw":
         with RawReceiver(ctx.target, tally, PLAIN_CHANNEL, address=raw_address):
             writer.transaction(warm, batch, PLAIN_TABLE)
             _wait_count(tally, warm)
@@ -316,14 +325,14 @@ def delivery_once(ctx, writer, kind, rows, via_ssh=False, raw_address=None, batc
 
 def delivery(ctx):
     rows = ctx.sizes.delivery_rows
-    kinds = ("raw", "ours", "ours_fresh_log")
+    kinds = ("raw", "ours", "ours_fresh_log") + (("pg_listen",) if ctx.peers else ())
     results = {k: [] for k in kinds}
     details = {k: [] for k in kinds}
     with BurstWriter(ctx.target) as writer:
         for run in range(ctx.runs):
             for kind in alternate(kinds, run):
                 ctx.reset(fresh_log=kind == "ours_fresh_log")
-                rate, info = delivery_once(ctx, writer, "raw" if kind == "raw" else "ours", rows)
+                rate, info = delivery_once(ctx, writer, "ours" if kind.startswith("ours") else kind, rows)
                 results[kind].append(rate)
                 details[kind].append(info)
             ctx.log(f"  run {run + 1}: " + "  ".join(
@@ -332,6 +341,9 @@ def delivery(ctx):
     lines = [Line("delivery (burst, 1 worker)", "events/s", results["ours"], results["raw"],
                   target=">= 0.8x", judge=at_least(0.8)),
              Line("delivery, fresh (TRUNCATEd) event log", "events/s", results["ours_fresh_log"], results["raw"])]
+    if ctx.peers:
+        lines.append(Line("delivery (burst, 1 worker) vs pg-listen", "events/s", results["ours"],
+                          results["pg_listen"], target=">= 1.2x", judge=at_least(1.2)))
     return lines, {"unit": "events/s", "rows": rows, **results, "details": details}
 
 
@@ -340,7 +352,7 @@ def drain(ctx):
     transaction"), the Listener with its default buffer (10,000): the range is read
     page by page, not dropped to a catch-up."""
     rows = ctx.sizes.drain_rows
-    kinds = ("raw", "ours")
+    kinds = ("raw", "ours") + (("pg_listen",) if ctx.peers else ())
     results = {k: [] for k in kinds}
     with BurstWriter(ctx.target) as writer:
         for run in range(ctx.runs):
@@ -353,6 +365,9 @@ def drain(ctx):
             ctx.log(f"  run {run + 1}: " + "  ".join(f"{k} {fmt_rate(results[k][-1])} events/s" for k in kinds))
     lines = [Line(f"drain: one {fmt_rate(rows)}-row statement, default buffer", "events/s", results["ours"],
                   results["raw"], target="info")]
+    if ctx.peers:
+        lines.append(Line(f"drain: one {fmt_rate(rows)}-row statement vs pg-listen", "events/s", results["ours"],
+                          results["pg_listen"], target=">= 1.0x", judge=at_least(1.0)))
     return lines, {"unit": "events/s", "rows": rows, **results}
 
 

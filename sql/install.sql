@@ -48,8 +48,11 @@ CREATE INDEX IF NOT EXISTS event_log_xid_idx ON pgnotify_sync.event_log (xid);
 -- finds its first copy instead of logging the event twice. Partial: table rows
 -- (no key) pay only the predicate.
 ALTER TABLE pgnotify_sync.event_log ADD COLUMN IF NOT EXISTS publish_key uuid;
-CREATE UNIQUE INDEX IF NOT EXISTS event_log_publish_key_idx ON pgnotify_sync.event_log (publish_key)
+-- Unique per channel: a key another role used on its channel must not swallow a
+-- publish on this one.
+CREATE UNIQUE INDEX IF NOT EXISTS event_log_channel_publish_key_idx ON pgnotify_sync.event_log (channel, publish_key)
     WHERE publish_key IS NOT NULL;
+DROP INDEX IF EXISTS pgnotify_sync.event_log_publish_key_idx;
 -- No index on created_at: every insert raises its maximum, so even a BRIN index is
 -- updated by every insert (it cost single-row writers about 5%). Retention finds old
 -- rows from the start of the primary key instead (trim_event_log).
@@ -123,7 +126,7 @@ CREATE OR REPLACE FUNCTION pgnotify_sync.trim_event_log_batch(p_retention_s doub
                                                               p_consumer_retention_s double precision,
                                                               p_after bigint, p_limit integer,
                                                               OUT deleted bigint, OUT last_id bigint)
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     -- No caller keeps less than the floors kept in the database (set_retention_floor).
     v_retention_s double precision := greatest(p_retention_s, pgnotify_sync.setting('retention_floor_s'));
@@ -142,7 +145,10 @@ BEGIN
     -- from the start. A row of a long transaction with a higher id goes at a later trim.
     SELECT l.id INTO v_bound FROM pgnotify_sync.event_log l
      WHERE l.id > p_after AND l.created_at >= v_cutoff ORDER BY l.id LIMIT 1;
-    CREATE TEMP TABLE IF NOT EXISTS pgnotify_sync_doomed (id bigint, channel text, xid xid8) ON COMMIT DROP;
+    -- Made afresh: a temporary table of that name the caller made (with triggers of
+    -- its own) must not be used by this SECURITY DEFINER function.
+    DROP TABLE IF EXISTS pg_temp.pgnotify_sync_doomed;
+    CREATE TEMP TABLE pgnotify_sync_doomed (id bigint, channel text, xid xid8) ON COMMIT DROP;
     -- At most p_limit rows examined: kept rows (a consumer's backlog) count too, so a
     -- batch stays short whatever the log holds.
     WITH examined AS (
@@ -150,7 +156,7 @@ BEGIN
          WHERE l.id > p_after AND l.id < coalesce(v_bound, 9223372036854775807)
          ORDER BY l.id LIMIT p_limit
     ), doomed AS (
-        INSERT INTO pgnotify_sync_doomed
+        INSERT INTO pg_temp.pgnotify_sync_doomed
         SELECT e.id, e.channel, e.xid FROM examined e
          WHERE e.created_at < v_cutoff
            AND (e.created_at < now() - make_interval(secs => v_consumer_s)
@@ -164,15 +170,15 @@ BEGIN
     END IF;
     UPDATE pgnotify_sync.consumers c SET lost = c.lost + g.n
       FROM (SELECT c2.name, c2.channel, count(*) AS n
-              FROM pgnotify_sync_doomed d
+              FROM pg_temp.pgnotify_sync_doomed d
               JOIN pgnotify_sync.consumers c2
                 ON c2.channel = d.channel AND NOT pg_visible_in_snapshot(d.xid, c2.position)
              WHERE NOT pgnotify_sync.consumer_handled(c2.handled, d.id, d.xid)
              GROUP BY 1, 2) g
      WHERE c.name = g.name AND c.channel = g.channel;
-    DELETE FROM pgnotify_sync.event_log l USING pgnotify_sync_doomed d WHERE l.id = d.id;
+    DELETE FROM pgnotify_sync.event_log l USING pg_temp.pgnotify_sync_doomed d WHERE l.id = d.id;
     GET DIAGNOSTICS deleted = ROW_COUNT;
-    DROP TABLE pgnotify_sync_doomed;
+    DROP TABLE pg_temp.pgnotify_sync_doomed;
 END
 $fn$;
 
@@ -192,7 +198,7 @@ $fn$;
 -- The whole trim in one call and one transaction (psql, cron): batches of 10,000.
 CREATE OR REPLACE FUNCTION pgnotify_sync.trim_event_log(p_retention_s double precision,
                                                         p_consumer_retention_s double precision)
-RETURNS bigint LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_total bigint := 0;
     v_after bigint := 0;
@@ -435,6 +441,14 @@ $fn$;
 -- p_key (optional) makes it idempotent: a second call with the same key logs and
 -- notifies nothing and returns the first call's id.
 DROP FUNCTION IF EXISTS pgnotify_sync.publish(text, jsonb);
+
+-- The id of the event published on p_channel with key p_key (publish() retried),
+-- for a publisher that may not read that row itself (it sees its own
+-- transaction's rows only).
+CREATE OR REPLACE FUNCTION pgnotify_sync.published_id(p_channel text, p_key uuid) RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT l.id FROM pgnotify_sync.event_log l WHERE l.channel = p_channel AND l.publish_key = p_key
+$fn$;
 --
 -- SECURITY INVOKER: the caller's own grants decide (grant_publisher: row-level
 -- security lets a publisher log PUBLISH rows on its channels only).
@@ -452,10 +466,10 @@ BEGIN
     END IF;
     INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, publish_key)
     VALUES (v_xid, p_channel, 'PUBLISH', '', '', p_payload, p_key)
-    ON CONFLICT (publish_key) WHERE publish_key IS NOT NULL DO NOTHING
+    ON CONFLICT (channel, publish_key) WHERE publish_key IS NOT NULL DO NOTHING
     RETURNING id INTO v_id;
     IF v_id IS NULL THEN
-        SELECT l.id INTO v_id FROM pgnotify_sync.event_log l WHERE l.publish_key = p_key;
+        v_id := pgnotify_sync.published_id(p_channel, p_key);
         RETURN v_id;            -- sent before: its first copy stands
     END IF;
     IF current_setting('pgnotify_sync.notify', true) IS DISTINCT FROM 'off' THEN
@@ -520,6 +534,9 @@ BEGIN
                      format('FUNCTION pgnotify_sync.%s()', p_kind), format('FUNCTION pgnotify_sync.%s()', v_name));
     EXECUTE v_def;
     EXECUTE format('ALTER FUNCTION pgnotify_sync.%I() OWNER TO %s', v_name, v_role::regrole);
+    -- A writer with row_security = off (pg_dump's data-only restore) must still be
+    -- captured: the copy's inserts go through the policies, never refused for it.
+    EXECUTE format('ALTER FUNCTION pgnotify_sync.%I() SET row_security = on', v_name);
     EXECUTE format('REVOKE ALL ON FUNCTION pgnotify_sync.%I() FROM PUBLIC', v_name);
     EXECUTE format('GRANT USAGE ON SCHEMA pgnotify_sync TO %s', v_role::regrole);
     EXECUTE format('GRANT INSERT (xid, channel, operation, schema_name, table_name, data, old), SELECT (id, xid) '
@@ -533,6 +550,14 @@ $fn$;
 
 DROP FUNCTION IF EXISTS pgnotify_sync.watch_table(regclass, text, text[]);
 DROP FUNCTION IF EXISTS pgnotify_sync.watch_table(regclass, text, text[], text);
+
+-- The names of watched tables as the catalog has them now (renames), by oid.
+CREATE OR REPLACE FUNCTION pgnotify_sync.refresh_names() RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $fn$
+    UPDATE pgnotify_sync.watched_tables w SET schema_name = n.nspname, table_name = c.relname
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = w.relid AND (w.schema_name, w.table_name) IS DISTINCT FROM (n.nspname, c.relname)
+$fn$;
 
 -- Drop every capture trigger of a table (both sets of names).
 CREATE OR REPLACE FUNCTION pgnotify_sync.drop_capture_triggers(p_table regclass) RETURNS void
@@ -606,6 +631,10 @@ BEGIN
     SELECT string_agg(quote_literal(a), ', ') INTO v_args
       FROM unnest(ARRAY[p_channel] || coalesce(p_exclude, '{}')) AS a;
     PERFORM pgnotify_sync.drop_capture_triggers(p_table);
+    -- One row per table, found by its oid: names of renamed tables are brought up to
+    -- date first, so a new table of an old name does not take the old one's row.
+    PERFORM pgnotify_sync.refresh_names();
+    DELETE FROM pgnotify_sync.watched_tables w WHERE w.relid = p_table;
     IF v_kind = 'p' THEN
         SELECT string_agg(quote_literal(a), ', ') INTO v_args
           FROM unnest(ARRAY[p_channel, v_schema, v_name] || coalesce(p_exclude, '{}')) AS a;
@@ -656,15 +685,18 @@ $fn$;
 -- so it runs with the new owner's. Also brings the owners' copies up to date with
 -- the installer's functions (install runs it after an upgrade). Names come from
 -- the catalog: a renamed table is found by its oid.
-CREATE OR REPLACE FUNCTION pgnotify_sync.rewatch_owners() RETURNS integer
+CREATE OR REPLACE FUNCTION pgnotify_sync.rewatch_owners(p_relids oid[] DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     r record;
     v_n integer := 0;
 BEGIN
+    PERFORM pgnotify_sync.refresh_names();
     FOR r IN SELECT w.relid, w.channel, w.exclude_columns, w.mode, w.notify
                FROM pgnotify_sync.watched_tables w JOIN pg_class c ON c.oid = w.relid
-              WHERE w.runs_as IS DISTINCT FROM pgnotify_sync.capture_role(c.relowner)
+              WHERE (p_relids IS NULL OR w.relid = ANY (p_relids))
+                AND c.relkind IN ('r', 'p') AND c.relnamespace <> 'pgnotify_sync'::regnamespace
+                AND w.runs_as IS DISTINCT FROM pgnotify_sync.capture_role(c.relowner)
     LOOP
         PERFORM pgnotify_sync.watch_table(r.relid::regclass, r.channel, r.exclude_columns, r.mode, r.notify);
         v_n := v_n + 1;
@@ -673,10 +705,24 @@ BEGIN
 END
 $fn$;
 
+-- After ALTER TABLE: the tables the command changed, if watched, get their names
+-- and their capture's rights brought up to date. It must never fail the command: a
+-- table that cannot be watched again as it was (say an excluded column was dropped)
+-- is warned about and left as it is.
 CREATE OR REPLACE FUNCTION pgnotify_sync.on_owner_change() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_relids oid[];
 BEGIN
-    PERFORM pgnotify_sync.rewatch_owners();
+    SELECT array_agg(DISTINCT d.objid) INTO v_relids FROM pg_event_trigger_ddl_commands() d
+     WHERE d.classid = 'pg_class'::regclass
+       AND EXISTS (SELECT 1 FROM pgnotify_sync.watched_tables w WHERE w.relid = d.objid);
+    IF v_relids IS NOT NULL THEN
+        PERFORM pgnotify_sync.rewatch_owners(v_relids);
+    END IF;
+EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'pgnotify_sync: could not bring the capture of a changed table up to date: %', SQLERRM
+        USING HINT = 'Run pgnotify_sync.watch_table() for it again.';
 END
 $fn$;
 
@@ -684,7 +730,8 @@ $fn$;
 -- table needs watch_table() again (status() shows such tables).
 DO $do$
 BEGIN
-    IF (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
+    IF (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = pgnotify_sync.installer())
+       AND (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)
        AND NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgnotify_sync_owner_change') THEN
         CREATE EVENT TRIGGER pgnotify_sync_owner_change ON ddl_command_end
             WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION pgnotify_sync.on_owner_change();
@@ -737,7 +784,9 @@ CREATE POLICY own_grants ON pgnotify_sync.grants FOR SELECT TO PUBLIC USING (pg_
 GRANT SELECT ON pgnotify_sync.grants, pgnotify_sync.settings TO PUBLIC;
 
 -- Every policy below reads the caller's own grants with uncorrelated subqueries,
--- evaluated once per statement, not per row.
+-- evaluated once per statement, not per row. Nobody but the installer writes the
+-- watched tables, the settings or (but through trim_event_log, SECURITY DEFINER)
+-- deletes from the log.
 ALTER TABLE pgnotify_sync.event_log ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS capture_by_owner ON pgnotify_sync.event_log;
 DROP POLICY IF EXISTS read_as_granted ON pgnotify_sync.event_log;
@@ -756,38 +805,75 @@ CREATE POLICY log_writers ON pgnotify_sync.event_log FOR INSERT TO PUBLIC
      OR (operation = 'PUBLISH'
          AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
                                    WHERE g.kind = 'publish' AND pg_has_role(g.role, 'MEMBER'))))));
--- Rows: listeners and publishers see their channels' (publishers get only id, xid
--- and publish_key by column privilege), the owners' copies their own channels' (id
--- and xid), admins every row (id, channel, xid, created_at).
+-- Rows: listeners see their channels' rows. Publishers and the owners' copies see
+-- only the rows of their own transaction on their channels (RETURNING, the read
+-- back of a few rows), whatever their column privileges: grants do not add up to
+-- more than each gives.
 CREATE POLICY log_readers ON pgnotify_sync.event_log FOR SELECT TO PUBLIC
     USING (channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
-                                 WHERE g.kind IN ('listen', 'publish') AND pg_has_role(g.role, 'MEMBER')
-                                UNION ALL
-                                SELECT w.channel FROM pgnotify_sync.watched_tables w
-                                 WHERE w.runs_as = to_regrole(quote_ident(current_user))))
-           OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
-CREATE POLICY log_trimmers ON pgnotify_sync.event_log FOR DELETE TO PUBLIC
-    USING (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+                                 WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER')))
+           -- _if_assigned: a read must not take a transaction id of its own
+           OR (xid = pg_current_xact_id_if_assigned()
+               AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
+                                         WHERE g.kind = 'publish' AND pg_has_role(g.role, 'MEMBER')
+                                        UNION ALL
+                                        SELECT w.channel FROM pgnotify_sync.watched_tables w
+                                         WHERE w.runs_as = to_regrole(quote_ident(current_user))))));
 
--- Consumers: each role its own positions; admins every one (trimming needs them).
+-- Consumers: each role its own positions, on channels it may read; admins see
+-- every one (read only).
 ALTER TABLE pgnotify_sync.consumers ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS own_positions ON pgnotify_sync.consumers;
+DROP POLICY IF EXISTS admins_see_positions ON pgnotify_sync.consumers;
 CREATE POLICY own_positions ON pgnotify_sync.consumers FOR ALL TO PUBLIC
-    USING (pg_has_role(role, 'MEMBER')
-           OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')))
+    USING (pg_has_role(role, 'MEMBER'))
     WITH CHECK (pg_has_role(role, 'MEMBER')
-                OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+                AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
+                                          WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER'))));
+CREATE POLICY admins_see_positions ON pgnotify_sync.consumers FOR SELECT TO PUBLIC
+    USING (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+-- What trim reads of a position's handled ids must parse (consumer_handled).
+CREATE OR REPLACE FUNCTION pgnotify_sync.valid_pairs(p_pairs jsonb, p_first text) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    -- Every element a pair [first, id]: first matching p_first (a regular
+    -- expression over its text), id a whole number a bigint holds.
+    SELECT jsonb_typeof(p_pairs) = 'array'
+       AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements(p_pairs) e
+                        WHERE CASE WHEN jsonb_typeof(e) <> 'array' THEN true
+                                   WHEN jsonb_array_length(e) <> 2 THEN true
+                                   ELSE NOT (coalesce(e->>0, '') ~ p_first
+                                             AND jsonb_typeof(e->1) = 'number'
+                                             AND (e->>1) ~ '^[0-9]{1,18}$') END)
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgnotify_sync.valid_handled(p_handled jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT CASE jsonb_typeof(p_handled)
+        WHEN 'array' THEN pgnotify_sync.valid_pairs(p_handled, '^[0-9]{1,18}$')
+        WHEN 'object' THEN pgnotify_sync.valid_pairs(coalesce(p_handled->'ranges', '[]'), '^[0-9]{1,18}$')
+                       AND pgnotify_sync.valid_pairs(coalesce(p_handled->'cursors', '[]'),
+                                                     '^[0-9]{1,19}:[0-9]{1,19}:[0-9,]*$')
+        ELSE false END
+$fn$;
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'consumers_handled_valid'
+                      AND conrelid = 'pgnotify_sync.consumers'::regclass) THEN
+        ALTER TABLE pgnotify_sync.consumers ADD CONSTRAINT consumers_handled_valid
+            CHECK (pgnotify_sync.valid_handled(handled));
+    END IF;
+END
+$do$;
 
 -- Watched tables: the owners' copies see their own rows (the policies above read
--- them), admins all.
+-- them), listeners their channels', admins all; only the installer writes them.
 ALTER TABLE pgnotify_sync.watched_tables ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS own_watches ON pgnotify_sync.watched_tables;
-CREATE POLICY own_watches ON pgnotify_sync.watched_tables FOR ALL TO PUBLIC
+CREATE POLICY own_watches ON pgnotify_sync.watched_tables FOR SELECT TO PUBLIC
     USING (runs_as = to_regrole(quote_ident(current_user))
            OR channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
                                     WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER')))
-           OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')))
-    WITH CHECK (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+           OR EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
 GRANT SELECT (channel, runs_as, notify) ON pgnotify_sync.watched_tables TO PUBLIC;
 
 -- Of p_channels, those with a notify-free table (the listener polls them).
@@ -870,28 +956,26 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     PERFORM pgnotify_sync.grant_base(p_role);
     PERFORM pgnotify_sync.add_grants(p_role, 'publish', p_channels);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.publish(text, jsonb, uuid) TO %s', p_role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.publish(text, jsonb, uuid), '
+                   'pgnotify_sync.published_id(text, uuid) TO %s', p_role);
     EXECUTE format('GRANT INSERT (xid, channel, operation, schema_name, table_name, data, publish_key), '
-                   'SELECT (id, xid, publish_key) ON pgnotify_sync.event_log TO %s', p_role);
+                   'SELECT (id, xid, channel, publish_key) ON pgnotify_sync.event_log TO %s', p_role);
 END
 $fn$;
 
--- grant_admin: trim (above the floors), watch and unwatch, every consumer's state.
+-- grant_admin: trim the log (trim_event_log runs as the installer, never below the
+-- floors), see every consumer's position and every watched table. Watching and
+-- unwatching stay the installer's (or a superuser's): attaching capture code that
+-- runs with a table owner's rights, or the installer's, takes one.
 CREATE OR REPLACE FUNCTION pgnotify_sync.grant_admin(p_role regrole) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     PERFORM pgnotify_sync.grant_base(p_role);
     INSERT INTO pgnotify_sync.grants (role, kind) VALUES (p_role, 'admin') ON CONFLICT DO NOTHING;
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.trim_event_log(double precision, double precision), '
-                   'pgnotify_sync.trim_event_log_batch(double precision, double precision, bigint, integer), '
-                   'pgnotify_sync.consumer_handled(jsonb, bigint, xid8), pgnotify_sync.setting(text), '
-                   'pgnotify_sync.watch_table(regclass, text, text[], text, boolean), '
-                   'pgnotify_sync.unwatch_table(regclass), pgnotify_sync.drop_capture_triggers(regclass), '
-                   'pgnotify_sync.capture_function(text, oid), '
-                   'pgnotify_sync.capture_role(oid), pgnotify_sync.installer() TO %s', p_role);
-    EXECUTE format('GRANT SELECT (id, channel, xid, created_at), DELETE ON pgnotify_sync.event_log TO %s', p_role);
-    EXECUTE format('GRANT SELECT, UPDATE ON pgnotify_sync.consumers TO %s', p_role);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.watched_tables TO %s', p_role);
+                   'pgnotify_sync.trim_event_log_batch(double precision, double precision, bigint, integer) TO %s',
+                   p_role);
+    EXECUTE format('GRANT SELECT ON pgnotify_sync.consumers, pgnotify_sync.watched_tables TO %s', p_role);
 END
 $fn$;
 
@@ -940,7 +1024,8 @@ $fn$;
 -- in capture_function, every other role what its grants give.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgnotify_sync FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgnotify_sync.unreadable_channels(text[]), pgnotify_sync.my_grants(),
-                          pgnotify_sync.quiet_channels(text[]),
+                          pgnotify_sync.quiet_channels(text[]), pgnotify_sync.valid_handled(jsonb),
+                          pgnotify_sync.valid_pairs(jsonb, text),
                           pgnotify_sync.unrestricted(), pgnotify_sync.installer() TO PUBLIC;
 -- The settings only by the installer (set_retention_floor) or a superuser.
 REVOKE INSERT, UPDATE, DELETE ON pgnotify_sync.settings FROM PUBLIC;

@@ -409,3 +409,69 @@ def test_status_as_a_granted_role_shows_what_it_may_see(ledger, roles, dsn):
         status = server_status(conn)
     assert status["event_log"] == "not granted" and status["consumers"] == "not granted"
     assert status["privileges"]["granted"] == ["publish"]
+
+
+# -- what a review found (each was an attack or a failing writer before) -----------------
+
+def test_an_admin_cannot_write_watched_tables_nor_delete_or_move_positions_directly(ledger, roles):
+    admin = roles.make("admin")
+    grant_admin(ledger, admin)
+    execute(ledger, "INSERT INTO pgnotify_sync.consumers (name, channel, position) "
+                    "VALUES ('theirs', 'acc', pg_current_snapshot())")
+    # A watched_tables row of its own would have had the event trigger (the
+    # installer's rights) attach capture triggers to a table of its choice.
+    refused(roles, admin, "INSERT INTO pgnotify_sync.watched_tables (schema_name, table_name, channel, relid, mode) "
+                          "VALUES ('x', 'y', 'acc', 'public.payroll'::regclass, 'row')", "watched_tables")
+    refused(roles, admin, "DELETE FROM pgnotify_sync.event_log", "event_log")          # only trim, above the floor
+    refused(roles, admin, "UPDATE pgnotify_sync.consumers SET position = pg_current_snapshot()", "consumers")
+    assert as_role(roles, admin, "SELECT name FROM pgnotify_sync.consumers") == [("theirs",)]
+
+
+def test_grants_do_not_add_up_to_reading_a_publish_channel(ledger, roles):
+    both = roles.make("both")
+    grant_listener(ledger, both, ["acc"])
+    grant_publisher(ledger, both, ["payroll"])
+    execute(ledger, "SELECT pgnotify_sync.publish('payroll', '{\"salary\": 1}')")
+    assert as_role(roles, both, "SELECT DISTINCT channel FROM pgnotify_sync.event_log") == [("acc",)]
+
+
+def test_a_listener_keeps_positions_only_on_its_channels_and_only_well_formed_ones(ledger, roles):
+    reader = roles.make("reader")
+    grant_listener(ledger, reader, ["acc"])
+    refused(roles, reader, "INSERT INTO pgnotify_sync.consumers (name, channel, position) "
+                           "VALUES ('x', 'payroll', '1:1:')", "row-level security")
+    with pytest.raises(psycopg2.errors.CheckViolation, match="consumers_handled_valid"):
+        as_role(roles, reader, "INSERT INTO pgnotify_sync.consumers (name, channel, position, handled) "
+                               "VALUES ('x', 'acc', '1:1:', '[[\"a\", \"b\"]]')")
+    execute(ledger, "SELECT pgnotify_sync.trim_event_log(0, 0)")      # trimming works for everyone
+
+
+def test_an_owners_table_is_captured_with_row_security_off_and_after_a_table_swap(owned, db, make_listener):
+    owner, conn = owned
+    watch_table(db, "own.feelings", channel="feelings")
+    execute(conn, "SET row_security = off; INSERT INTO own.feelings (note) VALUES ('restored')")    # pg_dump's way
+    # The old table renamed away and a new one of the old name watched: both write.
+    execute(conn, "ALTER TABLE own.feelings RENAME TO feelings_old; "
+                  "CREATE TABLE own.feelings (id serial PRIMARY KEY, note text)")
+    watch_table(db, "own.feelings", channel="feelings_v2")
+    execute(conn, "RESET row_security; INSERT INTO own.feelings_old (note) VALUES ('old'); "
+                  "INSERT INTO own.feelings (note) VALUES ('new')")
+    assert execute(db, "SELECT channel, table_name, data->>'note' FROM pgnotify_sync.event_log ORDER BY id") == [
+        ("feelings", "feelings", "restored"), ("feelings", "feelings_old", "old"), ("feelings_v2", "feelings", "new")]
+
+
+def test_the_event_trigger_never_fails_a_command(owned, db, roles):
+    owner, conn = owned
+    watch_table(db, "own.feelings", channel="feelings", exclude_columns=("secret",))
+    other = roles.make("other")
+    execute(db, "ALTER TABLE own.feelings DROP COLUMN secret")          # the exclusion no longer exists
+    execute(db, f"GRANT CREATE ON SCHEMA own TO {other}; ALTER TABLE own.feelings OWNER TO {other}")  # warned only
+    execute(conn, "CREATE TEMP TABLE scratch (a int); ALTER TABLE scratch ADD COLUMN b int")    # unrelated DDL
+
+
+def test_a_publish_key_is_unique_per_channel(ledger):
+    key = "5f0e8f1c-8f0a-4f7e-b0f7-3c1f2d9a7b11"
+    first = execute(ledger, "SELECT pgnotify_sync.publish('acc', '{}', %s)", (key,))
+    other = execute(ledger, "SELECT pgnotify_sync.publish('payroll', '{}', %s)", (key,))
+    assert first != other
+    assert execute(ledger, "SELECT pgnotify_sync.publish('acc', '{}', %s)", (key,)) == first

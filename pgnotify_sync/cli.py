@@ -96,7 +96,7 @@ def cmd_grant(args):
     from . import schema
     if args.kind == "admin":
         _with_connection(args, lambda conn, cfg: schema.grant_admin(conn, args.role))
-        print(f"{args.role} may now trim the event log, watch and unwatch tables")
+        print(f"{args.role} may now trim the event log (above the floors) and see every consumer")
         return
     grant = schema.grant_listener if args.kind == "listener" else schema.grant_publisher
     _with_connection(args, lambda conn, cfg: grant(conn, args.role, args.channel, channel_prefix=cfg.channel_prefix))
@@ -217,7 +217,7 @@ def _add_grant_parsers(sub):
                             "as listeners do")
         _add_db_flags(p)
         p.set_defaults(func=cmd_grant, kind=kind)
-    p = sub.add_parser("grant-admin", help="let a role trim the event log, watch and unwatch tables")
+    p = sub.add_parser("grant-admin", help="let a role trim the event log (above the floors) and see every consumer")
     p.add_argument("role")
     _add_db_flags(p)
     p.set_defaults(func=cmd_grant, kind="admin")

@@ -165,8 +165,10 @@ def grant_publisher(conn, role, channels, channel_prefix=""):
 
 
 def grant_admin(conn, role):
-    """Let *role* trim the log (never below the floors of :func:`set_retention_floor`),
-    watch and unwatch tables (those it may add triggers to) and see every consumer."""
+    """Let *role* trim the log (``trim_event_log`` runs as the installer and never
+    goes below the floors of :func:`set_retention_floor`) and see every consumer's
+    position and every watched table. Watching and unwatching stay with the
+    installer or a superuser: capture code runs with a table owner's rights."""
     with _transaction(conn) as cur:
         cur.execute("SELECT pgnotify_sync.grant_admin(%s::regrole)", (_role(role),))
 

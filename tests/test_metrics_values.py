@@ -198,7 +198,8 @@ def test_retention_deleted_and_consumer_gap_count_the_trimmed_rows(installed, ma
             cur.execute("SELECT channel, count(*) FROM pgnotify_sync.event_log GROUP BY 1 ORDER BY 1")
             return cur.fetchall()
         wait_for(lambda: left() == [("messages", 2)], timeout=15)
-    assert value("pgnotify_sync_retention_deleted_total", listener="metrics-t") == 4
+    # Counted once the batch's transaction is back (the rows are gone a moment before).
+    wait_for(lambda: value("pgnotify_sync_retention_deleted_total", listener="metrics-t") == 4, timeout=5)
     assert trimmer.cleanup() == 0
     assert value("pgnotify_sync_retention_deleted_total", listener="metrics-t") == 4
     assert value("pgnotify_sync_consumer_gap_events_total", listener="metrics-t") == 0   # not a consumer

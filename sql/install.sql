@@ -530,6 +530,13 @@ BEGIN
                   HINT = 'Capture code runs with the rights of the table''s owner: making the owner''s copy of '
                          'the capture functions takes a superuser. Or watch a table the installer owns.';
     END IF;
+    IF (SELECT r.rolbypassrls FROM pg_roles r WHERE r.oid = v_role) THEN
+        -- Row-level security is what keeps the copies to their owner's channels.
+        RAISE EXCEPTION 'pgnotify_sync: table owner % has BYPASSRLS: its capture could log events on any channel',
+                        quote_ident(v_role::regrole::text)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Give the table to a role without BYPASSRLS, or have the installer own it.';
+    END IF;
     v_def := replace(pg_get_functiondef(format('pgnotify_sync.%I()', p_kind)::regprocedure),
                      format('FUNCTION pgnotify_sync.%s()', p_kind), format('FUNCTION pgnotify_sync.%s()', v_name));
     EXECUTE v_def;

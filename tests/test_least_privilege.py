@@ -475,3 +475,13 @@ def test_a_publish_key_is_unique_per_channel(ledger):
     other = execute(ledger, "SELECT pgnotify_sync.publish('payroll', '{}', %s)", (key,))
     assert first != other
     assert execute(ledger, "SELECT pgnotify_sync.publish('acc', '{}', %s)", (key,)) == first
+
+
+def test_a_table_owner_with_bypassrls_is_refused_saying_why(db, roles):
+    """Its copies would not be held to its channels by row-level security."""
+    install(db)
+    owner = roles.make("bypass", "BYPASSRLS")
+    execute(db, f"CREATE TABLE public.fast (id int); ALTER TABLE public.fast OWNER TO {owner}")
+    with pytest.raises(SchemaError, match=f"table owner {owner} has BYPASSRLS: its capture could log events on any "
+                                          "channel"):
+        watch_table(db, "public.fast", channel="fast")

@@ -322,15 +322,21 @@ def test_a_listener_roles_durable_consumer_sees_only_its_channel_across_a_restar
 def test_a_listener_without_the_grant_fails_at_start_naming_it(ledger, roles, dsn):
     nobody = roles.make("nobody")
     listener = Listener(role_config(dsn, nobody, channels=("acc",)), registry=False)
-    with pytest.raises(PrivilegeError, match=f"role '{nobody}' has no grant on pgnotify_sync .*"
-                                             f"'pgnotify-sync grant-listener {nobody} --channel acc'"):
-        listener.start(timeout_s=10)
+    try:
+        with pytest.raises(PrivilegeError, match=f"role '{nobody}' has no grant on pgnotify_sync .*"
+                                                 f"'pgnotify-sync grant-listener {nobody} --channel acc'"):
+            listener.start(timeout_s=10)
+    finally:
+        listener.stop()         # a failed start leaves it FAILED, not stopped (it may be started again)
     reader = roles.make("reader")
     grant_listener(ledger, reader, ["acc"])
     listener = Listener(role_config(dsn, reader, channels=("acc", "payroll")), registry=False)
-    with pytest.raises(PrivilegeError, match=f"role '{reader}' may not read channel\\(s\\) 'payroll' .*"
-                                             f"grant-listener {reader} --channel payroll"):
-        listener.start(timeout_s=10)
+    try:
+        with pytest.raises(PrivilegeError, match=f"role '{reader}' may not read channel\\(s\\) 'payroll' .*"
+                                                 f"grant-listener {reader} --channel payroll"):
+            listener.start(timeout_s=10)
+    finally:
+        listener.stop()
 
 
 def test_a_publisher_publishes_on_its_channels_only_and_reads_no_values(ledger, roles):

@@ -8,13 +8,14 @@ channel (everything else): each field has one writer, so plain ints suffice.
 
 import collections
 
+from ._eventlog import RANGE_PAGE
 from .events import DatabaseEvent, EventRange, EventRef
 from .metrics import Histogram
 
 
-# A range is read in pages of at most this many rows (_eventlog.RANGE_PAGE), so it
-# holds no more than that in memory at a time, however many rows it announces.
-RANGE_HELD_MAX = 20_000
+# A range is read in pages of at most RANGE_PAGE rows, so it holds no more than
+# that in memory at a time, however many rows it announces.
+RANGE_HELD_MAX = RANGE_PAGE
 
 
 def weight(item):
@@ -29,10 +30,7 @@ def held(item):
     """How many events an item holds in memory at most (the buffer accounting): a
     range counts its rows up to a page, so a statement bigger than the buffer is
     still delivered as a live range, page by page, not dropped to a catch-up."""
-    cls = type(item)
-    if cls is EventRange:
-        return min(item.n, RANGE_HELD_MAX)
-    return 1 if cls is DatabaseEvent or cls is EventRef else 0
+    return min(weight(item), RANGE_HELD_MAX)
 
 
 class CatchUp:

@@ -60,7 +60,6 @@ class Poller:
         self._ready = ready
         self.thread = None
         self.quiet = ()         # wire names of the notify-free channels, as last seen
-        self.polls = 0
         self._failing = False
 
     def start(self):
@@ -86,14 +85,12 @@ class Poller:
     def poll_once(self, previous):
         """One poll after the snapshot *previous* (None: the first); returns the
         snapshot to poll after next."""
-        wires = [ch.wire for ch in list(self._channels.values())]
-        row = self._run_query(POLL_SQL, {"wires": wires, "prev": None if previous is None else str(previous),
+        by_wire = {ch.wire: ch for ch in list(self._channels.values())}
+        row = self._run_query(POLL_SQL, {"wires": list(by_wire), "prev": None if previous is None else str(previous),
                                          "prev_xmin": None if previous is None else str(previous.xmin)})
         now, quiet, changed = row
         self._failing = False
-        self.polls += 1
         self.quiet = tuple(quiet)
-        by_wire = {ch.wire: ch for ch in list(self._channels.values())}
         for wire in changed:
             ch = by_wire.get(wire)
             if ch is not None and not ch.poll_pending:

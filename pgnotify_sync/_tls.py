@@ -24,7 +24,7 @@ def check_file(field, path, kind):
     try:
         with open(path, "rb") as f:
             head = f.read(65536)
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except OSError as exc:
         raise ConfigError(f"{field}: cannot read {path!r}: {exc.strerror}") from None
     text = head.decode("ascii", "replace")
@@ -37,8 +37,8 @@ def check_file(field, path, kind):
     if "ENCRYPTED" in text:
         raise ConfigError(f"{field}: {path!r} is encrypted: a listener cannot type its passphrase; "
                           "use an unencrypted key readable only by this user")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO) and os.stat(path).st_uid == os.getuid():
-        raise ConfigError(f"{field}: {path!r} has group or world access (mode {stat.S_IMODE(mode):04o}); "
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and info.st_uid == os.getuid():
+        raise ConfigError(f"{field}: {path!r} has group or world access (mode {stat.S_IMODE(info.st_mode):04o}); "
                           "libpq refuses such a key: chmod 600 it")
 
 

@@ -109,7 +109,7 @@ def describe(exc):
 # available before a session exists).
 _NOT_RETRYABLE_TEXT = ("authentication failed", "does not exist", "no pg_hba.conf entry",
                        "permission denied", "is not installed",
-                       # a certificate libpq will not accept (_tls.CERTIFICATE_FAILURES)
+                       # a certificate or key libpq will not accept
                        "certificate verify failed", "does not match host name", "certificate file",
                        "private key file", "certificate is not yet valid", "certificate has expired")
 

@@ -226,8 +226,7 @@ class Listener:
         # In reverse order of start(): the reader (nothing new comes in) and the
         # maintenance thread, the dispatcher (what was received is delivered), the
         # buffered publishes, then the connections.
-        late = join_all((self._reader and self._reader.thread, self._maintenance,
-                         self._poller and self._poller.thread), deadline)
+        late = join_all(self._own_threads(), deadline)
         if self._dispatcher is not None:
             late += self._dispatcher.close(max(0.0, deadline - time.monotonic()))
         if len(self._publisher):
@@ -253,8 +252,7 @@ class Listener:
 
     def threads(self):
         """The threads this listener started (for tests and diagnostics)."""
-        threads = [t for t in (self._reader and self._reader.thread, self._maintenance,
-                               self._poller and self._poller.thread) if t is not None]
+        threads = [t for t in self._own_threads() if t is not None]
         if self._dispatcher is not None:
             threads.extend(self._dispatcher.threads())
         threads.extend(self._connections.threads())
@@ -331,6 +329,10 @@ class Listener:
         return deleted
 
     # -- wiring -------------------------------------------------------------------
+
+    def _own_threads(self):
+        """The reader's, maintenance's and poller's threads (None where not started)."""
+        return (self._reader and self._reader.thread, self._maintenance, self._poller and self._poller.thread)
 
     def _add_channel(self, channel):
         self._channels[channel] = ChannelState(channel, self.config.checked_wire_channel(channel))

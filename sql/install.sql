@@ -506,6 +506,21 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
                 ELSE p_owner END
 $fn$;
 
+-- What an owner's copies of the capture functions need, and all they get: the
+-- schema, inserting log rows (row-level security keeps them to the owner's
+-- channels), reading back ids and xids, the helpers of excluded columns.
+CREATE OR REPLACE FUNCTION pgnotify_sync.grant_capture(p_role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA pgnotify_sync TO %s', p_role);
+    EXECUTE format('GRANT INSERT (xid, channel, operation, schema_name, table_name, data, old), SELECT (id, xid) '
+                   'ON pgnotify_sync.event_log TO %s', p_role);
+    EXECUTE format('GRANT SELECT (channel, runs_as) ON pgnotify_sync.watched_tables TO %s', p_role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.kept_columns(oid, text[], text), '
+                   'pgnotify_sync.without_columns(anyelement, oid, text[]) TO %s', p_role);
+END
+$fn$;
+
 -- The capture function p_kind ('capture_row', 'capture_partition_row',
 -- 'capture_statement') to attach to a table owned by p_owner: the installer's, or
 -- the owner's copy (made or brought up to date here, with the few grants it needs).
@@ -545,12 +560,7 @@ BEGIN
     -- captured: the copy's inserts go through the policies, never refused for it.
     EXECUTE format('ALTER FUNCTION pgnotify_sync.%I() SET row_security = on', v_name);
     EXECUTE format('REVOKE ALL ON FUNCTION pgnotify_sync.%I() FROM PUBLIC', v_name);
-    EXECUTE format('GRANT USAGE ON SCHEMA pgnotify_sync TO %s', v_role::regrole);
-    EXECUTE format('GRANT INSERT (xid, channel, operation, schema_name, table_name, data, old), SELECT (id, xid) '
-                   'ON pgnotify_sync.event_log TO %s', v_role::regrole);
-    EXECUTE format('GRANT SELECT (channel, runs_as) ON pgnotify_sync.watched_tables TO %s', v_role::regrole);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.kept_columns(oid, text[], text), '
-                   'pgnotify_sync.without_columns(anyelement, oid, text[]) TO %s', v_role::regrole);
+    PERFORM pgnotify_sync.grant_capture(v_role::regrole);
     RETURN 'pgnotify_sync.' || quote_ident(v_name);
 END
 $fn$;
@@ -996,11 +1006,7 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgnotify_sync.watched_tables w WHERE w.runs_as = p_role) THEN
         EXECUTE format('REVOKE ALL ON SCHEMA pgnotify_sync FROM %s', p_role);
     ELSE
-        EXECUTE format('GRANT INSERT (xid, channel, operation, schema_name, table_name, data, old), SELECT (id, xid) '
-                       'ON pgnotify_sync.event_log TO %s', p_role);
-        EXECUTE format('GRANT SELECT (channel, runs_as) ON pgnotify_sync.watched_tables TO %s', p_role);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.kept_columns(oid, text[], text), '
-                       'pgnotify_sync.without_columns(anyelement, oid, text[]) TO %s', p_role);
+        PERFORM pgnotify_sync.grant_capture(p_role);
     END IF;
     RETURN v_n;
 END

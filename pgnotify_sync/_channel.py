@@ -60,17 +60,41 @@ class Advance:
         self.snapshot = snapshot
 
 
+class Release:
+    """Control item: a consumer group's lane is handed over (the group rebalances):
+    everything queued before it was handled; ``done(lane)`` stores the position and
+    gives the partition up, and the lane takes nothing more."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done):
+        self.done = done
+
+
 class ChannelState:
-    __slots__ = ("name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "xranges",
+    __slots__ = ("partition", "lanes", "active", "epoch", "lease_deadline", "releasing",
+                 "name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "xranges",
                  "partial",
                  "catchup_target", "catchup_upto", "in_catchup",
                  "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors",
                  "delivered_by", "handler_hist", "caught_up", "lag", "gap_events", "since_checkpoint",
                  "last_event_at", "unmatched_hints", "missed", "poll_pending", "polled")
 
-    def __init__(self, name, wire):
+    def __init__(self, name, wire, partition=None):
         self.name = name
         self.wire = wire
+        # A consumer group's member splits a channel into lanes, one per partition
+        # (_group.py): each a ChannelState of its own (queue, position, worker), which
+        # delivers only the events of its partition and only while it holds the
+        # partition's lease. The channel's own state then only routes to its lanes
+        # and keeps the reader's counters. Elsewhere lanes is empty and the channel
+        # is its own single lane.
+        self.partition = partition
+        self.lanes = ()
+        self.active = partition is None
+        self.epoch = 0                  # the lease's fencing token (consumers.epoch)
+        self.lease_deadline = None      # monotonic time the lease surely holds until
+        self.releasing = None           # the done() of a queued Release
         self.items = collections.deque()
         self.ahead = {}     # id(EventRange) -> Job reading it (see _fetch.read_ahead)
         self.scheduled = False
@@ -108,3 +132,12 @@ class ChannelState:
         self.missed = 0             # events delivered by the position check: no notification came
         self.poll_pending = False   # a CatchUp("poll") is queued (_poller.py)
         self.polled = 0             # events of notify-free tables, found by polling
+
+
+def lanes(ch):
+    """The states that queue and deliver *ch*'s events: its lanes, or itself."""
+    return ch.lanes or (ch,)
+
+
+class LeaseLost(Exception):
+    """A group lane's lease ran out (or was taken): it delivers nothing more."""

@@ -1,9 +1,9 @@
 """A durable consumer's stored positions (``pgnotify_sync.consumers``).
 
-One row per (consumer, channel): the position snapshot, the ids handled past it (as
-ranges) and the cursors of catch-ups under way, so a restarted process resumes
-where the last one stopped: at least once, never a loss. No thread of its own: the
-listener's reader loads, its workers save.
+One row per (consumer, channel, partition): the position snapshot, the ids handled
+past it (as ranges) and the cursors of catch-ups under way, so the next holder of
+the partition resumes where the last one stopped: at least once, never a loss. No
+thread of its own: the group (_group.py) restores, the workers save.
 """
 
 import json
@@ -13,9 +13,29 @@ import psycopg2
 
 from ._eventlog import xids_of
 from ._snapshot import Snapshot
-from .errors import PgNotifyError, PrivilegeError, first_line
+from .errors import PgNotifyError, first_line
 
 log = logging.getLogger("pgnotify_sync")
+
+
+# A checkpoint is stored only by the partition's owner, under the epoch it took it
+# with, while its lease runs (fencing: a member that was frozen past its lease, or
+# lost it to another, cannot move the position any more). The row stays locked
+# until the commit: a member frozen between the two would keep every other from
+# taking the partition, so the server ends such a transaction after idle_ms
+# (less than a lease; in the same round trip).
+_IDLE = "SET LOCAL idle_in_transaction_session_timeout = %(idle_ms)s; "
+_SAVE_SQL = _IDLE + """
+UPDATE pgnotify_sync.consumers SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now()
+ WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
+   AND owner = %(member)s AND epoch = %(epoch)s AND lease_until > clock_timestamp()
+"""
+_RELEASE_SQL = _IDLE + """
+UPDATE pgnotify_sync.consumers SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now(),
+       owner = NULL, lease_until = NULL
+ WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
+   AND owner = %(member)s AND epoch = %(epoch)s AND lease_until > clock_timestamp()
+"""
 
 
 def id_ranges(ids):
@@ -36,45 +56,28 @@ class ConsumerStore:
         self._pool = pool
         self.consumer = consumer
         self._name = listener_name      # for log lines
+        self.member = None              # this group member's id (_group.py)
+        self.fenced = None              # fenced(lane): a checkpoint was refused
+        self.idle_ms = 5000             # see _IDLE (the group sets it from its lease)
 
-    def load(self, channels, start):
-        """Restore each channel's position; a new consumer starts at *start* ("now")."""
-        with self._pool.connection() as conn, conn.cursor() as cur:
-            cur.execute("SELECT channel, position::text, handled FROM pgnotify_sync.consumers WHERE name = %s",
-                        (self.consumer,))
-            stored = {row[0]: row[1:] for row in cur.fetchall()}
-            for ch in channels:
-                if ch.wire in stored:
-                    position, state = stored[ch.wire]
-                    if isinstance(state, list):         # the first format: ranges only
-                        state = {"ranges": state}
-                    ids = [i for first, last in state.get("ranges", ()) for i in range(first, last + 1)]
-                    ch.partial = [(Snapshot.parse(t), u) for t, u in state.get("cursors", ())]
-                    ch.position = Snapshot.parse(position)
-                    ch.handled = xids_of(cur, ids)
-                    log.info("%s: consumer %r resumes channel %r", self._name, self.consumer, ch.name)
-                else:
-                    ch.position = start
-                    ch.handled = {}
-                    cur.execute("INSERT INTO pgnotify_sync.consumers (name, channel, position) "
-                                "VALUES (%s, %s, %s::pg_snapshot) ON CONFLICT DO NOTHING",
-                                (self.consumer, ch.wire, str(start)))
-                    if cur.rowcount == 0:
-                        self._check_visible(cur, ch)
-                    log.info("%s: new consumer %r starts channel %r now", self._name, self.consumer, ch.name)
+    def restore(self, cur, lane, position, state):
+        """Set *lane* to a stored position (text) and handled state (jsonb), read on
+        *cur* (its handled ids' xids are read there)."""
+        if isinstance(state, list):         # the first format: ranges only
+            state = {"ranges": state}
+        ids = [i for first, last in state.get("ranges", ()) for i in range(first, last + 1)]
+        lane.partial = [(Snapshot.parse(t), u) for t, u in state.get("cursors", ())]
+        lane.position = Snapshot.parse(position)
+        lane.handled = xids_of(cur, ids)
+        lane.xranges = {}
+        lane.catchup_target = None
+        lane.catchup_upto = 0
+        lane.since_checkpoint = 0
 
-    def _check_visible(self, cur, ch):
-        """A stored position we did not see, and could not insert, is another role's
-        (each role sees only its own): refused, else ours would never be stored."""
-        cur.execute("SELECT 1 FROM pgnotify_sync.consumers WHERE name = %s AND channel = %s", (self.consumer, ch.wire))
-        if cur.fetchone() is None:
-            raise PrivilegeError(f"{self._name}: consumer name {self.consumer!r} on channel {ch.name!r} is kept by "
-                                 "another database role: choose another consumer name for this role")
-
-    def save(self, ch, undelivered=None):
-        """Store *ch*'s position; ids in *undelivered* (of the batch in hand, not yet
-        given to handlers) are not stored as handled."""
-        ch.since_checkpoint = 0
+    @staticmethod
+    def state(ch, undelivered=None):
+        """*ch*'s handled state as stored (jsonb text); ids in *undelivered* (of the
+        batch in hand, not yet given to handlers) are not stored as handled."""
         handled = ch.handled
         if undelivered:
             handled = [i for i in handled if i not in undelivered]
@@ -84,24 +87,38 @@ class ConsumerStore:
             cursors.append((str(ch.catchup_target), ch.catchup_upto))
         if cursors:
             state["cursors"] = cursors
+        return json.dumps(state)
+
+    def save(self, lane, undelivered=None, release=False):
+        """Store *lane*'s position, under its lease: refused (False, and the lane
+        is reported as fenced) once another member took the partition or the lease
+        ran out. *release*: and give the partition up (a hand-over)."""
+        lane.since_checkpoint = 0
         try:
             with self._pool.connection() as conn, conn.cursor() as cur:
-                cur.execute("UPDATE pgnotify_sync.consumers SET position = %s::pg_snapshot, handled = %s::jsonb, "
-                            "updated_at = now() WHERE name = %s AND channel = %s",
-                            (str(ch.position), json.dumps(state), self.consumer, ch.wire))
+                cur.execute(_RELEASE_SQL if release else _SAVE_SQL,
+                            {"position": str(lane.position), "handled": self.state(lane, undelivered),
+                             "name": self.consumer, "channel": lane.wire, "partition": lane.partition or 0,
+                             "member": self.member, "epoch": lane.epoch, "idle_ms": self.idle_ms})
+                stored = cur.rowcount == 1
         except (psycopg2.Error, PgNotifyError) as exc:
             # Not fatal: the next batch stores it again; a crash meanwhile means
             # duplicates after restart (at-least-once), never a loss.
-            log.warning("%s: consumer %r: cannot store position of %r: %s", self._name, self.consumer, ch.name,
+            log.warning("%s: consumer %r: cannot store position of %r: %s", self._name, self.consumer, lane.name,
                         first_line(exc))
+            return False
+        if not stored and self.fenced is not None:
+            self.fenced(lane)
+        return stored
 
     def take_gaps(self):
         """[(wire channel, events lost)] trimmed past this consumer's positions since
         the last call (the counters are reset as they are read)."""
         with self._pool.connection() as conn, conn.cursor() as cur:
             cur.execute("UPDATE pgnotify_sync.consumers c SET lost = 0 "
-                        "FROM (SELECT name, channel, lost FROM pgnotify_sync.consumers "
+                        "FROM (SELECT name, channel, partition, lost FROM pgnotify_sync.consumers "
                         "      WHERE name = %s AND lost > 0 FOR UPDATE) old "
-                        "WHERE c.name = old.name AND c.channel = old.channel RETURNING c.channel, old.lost",
+                        "WHERE c.name = old.name AND c.channel = old.channel AND c.partition = old.partition "
+                        "RETURNING c.channel, old.lost",
                         (self.consumer,))
             return cur.fetchall()

@@ -12,7 +12,10 @@ import functools
 import logging
 import time
 
+from ._channel import LeaseLost
+from ._keys import partition_of
 from .errors import must_propagate
+from .metrics import Histogram
 
 log = logging.getLogger("pgnotify_sync")
 
@@ -21,34 +24,63 @@ log = logging.getLogger("pgnotify_sync")
 PLAIN_TABLE = "(plain)"
 
 
+def holds(lane):
+    """True while a group lane's lease surely holds (checked before every event)."""
+    return lane.active and time.monotonic() < lane.lease_deadline
+
+
 def _call_receiver(receiver, sender, event):
     receiver(sender, event=event)
 
 
 class Delivery:
     """Delivers events of listener *name* through *signals*.event; *save(ch,
-    undelivered)* stores a durable consumer's position (None: not durable)."""
+    undelivered)* stores a durable consumer's position (None: not durable). A
+    consumer group's lane delivers only its partition's events (of *partitions*,
+    by the rows' *keys*, a KeyColumns); with *rows* (a RowPool: ``ordering="row"``)
+    different rows run in parallel."""
 
-    def __init__(self, name, signals, report, checkpoint_every, save=None):
+    def __init__(self, name, signals, report, checkpoint_every, save=None, keys=None, partitions=1, rows=None):
         self._name = name
         self._signals = signals
         self._report = report
         self._checkpoint_every = checkpoint_every
         self._save = save
+        self._keys = keys
+        self._partitions = partitions
+        self._rows = rows
 
     def deliver(self, ch, events):
         """Hand *events* (fresh, in order) to the handlers of channel *ch*."""
+        if ch.partition is not None and self._partitions > 1:
+            # A lane: the other partitions' events are handled by their owners (they
+            # were marked handled here all the same: the position passes them).
+            mine, keys, n = ch.partition, self._keys, self._partitions
+            events = [e for e in events if partition_of(e, keys, n) == mine]
+            if not events:
+                return
+        if self._rows is not None and len(events) > 1:
+            self._deliver_rows(ch, events)
+            return
+        checkpoint = self._checkpoint_every if self._save else 0
+        n, fast, total, errors, lost = self._handle(ch, events, ch.handler_hist, ch.delivered_by, checkpoint)
+        ch.handler_errors += errors
+        self._delivered(ch, n, fast, total)
+        if lost:
+            raise LeaseLost(ch.name)
+
+    def _handle(self, ch, events, hist, by, checkpoint):
+        """Run *events* through the handlers of *ch*, timed into *hist* and counted
+        into *by*; returns (events handled, how many under the first bucket bound,
+        seconds in handlers, handler errors, whether the lease was lost)."""
         name = ch.name
         calls = self._receivers(name)
         debug = log.isEnabledFor(logging.DEBUG)
         perf = time.perf_counter
-        hist = ch.handler_hist
         counts, buckets = hist.counts, hist.buckets
-        by = ch.delivered_by
         # A durable consumer stores its position every checkpoint_every events: a crash
         # then repeats at most that many. The ids of this batch not yet handed to
         # receivers must not be stored as handled.
-        checkpoint = self._checkpoint_every if self._save else 0
         undelivered = {e.id for e in events} if checkpoint else None
         # delivered_by is counted per run of events of one (operation, table).
         op = table = label = None
@@ -57,20 +89,30 @@ class Delivery:
         started = perf()
         first_bound = buckets[0]
         fast = 0            # events faster than the first bucket bound (most, in a burst)
+        errors = 0
         only = calls[0] if len(calls) == 1 else None
+        lease = ch.lease_deadline is not None
+        handled = len(events)
         for event in events:
+            if lease and not holds(ch):
+                # A group lane whose lease ran out stops before anyone else may take
+                # its partition (their lease starts later than ours ends).
+                handled = events.index(event)
+                break
             # Handlers are user code: whatever they raise (SystemExit too) is reported
             # and the next handler and event still run.
             if only is not None:
                 try:
                     only(event)
                 except BaseException as exc:
+                    errors += 1
                     self._failed(ch, exc, event)
             else:
                 for call in calls:
                     try:
                         call(event)
                     except BaseException as exc:
+                        errors += 1
                         self._failed(ch, exc, event)
             done = perf()
             elapsed = done - started
@@ -95,7 +137,39 @@ class Delivery:
         if run:
             key = (op, label)
             by[key] = by.get(key, 0) + run
-        self._delivered(ch, len(events), fast, total)
+        return handled, fast, total, errors, handled < len(events)
+
+    def _deliver_rows(self, ch, events):
+        """``ordering="row"``: *events* split by row over the row threads, in parts of
+        ``checkpoint_every`` (a durable consumer stores its position after each part,
+        once every row thread finished it)."""
+        every = self._checkpoint_every if self._save else 0
+        step = every or len(events)
+        undelivered = {e.id for e in events} if every else None
+
+        def part(share):
+            hist, by = Histogram(ch.handler_hist.buckets), {}
+            return (hist, by) + self._handle(ch, share, hist, by, 0)
+
+        for start in range(0, len(events), step):
+            window = events[start:start + step]
+            lost = False
+            for hist, by, n, fast, total, errors, part_lost in self._rows.run(window, part):
+                lost |= part_lost
+                ch.handler_hist.add(hist)
+                for key, count in by.items():
+                    ch.delivered_by[key] = ch.delivered_by.get(key, 0) + count
+                ch.handler_errors += errors
+                self._delivered(ch, n, fast, total)
+            if lost:
+                raise LeaseLost(ch.name)
+            if every:
+                undelivered.difference_update(e.id for e in window)
+                if ch.in_catchup:
+                    ch.catchup_upto = window[-1].id     # catch-up delivers in id order
+                ch.since_checkpoint += len(window)
+                if ch.since_checkpoint >= every:
+                    self._save(ch, undelivered)
 
     def _delivered(self, ch, count, fast, total):
         """Account a batch of *count* events: *fast* of them under the first bucket
@@ -135,8 +209,8 @@ class Delivery:
                                      "duration": round(elapsed * 1000, 3)}})
 
     def _failed(self, ch, exc, event):
+        """A handler raised (counted by the caller: row threads count apart)."""
         if must_propagate(exc):
             raise exc
-        ch.handler_errors += 1
         self._report("handler", exc, ch.name, event_id=event.id, exc_info=True)
 

@@ -21,7 +21,7 @@ import threading
 import time
 import typing
 
-from ._channel import CatchUp, held, weight
+from ._channel import CatchUp, Release, held, lanes, weight
 from ._fetch import READ_AHEAD, Fetcher
 from ._threads import join_all, spawn
 from ._worker import BatchRunner
@@ -70,6 +70,9 @@ class DispatchHooks(typing.Protocol):
     def after_batch(self, ch) -> None:
         """A batch was handled (a durable consumer stores its position)."""
 
+    def lease_lost(self, lane) -> None:
+        """A group lane stopped: its lease ran out or was taken (fencing)."""
+
 
 class Dispatcher:
     """Owns the channel queues and the worker threads.
@@ -110,7 +113,7 @@ class Dispatcher:
     def start(self):
         self._fetcher = Fetcher(self.name, self._nfetchers, self._fetch_timeout_s)
         self._runner = BatchRunner(self.name, self._hooks, self._fetcher, self._queued, self._fall_back,
-                                   self._compact_ranges)
+                                   self._compact_ranges, lost=self._lease_lost)
         self._threads = [spawn(self._work, f"{self.name}-worker-{i}") for i in range(self._nworkers)]
 
     def submit(self, fn, *args):
@@ -143,7 +146,7 @@ class Dispatcher:
         return join_all(self.threads(), deadline)
 
     def _busy_locked(self):
-        return any(ch.scheduled for ch in self.channels.values())
+        return any(lane.scheduled for ch in self.channels.values() for lane in lanes(ch))
 
     def threads(self):
         return self._threads + (self._fetcher.threads() if self._fetcher is not None else [])
@@ -155,7 +158,9 @@ class Dispatcher:
         total = sum(map(held, events))          # an EventRange counts its rows, up to a page
         try:
             with self._lock:
-                self._push_locked(ch, events, total)
+                for lane in lanes(ch):
+                    if lane.active:     # a group lane not held: another member's work
+                        self._push_locked(lane, events, total)
         finally:
             if self._reports:
                 self._send_reports()
@@ -197,28 +202,73 @@ class Dispatcher:
 
     def push_control(self, ch, item, skip_overflowing=False):
         with self._lock:
-            if skip_overflowing and ch.overflow:
-                return
-            ch.items.append(item)
-            self._schedule_locked(ch)
+            for lane in lanes(ch):
+                if lane.active and not (skip_overflowing and lane.overflow):
+                    lane.items.append(item)
+                    self._schedule_locked(lane)
 
     def catch_up_all(self, reason):
         """After a (re)connect: every channel reads what it may have missed."""
         with self._lock:
-            for ch in self.channels.values():
-                if ch.overflow:
-                    self._resume_locked(ch, reason)
+            for lane in self._active_lanes_locked():
+                if lane.overflow:
+                    self._resume_locked(lane, reason)
                 else:
-                    ch.items.append(CatchUp(reason))
-                    self._schedule_locked(ch)
+                    lane.items.append(CatchUp(reason))
+                    self._schedule_locked(lane)
 
     def retry_overflowed(self):
         """Called periodically: resume channels whose catch-up failed or overflowed."""
         now = time.monotonic()
         with self._lock:
-            for ch in self.channels.values():
+            for ch in self._active_lanes_locked():
                 if ch.overflow and not ch.scheduled and now >= ch.retry_at and self.buffered <= self.resume_level:
                     self._resume_locked(ch, "retry")
+
+    def _active_lanes_locked(self):
+        return [lane for ch in self.channels.values() for lane in lanes(ch) if lane.active]
+
+    # -- consumer-group lanes (_group.py) -------------------------------------
+
+    def activate(self, lane, reason=None):
+        """*lane*'s partition is held: it takes events from now on, after a catch-up
+        (*reason*) from its stored position. False if its worker still has it (a
+        release or a lost lease is being finished): try again later."""
+        with self._lock:
+            if lane.scheduled or lane.active:
+                return False
+            lane.overflow = False
+            lane.active = True
+            lane.releasing = None
+            if reason is not None:
+                lane.items.append(CatchUp(reason))
+                self._schedule_locked(lane)
+            return True
+
+    def deactivate(self, lane):
+        """*lane*'s lease is gone: it takes nothing more, and what it holds is
+        dropped (the next owner reads it from the log)."""
+        lane.ahead.clear()
+        with self._lock:
+            lane.active = False
+            self.buffered -= sum(map(held, lane.items))
+            lane.items.clear()
+            lane.overflow = False
+        # a worker running it now stops at its next event (Delivery checks the lease)
+
+    def _lease_lost(self, lane):
+        self.deactivate(lane)
+        self._hooks.lease_lost(lane)
+
+    def release(self, lane, done):
+        """Hand *lane* over once everything queued before now is handled: its worker
+        calls ``done(lane)`` (store and release), then it takes nothing more."""
+        with self._lock:
+            if not lane.active or lane.releasing:
+                return
+            lane.releasing = done
+            lane.items.append(Release(done))
+            self._schedule_locked(lane)
 
     def _drop_locked(self, ch, events):
         dropped = sum(map(weight, events))
@@ -309,6 +359,10 @@ class Dispatcher:
             ch.overflow = True
             ch.retry_at = time.monotonic() + self._retry_s
             ch.dropped += sum(map(weight, rest)) + queued
+            if ch.releasing:
+                # the hand-over still happens, at the position handled so far
+                ch.items.append(Release(ch.releasing))
+                self._schedule_locked(ch)
         if kind == "catchup":
             log.warning("%s: channel %r: cannot read the event log (%s); retrying", self.name, ch.name, exc)
         self._hooks.report(kind, exc, ch.name)

@@ -25,8 +25,19 @@ class ListenerHooks:
         self._lock = threading.Lock()
         self._pending_catchup = set()
         self.report = parts.reporter.report
-        self.deliver = Delivery(parts.name, signals, self.report, checkpoint_every,
-                                save=self.save_consumer if parts.consumer else None).deliver
+        self._signals = signals
+        self._checkpoint_every = checkpoint_every
+        self.deliver = self._delivery().deliver
+
+    def _delivery(self, keys=None, partitions=1, rows=None):
+        p = self._p
+        return Delivery(p.name, self._signals, self.report, self._checkpoint_every,
+                        save=self.save_consumer if p.consumer else None, keys=keys, partitions=partitions, rows=rows)
+
+    def configure_delivery(self, keys, partitions, rows):
+        """At start(), before any delivery: the rows' *keys* (a KeyColumns), the group's
+        *partitions* and the RowPool of ``ordering="row"`` (None: a channel's order)."""
+        self.deliver = self._delivery(keys, partitions, rows).deliver
 
     # -- DispatchHooks ----------------------------------------------------------------
 
@@ -34,7 +45,8 @@ class ListenerHooks:
         """The DispatchHooks of _dispatch.py, and nothing else."""
         return types.SimpleNamespace(deliver=self.deliver, catch_up=self.catch_up, fetch_ids=self.fetch_ids,
                                      fetch_range=self.fetch_range, window=self.window, report=self.report,
-                                     caught_up=self.caught_up, after_batch=self.after_batch)
+                                     caught_up=self.caught_up, after_batch=self.after_batch,
+                                     lease_lost=self.lease_lost)
 
     def catch_up(self, ch, reason):
         """(target snapshot, the pages of events from ch.position up to it); events
@@ -88,17 +100,28 @@ class ListenerHooks:
         if self._p.consumer:
             self.save_consumer(ch)
 
+    def lease_lost(self, lane):
+        self._p.group.lost(lane, "its lease ran out before it could be renewed")
+
     # -- the reader's ------------------------------------------------------------------
 
     def expect_catchup(self):
-        """Every channel catches up now; 'connected' comes once all have (caught_up)."""
+        """Every channel catches up now; 'connected' comes once all have (caught_up).
+        A group member's channels of which it holds no partition have nothing to
+        catch up."""
         with self._lock:
-            self._pending_catchup = set(self._p.channels)
+            self._pending_catchup = {name for name, ch in self._p.channels.items()
+                                     if not ch.lanes or any(lane.active for lane in ch.lanes)}
+            done = not self._pending_catchup
+        if done:
+            log.info("%s: connected (holding no partition of consumer group %r yet)", self._p.name,
+                     self._p.consumer, extra={"event": "connected", "details": {"reason": "standby"}})
+            self._p.reporter.emit("connected")
 
     # -- durable consumers (the store: _consumers.py) ---------------------------------------
 
     def load_consumer(self, start):
-        self._p.connections.consumer_store.load(self._p.channels.values(), start)
+        self._p.group.join(start)
         self.check_consumer_gaps()
 
     def save_consumer(self, ch, undelivered=None):

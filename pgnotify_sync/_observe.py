@@ -4,10 +4,13 @@ thread). Reads the listener's parts; owns no thread.
 """
 
 import time
+import types
 
+from ._channel import lanes
 from ._counters import Counters
 from ._lifecycle import ConnectionState
 from ._position import handled_count
+from .metrics import Histogram
 
 # Totals of the per-channel counters: kept once, on the channels (each has one
 # writer: the reader, or the worker holding the channel), and summed on reading.
@@ -16,11 +19,42 @@ CHANNEL_TOTALS = {"received": "received", "delivered": "delivered", "parse_error
                   "unmatched_hints": "unmatched_hints", "missed": "missed", "polled": "polled"}
 
 
+# A group member's channel counts on the channel (the reader's counters) and on its
+# lanes (the workers'): shown as one channel.
+_SUMMED = tuple(CHANNEL_TOTALS.values()) + ("dropped", "gap_events")
+
+
+def _states(ch):
+    return (ch,) + ch.lanes
+
+
 def channel_totals(channels):
     """``{stat name: () -> sum over channels}`` for :class:`~._counters.Counters`."""
     def total(attr):
-        return lambda: sum(getattr(ch, attr) for ch in list(channels.values()))
+        return lambda: sum(getattr(x, attr) for ch in list(channels.values()) for x in _states(ch))
     return {name: total(attr) for name, attr in CHANNEL_TOTALS.items()}
+
+
+def merged(ch):
+    """*ch*'s figures over its lanes: the channel itself when it has none. Lag is
+    the largest of the held lanes' (each lane's counts every partition's events)."""
+    if not ch.lanes:
+        return ch
+    states = _states(ch)
+    view = types.SimpleNamespace(name=ch.name, **{a: sum(getattr(x, a) for x in states) for a in _SUMMED})
+    view.handler_hist = Histogram(ch.handler_hist.buckets)
+    view.delivered_by = {}
+    for x in states:
+        view.handler_hist.add(x.handler_hist)
+        for key, n in list(x.delivered_by.items()):
+            view.delivered_by[key] = view.delivered_by.get(key, 0) + n
+    held = [lane for lane in ch.lanes if lane.active]
+    lags = [lane.lag for lane in held if lane.lag is not None]
+    view.lag = max(lags) if lags else None
+    times = [x.last_event_at for x in states if x.last_event_at is not None]
+    view.last_event_at = max(times) if times else None
+    view.overflow = any(lane.overflow for lane in held)
+    return view
 
 
 def new_stats(channels):
@@ -50,14 +84,14 @@ class Observer:
         if p.dispatcher is not None:
             stats["buffered"] = p.dispatcher.buffered
             stats["capacity"] = p.dispatcher.capacity
-            stats["dropped_to_log"] = sum(ch.dropped for ch in p.channels.values())
+            stats["dropped_to_log"] = sum(x.dropped for ch in p.channels.values() for x in _states(ch))
         return stats
 
     def health(self):
         p = self._p
         st = p.stats.snapshot()
         channels = {}
-        for ch in list(p.channels.values()):
+        for ch in map(merged, list(p.channels.values())):
             channels[ch.name] = {"lag": ch.lag, "delivered": ch.delivered, "last_event_at": ch.last_event_at,
                                  "falling_back": ch.overflow}
         times = [c["last_event_at"] for c in channels.values() if c["last_event_at"] is not None]
@@ -73,6 +107,7 @@ class Observer:
             "last_error": st["last_error"],
             "last_health_check_rtt_s": st["last_health_rtt_s"],
             "channels": channels,
+            "consumer": p.group.status() if p.group is not None else None,
         }
 
     def collect(self, fams):
@@ -87,7 +122,11 @@ class Observer:
             fams[f"pgnotify_sync_{name}"].add_metric([me] + labels, hist.cumulative(), hist.sum)
 
         for ch in list(p.channels.values()):
-            self._collect_channel(ch, add, add_hist)
+            self._collect_channel(merged(ch), add, add_hist)
+        if p.group is not None:
+            add("consumer_partitions_owned", [p.group.consumer], len(p.group.owned))
+            add("consumer_rebalances", [p.group.consumer], p.group.rebalances)
+            add("consumer_members", [p.group.consumer], len(p.group.members))
         if p.reader is not None:
             add_hist("decode_duration_seconds", [], p.reader.decode_hist)
             add_hist("health_check_rtt_seconds", [], p.reader.rtt_hist)
@@ -131,7 +170,8 @@ class Observer:
         position says what is handled, so this is exact up to events in flight)."""
         p = self._p
         for ch in list(p.channels.values()):
-            pos = ch.position
-            if pos is None:
-                continue
-            ch.lag = max(0, p.connections.event_log.pending(ch.wire, pos) - handled_count(ch))
+            for lane in lanes(ch):
+                pos = lane.position
+                if pos is None or not lane.active:
+                    continue
+                lane.lag = max(0, p.connections.event_log.pending(lane.wire, pos) - handled_count(lane))

@@ -17,7 +17,7 @@ health check's position moves still come every health-check interval).
 
 import logging
 
-from ._channel import CatchUp
+from ._channel import CatchUp, lanes
 from ._snapshot import Snapshot
 from ._threads import spawn
 from .errors import first_line
@@ -93,7 +93,8 @@ class Poller:
         self.quiet = tuple(quiet)
         for wire in changed:
             ch = by_wire.get(wire)
-            if ch is not None and not ch.poll_pending:
-                ch.poll_pending = True      # cleared when its worker starts the catch-up
-                self._push(ch, CatchUp("poll"))
+            for lane in lanes(ch) if ch is not None else ():
+                if lane.active and not lane.poll_pending:
+                    lane.poll_pending = True      # cleared when its worker starts the catch-up
+                    self._push(lane, CatchUp("poll"))
         return Snapshot.parse(now)

@@ -15,7 +15,7 @@ again from the log later, so nothing is lost.
 import logging
 
 from . import _position as position
-from ._channel import Advance, CatchUp, SetPosition
+from ._channel import Advance, CatchUp, LeaseLost, Release, SetPosition
 from ._eventlog import CatchUpFailed
 from ._fetch import read_ahead
 from .events import DatabaseEvent, EventRange, EventRef
@@ -40,7 +40,7 @@ class BatchRunner:
     Fetcher of its reads, ``queued(ch, n)`` the first n items waiting on a channel,
     ``fall_back(ch, rest, exc, kind)`` drops what is queued and schedules a re-read."""
 
-    def __init__(self, name, hooks, fetcher, queued, fall_back, compact_ranges):
+    def __init__(self, name, hooks, fetcher, queued, fall_back, compact_ranges, lost=None):
         self.name = name
         self._hooks = hooks
         self._fetcher = fetcher
@@ -49,10 +49,13 @@ class BatchRunner:
         # Durable consumers store handled ids one by one, cut at the event in flight
         # (_consumers.py): they keep ranges as ids.
         self._compact_ranges = compact_ranges
+        self._lost = lost       # lost(ch): a group lane's lease ran out (_group.py)
         self._by_type = {EventRange: self._range, CatchUp: self._catch_up_item,
-                         Advance: self._advance, SetPosition: self._set_position}
+                         Advance: self._advance, SetPosition: self._set_position, Release: self._release}
 
     def run(self, ch, items):
+        if not ch.active:
+            return          # a group lane given up: its partition is another member's now
         batch = _Batch()
         i = 0
         try:
@@ -67,8 +70,14 @@ class BatchRunner:
                     continue
                 self._flush(ch, batch)
                 self._by_type[cls](ch, item, items, i, batch)
+                if not ch.active:
+                    return      # handed over (Release): the rest is the next owner's
             self._flush(ch, batch)
             self._hooks.after_batch(ch)
+        except LeaseLost:
+            # Nothing more is handed to handlers; the next owner resumes from the
+            # stored position (what was delivered since comes again: at least once).
+            self._lost(ch)
         except CatchUpFailed as exc:
             # The log cannot be read now (server away). Everything of this channel that
             # is still queued is in the log too: drop it and re-read when we retry.
@@ -164,6 +173,9 @@ class BatchRunner:
             log.info("%s: channel %r: %d events in the log had no notification; delivered", self.name, ch.name,
                      len(events), extra={"event": "missed", "channel": ch.name, "details": {"count": len(events)}})
             self._deliver(ch, batch, events)
+
+    def _release(self, ch, item, items, i, batch):
+        item.done(ch)
 
     def _set_position(self, ch, item, items, i, batch):
         if ch.position is None:

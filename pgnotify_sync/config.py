@@ -52,6 +52,17 @@ def _positive_int(name, minimum=1, maximum=None):
     return check
 
 
+# Config.ordering: a channel's events in commit order, or only each row's.
+ORDERINGS = ("channel", "row")
+
+
+def _one_of(name, choices):
+    def check(instance, attribute, value):
+        if value not in choices:
+            raise ConfigError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return check
+
+
 def _positive_float(name, minimum=0.0, allow_zero=False):
     def check(instance, attribute, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -120,6 +131,19 @@ class Config:
         notify-free table (``watch_table(..., notify=False)``): one indexed query for
         all of them, and new events are read only when it finds some. Listeners
         without such channels look whether they have one every 30 s.
+    :param consumer_partitions: a consumer group (listeners of one ``consumer`` name,
+        in any process or host) splits each channel's events into this many
+        partitions by a hash of the row's primary key (published events: by their
+        id); each partition is handled by one member at a time. Every member must use
+        the same count. 1 (the default): one member does a channel's work, the others
+        stand by.
+    :param consumer_lease_s: a group member holds its partitions for this long and
+        renews every third of it; a member that dies or freezes loses them once it
+        runs out, and another resumes them from the stored position.
+    :param ordering: ``"channel"`` (the default): a channel's events are handled one
+        at a time in commit order. ``"row"``: only one row's events (same primary
+        key) keep their order; different rows of a channel are handled in parallel on
+        ``worker_pool_size`` threads.
     :param postgres_sslmode: libpq's ``sslmode`` for every connection, listener and
         pool (``verify-full`` recommended: the server's certificate is checked against
         ``postgres_sslrootcert`` and the host name); with ``postgres_sslrootcert``,
@@ -177,6 +201,9 @@ class Config:
     consumer_retention_s: float = attrs.field(default=7 * 86_400.0,
                                               validator=_positive_float("consumer_retention_s"))
     poll_interval_s: float = attrs.field(default=0.1, validator=_positive_float("poll_interval_s"))
+    consumer_partitions: int = attrs.field(default=1, validator=_positive_int("consumer_partitions", 1, 1024))
+    consumer_lease_s: float = attrs.field(default=10.0, validator=_positive_float("consumer_lease_s", 1.0, allow_zero=True))
+    ordering: str = attrs.field(default="channel", validator=_one_of("ordering", ORDERINGS))
     cleanup_interval_s: float = attrs.field(default=300.0,
                                             validator=_positive_float("cleanup_interval_s", allow_zero=True))
 
@@ -378,6 +405,9 @@ _ENV_VARS = (
     ("PG_NOTIFY_CONSUMER_RETENTION", "consumer_retention_s", _parse_float),
     ("PG_NOTIFY_CLEANUP_INTERVAL", "cleanup_interval_s", _parse_float),
     ("PG_NOTIFY_POLL_INTERVAL", "poll_interval_s", _parse_float),
+    ("PG_NOTIFY_CONSUMER_PARTITIONS", "consumer_partitions", _parse_int),
+    ("PG_NOTIFY_CONSUMER_LEASE", "consumer_lease_s", _parse_float),
+    ("PG_NOTIFY_ORDERING", "ordering", _parse_str),
 )
 
 ENV_VARIABLES = tuple(var for var, _, _ in _ENV_VARS)

@@ -37,7 +37,10 @@ class PgNotifyError(Exception):
 
 
 class ConfigError(PgNotifyError, ValueError):
-    """A configuration value is missing or wrong. The message names the setting."""
+    """A configuration value is missing or wrong. The message names the setting.
+    Not retried (a consumer group's members disagreeing on the partition count)."""
+
+    retryable = False
 
 
 class ConnectError(PgNotifyError):

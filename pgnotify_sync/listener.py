@@ -33,6 +33,8 @@ from ._channel import ChannelState
 from ._connections import Connections
 from ._dispatch import Dispatcher
 from ._fetch import READ_AHEAD, fetch_timeout_s
+from ._group import Group
+from ._keys import CATALOG_KEY_SQL, KeyColumns
 from ._hooks import ListenerHooks
 from ._lifecycle import ConnectionState, Lifecycle
 from ._maintenance import Every, Maintenance, TrimUnlessRefused
@@ -41,6 +43,7 @@ from ._observe import Observer, new_stats
 from ._publisher import Publisher
 from ._reader import Reader
 from ._reporting import Reporter
+from ._rows import RowPool
 from ._threads import join_all
 from .config import Config
 from .errors import ConfigError, ConnectError, ListenerStateError
@@ -116,10 +119,10 @@ class Listener:
         self._parts = types.SimpleNamespace(
             name=self.name, config=config, consumer=consumer, channels=self._channels, stats=self.stats,
             lifecycle=self._lifecycle, reporter=self._reporter, connections=self._connections,
-            publisher=self._publisher, reader=None, dispatcher=None)
+            publisher=self._publisher, reader=None, dispatcher=None, group=None)
         self._hooks = ListenerHooks(self._parts, self.signals, self.checkpoint_every)
         self._observer = Observer(self._parts)
-        self._reader = self._dispatcher = self._maintenance = self._poller = None
+        self._reader = self._dispatcher = self._maintenance = self._poller = self._group = self._rows = None
 
     # -- public API ------------------------------------------------------------
 
@@ -229,6 +232,10 @@ class Listener:
         late = join_all(self._own_threads(), deadline)
         if self._dispatcher is not None:
             late += self._dispatcher.close(max(0.0, deadline - time.monotonic()))
+        if self._rows is not None:
+            late += self._rows.close(deadline)
+        if self._group is not None:
+            self._group.leave()         # hands every partition over at its final position
         if len(self._publisher):
             self._publisher.flush_until(deadline)
         late += self._connections.close(max(0.0, deadline - time.monotonic()))
@@ -255,6 +262,8 @@ class Listener:
         threads = [t for t in self._own_threads() if t is not None]
         if self._dispatcher is not None:
             threads.extend(self._dispatcher.threads())
+        if self._rows is not None:
+            threads.extend(self._rows.threads())
         threads.extend(self._connections.threads())
         return threads
 
@@ -331,8 +340,9 @@ class Listener:
     # -- wiring -------------------------------------------------------------------
 
     def _own_threads(self):
-        """The reader's, maintenance's and poller's threads (None where not started)."""
-        return (self._reader and self._reader.thread, self._maintenance, self._poller and self._poller.thread)
+        """The reader's, maintenance's, poller's and group's threads (None where not started)."""
+        return (self._reader and self._reader.thread, self._maintenance, self._poller and self._poller.thread,
+                self._group and self._group.thread)
 
     def _add_channel(self, channel):
         self._channels[channel] = ChannelState(channel, self.config.checked_wire_channel(channel))
@@ -344,6 +354,10 @@ class Listener:
             self._metrics = collector_for(self._registry)
             self._metrics.add(self._observer)
         self._connections.require_pool()
+        keys, partitions = self._setup_group()
+        if cfg.ordering == "row" and cfg.worker_pool_size > 1:
+            self._rows = RowPool(self.name, cfg.worker_pool_size, keys)
+        self._hooks.configure_delivery(keys, partitions, self._rows)
         # Each fetch thread holds a pooled connection while it reads: leave one for
         # publish() and the workers' own reads.
         fetchers = max(1, min(cfg.worker_pool_size * READ_AHEAD, cfg.pool_max_connections - 1))
@@ -368,6 +382,22 @@ class Listener:
                               self._stop_event, ready=lambda: self._reader.installed is True
                               and self._lifecycle.state is ConnectionState.LISTENING)
         self._poller.start()
+        if self._group is not None:
+            self._group.start(self._stop_event, lambda: self._lifecycle.state is ConnectionState.LISTENING)
+
+    def _setup_group(self):
+        """A durable consumer is a member of its group (_group.py): each channel in
+        lanes, one per partition. Returns the rows' KeyColumns and the partition count."""
+        conns = self._connections
+        if not self.consumer:
+            return KeyColumns(lambda schema, table: conns.event_log.query_one(
+                CATALOG_KEY_SQL, {"schema": schema, "table": table})[0]), 1
+        n = self.config.consumer_partitions
+        for ch in self._channels.values():
+            ch.lanes = tuple(ChannelState(ch.name, ch.wire, partition=p) for p in range(n))
+        self._group = self._parts.group = Group(self.name, self.consumer, self.config, self._channels, conns.pool,
+                                                conns.consumer_store, lambda: self._dispatcher)
+        return self._group.keys, n
 
 
 def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup):

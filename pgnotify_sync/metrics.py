@@ -52,6 +52,13 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def add(self, other):
+        """Add the observations of *other* (same buckets)."""
+        for i, n in enumerate(other.counts):
+            self.counts[i] += n
+        self.sum += other.sum
+        self.count += other.count
+
     def cumulative(self):
         out, total = [], 0
         for bound, n in zip(self.buckets, self.counts):
@@ -130,6 +137,10 @@ class _LibraryCollector:
             gauge("publish_buffer_size", "Publishes waiting for the database", []),
             counter("retention_deleted", "Event-log rows deleted by retention", []),
             counter("consumer_gap_events", "Events a durable consumer will never see (trimmed)", ["channel"]),
+            gauge("consumer_partitions_owned", "Partitions of its consumer group this member holds", ["consumer"]),
+            counter("consumer_rebalances", "Times this member saw its group's members change", ["consumer"]),
+            gauge("consumer_members", "Live members of the consumer group, as this member last saw them",
+                  ["consumer"]),
             counter("unmatched_hints", "Notifications naming no committed event of their channel in the log "
                                        "(forged, or trimmed): nothing delivered", ["channel"]),
             counter("missed_events", "Events found in the log by the position check: their notification "

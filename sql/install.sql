@@ -99,6 +99,58 @@ UPDATE pgnotify_sync.consumers c SET role = (SELECT relowner FROM pg_class WHERE
 ALTER TABLE pgnotify_sync.consumers ALTER COLUMN role SET DEFAULT to_regrole(quote_ident(current_user));
 ALTER TABLE pgnotify_sync.consumers ALTER COLUMN role SET NOT NULL;
 
+-- Consumer groups (listeners of one consumer name, in any process): each channel's
+-- events split into partitions, one position row per partition, each held by one
+-- member at a time under a lease (owner, epoch, lease_until: see _group.py). The
+-- epoch grows with every change of owner: a checkpoint names the epoch it was
+-- taken under, so a member that lost its lease cannot store a late one (fencing).
+ALTER TABLE pgnotify_sync.consumers ADD COLUMN IF NOT EXISTS partition integer NOT NULL DEFAULT 0;
+ALTER TABLE pgnotify_sync.consumers ADD COLUMN IF NOT EXISTS owner text;
+ALTER TABLE pgnotify_sync.consumers ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
+ALTER TABLE pgnotify_sync.consumers ADD COLUMN IF NOT EXISTS lease_until timestamptz;
+DO $do$
+BEGIN
+    -- The key of earlier versions, (name, channel): one row per partition now.
+    IF (SELECT array_length(conkey, 1) FROM pg_constraint
+         WHERE conrelid = 'pgnotify_sync.consumers'::regclass AND contype = 'p') = 2 THEN
+        ALTER TABLE pgnotify_sync.consumers DROP CONSTRAINT consumers_pkey,
+                                            ADD PRIMARY KEY (name, channel, partition);
+    END IF;
+END
+$do$;
+
+-- A group's partition count, agreed by every member (the first one sets it).
+CREATE TABLE IF NOT EXISTS pgnotify_sync.consumer_groups (
+    name        text PRIMARY KEY,
+    partitions  integer NOT NULL CHECK (partitions BETWEEN 1 AND 1024),
+    role        oid NOT NULL DEFAULT to_regrole(quote_ident(current_user)),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+-- The live members of each group: a member renews heartbeat_at with its leases; one
+-- silent for a lease is removed by the others (and its partitions taken over).
+CREATE TABLE IF NOT EXISTS pgnotify_sync.consumer_members (
+    name         text NOT NULL,
+    member       text NOT NULL,
+    host         text NOT NULL,
+    pid          integer NOT NULL,
+    channels     text[] NOT NULL,
+    joined_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    role         oid NOT NULL DEFAULT to_regrole(quote_ident(current_user)),
+    PRIMARY KEY (name, member)
+);
+-- The key columns a group hashes each table's rows by, fixed by the first member
+-- that met the table: members never disagree on a row's partition, even if the
+-- table's primary key changes while they run.
+CREATE TABLE IF NOT EXISTS pgnotify_sync.consumer_keys (
+    name        text NOT NULL,
+    schema_name text NOT NULL,
+    table_name  text NOT NULL,
+    columns     text[] NOT NULL,
+    role        oid NOT NULL DEFAULT to_regrole(quote_ident(current_user)),
+    PRIMARY KEY (name, schema_name, table_name)
+);
+
 -- Settings kept in the database: the retention floors (set_retention_floor).
 CREATE TABLE IF NOT EXISTS pgnotify_sync.settings (
     name  text PRIMARY KEY,
@@ -169,13 +221,13 @@ BEGIN
         last_id := NULL;        -- the end of what may go
     END IF;
     UPDATE pgnotify_sync.consumers c SET lost = c.lost + g.n
-      FROM (SELECT c2.name, c2.channel, count(*) AS n
+      FROM (SELECT c2.name, c2.channel, c2.partition, count(*) AS n
               FROM pg_temp.pgnotify_sync_doomed d
               JOIN pgnotify_sync.consumers c2
                 ON c2.channel = d.channel AND NOT pg_visible_in_snapshot(d.xid, c2.position)
              WHERE NOT pgnotify_sync.consumer_handled(c2.handled, d.id, d.xid)
-             GROUP BY 1, 2) g
-     WHERE c.name = g.name AND c.channel = g.channel;
+             GROUP BY 1, 2, 3) g
+     WHERE c.name = g.name AND c.channel = g.channel AND c.partition = g.partition;
     DELETE FROM pgnotify_sync.event_log l USING pg_temp.pgnotify_sync_doomed d WHERE l.id = d.id;
     GET DIAGNOSTICS deleted = ROW_COUNT;
     DROP TABLE pg_temp.pgnotify_sync_doomed;
@@ -845,6 +897,23 @@ CREATE POLICY own_positions ON pgnotify_sync.consumers FOR ALL TO PUBLIC
                                           WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER'))));
 CREATE POLICY admins_see_positions ON pgnotify_sync.consumers FOR SELECT TO PUBLIC
     USING (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+-- Groups, members and keys: each role its own, admins see every one.
+DO $do$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['consumer_groups', 'consumer_members', 'consumer_keys'] LOOP
+        EXECUTE format('ALTER TABLE pgnotify_sync.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('DROP POLICY IF EXISTS own_rows ON pgnotify_sync.%I', t);
+        EXECUTE format('DROP POLICY IF EXISTS admins_see ON pgnotify_sync.%I', t);
+        EXECUTE format('CREATE POLICY own_rows ON pgnotify_sync.%I FOR ALL TO PUBLIC '
+                       'USING (pg_has_role(role, ''MEMBER'')) WITH CHECK (pg_has_role(role, ''MEMBER''))', t);
+        EXECUTE format('CREATE POLICY admins_see ON pgnotify_sync.%I FOR SELECT TO PUBLIC USING (EXISTS '
+                       '(SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = ''admin'' '
+                       'AND pg_has_role(g.role, ''MEMBER'')))', t);
+    END LOOP;
+END
+$do$;
 -- What trim reads of a position's handled ids must parse (consumer_handled).
 CREATE OR REPLACE FUNCTION pgnotify_sync.valid_pairs(p_pairs jsonb, p_first text) RETURNS boolean
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
@@ -958,7 +1027,8 @@ BEGIN
     PERFORM pgnotify_sync.grant_base(p_role);
     PERFORM pgnotify_sync.add_grants(p_role, 'listen', p_channels);
     EXECUTE format('GRANT SELECT ON pgnotify_sync.event_log TO %s', p_role);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.consumers TO %s', p_role);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.consumers, pgnotify_sync.consumer_groups, '
+                   'pgnotify_sync.consumer_members, pgnotify_sync.consumer_keys TO %s', p_role);
 END
 $fn$;
 
@@ -987,7 +1057,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.trim_event_log(double precision, double precision), '
                    'pgnotify_sync.trim_event_log_batch(double precision, double precision, bigint, integer) TO %s',
                    p_role);
-    EXECUTE format('GRANT SELECT ON pgnotify_sync.consumers, pgnotify_sync.watched_tables TO %s', p_role);
+    EXECUTE format('GRANT SELECT ON pgnotify_sync.consumers, pgnotify_sync.watched_tables, pgnotify_sync.consumer_groups, '
+                   'pgnotify_sync.consumer_members TO %s', p_role);
 END
 $fn$;
 

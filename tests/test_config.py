@@ -270,6 +270,9 @@ FULL_ENV = {
     "PG_NOTIFY_CONSUMER_RETENTION": ("7200.5", "consumer_retention_s", 7200.5),
     "PG_NOTIFY_CLEANUP_INTERVAL": ("0", "cleanup_interval_s", 0.0),
     "PG_NOTIFY_POLL_INTERVAL": ("0.25", "poll_interval_s", 0.25),
+    "PG_NOTIFY_CONSUMER_PARTITIONS": ("8", "consumer_partitions", 8),
+    "PG_NOTIFY_CONSUMER_LEASE": ("4.5", "consumer_lease_s", 4.5),
+    "PG_NOTIFY_ORDERING": ("row", "ordering", "row"),
 }
 
 

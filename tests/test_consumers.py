@@ -133,7 +133,9 @@ def start_crashing_consumer(dsn, **kwargs):
     Returns (Popen, ChildLines)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = json.dumps(dict(postgres_host=dsn["host"], postgres_port=dsn["port"], postgres_user=dsn["user"],
-                          postgres_password=dsn["password"], postgres_db=dsn["dbname"], channels=["jobs"]))
+                          postgres_password=dsn["password"], postgres_db=dsn["dbname"], channels=["jobs"],
+                          # a short lease: the restarted consumer takes over from the dead one sooner
+                          consumer_lease_s=2.0))
     proc = subprocess.Popen([sys.executable, "-c", CRASHING_CONSUMER.format(root=root, cfg=cfg,
                                                                             kwargs=json.dumps(kwargs))],
                             stdout=subprocess.PIPE, text=True)

@@ -1,13 +1,17 @@
 """Tests of pgnotify_sync._consumers: id_ranges (no database) and ConsumerStore against the
-real cluster (a ConnectionPool built as Listener._require_pool builds it)."""
+real cluster (a ConnectionPool built as Listener._require_pool builds it), its positions
+taken by joining the consumer group (_group.py) as its only member."""
 
 import logging
 
 import pytest
 
 from pgnotify_sync import install, watch_table
+import types
+
 from pgnotify_sync._consumers import ConsumerStore, id_ranges
 from pgnotify_sync._channel import ChannelState
+from pgnotify_sync._group import Group
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync.config import wire_channel_name
 
@@ -60,6 +64,44 @@ def stored(db, name):
                 (name,))}
 
 
+MEMBER = "member-1"
+
+
+class JustActivate:
+    """The Dispatcher's part a Group calls (no workers here: lanes are only state)."""
+
+    def activate(self, lane, reason=None):
+        lane.active = True
+        return True
+
+    def deactivate(self, lane):
+        lane.active = False
+
+
+def store_of(pool, consumer, listener="L"):
+    """A ConsumerStore saving as member MEMBER (every store of a test is that member)."""
+    store = ConsumerStore(pool, consumer, listener)
+    store.member = MEMBER
+    return store
+
+
+def load(pool, store, channels, start):
+    """Join *store*'s consumer group (one partition) as MEMBER with *channels* as
+    its lanes: each takes the stored position (a new group starts at *start*)."""
+    parents = {}
+    for ch in channels:
+        ch.partition, ch.active = 0, False
+        parent = ChannelState(ch.name, ch.wire)
+        parent.lanes = (ch,)
+        parents[ch.name] = parent
+    cfg = types.SimpleNamespace(consumer_partitions=1, consumer_lease_s=30.0)
+    group = Group(store._name, store.consumer, cfg, parents, pool, store, JustActivate)
+    group.member = store.member = MEMBER
+    group.join(start)
+    assert all(ch.active for ch in channels)
+    return store
+
+
 def log_xids(db):
     return dict(execute(db, "SELECT id, xid::text::bigint FROM pgnotify_sync.event_log ORDER BY id"))
 
@@ -71,7 +113,7 @@ def test_load_of_a_new_consumer_starts_at_start_and_inserts_its_rows(tdb, pool):
     start = snapshot(tdb)
     t, u = ChannelState("t", "t"), ChannelState("u", WIRE_U)
     t.handled = {1: 1}                                  # whatever was there is replaced
-    ConsumerStore(pool, "indexer", "L").load([t, u], start)
+    load(pool, store_of(pool, "indexer", "L"), [t, u], start)
     assert (t.position, t.handled) == (start, {})
     assert (u.position, u.handled) == (start, {})
     assert stored(tdb, "indexer") == {"t": (start, [], 0), WIRE_U: (start, [], 0)}
@@ -80,35 +122,25 @@ def test_load_of_a_new_consumer_starts_at_start_and_inserts_its_rows(tdb, pool):
 
 def test_load_of_a_known_consumer_ignores_start(tdb, pool):
     first = snapshot(tdb)
-    ConsumerStore(pool, "indexer", "L").load([ChannelState("t", "t")], first)
+    load(pool, store_of(pool, "indexer", "L"), [ChannelState("t", "t")], first)
     execute(tdb, "INSERT INTO t VALUES (1)")
     later = snapshot(tdb)
     assert later != first
     ch = ChannelState("t", "t")
-    ConsumerStore(pool, "indexer", "L").load([ch], later)
+    load(pool, store_of(pool, "indexer", "L"), [ch], later)
     assert ch.position == first
     assert stored(tdb, "indexer")["t"][0] == first       # not overwritten
 
 
 def test_load_of_a_second_consumer_is_separate(tdb, pool):
     first = snapshot(tdb)
-    ConsumerStore(pool, "a", "L").load([ChannelState("t", "t")], first)
+    load(pool, store_of(pool, "a", "L"), [ChannelState("t", "t")], first)
     execute(tdb, "INSERT INTO t VALUES (1)")
     later = snapshot(tdb)
     ch = ChannelState("t", "t")
-    ConsumerStore(pool, "b", "L").load([ch], later)
+    load(pool, store_of(pool, "b", "L"), [ch], later)
     assert ch.position == later
     assert stored(tdb, "a")["t"][0] == first and stored(tdb, "b")["t"][0] == later
-
-
-def test_load_logs_new_and_resumed(tdb, pool, caplog):
-    caplog.set_level(logging.INFO, logger="pgnotify_sync")
-    start = snapshot(tdb)
-    ConsumerStore(pool, "indexer", "orders").load([ChannelState("t", "t")], start)
-    ConsumerStore(pool, "indexer", "orders").load([ChannelState("t", "t")], start)
-    messages = [r.getMessage() for r in caplog.records if r.name == "pgnotify_sync"]
-    assert messages == ["orders: new consumer 'indexer' starts channel 't' now",
-                        "orders: consumer 'indexer' resumes channel 't'"]
 
 
 # -- save / load --------------------------------------------------------------------------
@@ -116,9 +148,9 @@ def test_load_logs_new_and_resumed(tdb, pool, caplog):
 
 def test_save_then_load_restores_position_handled_and_cursors(tdb, pool):
     start = snapshot(tdb)
-    store = ConsumerStore(pool, "indexer", "L")
+    store = store_of(pool, "indexer", "L")
     ch = ChannelState("t", "t")
-    store.load([ch], start)
+    load(pool, store, [ch], start)
 
     execute(tdb, "INSERT INTO t VALUES (1), (2), (3)")
     execute(tdb, "INSERT INTO t VALUES (4)")
@@ -143,7 +175,7 @@ def test_save_then_load_restores_position_handled_and_cursors(tdb, pool):
                           "cursors": [[str(cursor_a), one], [str(cursor_b), three]]}
 
     again = ChannelState("t", "t")
-    ConsumerStore(pool, "indexer", "L2").load([again], snapshot(tdb))
+    load(pool, store_of(pool, "indexer", "L2"), [again], snapshot(tdb))
     assert again.position == position
     assert again.handled == {one: xids[one], two: xids[two], three: xids[three], five: xids[five]}
     assert again.partial == [(cursor_a, one), (cursor_b, three)]
@@ -151,9 +183,9 @@ def test_save_then_load_restores_position_handled_and_cursors(tdb, pool):
 
 
 def test_handled_ids_no_longer_in_the_log_are_not_restored(tdb, pool):
-    store = ConsumerStore(pool, "indexer", "L")
+    store = store_of(pool, "indexer", "L")
     ch = ChannelState("t", "t")
-    store.load([ch], snapshot(tdb))
+    load(pool, store, [ch], snapshot(tdb))
     execute(tdb, "INSERT INTO t VALUES (1), (2)")
     xids = log_xids(tdb)
     one, two = sorted(xids)
@@ -161,14 +193,14 @@ def test_handled_ids_no_longer_in_the_log_are_not_restored(tdb, pool):
     store.save(ch)
     execute(tdb, "DELETE FROM pgnotify_sync.event_log WHERE id = %s", (one,))
     again = ChannelState("t", "t")
-    ConsumerStore(pool, "indexer", "L").load([again], snapshot(tdb))
+    load(pool, store_of(pool, "indexer", "L"), [again], snapshot(tdb))
     assert again.handled == {two: xids[two]}
 
 
 def test_undelivered_ids_are_not_stored(tdb, pool):
-    store = ConsumerStore(pool, "indexer", "L")
+    store = store_of(pool, "indexer", "L")
     ch = ChannelState("t", "t")
-    store.load([ch], snapshot(tdb))
+    load(pool, store, [ch], snapshot(tdb))
     execute(tdb, "INSERT INTO t VALUES (1), (2), (3), (4)")
     xids = log_xids(tdb)
     one, two, three, four = sorted(xids)
@@ -177,30 +209,30 @@ def test_undelivered_ids_are_not_stored(tdb, pool):
     assert stored(tdb, "indexer")["t"][1] == {"ranges": [[one, one], [three, three]]}
     assert ch.handled == xids                          # the channel's own state is left alone
     again = ChannelState("t", "t")
-    ConsumerStore(pool, "indexer", "L").load([again], snapshot(tdb))
+    load(pool, store_of(pool, "indexer", "L"), [again], snapshot(tdb))
     assert again.handled == {one: xids[one], three: xids[three]}
 
 
 def test_save_without_cursors_stores_ranges_only(tdb, pool):
-    store = ConsumerStore(pool, "indexer", "L")
+    store = store_of(pool, "indexer", "L")
     ch = ChannelState("t", "t")
-    store.load([ch], snapshot(tdb))
+    load(pool, store, [ch], snapshot(tdb))
     ch.catchup_target, ch.catchup_upto = snapshot(tdb), 0      # a catch-up that delivered nothing yet
     store.save(ch)
     assert stored(tdb, "indexer")["t"][1] == {"ranges": []}
     again = ChannelState("t", "t")
-    ConsumerStore(pool, "indexer", "L").load([again], snapshot(tdb))
+    load(pool, store_of(pool, "indexer", "L"), [again], snapshot(tdb))
     assert again.partial == [] and again.handled == {}
 
 
 def test_save_updates_only_its_consumer_and_channel(tdb, pool):
     start = snapshot(tdb)
     t, u = ChannelState("t", "t"), ChannelState("u", WIRE_U)
-    ConsumerStore(pool, "indexer", "L").load([t, u], start)
-    ConsumerStore(pool, "other", "L").load([ChannelState("t", "t")], start)
+    load(pool, store_of(pool, "indexer", "L"), [t, u], start)
+    load(pool, store_of(pool, "other", "L"), [ChannelState("t", "t")], start)
     execute(tdb, "INSERT INTO t VALUES (1)")
     t.position = snapshot(tdb)
-    ConsumerStore(pool, "indexer", "L").save(t)
+    store_of(pool, "indexer", "L").save(t)
     assert stored(tdb, "indexer")["t"][0] == t.position
     assert stored(tdb, "indexer")[WIRE_U][0] == start
     assert stored(tdb, "other")["t"][0] == start
@@ -208,24 +240,24 @@ def test_save_updates_only_its_consumer_and_channel(tdb, pool):
 
 def test_load_reads_the_first_format_ranges_only(tdb, pool):
     start = snapshot(tdb)
-    ConsumerStore(pool, "indexer", "L").load([ChannelState("t", "t")], start)
+    load(pool, store_of(pool, "indexer", "L"), [ChannelState("t", "t")], start)
     execute(tdb, "INSERT INTO t VALUES (1), (2), (3)")
     xids = log_xids(tdb)
     one, two, three = sorted(xids)
     execute(tdb, "UPDATE pgnotify_sync.consumers SET handled = %s::jsonb WHERE name = 'indexer'",
             (f"[[{one}, {two}]]",))
     ch = ChannelState("t", "t")
-    ConsumerStore(pool, "indexer", "L").load([ch], start)
+    load(pool, store_of(pool, "indexer", "L"), [ch], start)
     assert ch.handled == {one: xids[one], two: xids[two]}
     assert ch.partial == []
 
 
 def test_save_on_a_closed_pool_logs_and_does_not_raise(tdb, pool, caplog):
     caplog.set_level(logging.WARNING, logger="pgnotify_sync")
-    store = ConsumerStore(pool, "indexer", "orders")
+    store = store_of(pool, "indexer", "orders")
     ch = ChannelState("t", "t")
     start = snapshot(tdb)
-    store.load([ch], start)
+    load(pool, store, [ch], start)
     pool.close()
     ch.position = Snapshot(start.xmin, start.xmax + 5)
     store.save(ch)
@@ -240,9 +272,9 @@ def test_save_on_a_closed_pool_logs_and_does_not_raise(tdb, pool, caplog):
 
 def test_take_gaps_returns_and_resets_lost(tdb, pool):
     start = snapshot(tdb)
-    store = ConsumerStore(pool, "indexer", "L")
-    store.load([ChannelState("t", "t"), ChannelState("u", WIRE_U)], start)
-    ConsumerStore(pool, "other", "L").load([ChannelState("t", "t")], start)
+    store = store_of(pool, "indexer", "L")
+    load(pool, store, [ChannelState("t", "t"), ChannelState("u", WIRE_U)], start)
+    load(pool, store_of(pool, "other", "L"), [ChannelState("t", "t")], start)
     assert store.take_gaps() == []
 
     execute(tdb, "INSERT INTO t VALUES (1), (2), (3)")
@@ -255,4 +287,4 @@ def test_take_gaps_returns_and_resets_lost(tdb, pool):
     assert {ch: lost for ch, (_, _, lost) in stored(tdb, "indexer").items()} == {"t": 0, WIRE_U: 0}
     assert store.take_gaps() == []
     assert stored(tdb, "other")["t"][2] == 3                 # another consumer's counters are its own
-    assert ConsumerStore(pool, "other", "L").take_gaps() == [("t", 3)]
+    assert store_of(pool, "other", "L").take_gaps() == [("t", 3)]

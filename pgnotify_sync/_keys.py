@@ -1,0 +1,78 @@
+"""Row keys: which row an event is about, and its partition (no thread, no lock of
+its own beyond the cache's).
+
+A table event's key is its table and the values of the table's primary-key columns
+(from ``data``, which is the deleted row for a DELETE). A published event's key is its id. An event
+whose key columns are not in the row (no primary key, an excluded key column) is keyed by its table alone: all of that table's events then share one
+key, which keeps them in order. A row's partition is a stable hash of its key (CRC-32
+of a canonical JSON text: the same in every process and on every host), modulo the
+partition count.
+
+Consumer groups (_group.py) and ``ordering="row"`` (_delivery.py) use the same key.
+"""
+
+import json
+import threading
+import zlib
+
+from .events import Operation
+
+# The key columns of each table, from the catalog: used where no group fixed them.
+CATALOG_KEY_SQL = """
+SELECT coalesce(ARRAY(SELECT a.attname::text
+                        FROM pg_index i
+                        CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, n)
+                        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                       WHERE i.indrelid = to_regclass(format('%%I.%%I', %(schema)s, %(table)s)) AND i.indisprimary
+                       ORDER BY k.n), '{}')
+"""
+
+
+class KeyColumns:
+    """Each table's key columns, looked up once: *lookup(schema, table)* returns them
+    (a tuple, empty for a table without a primary key); *known* pre-fills the cache."""
+
+    def __init__(self, lookup, known=None):
+        self._lookup = lookup
+        self._lock = threading.Lock()
+        self._columns = dict(known or {})
+
+    def update(self, known):
+        with self._lock:
+            self._columns.update(known)
+
+    def of(self, schema, table):
+        key = (schema, table)
+        columns = self._columns.get(key)
+        if columns is None:
+            columns = tuple(self._lookup(schema, table))
+            with self._lock:
+                columns = self._columns.setdefault(key, columns)
+        return columns
+
+
+def row_key(event, key_columns):
+    """A hashable, JSON-ready key of the row *event* is about."""
+    if event.operation is Operation.PUBLISH:
+        return ("", "", event.id)
+    row = event.data        # for a DELETE, the deleted row
+    columns = key_columns.of(event.schema, event.table) if isinstance(row, dict) else ()
+    if columns and all(c in row for c in columns):
+        return (event.schema, event.table, *[_hashable(row[c]) for c in columns])
+    return (event.schema, event.table)
+
+
+def _hashable(value):
+    return json.dumps(value, sort_keys=True, separators=(",", ":")) if isinstance(value, (dict, list)) else value
+
+
+def key_hash(key):
+    """A stable 32-bit hash of *key* (the same in every process)."""
+    return zlib.crc32(json.dumps(key, separators=(",", ":"), ensure_ascii=True).encode())
+
+
+def partition_of(event, key_columns, partitions):
+    """The partition (0 .. partitions-1) of *event*."""
+    if partitions == 1:
+        return 0
+    return key_hash(row_key(event, key_columns)) % partitions

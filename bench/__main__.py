@@ -33,6 +33,9 @@ memory         peak VmRSS growth of the Listener's process during a 1,000,000-
                smaller burst: flat or not.
 faults         freeze -> disconnected (vs interval + timeout), stop() in a 10 s
                backoff, a wrong password refused (vs a good start); bench/faults.py.
+groups         events/s with a 20 ms handler: a consumer group of 2 and 4 member
+               processes vs 1 (4 partitions, 1 worker each), and ordering="row"
+               vs "channel" (4 workers); bench/groups.py.                 info
 
 Figures are medians over ``--runs`` (min - max in brackets); kinds alternate run
 by run. The machine is shared and noisy: compare ours with its baseline of the
@@ -66,7 +69,7 @@ from pgnotify_sync.testing import ClusterError
 
 DEFAULT_PLOT = pathlib.Path(__file__).resolve().parent / "results" / "load.png"
 ORDER = ("writer_bulk", "writer_single", "concurrent", "delivery", "drain", "delivery_ssh", "latency", "load",
-         "catchup", "memory", "faults")
+         "catchup", "memory", "faults", "groups")
 
 
 def parse_args(argv=None):

@@ -33,6 +33,7 @@ import attrs
 
 from bench import _child
 from bench.concurrent import concurrent
+from bench.groups import groups
 from bench.faults import faults
 from bench._common import (BENCH_TABLE, PLAIN_CHANNEL, PLAIN_TABLE, BenchError, BurstWriter, RawReceiver, Tally,
                            create_rows_table, fmt_rate, now, prepare_bench_table, prepare_plain_table,
@@ -82,16 +83,17 @@ class Sizes:
     memory_handler_s: float     # memory: the slow handler's time per event
     concurrent_s: int           # concurrent: seconds of pgbench per measurement (whole)
     drain_rows: int             # drain: rows of the one statement
+    group_rows: int             # groups: rows of the one statement each group handles
 
 
 FULL = Sizes(bulk_statements=40, single_inserts=3000, delivery_rows=200_000, latency_rate=1000, latency_s=5.0,
              load_rates=(500, 1000, 2000, 4000, 8000), load_s=2.5, catchup_rows=100_000, catchup_deadline_s=20.0,
              memory_rows=1_000_000, memory_sample_s=20.0, memory_handler_s=0.0001, concurrent_s=8,
-             drain_rows=100_000)
+             drain_rows=100_000, group_rows=400)
 QUICK = Sizes(bulk_statements=5, single_inserts=300, delivery_rows=20_000, latency_rate=1000, latency_s=1.5,
               load_rates=(1000, 4000), load_s=1.0, catchup_rows=10_000, catchup_deadline_s=6.0,
               memory_rows=50_000, memory_sample_s=4.0, memory_handler_s=0.0001, concurrent_s=2,
-              drain_rows=20_000)
+              drain_rows=20_000, group_rows=60)
 
 
 @attrs.define
@@ -672,6 +674,7 @@ FIGURES = {
     "faults": faults,
     "concurrent": concurrent,
     "drain": drain,
+    "groups": groups,
 }
 
 

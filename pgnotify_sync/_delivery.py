@@ -105,15 +105,9 @@ class Delivery:
                 try:
                     only(event)
                 except BaseException as exc:
-                    errors += 1
-                    self._failed(ch, exc, event)
+                    errors += self._failed(ch, exc, event)
             else:
-                for call in calls:
-                    try:
-                        call(event)
-                    except BaseException as exc:
-                        errors += 1
-                        self._failed(ch, exc, event)
+                errors += self._call_all(ch, calls, event)
             done = perf()
             elapsed = done - started
             started = done
@@ -208,9 +202,21 @@ class Delivery:
                          "details": {"operation": event.operation.value, "table": event.table,
                                      "duration": round(elapsed * 1000, 3)}})
 
+    def _call_all(self, ch, calls, event):
+        """Every receiver of *ch* for *event*; returns how many raised."""
+        errors = 0
+        for call in calls:
+            try:
+                call(event)
+            except BaseException as exc:
+                errors += self._failed(ch, exc, event)
+        return errors
+
     def _failed(self, ch, exc, event):
-        """A handler raised (counted by the caller: row threads count apart)."""
+        """A handler raised: reported; returns 1 (counted by the caller: row threads
+        count apart)."""
         if must_propagate(exc):
             raise exc
         self._report("handler", exc, ch.name, event_id=event.id, exc_info=True)
+        return 1
 

@@ -251,9 +251,9 @@ class Dispatcher:
         lane.ahead.clear()
         with self._lock:
             lane.active = False
-            self.buffered -= sum(map(held, lane.items))
-            lane.items.clear()
+            self._drop_queued_locked(lane)
             lane.overflow = False
+            lane.poll_pending = False
         # a worker running it now stops at its next event (Delivery checks the lease)
 
     def _lease_lost(self, lane):
@@ -261,14 +261,22 @@ class Dispatcher:
         self._hooks.lease_lost(lane)
 
     def release(self, lane, done):
-        """Hand *lane* over once everything queued before now is handled: its worker
-        calls ``done(lane)`` (store and release), then it takes nothing more."""
+        """Hand *lane* over once the batch its worker holds is handled: its worker
+        calls ``done(lane)`` (store and release), then it takes nothing more. What
+        is queued is not handled here (the position does not cover it): the next
+        owner reads it from the log, so a hand-over waits one batch, not a backlog."""
+        lane.ahead.clear()
         with self._lock:
             if not lane.active or lane.releasing:
                 return
             lane.releasing = done
+            self._drop_queued_locked(lane)
             lane.items.append(Release(done))
             self._schedule_locked(lane)
+
+    def _drop_queued_locked(self, lane):
+        self.buffered -= sum(map(held, lane.items))
+        lane.items.clear()
 
     def _drop_locked(self, ch, events):
         dropped = sum(map(weight, events))

@@ -296,11 +296,11 @@ def log_status(cur):
     summary = {"rows": count, "first_id": first, "last_id": last, "oldest": oldest, "newest": newest,
                "bytes": size}
     cur.execute("""
-        SELECT c.name, c.channel, c.updated_at,
+        SELECT c.name, c.channel, c.partition, c.updated_at,
                (SELECT count(*) FROM pgnotify_sync.event_log l
                  WHERE l.channel = c.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)
                    AND l.xid >= pg_snapshot_xmin(c.position)) AS lag
-          FROM pgnotify_sync.consumers c ORDER BY 1, 2""")
-    consumers = [{"name": n, "channel": ch, "updated_at": u, "lag_upper_bound": lag}
-                 for n, ch, u, lag in cur.fetchall()]
+          FROM pgnotify_sync.consumers c ORDER BY 1, 2, 3""")
+    consumers = [{"name": n, "channel": ch, "partition": p, "updated_at": u, "lag_upper_bound": lag}
+                 for n, ch, p, u, lag in cur.fetchall()]
     return summary, consumers

@@ -32,8 +32,9 @@ import uuid
 
 import psycopg2
 
+from ._channel import ChannelState
 from ._keys import CATALOG_KEY_SQL, KeyColumns
-from ._threads import spawn
+from ._threads import join_all, spawn
 from .errors import ConfigError, PgNotifyError, PrivilegeError, first_line
 
 log = logging.getLogger("pgnotify_sync")
@@ -145,8 +146,16 @@ class Group:
         self.renewed_at = None      # time.time() of the last renewal
         self.keys = KeyColumns(self.key_columns)     # the rows' keys, as the group fixed them
         self.thread = None
+        self._stop = threading.Event()
         self._failing = False
         self.joined = False
+
+    @classmethod
+    def member(cls, name, consumer, config, channels, connections, dispatcher):
+        """The listener's Group: each of its *channels* split into lanes, one per partition."""
+        for ch in channels.values():
+            ch.lanes = tuple(ChannelState(ch.name, ch.wire, partition=p) for p in range(config.consumer_partitions))
+        return cls(name, consumer, config, channels, connections.pool, connections.consumer_store, dispatcher)
 
     # -- keys ---------------------------------------------------------------------
 
@@ -199,15 +208,21 @@ class Group:
         return PrivilegeError(f"{self.name}: consumer name {self.consumer!r} is kept by another database role: "
                               "choose another consumer name for this role")
 
-    def start(self, stop_event, ready):
-        """Tick on ``<name>-group`` until *stop_event*, while ``ready()``."""
-        self.thread = spawn(self._run, f"{self.name}-group", stop_event, ready)
+    def start(self):
+        """Tick on ``<name>-group`` until :meth:`stop_ticking` (it goes on while the
+        listener connection is down: the member is alive and catches up later)."""
+        self.thread = spawn(self._run, f"{self.name}-group")
         return self
 
-    def _run(self, stop_event, ready):
-        while not stop_event.wait(self.tick_s):
-            if not (self.joined and ready()):
-                self.expire()
+    def stop_ticking(self, deadline):
+        """End the ticks (stop(): after the dispatcher drained, before :meth:`leave`,
+        so the leases held while the last events were handled)."""
+        self._stop.set()
+        return join_all([self.thread], deadline)
+
+    def _run(self):
+        while not self._stop.wait(self.tick_s):
+            if not self.joined:
                 continue
             try:
                 with self._lock:

@@ -51,6 +51,11 @@ class KeyColumns:
         return columns
 
 
+def catalog_keys(query_one):
+    """KeyColumns from each table's primary key (*query_one(sql, params)*: one row)."""
+    return KeyColumns(lambda schema, table: query_one(CATALOG_KEY_SQL, {"schema": schema, "table": table})[0])
+
+
 def row_key(event, key_columns):
     """A hashable, JSON-ready key of the row *event* is about."""
     if event.operation is Operation.PUBLISH:

@@ -162,6 +162,15 @@ def cmd_status(args):
     print(json.dumps(status, indent=2, default=str))
 
 
+def cmd_consumers(args):
+    from .status import consumer_groups
+
+    def read(conn, cfg):
+        with conn.cursor() as cur:
+            return consumer_groups(cur)
+    print(json.dumps(_with_connection(args, read), indent=2, default=str))
+
+
 def cmd_demo(args):
     from .testing.demo import run_demo
     return run_demo(args)
@@ -251,6 +260,11 @@ def _add_event_parsers(sub):
     p = sub.add_parser("status", help="listener-relevant server state as JSON")
     _add_db_flags(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("consumers", help="consumer groups as JSON: members, and each partition's owner, lease "
+                                         "and position")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_consumers)
 
 
 def _add_demo_parser(sub):

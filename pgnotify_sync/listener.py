@@ -34,7 +34,7 @@ from ._connections import Connections
 from ._dispatch import Dispatcher
 from ._fetch import READ_AHEAD, fetch_timeout_s
 from ._group import Group
-from ._keys import CATALOG_KEY_SQL, KeyColumns
+from ._keys import catalog_keys
 from ._hooks import ListenerHooks
 from ._lifecycle import ConnectionState, Lifecycle
 from ._maintenance import Every, Maintenance, TrimUnlessRefused
@@ -79,7 +79,9 @@ class Listener:
 
     :param config: a :class:`Config`.
     :param consumer: optional durable consumer name: its position is stored in
-        PostgreSQL and a restarted process resumes where it left off.
+        PostgreSQL and a restarted process resumes where it left off. Listeners of
+        one consumer name, in any process, form a group that shares the work
+        (``Config.consumer_partitions``; README "Running many processes").
     :param name: names threads, logs and metrics; default ``pgnotify-N``.
     :param checkpoint_every: a durable consumer stores its position after this many
         events, and after every batch the worker takes (default 100). After a crash
@@ -235,6 +237,7 @@ class Listener:
         if self._rows is not None:
             late += self._rows.close(deadline)
         if self._group is not None:
+            late += self._group.stop_ticking(deadline)
             self._group.leave()         # hands every partition over at its final position
         if len(self._publisher):
             self._publisher.flush_until(deadline)
@@ -259,7 +262,7 @@ class Listener:
 
     def threads(self):
         """The threads this listener started (for tests and diagnostics)."""
-        threads = [t for t in self._own_threads() if t is not None]
+        threads = [t for t in self._own_threads() + (self._group and self._group.thread,) if t is not None]
         if self._dispatcher is not None:
             threads.extend(self._dispatcher.threads())
         if self._rows is not None:
@@ -283,7 +286,11 @@ class Listener:
              "last_event_at": 1764579012.5, "queue_size": 0, "queue_capacity": 10000,
              "reconnects": 0, "last_error": None, "last_health_check_rtt_s": 0.0004,
              "channels": {"messages": {"lag": 0, "delivered": 12, "last_event_at": ...,
-                                       "falling_back": False}}}
+                                       "falling_back": False}},
+             "consumer": None}
+
+        A consumer group member's ``consumer``: ``{"name", "member", "partitions",
+        "members", "owned", "lease_age_s", "rebalances"}`` (README "Running many processes").
         """
         return self._observer.health()
 
@@ -340,9 +347,8 @@ class Listener:
     # -- wiring -------------------------------------------------------------------
 
     def _own_threads(self):
-        """The reader's, maintenance's, poller's and group's threads (None where not started)."""
-        return (self._reader and self._reader.thread, self._maintenance, self._poller and self._poller.thread,
-                self._group and self._group.thread)
+        """The reader's, maintenance's and poller's threads (None where not started)."""
+        return (self._reader and self._reader.thread, self._maintenance, self._poller and self._poller.thread)
 
     def _add_channel(self, channel):
         self._channels[channel] = ChannelState(channel, self.config.checked_wire_channel(channel))
@@ -354,7 +360,12 @@ class Listener:
             self._metrics = collector_for(self._registry)
             self._metrics.add(self._observer)
         self._connections.require_pool()
-        keys, partitions = self._setup_group()
+        # A durable consumer is a member of its group (_group.py).
+        if self.consumer:
+            self._group = parts.group = Group.member(self.name, self.consumer, cfg, self._channels,
+                                                     self._connections, lambda: self._dispatcher)
+        keys = self._group.keys if self._group else catalog_keys(self._connections.event_log.query_one)
+        partitions = cfg.consumer_partitions if self._group else 1
         if cfg.ordering == "row" and cfg.worker_pool_size > 1:
             self._rows = RowPool(self.name, cfg.worker_pool_size, keys)
         self._hooks.configure_delivery(keys, partitions, self._rows)
@@ -383,21 +394,8 @@ class Listener:
                               and self._lifecycle.state is ConnectionState.LISTENING)
         self._poller.start()
         if self._group is not None:
-            self._group.start(self._stop_event, lambda: self._lifecycle.state is ConnectionState.LISTENING)
+            self._group.start()
 
-    def _setup_group(self):
-        """A durable consumer is a member of its group (_group.py): each channel in
-        lanes, one per partition. Returns the rows' KeyColumns and the partition count."""
-        conns = self._connections
-        if not self.consumer:
-            return KeyColumns(lambda schema, table: conns.event_log.query_one(
-                CATALOG_KEY_SQL, {"schema": schema, "table": table})[0]), 1
-        n = self.config.consumer_partitions
-        for ch in self._channels.values():
-            ch.lanes = tuple(ChannelState(ch.name, ch.wire, partition=p) for p in range(n))
-        self._group = self._parts.group = Group(self.name, self.consumer, self.config, self._channels, conns.pool,
-                                                conns.consumer_store, lambda: self._dispatcher)
-        return self._group.keys, n
 
 
 def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup):

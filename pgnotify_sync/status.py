@@ -27,6 +27,7 @@ def server_status(conn):
         status["event_log"] = summary
         status["watched_tables"] = _granted(cur, _watched)
         status["consumers"] = consumers
+        status["consumer_groups"] = _granted(cur, consumer_groups)
         status["privileges"] = _granted(cur, _privileges)
     conn.rollback()
     return status
@@ -75,3 +76,39 @@ def _privileges(cur):
         stale = [r[0] for r in cur.fetchall()]
     return {"model": True, "role": role, "unrestricted": unrestricted, "granted": list(mine), "grants": grants,
             "retention_floors": floors, "capture_owner_mismatch": stale}
+
+
+def consumer_groups(cur):
+    """Every consumer group this role may see (``pgnotify-sync consumers``): its
+    partition count, its live members, and each partition's owner, epoch, lease
+    left and position (as a lag bound)."""
+    cur.execute("SELECT to_regclass('pgnotify_sync.consumer_groups') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return []       # an install older than the groups
+    cur.execute("""
+        SELECT n.name, g.partitions FROM (SELECT DISTINCT name FROM pgnotify_sync.consumers) n
+          LEFT JOIN pgnotify_sync.consumer_groups g ON g.name = n.name ORDER BY 1""")
+    groups = {name: {"name": name, "partitions": p, "members": [], "positions": []} for name, p in cur.fetchall()}
+    cur.execute("""
+        SELECT name, member, host, pid, channels, joined_at,
+               extract(epoch FROM clock_timestamp() - heartbeat_at)::float8
+          FROM pgnotify_sync.consumer_members ORDER BY 1, 2""")
+    for name, member, host, pid, channels, joined, age in cur.fetchall():
+        if name in groups:
+            groups[name]["members"].append({"member": member, "host": host, "pid": pid, "channels": list(channels),
+                                            "joined_at": joined, "heartbeat_age_s": round(age, 3)})
+    cur.execute("""
+        SELECT c.name, c.channel, c.partition, c.owner, c.epoch,
+               CASE WHEN c.lease_until > clock_timestamp()
+                    THEN extract(epoch FROM c.lease_until - clock_timestamp())::float8 END,
+               c.updated_at,
+               (SELECT count(*) FROM pgnotify_sync.event_log l
+                 WHERE l.channel = c.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)
+                   AND l.xid >= pg_snapshot_xmin(c.position))
+          FROM pgnotify_sync.consumers c ORDER BY 1, 2, 3""")
+    for name, channel, partition, owner, epoch, left, updated, lag in cur.fetchall():
+        groups[name]["positions"].append({
+            "channel": channel, "partition": partition, "owner": owner if left is not None else None,
+            "epoch": epoch, "lease_left_s": None if left is None else round(left, 3), "updated_at": updated,
+            "lag_upper_bound": lag})
+    return list(groups.values())

@@ -1108,3 +1108,20 @@ GRANT EXECUTE ON FUNCTION pgnotify_sync.unreadable_channels(text[]), pgnotify_sy
                           pgnotify_sync.unrestricted(), pgnotify_sync.installer() TO PUBLIC;
 -- The settings only by the installer (set_retention_floor) or a superuser.
 REVOKE INSERT, UPDATE, DELETE ON pgnotify_sync.settings FROM PUBLIC;
+-- Roles granted before the consumer groups existed get their tables too.
+DO $do$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT DISTINCT g.role, g.kind FROM pgnotify_sync.grants g
+              WHERE g.kind IN ('listen', 'admin') AND to_regrole(g.role::regrole::text) IS NOT NULL LOOP
+        IF r.kind = 'listen' THEN
+            EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.consumer_groups, '
+                           'pgnotify_sync.consumer_members, pgnotify_sync.consumer_keys TO %s', r.role::regrole);
+        ELSE
+            EXECUTE format('GRANT SELECT ON pgnotify_sync.consumer_groups, pgnotify_sync.consumer_members TO %s',
+                           r.role::regrole);
+        END IF;
+    END LOOP;
+END
+$do$;

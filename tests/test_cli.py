@@ -240,7 +240,7 @@ def test_install_is_idempotent_and_watch_unwatch_exclude(cli, messages_table):
                       "event_log": log_state,
                       "watched_tables": [{"table": "public.messages", "channel": "messages",
                                           "exclude_columns": ["password_hash"]}],
-                      "consumers": [],
+                      "consumers": [], "consumer_groups": [],
                       "privileges": {"model": True, "role": "postgres", "unrestricted": True,
                                      "granted": ["admin", "listen", "publish"], "grants": [],
                                      "retention_floors": {"consumer_retention_floor_s": 0.0,
@@ -374,12 +374,18 @@ def test_listen_with_consumer_resumes_across_runs(cli, messages_table):
     (consumer,) = json.loads(cli.run("status").stdout)["consumers"]
     # Every event was handled. The bound counts what the stored snapshot does not cover:
     # the live event '5' may be remembered by id (consumers.handled) rather than by it.
-    assert consumer == {"name": "indexer", "channel": "messages", "updated_at": str(updated_at),
+    assert consumer == {"name": "indexer", "channel": "messages", "partition": 0, "updated_at": str(updated_at),
                         "lag_upper_bound": consumer["lag_upper_bound"]}
     assert consumer["lag_upper_bound"] in (0, 1)
     insert(messages_table, "6", "7")                  # nobody listening: two events to go
     assert json.loads(cli.run("status").stdout)["consumers"] == [
         dict(consumer, lag_upper_bound=consumer["lag_upper_bound"] + 2)]
+    # The group: no member runs, its one partition is free (handed over at the stop).
+    (group,) = json.loads(cli.run("consumers").stdout)
+    (position,) = group["positions"]
+    assert (group["name"], group["partitions"], group["members"]) == ("indexer", 1, [])
+    assert position == {"channel": "messages", "partition": 0, "owner": None, "epoch": 2, "lease_left_s": None,
+                        "updated_at": position["updated_at"], "lag_upper_bound": consumer["lag_upper_bound"] + 2}
 
 
 # -- the web demo ---------------------------------------------------------------------

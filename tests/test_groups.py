@@ -16,6 +16,7 @@ import pytest
 
 from pgnotify_sync import ConfigError, install, watch_table
 from pgnotify_sync._group import deal
+from pgnotify_sync.status import consumer_groups
 
 from helpers import wait_for
 from pgutil import Collector, execute
@@ -173,6 +174,11 @@ def test_three_members_share_the_events_exactly_once(jobs, members):
     for name in ("m1", "m2", "m3"):
         members.start(name, partitions=6)
     wait_for(lambda: settled(jobs, 3, 6), timeout=20, message=f"partitions not spread: {holders(jobs)}")
+    with jobs.cursor() as cur:
+        (group,) = consumer_groups(cur)
+    assert group["partitions"] == 6 and len(group["members"]) == 3
+    assert sorted(p["partition"] for p in group["positions"]) == list(range(6))
+    assert {p["owner"] for p in group["positions"]} == {m["member"] for m in group["members"]}
     insert(jobs, 1200)
     ids = wait_all_handled(jobs)
     seen = handled(jobs)

@@ -319,6 +319,22 @@ def test_a_listener_roles_durable_consumer_sees_only_its_channel_across_a_restar
     assert execute(ledger, "SELECT name, role::regrole::text FROM pgnotify_sync.consumers") == [("books", reader)]
 
 
+def test_a_consumer_group_name_another_role_keeps_is_refused(ledger, roles, dsn):
+    first, second = roles.make("first"), roles.make("second")
+    for role in (first, second):
+        grant_listener(ledger, role, ["acc"])
+    keeper = Listener(role_config(dsn, first, channels=("acc",)), consumer="books", registry=False)
+    other = Listener(role_config(dsn, second, channels=("acc",)), consumer="books", registry=False)
+    try:
+        keeper.start(timeout_s=10)
+        with pytest.raises(PrivilegeError, match="consumer name 'books' is kept by another database role"):
+            other.start(timeout_s=10)
+    finally:
+        other.stop()
+        keeper.stop()
+    assert execute(ledger, "SELECT name, role::regrole::text FROM pgnotify_sync.consumer_groups") == [("books", first)]
+
+
 def test_a_listener_without_the_grant_fails_at_start_naming_it(ledger, roles, dsn):
     nobody = roles.make("nobody")
     listener = Listener(role_config(dsn, nobody, channels=("acc",)), registry=False)

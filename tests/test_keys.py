@@ -1,0 +1,82 @@
+"""Row keys, partitions and the row threads of ordering="row" (no database)."""
+
+import threading
+import time
+import zlib
+
+from pgnotify_sync._keys import KeyColumns, key_hash, partition_of, row_key
+from pgnotify_sync._rows import RowPool
+from pgnotify_sync.events import DatabaseEvent, Operation
+
+
+def event(op="INSERT", data=None, table="jobs", ident=1, schema="public"):
+    return DatabaseEvent(channel="jobs", operation=Operation(op), schema=schema, table=table, data=data, id=ident)
+
+
+def keys(**tables):
+    return KeyColumns(lambda schema, table: tables.get(table, ()))
+
+
+def test_a_rows_key_is_its_table_and_primary_key_values():
+    k = keys(jobs=("id",), pairs=("a", "b"))
+    assert row_key(event(data={"id": 7, "name": "x"}), k) == ("public", "jobs", 7)
+    assert row_key(event("DELETE", data={"id": 7}), k) == ("public", "jobs", 7)      # data: the deleted row
+    assert row_key(event(data={"a": 1, "b": [2, 3]}, table="pairs"), k) == ("public", "pairs", 1, "[2,3]")
+
+
+def test_without_its_key_columns_an_event_is_keyed_by_its_table():
+    k = keys(jobs=("id",))
+    assert row_key(event(data={"name": "x"}), k) == ("public", "jobs")        # the key column was excluded
+    assert row_key(event(data={"id": 1}, table="nokey"), k) == ("public", "nokey")   # no primary key
+
+
+def test_a_published_event_is_keyed_by_its_id():
+    assert row_key(event("PUBLISH", data={"id": 5}, ident=42), keys()) == ("", "", 42)
+
+
+def test_partitions_are_stable_and_spread():
+    k = keys(jobs=("id",))
+    # the same in every process (CRC-32 of a canonical text, not Python's salted hash)
+    assert key_hash(("public", "jobs", 1)) == zlib.crc32(b'["public","jobs",1]') == 628116224
+    parts = [partition_of(event(data={"id": i}), k, 8) for i in range(800)]
+    assert set(parts) == set(range(8))
+    assert max(parts.count(p) for p in range(8)) < 2 * 100
+    assert partition_of(event(data={"id": 3}), k, 1) == 0
+
+
+def test_key_columns_are_looked_up_once_per_table():
+    calls = []
+
+    def lookup(schema, table):
+        calls.append(table)
+        return ["id"]
+    k = KeyColumns(lookup, known={("public", "known"): ("k",)})
+    assert k.of("public", "jobs") == ("id",) and k.of("public", "jobs") == ("id",)
+    assert k.of("public", "known") == ("k",)
+    assert calls == ["jobs"]
+
+
+def test_row_threads_keep_each_rows_order_and_overlap_rows():
+    pool = RowPool("t", 4, keys(jobs=("id",)))
+    seen, running, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def part(events):
+        for e in events:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.01)
+            with lock:
+                running[0] -= 1
+                seen.append((e.data["id"], e.data["n"]))
+        return len(events)
+
+    events = [event(data={"id": row, "n": n}) for n in range(5) for row in range(8)]
+    try:
+        assert sum(pool.run(events, part)) == 40
+    finally:
+        pool.close(time.monotonic() + 5)
+    for row in range(8):
+        assert [n for r, n in seen if r == row] == list(range(5))
+    assert most[0] >= 2

@@ -7,6 +7,7 @@ channel (everything else): each field has one writer, so plain ints suffice.
 """
 
 import collections
+import time
 
 from ._eventlog import RANGE_PAGE
 from .events import DatabaseEvent, EventRange, EventRef
@@ -93,7 +94,7 @@ class ChannelState:
         self.lanes = ()
         self.active = partition is None
         self.epoch = 0                  # the lease's fencing token (consumers.epoch)
-        self.lease_deadline = None      # monotonic time the lease surely holds until
+        self.lease_deadline = None      # lease_clock() time the lease surely holds until
         self.releasing = None           # the done() of a queued Release
         self.items = collections.deque()
         self.ahead = {}     # id(EventRange) -> Job reading it (see _fetch.read_ahead)
@@ -141,3 +142,13 @@ def lanes(ch):
 
 class LeaseLost(Exception):
     """A group lane's lease ran out (or was taken): it delivers nothing more."""
+
+
+def lease_clock():
+    """Seconds on a clock that goes on while the machine is suspended (Linux
+    CLOCK_BOOTTIME; elsewhere monotonic): a member resumed after a suspend longer
+    than its lease sees that its lease ran out."""
+    return time.clock_gettime(_BOOTTIME)
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)

@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 
-from ._channel import LeaseLost
+from ._channel import LeaseLost, lease_clock
 from ._keys import partition_of
 from .errors import must_propagate
 from .metrics import Histogram
@@ -26,7 +26,7 @@ PLAIN_TABLE = "(plain)"
 
 def holds(lane):
     """True while a group lane's lease surely holds (checked before every event)."""
-    return lane.active and time.monotonic() < lane.lease_deadline
+    return lane.active and lease_clock() < lane.lease_deadline
 
 
 def _call_receiver(receiver, sender, event):

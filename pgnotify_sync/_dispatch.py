@@ -238,6 +238,7 @@ class Dispatcher:
             if lane.scheduled or lane.active:
                 return False
             lane.overflow = False
+            lane.ahead.clear()      # reads ahead of items dropped when it was given up (it is idle now)
             lane.active = True
             lane.releasing = None
             if reason is not None:
@@ -248,7 +249,6 @@ class Dispatcher:
     def deactivate(self, lane):
         """*lane*'s lease is gone: it takes nothing more, and what it holds is
         dropped (the next owner reads it from the log)."""
-        lane.ahead.clear()
         with self._lock:
             lane.active = False
             self._drop_queued_locked(lane)
@@ -265,7 +265,6 @@ class Dispatcher:
         calls ``done(lane)`` (store and release), then it takes nothing more. What
         is queued is not handled here (the position does not cover it): the next
         owner reads it from the log, so a hand-over waits one batch, not a backlog."""
-        lane.ahead.clear()
         with self._lock:
             if not lane.active or lane.releasing:
                 return

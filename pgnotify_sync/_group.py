@@ -32,7 +32,7 @@ import uuid
 
 import psycopg2
 
-from ._channel import ChannelState
+from ._channel import ChannelState, lease_clock
 from ._keys import CATALOG_KEY_SQL, KeyColumns
 from ._threads import join_all, spawn
 from .errors import ConfigError, PgNotifyError, PrivilegeError, first_line
@@ -81,7 +81,15 @@ _MEMBERS = "SELECT member, channels FROM pgnotify_sync.consumer_members WHERE na
 _RENEW = """
 UPDATE pgnotify_sync.consumers SET lease_until = clock_timestamp() + make_interval(secs => %(lease)s)
  WHERE name = %(name)s AND owner = %(member)s AND lease_until > clock_timestamp()
+   AND channel || '/' || partition = ANY(%(held)s)
 RETURNING channel, partition, epoch
+"""
+# Rows still in our name that we do not hold here (a hand-over whose save failed, a
+# lease given up here before it ran out there): free for the others now, at their
+# last checkpoint, instead of blocking them until the lease runs out.
+_UNCLAIM = """
+UPDATE pgnotify_sync.consumers SET owner = NULL, lease_until = NULL
+ WHERE name = %(name)s AND owner = %(member)s AND NOT channel || '/' || partition = ANY(%(held)s)
 """
 _SLOTS = ("SELECT channel, partition, owner, coalesce(lease_until > clock_timestamp(), false) "
           "FROM pgnotify_sync.consumers WHERE name = %s AND channel = ANY(%s) AND partition < %s")
@@ -103,15 +111,17 @@ _KEY = ("SELECT columns FROM pgnotify_sync.consumer_keys "
         "WHERE name = %(name)s AND schema_name = %(schema)s AND table_name = %(table)s")
 
 
-def deal(members, wires, partitions, me):
-    """The (wire, partition) slots *me* should hold: every slot of *wires* dealt in
-    turn over the *members* ([(id, channels)], sorted) that listen on its channel."""
+def deal(members, partitions, me):
+    """The (wire, partition) slots *me* should hold: every slot of every channel of
+    the *members* ([(id, channels)], sorted by id) dealt in turn over the members
+    that listen on its channel. Every member computes it from the same rows, so
+    every slot goes to exactly one member."""
     mine = set()
     turn = 0
-    for wire in sorted(wires):
+    for wire in sorted(set().union(*(channels for _, channels in members))):
         eligible = [m for m, channels in members if wire in channels]
         for p in range(partitions):
-            if eligible and eligible[turn % len(eligible)] == me:
+            if eligible[turn % len(eligible)] == me:
                 mine.add((wire, p))
             turn += 1
     return mine
@@ -240,13 +250,13 @@ class Group:
 
     def expire(self):
         """Stop every lane whose lease ran out here (it could not be renewed)."""
-        now = time.monotonic()
+        now = lease_clock()
         for lane in list(self.owned.values()):
             if now >= lane.lease_deadline:
                 self.lost(lane, "its lease ran out before it could be renewed")
 
     def _tick(self, first=False):
-        sent = time.monotonic()
+        sent = lease_clock()
         acquired = []
         params = {"name": self.consumer, "member": self.member, "lease": self.lease_s, "idle_ms": self.idle_ms}
         wires = [ch.wire for ch in self._channels.values()]
@@ -257,11 +267,13 @@ class Group:
             cur.execute(_EXPIRE, params)
             cur.execute(_MEMBERS, (self.consumer,))
             members = [(m, set(c)) for m, c in cur.fetchall()]
+            params["held"] = [f"{w}/{p}" for w, p in list(self.owned)]
             cur.execute(_RENEW, params)
             renewed = {(w, p): e for w, p, e in cur.fetchall()}
+            cur.execute(_UNCLAIM, params)
             cur.execute(_SLOTS, (self.consumer, wires, self.partitions))
             slots = {(w, p): (owner, live) for w, p, owner, live in cur.fetchall()}
-            mine = deal(members, wires, self.partitions, self.member)
+            mine = deal(members, self.partitions, self.member)
             for key, (owner, live) in sorted(slots.items()):
                 lane = self._lanes.get(key)
                 if lane is None or key not in mine or key in self.owned or lane.scheduled:
@@ -323,6 +335,13 @@ class Group:
         if not self.joined:
             return
         for lane in list(self.owned.values()):
+            if lane.scheduled:
+                # stop() timed out with its worker inside a batch whose events are
+                # marked handled but not all delivered: its position must not be
+                # stored. The lease runs out; the next owner repeats since the last
+                # checkpoint.
+                self.lost(lane, "stop() timed out while it was being handled")
+                continue
             self._store.save(lane, release=True)
             self._drop(lane)
         try:

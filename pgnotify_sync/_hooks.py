@@ -9,8 +9,10 @@ import threading
 import types
 
 from ._delivery import Delivery
-from ._fetch import read_pages
+from ._fetch import fetch_timeout_s, read_pages
+from ._channel import lanes
 from ._lifecycle import ConnectionState
+from ._shared import SharedReads
 
 log = logging.getLogger("pgnotify_sync")
 
@@ -28,6 +30,8 @@ class ListenerHooks:
         self._signals = signals
         self._checkpoint_every = checkpoint_every
         self.deliver = self._delivery().deliver
+        # A group member's lanes of one channel read the same hints once (_shared.py).
+        self._shared = SharedReads(fetch_timeout_s(parts.config))
 
     def _delivery(self, keys=None, partitions=1, rows=None):
         p = self._p
@@ -72,7 +76,15 @@ class ListenerHooks:
     def fetch_ids(self, ch, ids):
         if self._p.reader.installed is False:
             return []   # no event log: no hint can name an event (nothing to fall back for)
-        return self._p.connections.event_log.events_by_id(ch.name, ch.wire, ids)
+        read = self._p.connections.event_log.events_by_id
+        if ch.partition is None:
+            return read(ch.name, ch.wire, ids)
+        return self._shared.ids(ch.wire, ids, self._readers(ch), lambda wanted: read(ch.name, ch.wire, wanted))
+
+    def _readers(self, lane):
+        """Lanes of *lane*'s channel that this member holds (and that read alike)."""
+        channel = self._p.dispatcher.by_wire.get(lane.wire)
+        return sum(1 for other in channel.lanes if other.active) if channel is not None else 1
 
     def window(self, ch, target):
         if self._p.reader.installed is False:
@@ -83,13 +95,18 @@ class ListenerHooks:
         """The rows of one statement, announced by id range, after id *after*: one
         page (*previous* is the row count of the page before it) and whether more
         follow it."""
-        return self._p.connections.event_log.range_page(ch.name, ch.wire, rng, after, previous)
+        read = self._p.connections.event_log.range_page
+        if ch.partition is None:
+            return read(ch.name, ch.wire, rng, after, previous)
+        key = (ch.wire, rng.xid, rng.first, rng.last, after, previous)
+        return self._shared.page(key, self._readers(ch), lambda: read(ch.name, ch.wire, rng, after, previous))
 
     def caught_up(self, ch, reason, count):
+        key = (ch.name, ch.partition)
         with self._lock:
-            if ch.name not in self._pending_catchup:
+            if key not in self._pending_catchup:
                 return
-            self._pending_catchup.discard(ch.name)
+            self._pending_catchup.discard(key)
             done = not self._pending_catchup
         if done and self._p.lifecycle.state is ConnectionState.LISTENING:
             log.info("%s: connected and caught up (%s)", self._p.name, reason,
@@ -110,8 +127,8 @@ class ListenerHooks:
         A group member's channels of which it holds no partition have nothing to
         catch up."""
         with self._lock:
-            self._pending_catchup = {name for name, ch in self._p.channels.items()
-                                     if not ch.lanes or any(lane.active for lane in ch.lanes)}
+            self._pending_catchup = {(lane.name, lane.partition) for ch in self._p.channels.values()
+                                     for lane in lanes(ch) if lane.active}
             done = not self._pending_catchup
         if done:
             log.info("%s: connected (holding no partition of consumer group %r yet)", self._p.name,

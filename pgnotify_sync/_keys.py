@@ -11,6 +11,7 @@ partition count.
 Consumer groups (_group.py) and ``ordering="row"`` (_delivery.py) use the same key.
 """
 
+import decimal
 import json
 import threading
 import zlib
@@ -68,12 +69,14 @@ def row_key(event, key_columns):
 
 
 def _hashable(value):
-    return json.dumps(value, sort_keys=True, separators=(",", ":")) if isinstance(value, (dict, list)) else value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return str(value) if isinstance(value, decimal.Decimal) else value
 
 
 def key_hash(key):
     """A stable 32-bit hash of *key* (the same in every process)."""
-    return zlib.crc32(json.dumps(key, separators=(",", ":"), ensure_ascii=True).encode())
+    return zlib.crc32(json.dumps(key, separators=(",", ":"), ensure_ascii=True, default=str).encode())
 
 
 def partition_of(event, key_columns, partitions):

@@ -220,13 +220,16 @@ BEGIN
     IF v_scanned < p_limit THEN
         last_id := NULL;        -- the end of what may go
     END IF;
+    -- A group's partitions each hold a position over the whole channel (which rows
+    -- are whose is known only to the listeners): an event trimmed past any of them
+    -- counts once, on the first such partition's row (an upper bound of the loss).
     UPDATE pgnotify_sync.consumers c SET lost = c.lost + g.n
-      FROM (SELECT c2.name, c2.channel, c2.partition, count(*) AS n
+      FROM (SELECT c2.name, c2.channel, min(c2.partition) AS partition, count(DISTINCT d.id) AS n
               FROM pg_temp.pgnotify_sync_doomed d
               JOIN pgnotify_sync.consumers c2
                 ON c2.channel = d.channel AND NOT pg_visible_in_snapshot(d.xid, c2.position)
              WHERE NOT pgnotify_sync.consumer_handled(c2.handled, d.id, d.xid)
-             GROUP BY 1, 2, 3) g
+             GROUP BY 1, 2) g
      WHERE c.name = g.name AND c.channel = g.channel AND c.partition = g.partition;
     DELETE FROM pgnotify_sync.event_log l USING pg_temp.pgnotify_sync_doomed d WHERE l.id = d.id;
     GET DIAGNOSTICS deleted = ROW_COUNT;

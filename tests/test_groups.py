@@ -155,16 +155,20 @@ def wait_all_handled(db, timeout=60):
 
 def test_deal_spreads_every_slot_once_and_evenly():
     members = [("a", {"jobs", "x"}), ("b", {"jobs", "x"}), ("c", {"jobs", "x"})]
-    shares = [deal(members, ["jobs", "x"], 4, m) for m, _ in members]
+    shares = [deal(members, 4, m) for m, _ in members]
     slots = [slot for share in shares for slot in share]
     assert sorted(slots) == sorted((w, p) for w in ("jobs", "x") for p in range(4))
     assert sorted(len(s) for s in shares) == [2, 3, 3]
 
 
-def test_deal_gives_a_channel_only_to_members_that_listen_on_it():
-    members = [("a", {"jobs"}), ("b", {"jobs", "x"})]
-    assert deal(members, ["x"], 2, "a") == set()
-    assert deal(members, ["x"], 2, "b") == {("x", 0), ("x", 1)}
+@pytest.mark.parametrize("partitions", [1, 2, 3, 5])
+def test_deal_gives_every_slot_to_one_member_when_channel_sets_differ(partitions):
+    members = [("a", {"x", "y"}), ("b", {"y"}), ("c", {"y", "z"})]
+    shares = {m: deal(members, partitions, m) for m, _ in members}
+    slots = [slot for share in shares.values() for slot in share]
+    assert sorted(slots) == sorted((w, p) for w in ("x", "y", "z") for p in range(partitions))
+    channels = dict(members)
+    assert all(wire in channels[m] for m, share in shares.items() for wire, _ in share)
 
 
 # -- real member processes ----------------------------------------------------------------
@@ -299,6 +303,27 @@ def test_a_lone_member_holds_everything_when_start_returns(jobs, make_listener):
     listener.stop()
     assert holders(jobs) == {}, "a stopped member keeps no lease"
     assert execute(jobs, "SELECT count(*) FROM pgnotify_sync.consumer_members")[0][0] == 0
+
+
+def test_a_member_holding_several_partitions_reads_each_row_once(jobs, make_listener):
+    listener = make_listener(channels=("jobs",), consumer=GROUP, consumer_partitions=4)
+    got = Collector()
+    listener.on_event("jobs", got)
+    listener.start()
+    log = listener._connections.event_log
+    asked = []
+    read = log.events_by_id
+
+    def counting(channel, wire, ids):
+        asked.append(len(ids))
+        return read(channel, wire, ids)
+    log.events_by_id = counting
+    for n in range(200):
+        execute(jobs, "INSERT INTO jobs (n) VALUES (%s)", (n,))
+    assert len(got.wait(200)) == 200
+    # 4 lanes get every hint; without shared reads they would ask for 800 ids
+    assert sum(asked) <= 300, sum(asked)
+    assert sorted(e.data["n"] for e in got.events) == list(range(200))
 
 
 def test_ordering_by_row_keeps_each_rows_order_and_runs_rows_in_parallel(jobs, make_listener):

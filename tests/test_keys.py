@@ -24,6 +24,14 @@ def test_a_rows_key_is_its_table_and_primary_key_values():
     assert row_key(event(data={"a": 1, "b": [2, 3]}, table="pairs"), k) == ("public", "pairs", 1, "[2,3]")
 
 
+def test_keys_of_numeric_and_json_columns_hash():
+    from decimal import Decimal
+    k = keys(prices=("amount", "tags"))
+    key = row_key(event(data={"amount": Decimal("12.50"), "tags": {"b": Decimal("1.5"), "a": 1}}, table="prices"), k)
+    assert key == ("public", "prices", "12.50", '{"a":1,"b":"1.5"}')
+    assert 0 <= partition_of(event(data={"amount": Decimal("3.1"), "tags": []}, table="prices"), k, 4) < 4
+
+
 def test_without_its_key_columns_an_event_is_keyed_by_its_table():
     k = keys(jobs=("id",))
     assert row_key(event(data={"name": "x"}), k) == ("public", "jobs")        # the key column was excluded
@@ -80,3 +88,54 @@ def test_row_threads_keep_each_rows_order_and_overlap_rows():
     for row in range(8):
         assert [n for r, n in seen if r == row] == list(range(5))
     assert most[0] >= 2
+
+
+# -- reads shared by the lanes of a channel -----------------------------------------------
+
+
+class Row:
+    def __init__(self, ident):
+        self.id = ident
+
+
+def test_lanes_share_each_row_and_wait_for_a_read_under_way():
+    from pgnotify_sync._shared import SharedReads
+    shared = SharedReads(wait_s=5)
+    asked = []
+    started, release = threading.Event(), threading.Event()
+
+    def slow(ids):
+        asked.append(list(ids))
+        started.set()
+        release.wait(5)
+        return [Row(i) for i in ids]
+    results = []
+    first = threading.Thread(target=lambda: results.append(shared.ids("w", [1, 2, 3], 3, slow)))
+    first.start()
+    started.wait(5)
+    # another lane cut its batch elsewhere: 2 and 3 come from the read under way, 4 is read
+    second = threading.Thread(target=lambda: results.append(shared.ids("w", [2, 3, 4], 3, slow)))
+    second.start()
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert sorted(sorted(r.id for r in result) for result in results) == [[1, 2, 3], [2, 3, 4]]
+    assert asked == [[1, 2, 3], [4]]
+    assert sorted(r.id for r in shared.ids("w", [1, 2, 3, 4], 3, slow)) == [1, 2, 3, 4]
+    assert asked == [[1, 2, 3], [4]]                # the third lane read nothing
+    shared.ids("w", [2], 3, slow)                   # the other two lanes had row 2: read again
+    assert asked[-1] == [2]
+    assert shared.page("k", 1, lambda: "alone") == "alone"
+
+
+def test_a_failed_shared_read_is_made_again_by_the_next_lane():
+    from pgnotify_sync._shared import SharedReads
+    shared = SharedReads(wait_s=5)
+
+    def boom():
+        raise OSError("server away")
+    try:
+        shared.page("k", 2, boom)
+    except OSError:
+        pass
+    assert shared.page("k", 2, lambda: "again") == "again"

@@ -148,7 +148,7 @@ def lease_clock():
     """Seconds on a clock that goes on while the machine is suspended (Linux
     CLOCK_BOOTTIME; elsewhere monotonic): a member resumed after a suspend longer
     than its lease sees that its lease ran out."""
-    return time.clock_gettime(_BOOTTIME)
+    return time.clock_gettime(BOOTTIME)
 
 
-_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)

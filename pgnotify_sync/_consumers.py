@@ -20,17 +20,15 @@ log = logging.getLogger("pgnotify_sync")
 
 # A checkpoint is stored only by the partition's owner, under the epoch it took it
 # with, while its lease runs (fencing: a member that was frozen past its lease, or
-# lost it to another, cannot move the position any more). The row stays locked
-# until the commit: a member frozen between the two would keep every other from
-# taking the partition, so the server ends such a transaction after idle_ms
-# (less than a lease; in the same round trip).
-_IDLE = "SET LOCAL idle_in_transaction_session_timeout = %(idle_ms)s; "
-_SAVE_SQL = _IDLE + """
+# lost it to another, cannot move the position any more). Each is one statement in
+# autocommit: one round trip, and no transaction left open holding the row's lock
+# if the member freezes right after (it would keep the others from taking it).
+_SAVE_SQL = """
 UPDATE pgnotify_sync.consumers SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now()
  WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
    AND owner = %(member)s AND epoch = %(epoch)s AND lease_until > clock_timestamp()
 """
-_RELEASE_SQL = _IDLE + """
+_RELEASE_SQL = """
 UPDATE pgnotify_sync.consumers SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now(),
        owner = NULL, lease_until = NULL
  WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
@@ -58,7 +56,6 @@ class ConsumerStore:
         self._name = listener_name      # for log lines
         self.member = None              # this group member's id (_group.py)
         self.fenced = None              # fenced(lane): a checkpoint was refused
-        self.idle_ms = 5000             # see _IDLE (the group sets it from its lease)
 
     def restore(self, cur, lane, position, state):
         """Set *lane* to a stored position (text) and handled state (jsonb), read on
@@ -95,11 +92,11 @@ class ConsumerStore:
         ran out. *release*: and give the partition up (a hand-over)."""
         lane.since_checkpoint = 0
         try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
+            with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
                 cur.execute(_RELEASE_SQL if release else _SAVE_SQL,
                             {"position": str(lane.position), "handled": self.state(lane, undelivered),
                              "name": self.consumer, "channel": lane.wire, "partition": lane.partition or 0,
-                             "member": self.member, "epoch": lane.epoch, "idle_ms": self.idle_ms})
+                             "member": self.member, "epoch": lane.epoch})
                 stored = cur.rowcount == 1
         except (psycopg2.Error, PgNotifyError) as exc:
             # Not fatal: the next batch stores it again; a crash meanwhile means

@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 
-from ._channel import LeaseLost, lease_clock
+from ._channel import BOOTTIME, LeaseLost
 from ._keys import partition_of
 from .errors import must_propagate
 from .metrics import Histogram
@@ -22,11 +22,6 @@ log = logging.getLogger("pgnotify_sync")
 # The ``table`` metric label of plain events (accept_plain_payloads): their table
 # name comes from the wire, where anyone can make one up (unbounded series).
 PLAIN_TABLE = "(plain)"
-
-
-def holds(lane):
-    """True while a group lane's lease surely holds (checked before every event)."""
-    return lane.active and lease_clock() < lane.lease_deadline
 
 
 def _call_receiver(receiver, sender, event):
@@ -92,9 +87,12 @@ class Delivery:
         errors = 0
         only = calls[0] if len(calls) == 1 else None
         lease = ch.lease_deadline is not None
+        # A group lane delivers only while its lease surely holds (lease_clock(),
+        # inlined: it runs before every event).
+        clock, boottime = time.clock_gettime, BOOTTIME
         handled = len(events)
         for event in events:
-            if lease and not holds(ch):
+            if lease and (not ch.active or clock(boottime) >= ch.lease_deadline):
                 # A group lane whose lease ran out stops before anyone else may take
                 # its partition (their lease starts later than ours ends).
                 handled = events.index(event)

@@ -89,6 +89,10 @@ class Dispatcher:
         self.by_wire = {ch.wire: ch for ch in channels.values()}
         self.capacity = capacity
         self.resume_level = capacity // 2
+        # A group member's lanes of one channel each queue the same items (the same
+        # objects): *buffered* counts them once per lane, so the bounds are scaled by
+        # the most lanes a channel holds here now (at least 1).
+        self._scale = 1
         self._nworkers = workers
         # Reads ahead wait for a free fetch thread (and a pooled connection) if all are busy.
         self._nfetchers = fetchers if fetchers is not None else workers * READ_AHEAD
@@ -173,12 +177,12 @@ class Dispatcher:
 
     def _push_locked(self, ch, events, total):
         if ch.overflow:
-            if self.buffered <= self.resume_level and time.monotonic() >= ch.retry_at:
+            if self.buffered <= self.resume_level * self._scale and time.monotonic() >= ch.retry_at:
                 self._resume_locked(ch, "overflow")
             else:
                 self._drop_locked(ch, events)
                 return
-        room = self.capacity - self.buffered
+        room = self.capacity * self._scale - self.buffered
         if total > room:
             # Keep the prefix that fits; the rest is in the log. An empty buffer takes
             # one item whatever its size (a range of more rows than the buffer holds
@@ -222,7 +226,8 @@ class Dispatcher:
         now = time.monotonic()
         with self._lock:
             for ch in self._active_lanes_locked():
-                if ch.overflow and not ch.scheduled and now >= ch.retry_at and self.buffered <= self.resume_level:
+                if (ch.overflow and not ch.scheduled and now >= ch.retry_at
+                        and self.buffered <= self.resume_level * self._scale):
                     self._resume_locked(ch, "retry")
 
     def _active_lanes_locked(self):
@@ -241,6 +246,7 @@ class Dispatcher:
             lane.ahead.clear()      # reads ahead of items dropped when it was given up (it is idle now)
             lane.active = True
             lane.releasing = None
+            self._rescale_locked()
             if reason is not None:
                 lane.items.append(CatchUp(reason))
                 self._schedule_locked(lane)
@@ -251,6 +257,7 @@ class Dispatcher:
         dropped (the next owner reads it from the log)."""
         with self._lock:
             lane.active = False
+            self._rescale_locked()
             self._drop_queued_locked(lane)
             lane.overflow = False
             lane.poll_pending = False
@@ -272,6 +279,9 @@ class Dispatcher:
             self._drop_queued_locked(lane)
             lane.items.append(Release(done))
             self._schedule_locked(lane)
+
+    def _rescale_locked(self):
+        self._scale = max([1] + [sum(1 for lane in ch.lanes if lane.active) for ch in self.channels.values()])
 
     def _drop_queued_locked(self, lane):
         self.buffered -= sum(map(held, lane.items))

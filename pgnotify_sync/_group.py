@@ -42,9 +42,6 @@ log = logging.getLogger("pgnotify_sync")
 # The share of a lease a member does not count on: its lease ends here that much
 # before it ends in the database (clock rates differ by far less).
 LEASE_MARGIN = 0.2
-# The share of a lease after which the server ends an idle transaction of ours
-# that holds group rows.
-IDLE_SHARE = 0.25
 # Ticks (renewals, and a look at who joined or left) at least this often: a
 # hand-over waits for the next owner's tick.
 TICK_MAX_S = 1.0
@@ -65,11 +62,10 @@ _COUNT_PARTITIONS = ("SELECT channel, count(*) FROM pgnotify_sync.consumers WHER
                      "AND partition < %s GROUP BY channel")
 _JOIN = ("INSERT INTO pgnotify_sync.consumer_members (name, member, host, pid, channels) VALUES (%s, %s, %s, %s, %s) "
          "ON CONFLICT (name, member) DO UPDATE SET heartbeat_at = clock_timestamp()")
-# A tick never waits for another member's locks (a frozen member may hold some in
-# an open transaction until the server ends it: see _consumers._IDLE): what is
-# locked is skipped until the next tick.
-_HEARTBEAT = ("SET LOCAL idle_in_transaction_session_timeout = %(idle_ms)s; "
-              "UPDATE pgnotify_sync.consumer_members SET heartbeat_at = clock_timestamp() "
+# A tick is statements in autocommit (a member frozen in the middle of one holds no
+# lock), and never waits for another member's locks: what is locked now (a
+# checkpoint being written) is skipped until the next tick.
+_HEARTBEAT = ("UPDATE pgnotify_sync.consumer_members SET heartbeat_at = clock_timestamp() "
               "WHERE name = %(name)s AND member = %(member)s")
 _EXPIRE = """
 DELETE FROM pgnotify_sync.consumer_members m USING (
@@ -143,9 +139,6 @@ class Group:
         self._pool = pool
         self._store = store
         store.member = self.member
-        # A transaction of ours holding the group's rows and left idle (we froze) is
-        # ended by the server well within a lease (see _consumers._IDLE).
-        self.idle_ms = store.idle_ms = max(200, int(self.lease_s * 1000 * IDLE_SHARE))
         store.fenced = lambda lane: self.lost(lane, "its checkpoint was refused: another member holds it now")
         self._dispatcher = dispatcher
         self._lock = threading.RLock()
@@ -258,9 +251,9 @@ class Group:
     def _tick(self, first=False):
         sent = lease_clock()
         acquired = []
-        params = {"name": self.consumer, "member": self.member, "lease": self.lease_s, "idle_ms": self.idle_ms}
+        params = {"name": self.consumer, "member": self.member, "lease": self.lease_s}
         wires = [ch.wire for ch in self._channels.values()]
-        with self._pool.connection() as conn, conn.cursor() as cur:
+        with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
             cur.execute(_HEARTBEAT, params)
             if cur.rowcount == 0:       # removed as silent (we were frozen): back again
                 cur.execute(_JOIN, (self.consumer, self.member, socket.gethostname(), os.getpid(), wires))

@@ -5,8 +5,8 @@ A table event's key is its table and the values of the table's primary-key colum
 (from ``data``, which is the deleted row for a DELETE). A published event's key is its id. An event
 whose key columns are not in the row (no primary key, an excluded key column) is keyed by its table alone: all of that table's events then share one
 key, which keeps them in order. A row's partition is a stable hash of its key (CRC-32
-of a canonical JSON text: the same in every process and on every host), modulo the
-partition count.
+of a canonical text, each value tagged with its JSON type: the same in every
+process and on every host), modulo the partition count.
 
 Consumer groups (_group.py) and ``ordering="row"`` (_delivery.py) use the same key.
 """
@@ -58,25 +58,39 @@ def catalog_keys(query_one):
 
 
 def row_key(event, key_columns):
-    """A hashable, JSON-ready key of the row *event* is about."""
+    """The key of the row *event* is about: a tuple of its table and its key
+    columns' values, each as canonical text (see :func:`key_text`)."""
     if event.operation is Operation.PUBLISH:
-        return ("", "", event.id)
-    row = event.data        # for a DELETE, the deleted row
-    columns = key_columns.of(event.schema, event.table) if isinstance(row, dict) else ()
-    if columns and all(c in row for c in columns):
-        return (event.schema, event.table, *[_hashable(row[c]) for c in columns])
-    return (event.schema, event.table)
+        return ("", "", _text(event.id))
+    schema, table = event.schema, event.table
+    columns = key_columns.of(schema, table)
+    if columns:
+        try:        # data: for a DELETE, the deleted row
+            return (schema, table, *map(_text, map(event.data.__getitem__, columns)))
+        except (KeyError, AttributeError):
+            pass    # a key column excluded (or no row): the table's key
+    return (schema, table)
 
 
-def _hashable(value):
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return str(value) if isinstance(value, decimal.Decimal) else value
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _text(value):
+    """A key value as text tagged with its type (1, "1" and true differ); a JSON
+    value decoded from the log always gives the same text."""
+    cls = type(value)
+    if cls is int:
+        return f"i{value}"
+    if cls is str:
+        return f"s{value}"
+    if cls is decimal.Decimal:
+        return f"d{value}"
+    return f"j{_JSON.encode(value)}"        # bool, None, float, objects, arrays
 
 
 def key_hash(key):
     """A stable 32-bit hash of *key* (the same in every process)."""
-    return zlib.crc32(json.dumps(key, separators=(",", ":"), ensure_ascii=True, default=str).encode())
+    return zlib.crc32("\x1f".join(key).encode())
 
 
 def partition_of(event, key_columns, partitions):

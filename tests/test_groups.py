@@ -326,6 +326,74 @@ def test_a_member_holding_several_partitions_reads_each_row_once(jobs, make_list
     assert sorted(e.data["n"] for e in got.events) == list(range(200))
 
 
+def test_a_standby_member_takes_over_when_the_holder_stops(jobs, make_listener):
+    from prometheus_client import CollectorRegistry
+    holder = make_listener(channels=("jobs",), consumer=GROUP, consumer_lease_s=LEASE_S)
+    got_holder, got_standby = Collector(), Collector()
+    holder.on_event("jobs", got_holder)
+    holder.start()
+    registry = CollectorRegistry()
+    standby = make_listener(channels=("jobs",), consumer=GROUP, consumer_lease_s=LEASE_S, registry=registry)
+    connected = []
+    standby.signals.connected.connect(lambda sender, **kw: connected.append(1), weak=False)
+    standby.on_event("jobs", got_standby)
+    standby.start()
+    assert standby.health()["consumer"]["owned"] == [] and connected == [1]
+    assert registry.get_sample_value("pgnotify_sync_consumer_partitions_owned",
+                                     {"listener": standby.name, "consumer": GROUP}) == 0
+    insert(jobs, 10)
+    got_holder.wait(10)
+    holder.stop()
+    insert(jobs, 10)
+    got_standby.wait(10, timeout=LEASE_S + 10)
+    assert standby.health()["consumer"]["owned"] == ["jobs/0"]
+    assert registry.get_sample_value("pgnotify_sync_consumer_partitions_owned",
+                                     {"listener": standby.name, "consumer": GROUP}) == 1
+    assert registry.get_sample_value("pgnotify_sync_consumer_rebalances_total",
+                                     {"listener": standby.name, "consumer": GROUP}) >= 1
+    ids = [e.id for e in got_holder.events] + [e.id for e in got_standby.events]
+    assert sorted(ids) == sorted(log_ids(jobs)) and len(set(ids)) == 20, "each event once, none lost"
+
+
+def test_a_consumer_of_one_partition_grows_to_more_from_its_position(jobs, make_listener):
+    first = make_listener(channels=("jobs",), consumer=GROUP)
+    got = Collector()
+    first.on_event("jobs", got)
+    first.start()
+    insert(jobs, 5)
+    got.wait(5)
+    first.stop()
+    # as an earlier version left it: one position row, no group
+    execute(jobs, "DELETE FROM pgnotify_sync.consumer_groups")
+    insert(jobs, 40)                    # while nobody runs
+    grown = make_listener(channels=("jobs",), consumer=GROUP, consumer_partitions=4)
+    got4 = Collector()
+    grown.on_event("jobs", got4)
+    grown.start()
+    events = got4.wait(40)
+    assert sorted(e.data["n"] for e in events) == list(range(40)) and len(got4) == 40
+    assert execute(jobs, "SELECT count(*) FROM pgnotify_sync.consumers WHERE name = %s", (GROUP,))[0][0] == 4
+
+
+def test_ordering_by_row_in_a_group_member_keeps_each_rows_order(jobs, make_listener):
+    listener = make_listener(channels=("jobs",), consumer=GROUP, consumer_partitions=2, ordering="row",
+                             worker_pool_size=4)
+    by_row = collections.defaultdict(list)
+    lock = threading.Lock()
+
+    def handle(event):
+        time.sleep(0.005)
+        with lock:
+            by_row[event.data["id"]].append(event.data["n"])
+    listener.on_event("jobs", handle)
+    listener.start()
+    execute(jobs, "INSERT INTO jobs (n) SELECT 0 FROM generate_series(1, 12)")
+    for n in range(1, 4):
+        execute(jobs, "UPDATE jobs SET n = %s", (n,))
+    wait_for(lambda: sum(map(len, list(by_row.values()))) >= 48, timeout=30, message="not every event came")
+    assert dict(by_row) == {row: [0, 1, 2, 3] for row in range(1, 13)}
+
+
 def test_ordering_by_row_keeps_each_rows_order_and_runs_rows_in_parallel(jobs, make_listener):
     listener = make_listener(channels=("jobs",), ordering="row", worker_pool_size=4)
     running = 0

@@ -77,7 +77,7 @@ class ChannelState:
                  "name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "xranges",
                  "partial",
                  "catchup_target", "catchup_upto", "in_catchup",
-                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors",
+                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors", "handler_retries",
                  "delivered_by", "handler_hist", "caught_up", "lag", "gap_events", "since_checkpoint",
                  "last_event_at", "unmatched_hints", "missed", "poll_pending", "polled")
 
@@ -122,6 +122,7 @@ class ChannelState:
         self.received = 0
         self.parse_errors = 0
         self.handler_errors = 0
+        self.handler_retries = 0    # handler calls made again after a failure (Config.handler_max_attempts)
         self.delivered_by = {}          # (operation, table) -> count
         self.handler_hist = Histogram()
         self.caught_up = 0

@@ -24,6 +24,15 @@ log = logging.getLogger("pgnotify_sync")
 PLAIN_TABLE = "(plain)"
 
 
+class Interrupted(Exception):
+    """stop() came during a handler's retry backoff: *events* (from the one being
+    retried on) were not all handled and must not be stored as handled."""
+
+    def __init__(self, events):
+        super().__init__(f"{len(events)} events not handled (stopping)")
+        self.events = events
+
+
 def _call_receiver(receiver, sender, event):
     receiver(sender, event=event)
 
@@ -35,8 +44,11 @@ class Delivery:
     by the rows' *keys*, a KeyColumns); with *rows* (a RowPool: ``ordering="row"``)
     different rows run in parallel."""
 
-    def __init__(self, name, signals, report, checkpoint_every, save=None, keys=None, partitions=1, rows=None):
+    def __init__(self, name, signals, report, checkpoint_every, save=None, keys=None, partitions=1, rows=None,
+                 backoff=None, stop=None):
         self._name = name
+        self._backoff = backoff     # a Backoff of handler retries (None: no retry)
+        self._stop = stop           # set by stop(): a backoff ends at once
         self._signals = signals
         self._report = report
         self._checkpoint_every = checkpoint_every
@@ -58,16 +70,19 @@ class Delivery:
             self._deliver_rows(ch, events)
             return
         checkpoint = self._checkpoint_every if self._save else 0
-        n, fast, total, errors, lost = self._handle(ch, events, ch.handler_hist, ch.delivered_by, checkpoint)
+        n, fast, total, errors, lost, cut = self._handle(ch, events, ch.handler_hist, ch.delivered_by, checkpoint)
         ch.handler_errors += errors
         self._delivered(ch, n, fast, total)
+        if cut is not None:
+            raise Interrupted(events[cut:])
         if lost:
             raise LeaseLost(ch.name)
 
     def _handle(self, ch, events, hist, by, checkpoint):
         """Run *events* through the handlers of *ch*, timed into *hist* and counted
         into *by*; returns (events handled, how many under the first bucket bound,
-        seconds in handlers, handler errors, whether the lease was lost)."""
+        seconds in handlers, handler errors, whether the lease was lost, and the index
+        of the event whose retry stop() interrupted, or None)."""
         name = ch.name
         calls = self._receivers(name)
         debug = log.isEnabledFor(logging.DEBUG)
@@ -91,7 +106,8 @@ class Delivery:
         # inlined: it runs before every event).
         clock, boottime = time.clock_gettime, BOOTTIME
         handled = len(events)
-        for event in events:
+        cut = None
+        for i, event in enumerate(events):
             if lease and (not ch.active or clock(boottime) >= ch.lease_deadline):
                 # A group lane whose lease ran out stops before anyone else may take
                 # its partition (their lease starts later than ours ends).
@@ -99,13 +115,17 @@ class Delivery:
                 break
             # Handlers are user code: whatever they raise (SystemExit too) is reported
             # and the next handler and event still run.
-            if only is not None:
-                try:
-                    only(event)
-                except BaseException as exc:
-                    errors += self._failed(ch, exc, event)
-            else:
-                errors += self._call_all(ch, calls, event)
+            try:
+                if only is not None:
+                    try:
+                        only(event)
+                    except BaseException as exc:
+                        errors += self._retry(ch, only, event, exc)
+                else:
+                    errors += self._call_all(ch, calls, event)
+            except Interrupted:
+                handled, cut = i, i
+                break
             done = perf()
             elapsed = done - started
             started = done
@@ -129,7 +149,7 @@ class Delivery:
         if run:
             key = (op, label)
             by[key] = by.get(key, 0) + run
-        return handled, fast, total, errors, handled < len(events)
+        return handled, fast, total, errors, handled < len(events) and cut is None, cut
 
     def _deliver_rows(self, ch, events):
         """``ordering="row"``: *events* split by row over the row threads, in parts of
@@ -141,18 +161,23 @@ class Delivery:
 
         def part(share):
             hist, by = Histogram(ch.handler_hist.buckets), {}
-            return (hist, by) + self._handle(ch, share, hist, by, 0)
+            return share, (hist, by) + self._handle(ch, share, hist, by, 0)
 
         for start in range(0, len(events), step):
             window = events[start:start + step]
             lost = False
-            for hist, by, n, fast, total, errors, part_lost in self._rows.run(window, part):
+            cut = len(window)
+            for share, (hist, by, n, fast, total, errors, part_lost, part_cut) in self._rows.run(window, part):
                 lost |= part_lost
+                if part_cut is not None:        # stop() interrupted a retry in this share
+                    cut = min(cut, window.index(share[part_cut]))
                 ch.handler_hist.add(hist)
                 for key, count in by.items():
                     ch.delivered_by[key] = ch.delivered_by.get(key, 0) + count
                 ch.handler_errors += errors
                 self._delivered(ch, n, fast, total)
+            if cut < len(window):
+                raise Interrupted(events[start + cut:])
             if lost:
                 raise LeaseLost(ch.name)
             if every:
@@ -201,18 +226,44 @@ class Delivery:
                                      "duration": round(elapsed * 1000, 3)}})
 
     def _call_all(self, ch, calls, event):
-        """Every receiver of *ch* for *event*; returns how many raised."""
+        """Every receiver of *ch* for *event*; returns how many failed for good."""
         errors = 0
         for call in calls:
             try:
                 call(event)
             except BaseException as exc:
-                errors += self._failed(ch, exc, event)
+                errors += self._retry(ch, call, event, exc)
         return errors
 
-    def _failed(self, ch, exc, event):
-        """A handler raised: reported; returns 1 (counted by the caller: row threads
-        count apart)."""
+    def _retry(self, ch, call, event, exc):
+        """*call* raised *exc* for *event*: called again after a backoff, up to
+        ``handler_max_attempts`` calls (only this receiver: the others had it).
+        Returns 1 if it failed for good (reported), 0 if a retry succeeded; raises
+        Interrupted if stop() came during a backoff."""
+        attempt = 1
+        while True:
+            if must_propagate(exc):
+                raise exc
+            if self._backoff is None or self._backoff.exhausted(attempt):
+                return self._failed(ch, exc, event, attempt)
+            ch.handler_retries += 1     # the channel's worker (or its row thread): one writer a row
+            delay = self._backoff.delay_s(attempt)
+            log.info("%s: handler of %r failed on event %s (%s, attempt %d of %d); retrying in %.3g s",
+                     self._name, ch.name, event.id, type(exc).__name__, attempt, self._backoff.max_attempts, delay,
+                     extra={"event": "handler_retry", "channel": ch.name, "event_id": event.id,
+                            "details": {"attempt": attempt, "error": type(exc).__name__}})
+            if self._stop is not None and self._stop.wait(delay):
+                raise Interrupted([event])
+            attempt += 1
+            try:
+                call(event)
+                return 0
+            except BaseException as again:
+                exc = again
+
+    def _failed(self, ch, exc, event, attempts=1):
+        """A handler failed for good (after *attempts* calls): reported; returns 1
+        (counted by the caller: row threads count apart)."""
         if must_propagate(exc):
             raise exc
         self._report("handler", exc, ch.name, event_id=event.id, exc_info=True)

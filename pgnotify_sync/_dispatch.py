@@ -117,7 +117,7 @@ class Dispatcher:
     def start(self):
         self._fetcher = Fetcher(self.name, self._nfetchers, self._fetch_timeout_s)
         self._runner = BatchRunner(self.name, self._hooks, self._fetcher, self._queued, self._fall_back,
-                                   self._compact_ranges, lost=self._lease_lost)
+                                   self._compact_ranges, lost=self._lease_lost, halt=self._halt)
         self._threads = [spawn(self._work, f"{self.name}-worker-{i}") for i in range(self._nworkers)]
 
     def submit(self, fn, *args):
@@ -262,6 +262,14 @@ class Dispatcher:
             lane.overflow = False
             lane.poll_pending = False
         # a worker running it now stops at its next event (Delivery checks the lease)
+
+    def _halt(self, ch):
+        """stop() interrupted a handler's retry on *ch*: it takes and delivers nothing
+        more (what it had is in the log)."""
+        with self._lock:
+            self._drop_queued_locked(ch)
+            ch.overflow = True          # pushes are dropped; nothing resumes it any more
+            ch.retry_at = float("inf")
 
     def _lease_lost(self, lane):
         self.deactivate(lane)

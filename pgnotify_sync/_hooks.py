@@ -8,6 +8,7 @@ import logging
 import threading
 import types
 
+from ._backoff import Backoff
 from ._delivery import Delivery
 from ._fetch import fetch_timeout_s, read_pages
 from ._channel import lanes
@@ -35,8 +36,12 @@ class ListenerHooks:
 
     def _delivery(self, keys=None, partitions=1, rows=None):
         p = self._p
+        cfg = p.config
+        backoff = Backoff(cfg.handler_retry_delay_ms / 1000, cfg.handler_retry_delay_max_ms / 1000,
+                          cfg.handler_max_attempts) if cfg.handler_max_attempts > 1 else None
         return Delivery(p.name, self._signals, self.report, self._checkpoint_every,
-                        save=self.save_consumer if p.consumer else None, keys=keys, partitions=partitions, rows=rows)
+                        save=self.save_consumer if p.consumer else None, keys=keys, partitions=partitions, rows=rows,
+                        backoff=backoff, stop=p.stop_event)
 
     def configure_delivery(self, keys, partitions, rows):
         """At start(), before any delivery: the rows' *keys* (a KeyColumns), the group's

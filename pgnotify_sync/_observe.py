@@ -15,7 +15,7 @@ from .metrics import Histogram
 # Totals of the per-channel counters: kept once, on the channels (each has one
 # writer: the reader, or the worker holding the channel), and summed on reading.
 CHANNEL_TOTALS = {"received": "received", "delivered": "delivered", "parse_errors": "parse_errors",
-                  "handler_errors": "handler_errors", "caught_up": "caught_up",
+                  "handler_errors": "handler_errors", "handler_retries": "handler_retries", "caught_up": "caught_up",
                   "unmatched_hints": "unmatched_hints", "missed": "missed", "polled": "polled"}
 
 
@@ -155,6 +155,7 @@ class Observer:
             add("events_delivered", [ch.name, operation.value, table], n)
         add("parse_errors", labels, ch.parse_errors)
         add("handler_errors", labels, ch.handler_errors)
+        add("handler_retries", labels, ch.handler_retries)
         add_hist("handler_duration_seconds", labels, ch.handler_hist)
         add("overflow_events", labels, ch.dropped)
         add("catchup_events", labels, ch.caught_up)

@@ -17,6 +17,7 @@ import logging
 from . import _position as position
 from ._channel import Advance, CatchUp, LeaseLost, Release, SetPosition
 from ._eventlog import CatchUpFailed
+from ._delivery import Interrupted
 from ._fetch import read_ahead
 from .events import DatabaseEvent, EventRange, EventRef
 
@@ -40,7 +41,7 @@ class BatchRunner:
     Fetcher of its reads, ``queued(ch, n)`` the first n items waiting on a channel,
     ``fall_back(ch, rest, exc, kind)`` drops what is queued and schedules a re-read."""
 
-    def __init__(self, name, hooks, fetcher, queued, fall_back, compact_ranges, lost=None):
+    def __init__(self, name, hooks, fetcher, queued, fall_back, compact_ranges, lost=None, halt=None):
         self.name = name
         self._hooks = hooks
         self._fetcher = fetcher
@@ -50,6 +51,7 @@ class BatchRunner:
         # (_consumers.py): they keep ranges as ids.
         self._compact_ranges = compact_ranges
         self._lost = lost       # lost(ch): a group lane's lease ran out (_group.py)
+        self._halt = halt       # halt(ch): the channel takes nothing more (stopping)
         self._by_type = {EventRange: self._range, CatchUp: self._catch_up_item,
                          Advance: self._advance, SetPosition: self._set_position, Release: self._release}
 
@@ -74,6 +76,13 @@ class BatchRunner:
                     return      # handed over (Release): the rest is the next owner's
             self._flush(ch, batch)
             self._hooks.after_batch(ch)
+        except Interrupted as exc:
+            # stop() came during a handler's retry backoff: what was not handled is
+            # forgotten as handled (a durable consumer gets it again after a restart),
+            # and the channel delivers nothing more (a later event first would break
+            # its order).
+            _forget(ch, exc.events)
+            self._halt(ch)
         except LeaseLost:
             # Nothing more is handed to handlers; the next owner resumes from the
             # stored position (what was delivered since comes again: at least once).

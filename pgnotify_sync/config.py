@@ -144,6 +144,11 @@ class Config:
         at a time in commit order. ``"row"``: only one row's events (same primary
         key) keep their order; different rows of a channel are handled in parallel on
         ``worker_pool_size`` threads.
+    :param handler_max_attempts: a handler that raises is called again for the same
+        event, up to this many calls in all (1: no retry), after a backoff that starts
+        at ``handler_retry_delay_ms`` and doubles per attempt (with jitter) up to
+        ``handler_retry_delay_max_ms``. Meanwhile the channel waits (its order is
+        kept); ``stop()`` interrupts a backoff at once.
     :param postgres_sslmode: libpq's ``sslmode`` for every connection, listener and
         pool (``verify-full`` recommended: the server's certificate is checked against
         ``postgres_sslrootcert`` and the host name); with ``postgres_sslrootcert``,
@@ -201,6 +206,10 @@ class Config:
     consumer_retention_s: float = attrs.field(default=7 * 86_400.0,
                                               validator=_positive_float("consumer_retention_s"))
     poll_interval_s: float = attrs.field(default=0.1, validator=_positive_float("poll_interval_s"))
+    handler_max_attempts: int = attrs.field(default=5, validator=_positive_int("handler_max_attempts", 1, 1000))
+    handler_retry_delay_ms: int = attrs.field(default=100, validator=_positive_int("handler_retry_delay_ms", 1))
+    handler_retry_delay_max_ms: int = attrs.field(default=30_000,
+                                                  validator=_positive_int("handler_retry_delay_max_ms", 1))
     consumer_partitions: int = attrs.field(default=1, validator=_positive_int("consumer_partitions", 1, 1024))
     consumer_lease_s: float = attrs.field(default=10.0, validator=_positive_float("consumer_lease_s", 1.0, allow_zero=True))
     ordering: str = attrs.field(default="channel", validator=_one_of("ordering", ORDERINGS))
@@ -241,6 +250,12 @@ class Config:
     def _check_consumer_retention(self, attribute, value):
         if value < self.retention_s:
             raise ConfigError(f"consumer_retention_s: must be >= retention_s ({self.retention_s}), got {value}")
+
+    @handler_retry_delay_max_ms.validator
+    def _check_handler_delay_cap(self, attribute, value):
+        if value < self.handler_retry_delay_ms:
+            raise ConfigError(f"handler_retry_delay_max_ms: must be >= handler_retry_delay_ms "
+                              f"({self.handler_retry_delay_ms}), got {value}")
 
     @reconnect_delay_max_ms.validator
     def _check_delay_cap(self, attribute, value):
@@ -408,6 +423,9 @@ _ENV_VARS = (
     ("PG_NOTIFY_CONSUMER_PARTITIONS", "consumer_partitions", _parse_int),
     ("PG_NOTIFY_CONSUMER_LEASE", "consumer_lease_s", _parse_float),
     ("PG_NOTIFY_ORDERING", "ordering", _parse_str),
+    ("PG_NOTIFY_HANDLER_MAX_ATTEMPTS", "handler_max_attempts", _parse_int),
+    ("PG_NOTIFY_HANDLER_RETRY_DELAY", "handler_retry_delay_ms", _parse_int),
+    ("PG_NOTIFY_HANDLER_RETRY_DELAY_MAX", "handler_retry_delay_max_ms", _parse_int),
 )
 
 ENV_VARIABLES = tuple(var for var, _, _ in _ENV_VARS)

@@ -121,7 +121,7 @@ class Listener:
         self._parts = types.SimpleNamespace(
             name=self.name, config=config, consumer=consumer, channels=self._channels, stats=self.stats,
             lifecycle=self._lifecycle, reporter=self._reporter, connections=self._connections,
-            publisher=self._publisher, reader=None, dispatcher=None, group=None)
+            publisher=self._publisher, reader=None, dispatcher=None, group=None, stop_event=self._stop_event)
         self._hooks = ListenerHooks(self._parts, self.signals, self.checkpoint_every)
         self._observer = Observer(self._parts)
         self._reader = self._dispatcher = self._maintenance = self._poller = self._group = self._rows = None

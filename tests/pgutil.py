@@ -17,7 +17,9 @@ def config_for(dsn, **overrides):
     values = dict(postgres_host=dsn["host"], postgres_port=dsn["port"], postgres_user=dsn["user"],
                   postgres_password=dsn["password"], postgres_db=dsn["dbname"],
                   health_check_interval_s=2.0, health_check_timeout_s=2.0,
-                  reconnect_delay_ms=50, reconnect_delay_max_ms=500, connect_timeout_s=3.0)
+                  reconnect_delay_ms=50, reconnect_delay_max_ms=500, connect_timeout_s=3.0,
+                  # a raising handler is reported at once (the tests of retries ask for them)
+                  handler_max_attempts=1)
     values.update(overrides)
     return Config(**values)
 

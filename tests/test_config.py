@@ -273,6 +273,9 @@ FULL_ENV = {
     "PG_NOTIFY_CONSUMER_PARTITIONS": ("8", "consumer_partitions", 8),
     "PG_NOTIFY_CONSUMER_LEASE": ("4.5", "consumer_lease_s", 4.5),
     "PG_NOTIFY_ORDERING": ("row", "ordering", "row"),
+    "PG_NOTIFY_HANDLER_MAX_ATTEMPTS": ("3", "handler_max_attempts", 3),
+    "PG_NOTIFY_HANDLER_RETRY_DELAY": ("50", "handler_retry_delay_ms", 50),
+    "PG_NOTIFY_HANDLER_RETRY_DELAY_MAX": ("5000", "handler_retry_delay_max_ms", 5000),
 }
 
 

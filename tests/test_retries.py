@@ -1,0 +1,94 @@
+"""Handler retries with backoff (issue 16, part 1) against the real server."""
+
+import time
+
+import pytest
+
+from pgnotify_sync import install, watch_table
+
+from helpers import wait_for
+from pgutil import Collector, execute
+
+
+@pytest.fixture
+def jobs(db):
+    install(db)
+    execute(db, "CREATE TABLE jobs (id serial PRIMARY KEY, n int)")
+    watch_table(db, "public.jobs", channel="jobs")
+    return db
+
+
+def errors_of(listener):
+    errors = []
+    listener.signals.error.connect(lambda sender, **kw: errors.append((kw["kind"], kw.get("event_id"))), weak=False)
+    return errors
+
+
+def test_a_flaky_handler_is_retried_and_events_stay_in_order(jobs, make_listener):
+    listener = make_listener(channels=("jobs",), handler_max_attempts=5, handler_retry_delay_ms=20,
+                             handler_retry_delay_max_ms=100)
+    calls, done = [], []
+
+    @listener.on_event("jobs")
+    def flaky(event):
+        calls.append(event.data["n"])
+        if event.data["n"] == 3 and calls.count(3) < 3:
+            raise ConnectionError("search server away")
+        done.append(event.data["n"])
+    errors = errors_of(listener)
+    listener.start()
+    for n in range(8):
+        execute(jobs, "INSERT INTO jobs (n) VALUES (%s)", (n,))
+    wait_for(lambda: len(done) == 8, timeout=20, message=f"done {done}")
+    assert done == list(range(8))
+    assert calls.count(3) == 3 and len(calls) == 10
+    assert errors == []
+    stats = listener.get_stats()
+    assert stats["handler_retries"] == 2 and stats["handler_errors"] == 0
+
+
+def test_a_handler_that_keeps_failing_is_reported_once_after_its_last_attempt(jobs, make_listener):
+    listener = make_listener(channels=("jobs",), handler_max_attempts=3, handler_retry_delay_ms=10,
+                             handler_retry_delay_max_ms=40)
+    calls = []
+    got = Collector()
+
+    @listener.on_event("jobs")
+    def broken_on_one(event):
+        calls.append(event.data["n"])
+        if event.data["n"] == 1:
+            raise ValueError("cannot index this one")
+        got(event)
+    errors = errors_of(listener)
+    listener.start()
+    for n in range(3):
+        execute(jobs, "INSERT INTO jobs (n) VALUES (%s)", (n,))
+    got.wait(2)
+    assert [e.data["n"] for e in got.events] == [0, 2]
+    assert calls == [0, 1, 1, 1, 2]
+    wait_for(lambda: errors, message="no error signal")
+    assert [kind for kind, _ in errors] == ["handler"]
+    assert listener.get_stats()["handler_errors"] == 1 and listener.get_stats()["handler_retries"] == 2
+
+
+def test_stop_interrupts_a_backoff_and_a_consumer_gets_the_event_again(jobs, make_listener):
+    failing = make_listener(channels=("jobs",), consumer="indexer", handler_max_attempts=5,
+                            handler_retry_delay_ms=30_000, handler_retry_delay_max_ms=30_000)
+    calls = []
+
+    @failing.on_event("jobs")
+    def down(event):
+        calls.append(event.data["n"])
+        raise ConnectionError("search server away")
+    failing.start()
+    execute(jobs, "INSERT INTO jobs (n) VALUES (1)")
+    wait_for(lambda: calls, message="the handler was not called")
+    began = time.monotonic()
+    failing.stop()
+    assert time.monotonic() - began < 3, "stop() waited for the backoff"
+    assert calls == [1]
+    again = make_listener(channels=("jobs",), consumer="indexer")
+    got = Collector()
+    again.on_event("jobs", got)
+    again.start()
+    assert [e.data["n"] for e in got.wait(1)] == [1], "the interrupted event was stored as handled"

@@ -21,6 +21,7 @@ Example (Flask)::
 """
 
 import bisect
+import json
 import threading
 import weakref
 
@@ -181,3 +182,27 @@ def start_metrics_server(port, addr="127.0.0.1", registry=None):
 def metrics_wsgi_app(registry=None):
     """A WSGI app serving the metrics (mount it at /metrics in Flask or any framework)."""
     return make_wsgi_app(REGISTRY if registry is None else registry)
+
+
+def health_response(listener):
+    """(status line, headers, body chunks) of ``listener.health()`` as JSON: ``200 OK``
+    while the listener is LISTENING, ``503 Service Unavailable`` otherwise."""
+    health = listener.health()
+    body = (json.dumps(health, default=str) + "\n").encode()
+    status = "200 OK" if health["state"] == "LISTENING" else "503 Service Unavailable"
+    return status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-store")], [body]
+
+
+def health_wsgi_app(listener):
+    """A WSGI app answering every request with :func:`health_response` (mount it at
+    /health: a container's readiness and liveness probe)::
+
+        from werkzeug.middleware.dispatcher import DispatcherMiddleware
+        app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/health": health_wsgi_app(listener)})
+    """
+    def app(environ, start_response):
+        status, headers, body = health_response(listener)
+        start_response(status, headers)
+        return body
+    return app

@@ -104,6 +104,7 @@ from ._sse_args import check_options, checked_channels, parse_last_event_id
 from ._sse_ring import ReplayRing, frame, log_replay
 from .config import split_names
 from .listener import ConnectionState
+from .metrics import health_response
 
 log = logging.getLogger("pgnotify_sync.sse")
 
@@ -404,7 +405,9 @@ class SSEBridge:
     __call__ = wsgi_app
 
     def blueprint(self, url_prefix="/events", name="pgnotify_sse"):
-        """A Flask Blueprint with the route ``<url_prefix>/stream?channels=a,b``."""
+        """A Flask Blueprint with the routes ``<url_prefix>/stream?channels=a,b`` and
+        ``<url_prefix>/health`` (the listener's ``health()`` as JSON: 200 while it is
+        LISTENING, 503 otherwise)."""
         import flask
 
         bp = flask.Blueprint(name, __name__, url_prefix=url_prefix)
@@ -416,6 +419,11 @@ class SSEBridge:
                                req.environ)
             status, headers, body = self._serve(
                 info, req.headers.get("Last-Event-ID") or req.args.get("last_event_id"))
+            return flask.Response(body, status=status, headers=headers)
+
+        @bp.route("/health")
+        def health():
+            status, headers, body = health_response(self.listener)
             return flask.Response(body, status=status, headers=headers)
 
         return bp

@@ -21,7 +21,7 @@ Example::
 
 from .config import Config
 from .errors import (ConfigError, ConnectError, ErrorKind, ListenerStateError, PayloadError, PgNotifyError,
-                     PrivilegeError, PublishBufferFull, SchemaError)
+                     PrivilegeError, PublishBufferFull, RowTypeError, SchemaError)
 from .events import DatabaseEvent, Operation, converter
 from .listener import ConnectionState, Listener
 from .schema import (grant_admin, grant_listener, grant_publisher, grants, install, revoke, set_retention_floor,
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "ConfigError", "ConnectError", "ConnectionState", "DatabaseEvent", "ErrorKind", "Listener",
     "ListenerStateError", "Operation", "PayloadError", "PgNotifyError", "PrivilegeError", "PublishBufferFull",
-    "SchemaError",
+    "RowTypeError", "SchemaError",
     "converter",
     "install", "uninstall", "unwatch_table", "watch_table", "watched_tables",
     "grant_listener", "grant_publisher", "grant_admin", "revoke", "grants", "set_retention_floor",

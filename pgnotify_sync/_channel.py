@@ -77,7 +77,7 @@ class ChannelState:
                  "name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "xranges",
                  "partial",
                  "catchup_target", "catchup_upto", "in_catchup",
-                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors", "handler_retries",
+                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors", "handler_retries", "type_errors",
                  "delivered_by", "handler_hist", "caught_up", "lag", "gap_events", "since_checkpoint",
                  "last_event_at", "unmatched_hints", "missed", "poll_pending", "polled")
 
@@ -123,6 +123,7 @@ class ChannelState:
         self.parse_errors = 0
         self.handler_errors = 0
         self.handler_retries = 0    # handler calls made again after a failure (Config.handler_max_attempts)
+        self.type_errors = 0        # rows that did not fit a handler's model (on_event(..., row=Model))
         self.delivered_by = {}          # (operation, table) -> count
         self.handler_hist = Histogram()
         self.caught_up = 0

@@ -14,7 +14,7 @@ import time
 
 from ._channel import BOOTTIME, LeaseLost
 from ._keys import partition_of
-from .errors import must_propagate
+from .errors import RowTypeError, must_propagate
 from .metrics import Histogram
 
 log = logging.getLogger("pgnotify_sync")
@@ -244,6 +244,10 @@ class Delivery:
         while True:
             if must_propagate(exc):
                 raise exc
+            if isinstance(exc, RowTypeError):      # the row does not fit: calling again cannot help
+                ch.type_errors += 1
+                self._report("type", exc, ch.name, event_id=event.id)
+                return 0
             if self._backoff is None or self._backoff.exhausted(attempt):
                 return self._failed(ch, exc, event, attempt)
             ch.handler_retries += 1     # the channel's worker (or its row thread): one writer a row

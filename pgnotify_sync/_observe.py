@@ -15,7 +15,8 @@ from .metrics import Histogram
 # Totals of the per-channel counters: kept once, on the channels (each has one
 # writer: the reader, or the worker holding the channel), and summed on reading.
 CHANNEL_TOTALS = {"received": "received", "delivered": "delivered", "parse_errors": "parse_errors",
-                  "handler_errors": "handler_errors", "handler_retries": "handler_retries", "caught_up": "caught_up",
+                  "handler_errors": "handler_errors", "handler_retries": "handler_retries",
+                  "type_errors": "type_errors", "caught_up": "caught_up",
                   "unmatched_hints": "unmatched_hints", "missed": "missed", "polled": "polled"}
 
 
@@ -156,6 +157,7 @@ class Observer:
         add("parse_errors", labels, ch.parse_errors)
         add("handler_errors", labels, ch.handler_errors)
         add("handler_retries", labels, ch.handler_retries)
+        add("type_errors", labels, ch.type_errors)
         add_hist("handler_duration_seconds", labels, ch.handler_hist)
         add("overflow_events", labels, ch.dropped)
         add("catchup_events", labels, ch.caught_up)

@@ -27,6 +27,7 @@ class ErrorKind(str, enum.Enum):
     PUBLISH = "publish"         # buffered publishes could not be sent
     INTERNAL = "internal"       # a bug of ours, caught so delivery goes on
     SSE = "sse"                 # an SSE authorize or row_filter raised
+    TYPE = "type"               # a row did not fit the model of on_event(..., row=Model)
 
     def __str__(self):
         return self.value
@@ -76,6 +77,11 @@ class PrivilegeError(PgNotifyError):
     waiting does not grant anything."""
 
     retryable = False
+
+
+class RowTypeError(PgNotifyError, TypeError):
+    """A row did not fit the model a handler asked for (``on_event(..., row=Model)``).
+    The message names the model and the fields at fault, never a value."""
 
 
 class PublishBufferFull(PgNotifyError):

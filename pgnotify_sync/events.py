@@ -19,12 +19,16 @@ import decimal
 import enum
 import json
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Generic, Optional, TypeVar
 
 import attrs
 import cattrs
 
-from .errors import PayloadError
+from .errors import PayloadError, RowTypeError
+
+#: The type of a row (``DatabaseEvent[Model]``: ``data`` and ``old`` are ``Model``s,
+#: from ``on_event(channel, handler, row=Model)``); a plain dict otherwise.
+RowT = TypeVar("RowT")
 
 
 class Operation(str, enum.Enum):
@@ -44,7 +48,7 @@ class Operation(str, enum.Enum):
 # object.__setattr__ and takes 1.8 us to build against 0.4 us, a fifth of the whole
 # per-event cost of a burst; and its data/old dicts stay mutable whatever the class.
 @attrs.define(slots=True, eq=True)
-class DatabaseEvent:
+class DatabaseEvent(Generic[RowT]):
     """One change of one row (or one published application event).
 
     Shared by every receiver of the channel: read it, do not change it.
@@ -65,8 +69,8 @@ class DatabaseEvent:
     operation: Operation
     schema: str
     table: str
-    data: Optional[Dict[str, Any]] = None
-    old: Optional[Dict[str, Any]] = None
+    data: Optional[RowT] = None
+    old: Optional[RowT] = None
     id: Optional[int] = None
     xid: Optional[int] = attrs.field(default=None, repr=False)
 
@@ -129,6 +133,44 @@ converter.register_structure_hook(Operation, _structure_operation)
 converter.register_structure_hook(Optional[Dict[str, Any]], _structure_row)
 converter.register_structure_hook(str, _structure_name)
 converter.register_structure_hook(Optional[int], _structure_optional_int)
+# An event without a row type is one of dict rows.
+converter.register_structure_hook(DatabaseEvent, lambda d, _: converter.structure(d, DatabaseEvent[Dict[str, Any]]))
+
+
+def typed(event, model, rows=None):
+    """*event* with ``data`` and ``old`` structured into *model* by *rows* (a cattrs
+    Converter; default a plain one): a new event, the shared one is left alone.
+    RowTypeError names the fields that do not fit, never their values."""
+    conv = rows or _rows
+    try:
+        data = None if event.data is None else conv.structure(event.data, model)
+        old = None if event.old is None else conv.structure(event.old, model)
+    except Exception as exc:
+        try:
+            where = "; ".join(cattrs.transform_error(exc))
+        except Exception:
+            where = type(exc).__name__
+        raise RowTypeError(f"a row of {event.schema}.{event.table} does not fit {getattr(model, '__name__', model)}: "
+                           f"{where}") from None
+    return DatabaseEvent(event.channel, event.operation, event.schema, event.table, data, old, event.id, event.xid)
+
+
+def _strict(kind, accepts):
+    def structure(value, _type):
+        if not accepts(value):
+            raise TypeError(f"expected {kind}, got {type(value).__name__}")
+        return value if kind != "float" else float(value)
+    return structure
+
+
+# cattrs' own hooks call str() and int() on whatever comes (None becomes 'None',
+# 1.5 becomes 1): for rows, a value of another JSON type does not fit.
+_rows = cattrs.Converter()
+_rows.register_structure_hook(str, _strict("str", lambda v: isinstance(v, str)))
+_rows.register_structure_hook(int, _strict("int", lambda v: isinstance(v, int) and not isinstance(v, bool)))
+_rows.register_structure_hook(bool, _strict("bool", lambda v: isinstance(v, bool)))
+_rows.register_structure_hook(float, _strict("float", lambda v: isinstance(v, (int, float, decimal.Decimal))
+                                             and not isinstance(v, bool)))
 converter.register_unstructure_hook(Operation, lambda op: op.value)
 
 #: The most ids one statement's range may span: a larger one is refused as forged

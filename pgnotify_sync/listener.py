@@ -23,6 +23,7 @@ reads of the log ahead of delivery), ``<name>-maintenance`` (_maintenance.py:
 periodic tasks), ``<name>-pool-deadlines`` (_pool.py).
 """
 
+import functools
 import itertools
 import logging
 import threading
@@ -47,6 +48,7 @@ from ._rows import RowPool
 from ._threads import join_all
 from .config import Config
 from .errors import ConfigError, ConnectError, ListenerStateError
+from .events import typed
 from .metrics import collector_for
 from .signals import ListenerSignals
 
@@ -147,16 +149,21 @@ class Listener:
         """Logical channel names this listener listens on."""
         return tuple(self._channels)
 
-    def on_event(self, channel, handler=None):
+    def on_event(self, channel, handler=None, *, row=None, converter=None):
         """Call ``handler(event)`` for every event of *channel*. Usable as a decorator.
 
         Subscribing to a channel not in ``Config.channels`` adds it (before ``start()``).
-        The handler is held strongly (unlike a bare blinker ``connect``).
+        The handler is held strongly (unlike a bare blinker ``connect``). With *row*
+        (an attrs class, or anything cattrs can structure; *converter*: a cattrs
+        Converter with your hooks, e.g. for datetimes) the handler gets a
+        ``DatabaseEvent[row]`` whose ``data`` and ``old`` are *row* objects; a row that
+        does not fit is an ``error`` of kind ``type`` (no values logged), not retried.
         """
         if handler is None:
-            return lambda fn: self.on_event(channel, fn)
+            return lambda fn: self.on_event(channel, fn, row=row, converter=converter)
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+        call = handler if row is None else functools.partial(_typed_call, handler, row, converter)
         if channel not in self._channels:
             if self._started:
                 raise ListenerStateError(
@@ -164,11 +171,11 @@ class Listener:
             self._add_channel(channel)
 
         def receiver(sender, event, **_kw):
-            handler(event)
+            call(event)
 
         receiver.__name__ = getattr(handler, "__name__", "handler")
         receiver.__wrapped__ = handler
-        receiver._pgnotify_handler = handler     # our own function: Delivery calls the handler directly
+        receiver._pgnotify_handler = call        # our own function: Delivery calls the handler directly
         self.signals.event.connect(receiver, sender=channel, weak=False)
         return handler
 
@@ -411,6 +418,10 @@ def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher
         tasks.append(Every("retention", cfg.cleanup_interval_s, TrimUnlessRefused(cleanup),
                            first_s=min(cfg.cleanup_interval_s, 5.0), when=has_log))
     return tasks
+
+
+def _typed_call(handler, model, converter, event):
+    handler(typed(event, model, converter))
 
 
 def _checked_name(name):

@@ -118,6 +118,8 @@ class _LibraryCollector:
             counter("handler_errors", "Handler (receiver) calls that failed for good (after every retry)",
                     ["channel"]),
             counter("handler_retries", "Handler calls made again after the handler raised", ["channel"]),
+            counter("type_errors", "Rows that did not fit a handler's row model (on_event(..., row=Model))",
+                    ["channel"]),
             hist("handler_duration_seconds", "Time spent in the handlers of one event", ["channel"]),
             hist("decode_duration_seconds",
                  "Decode time per notification (mean over each drained batch)", []),

@@ -11,7 +11,7 @@ from pgnotify_sync.errors import ErrorKind, describe, first_line, retry_can_fix
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 KINDS = ["payload", "handler", "receiver", "catchup", "overflow", "connect", "gap", "missing", "publish",
-         "internal", "sse"]
+         "internal", "sse", "type"]
 
 
 def readme_kinds():

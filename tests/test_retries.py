@@ -92,3 +92,46 @@ def test_stop_interrupts_a_backoff_and_a_consumer_gets_the_event_again(jobs, mak
     again.on_event("jobs", got)
     again.start()
     assert [e.data["n"] for e in got.wait(1)] == [1], "the interrupted event was stored as handled"
+
+
+# -- typed rows (issue 16, part 3) -----------------------------------------------------------
+
+
+def test_typed_rows_arrive_as_the_model_and_a_row_that_does_not_fit_is_kind_type(db, make_listener, caplog):
+    import logging
+
+    import attrs
+
+    from pgnotify_sync import DatabaseEvent
+    install(db)
+    execute(db, "CREATE TABLE notes (id serial PRIMARY KEY, body text, secret text)")
+    watch_table(db, "public.notes", channel="notes")
+
+    @attrs.define
+    class Note:
+        id: int
+        body: str
+
+    listener = make_listener(channels=("notes",), handler_max_attempts=5)
+    got, raw = [], Collector()
+
+    @listener.on_event("notes", row=Note)
+    def typed_handler(event: DatabaseEvent[Note]):
+        got.append(event)
+    listener.on_event("notes", raw)
+    errors = errors_of(listener)
+    caplog.set_level(logging.INFO, logger="pgnotify_sync")
+    listener.start()
+    execute(db, "INSERT INTO notes (body, secret) VALUES ('hello', 'pw-1')")
+    execute(db, "INSERT INTO notes (body, secret) VALUES (NULL, 'pw-2')")     # body: None does not fit str
+    execute(db, "UPDATE notes SET body = 'edited' WHERE id = 1")
+    raw.wait(3)
+    wait_for(lambda: len(got) == 2 and errors, message=f"typed {got}, errors {errors}")
+    assert [(type(e.data), e.data, type(e.old).__name__) for e in got] == [
+        (Note, Note(1, "hello"), "NoneType"), (Note, Note(1, "edited"), "Note")]
+    assert got[1].old == Note(1, "hello")
+    assert isinstance(raw.events[0].data, dict)       # the other receiver's event is untouched
+    assert [kind for kind, _ in errors] == ["type"]
+    assert listener.get_stats()["type_errors"] == 1 and listener.get_stats()["handler_retries"] == 0
+    assert not any("pw-" in r.getMessage() for r in caplog.records)
+    assert any("does not fit Note" in r.getMessage() and "$.body" in r.getMessage() for r in caplog.records)

@@ -72,12 +72,21 @@ class Release:
         self.done = done
 
 
+class Redeliver:
+    """Control item: dead letters of this channel whose retry was asked for (ids)."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, ids):
+        self.ids = ids
+
+
 class ChannelState:
     __slots__ = ("partition", "lanes", "active", "epoch", "lease_deadline", "releasing",
                  "name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "xranges",
                  "partial",
                  "catchup_target", "catchup_upto", "in_catchup",
-                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors", "handler_retries", "type_errors",
+                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors", "handler_retries", "type_errors", "dead_letters",
                  "delivered_by", "handler_hist", "caught_up", "lag", "gap_events", "since_checkpoint",
                  "last_event_at", "unmatched_hints", "missed", "poll_pending", "polled")
 
@@ -124,6 +133,7 @@ class ChannelState:
         self.handler_errors = 0
         self.handler_retries = 0    # handler calls made again after a failure (Config.handler_max_attempts)
         self.type_errors = 0        # rows that did not fit a handler's model (on_event(..., row=Model))
+        self.dead_letters = None    # a durable consumer's parked events (as last counted; _deadletters.py)
         self.delivered_by = {}          # (operation, table) -> count
         self.handler_hist = Histogram()
         self.caught_up = 0

@@ -10,6 +10,7 @@ there.
 import threading
 
 from ._consumers import ConsumerStore
+from ._deadletters import DeadLetters
 from ._eventlog import EventLog
 from ._pool import ConnectionPool
 from .errors import ListenerStateError
@@ -25,6 +26,7 @@ class Connections:
         self.pool = None
         self.event_log = None           # the EventLog, on the pool
         self.consumer_store = None      # a durable consumer's ConsumerStore, on the pool
+        self.dead_letters = None        # ... and its DeadLetters
         self.listener_tunnel = self.pool_tunnel = None
 
     def make_tunnels(self):
@@ -50,6 +52,7 @@ class Connections:
                 self.event_log = EventLog(self.pool, cfg.connect_timeout_s)
                 if self._consumer:
                     self.consumer_store = ConsumerStore(self.pool, self._consumer, self._name)
+                    self.dead_letters = DeadLetters(self.pool, self._consumer)
             return self.pool
 
     def _pool_connect_kwargs(self):

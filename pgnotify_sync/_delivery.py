@@ -14,7 +14,7 @@ import time
 
 from ._channel import BOOTTIME, LeaseLost
 from ._keys import partition_of
-from .errors import RowTypeError, must_propagate
+from .errors import RowTypeError, first_line, must_propagate
 from .metrics import Histogram
 
 log = logging.getLogger("pgnotify_sync")
@@ -26,11 +26,21 @@ PLAIN_TABLE = "(plain)"
 
 class Interrupted(Exception):
     """stop() came during a handler's retry backoff: *events* (from the one being
-    retried on) were not all handled and must not be stored as handled."""
+    retried on) were not all handled and must not be stored as handled; the channel
+    delivers nothing more (*halt*)."""
+
+    halt = True
 
     def __init__(self, events):
-        super().__init__(f"{len(events)} events not handled (stopping)")
+        super().__init__(f"{len(events)} events not handled")
         self.events = events
+
+
+class Redo(Interrupted):
+    """An event failed for good but could not be parked as a dead letter (the
+    database is away): it and what follows are read again from the log later."""
+
+    halt = False
 
 
 def _call_receiver(receiver, sender, event):
@@ -45,8 +55,9 @@ class Delivery:
     different rows run in parallel."""
 
     def __init__(self, name, signals, report, checkpoint_every, save=None, keys=None, partitions=1, rows=None,
-                 backoff=None, stop=None):
+                 backoff=None, stop=None, park=None):
         self._name = name
+        self._park = park           # park(ch, event, exc, attempts): a durable consumer's dead letter
         self._backoff = backoff     # a Backoff of handler retries (None: no retry)
         self._stop = stop           # set by stop(): a backoff ends at once
         self._signals = signals
@@ -70,11 +81,12 @@ class Delivery:
             self._deliver_rows(ch, events)
             return
         checkpoint = self._checkpoint_every if self._save else 0
-        n, fast, total, errors, lost, cut = self._handle(ch, events, ch.handler_hist, ch.delivered_by, checkpoint)
+        n, fast, total, errors, lost, (cut, stopped) = self._handle(ch, events, ch.handler_hist, ch.delivered_by,
+                                                                    checkpoint)
         ch.handler_errors += errors
         self._delivered(ch, n, fast, total)
         if cut is not None:
-            raise Interrupted(events[cut:])
+            raise type(stopped)(events[cut:])
         if lost:
             raise LeaseLost(ch.name)
 
@@ -106,7 +118,7 @@ class Delivery:
         # inlined: it runs before every event).
         clock, boottime = time.clock_gettime, BOOTTIME
         handled = len(events)
-        cut = None
+        cut = stopped = None
         for i, event in enumerate(events):
             if lease and (not ch.active or clock(boottime) >= ch.lease_deadline):
                 # A group lane whose lease ran out stops before anyone else may take
@@ -123,8 +135,8 @@ class Delivery:
                         errors += self._retry(ch, only, event, exc)
                 else:
                     errors += self._call_all(ch, calls, event)
-            except Interrupted:
-                handled, cut = i, i
+            except Interrupted as exc:
+                handled, cut, stopped = i, i, exc
                 break
             done = perf()
             elapsed = done - started
@@ -149,7 +161,7 @@ class Delivery:
         if run:
             key = (op, label)
             by[key] = by.get(key, 0) + run
-        return handled, fast, total, errors, handled < len(events) and cut is None, cut
+        return handled, fast, total, errors, handled < len(events) and cut is None, (cut, stopped)
 
     def _deliver_rows(self, ch, events):
         """``ordering="row"``: *events* split by row over the row threads, in parts of
@@ -166,18 +178,18 @@ class Delivery:
         for start in range(0, len(events), step):
             window = events[start:start + step]
             lost = False
-            cut = len(window)
-            for share, (hist, by, n, fast, total, errors, part_lost, part_cut) in self._rows.run(window, part):
+            cut, stopped = len(window), None
+            for share, (hist, by, n, fast, total, errors, part_lost, (part_cut, why)) in self._rows.run(window, part):
                 lost |= part_lost
-                if part_cut is not None:        # stop() interrupted a retry in this share
-                    cut = min(cut, window.index(share[part_cut]))
+                if part_cut is not None and window.index(share[part_cut]) < cut:  # a share stopped short
+                    cut, stopped = window.index(share[part_cut]), why
                 ch.handler_hist.add(hist)
                 for key, count in by.items():
                     ch.delivered_by[key] = ch.delivered_by.get(key, 0) + count
                 ch.handler_errors += errors
                 self._delivered(ch, n, fast, total)
             if cut < len(window):
-                raise Interrupted(events[start + cut:])
+                raise type(stopped)(events[start + cut:])
             if lost:
                 raise LeaseLost(ch.name)
             if every:
@@ -247,6 +259,7 @@ class Delivery:
             if isinstance(exc, RowTypeError):      # the row does not fit: calling again cannot help
                 ch.type_errors += 1
                 self._report("type", exc, ch.name, event_id=event.id)
+                self._park_or_redo(ch, event, exc, attempt)
                 return 0
             if self._backoff is None or self._backoff.exhausted(attempt):
                 return self._failed(ch, exc, event, attempt)
@@ -271,5 +284,33 @@ class Delivery:
         if must_propagate(exc):
             raise exc
         self._report("handler", exc, ch.name, event_id=event.id, exc_info=True)
+        self._park_or_redo(ch, event, exc, attempts)
         return 1
+
+    def _park_or_redo(self, ch, event, exc, attempts):
+        """A durable consumer parks the event as a dead letter; if it cannot, the
+        event is not passed (Redo: read again from the log later)."""
+        if self._park is None or event.id is None:
+            return
+        try:
+            self._park(ch, event, exc, attempts)
+        except Exception as why:
+            log.warning("%s: channel %r: cannot park event %s as a dead letter (%s); it is read again later",
+                        self._name, ch.name, event.id, first_line(why))
+            raise Redo([event]) from None
+
+    def redeliver(self, ch, events, claim, done):
+        """Dead letters whose retry was asked for: each that *claim(ch, event)* gives
+        this lane (its partition, claimed once in the group) goes to the handlers
+        again; ``done(ch, event)`` once they all took it, else it is parked again."""
+        if ch.partition is not None and self._partitions > 1:
+            events = [e for e in events if partition_of(e, self._keys, self._partitions) == ch.partition]
+        calls = self._receivers(ch.name)
+        for event in events:
+            if not claim(ch, event):
+                continue
+            if self._call_all(ch, calls, event) == 0:
+                done(ch, event)
+                log.info("%s: channel %r: dead letter %s delivered", self._name, ch.name, event.id,
+                         extra={"event": "dead_letter_retried", "channel": ch.name, "event_id": event.id})
 

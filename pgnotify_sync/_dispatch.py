@@ -73,6 +73,9 @@ class DispatchHooks(typing.Protocol):
     def lease_lost(self, lane) -> None:
         """A group lane stopped: its lease ran out or was taken (fencing)."""
 
+    def redeliver(self, ch, events) -> None:
+        """Hand dead letters whose retry was asked for to the handlers again."""
+
 
 class Dispatcher:
     """Owns the channel queues and the worker threads.

@@ -31,6 +31,7 @@ class ListenerHooks:
         self._signals = signals
         self._checkpoint_every = checkpoint_every
         self.deliver = self._delivery().deliver
+        self._redeliver = None
         # A group member's lanes of one channel read the same hints once (_shared.py).
         self._shared = SharedReads(fetch_timeout_s(parts.config))
 
@@ -41,12 +42,13 @@ class ListenerHooks:
                           cfg.handler_max_attempts) if cfg.handler_max_attempts > 1 else None
         return Delivery(p.name, self._signals, self.report, self._checkpoint_every,
                         save=self.save_consumer if p.consumer else None, keys=keys, partitions=partitions, rows=rows,
-                        backoff=backoff, stop=p.stop_event)
+                        backoff=backoff, stop=p.stop_event, park=self._park if p.consumer else None)
 
     def configure_delivery(self, keys, partitions, rows):
         """At start(), before any delivery: the rows' *keys* (a KeyColumns), the group's
         *partitions* and the RowPool of ``ordering="row"`` (None: a channel's order)."""
-        self.deliver = self._delivery(keys, partitions, rows).deliver
+        delivery = self._delivery(keys, partitions, rows)
+        self.deliver, self._redeliver = delivery.deliver, delivery.redeliver
 
     # -- DispatchHooks ----------------------------------------------------------------
 
@@ -55,7 +57,7 @@ class ListenerHooks:
         return types.SimpleNamespace(deliver=self.deliver, catch_up=self.catch_up, fetch_ids=self.fetch_ids,
                                      fetch_range=self.fetch_range, window=self.window, report=self.report,
                                      caught_up=self.caught_up, after_batch=self.after_batch,
-                                     lease_lost=self.lease_lost)
+                                     lease_lost=self.lease_lost, redeliver=self.redeliver)
 
     def catch_up(self, ch, reason):
         """(target snapshot, the pages of events from ch.position up to it); events
@@ -121,6 +123,16 @@ class ListenerHooks:
     def after_batch(self, ch):
         if self._p.consumer:
             self.save_consumer(ch)
+
+    # -- dead letters (_deadletters.py) ---------------------------------------------------
+
+    def _park(self, ch, event, exc, attempts):
+        self._p.connections.dead_letters.park(ch.wire, event, exc, attempts)
+
+    def redeliver(self, ch, events):
+        store = self._p.connections.dead_letters
+        self._redeliver(ch, events, lambda lane, e: store.claim(lane.wire, e.id),
+                        lambda lane, e: store.done(lane.wire, e.id))
 
     def lease_lost(self, lane):
         self._p.group.lost(lane, "its lease ran out before it could be renewed")

@@ -124,6 +124,9 @@ class Observer:
 
         for ch in list(p.channels.values()):
             self._collect_channel(merged(ch), add, add_hist)
+        for ch in list(p.channels.values()):
+            if ch.dead_letters is not None:
+                add("dead_letters", [p.consumer, ch.name], ch.dead_letters)
         if p.group is not None:
             add("consumer_partitions_owned", [p.group.consumer], len(p.group.owned))
             add("consumer_rebalances", [p.group.consumer], p.group.rebalances)

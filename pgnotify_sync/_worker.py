@@ -15,7 +15,7 @@ again from the log later, so nothing is lost.
 import logging
 
 from . import _position as position
-from ._channel import Advance, CatchUp, LeaseLost, Release, SetPosition
+from ._channel import Advance, CatchUp, LeaseLost, Redeliver, Release, SetPosition
 from ._eventlog import CatchUpFailed
 from ._delivery import Interrupted
 from ._fetch import read_ahead
@@ -53,7 +53,8 @@ class BatchRunner:
         self._lost = lost       # lost(ch): a group lane's lease ran out (_group.py)
         self._halt = halt       # halt(ch): the channel takes nothing more (stopping)
         self._by_type = {EventRange: self._range, CatchUp: self._catch_up_item,
-                         Advance: self._advance, SetPosition: self._set_position, Release: self._release}
+                         Advance: self._advance, SetPosition: self._set_position, Release: self._release,
+                         Redeliver: self._redeliver}
 
     def run(self, ch, items):
         if not ch.active:
@@ -77,12 +78,16 @@ class BatchRunner:
             self._flush(ch, batch)
             self._hooks.after_batch(ch)
         except Interrupted as exc:
-            # stop() came during a handler's retry backoff: what was not handled is
-            # forgotten as handled (a durable consumer gets it again after a restart),
-            # and the channel delivers nothing more (a later event first would break
-            # its order).
+            # stop() came during a handler's retry backoff, or an event that failed
+            # for good could not be parked (Redo): what was not handled is forgotten as
+            # handled (a durable consumer gets it again). On stop the channel delivers
+            # nothing more (a later event first would break its order); on Redo it
+            # reads from the log again later.
             _forget(ch, exc.events)
-            self._halt(ch)
+            if exc.halt:
+                self._halt(ch)
+            else:
+                self._fall_back(ch, items[i + 1:], exc, "catchup")
         except LeaseLost:
             # Nothing more is handed to handlers; the next owner resumes from the
             # stored position (what was delivered since comes again: at least once).
@@ -185,6 +190,9 @@ class BatchRunner:
 
     def _release(self, ch, item, items, i, batch):
         item.done(ch)
+
+    def _redeliver(self, ch, item, items, i, batch):
+        self._hooks.redeliver(ch, self._hooks.fetch_ids(ch, item.ids))
 
     def _set_position(self, ch, item, items, i, batch):
         if ch.position is None:

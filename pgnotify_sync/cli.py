@@ -267,6 +267,42 @@ def _add_event_parsers(sub):
     p.set_defaults(func=cmd_consumers)
 
 
+def cmd_dead_letters(args):
+    from . import _deadletters as dl
+
+    def act(conn, cfg):
+        if args.action == "list":
+            for row in dl.list_dead_letters(conn, args.consumer, args.channel and cfg.wire_channel(args.channel)):
+                print(json.dumps(row, default=str))
+            return
+        if not args.all and not args.ids:
+            raise ConfigError("dead-letters: name the event ids, or --all")
+        ids = None if args.all else args.ids
+        change = dl.request_retry if args.action == "retry" else dl.drop_dead_letters
+        print(change(conn, args.consumer, ids))
+    _with_connection(args, act)
+
+
+def _add_dead_letter_parsers(sub):
+    p = sub.add_parser("dead-letters", help="a durable consumer's dead letters: list (JSON lines), retry, drop")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    q = actions.add_parser("list", help="JSON lines: consumer, channel, event_id, attempts, error type and line")
+    q.add_argument("--consumer", default=None)
+    q.add_argument("--channel", default=None, help="a logical channel (the prefix is added)")
+    _add_db_flags(q)
+    q.set_defaults(func=cmd_dead_letters)
+    for action, text in (("retry", "deliver them again to the consumer's handlers (at once if it runs, else at "
+                                   "its next start); prints how many"),
+                         ("drop", "forget them; prints how many")):
+        q = actions.add_parser(action, help=text)
+        q.add_argument("--consumer", required=True)
+        q.add_argument("--all", action="store_true", help="every dead letter of the consumer")
+        q.add_argument("ids", nargs="*", type=int, metavar="ID", help="event ids")
+        _add_db_flags(q)
+        q.set_defaults(func=cmd_dead_letters)
+
+
 def _add_demo_parser(sub):
     p = sub.add_parser("demo", help="live events from a demo table (starts a throwaway PostgreSQL "
                                     "when POSTGRES_DB is not set)")
@@ -298,6 +334,7 @@ def build_parser():
     _add_schema_parsers(sub)
     _add_grant_parsers(sub)
     _add_event_parsers(sub)
+    _add_dead_letter_parsers(sub)
     _add_demo_parser(sub)
     return parser
 

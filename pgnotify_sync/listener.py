@@ -30,7 +30,7 @@ import threading
 import time
 import types
 
-from ._channel import ChannelState
+from ._channel import ChannelState, Redeliver
 from ._connections import Connections
 from ._dispatch import Dispatcher
 from ._fetch import READ_AHEAD, fetch_timeout_s
@@ -49,6 +49,7 @@ from ._threads import join_all
 from .config import Config
 from .errors import ConfigError, ConnectError, ListenerStateError
 from .events import typed
+from ._deadletters import POLL_S as DEAD_LETTER_POLL_S, list_dead_letters, request_retry, safe_poll
 from .metrics import collector_for
 from .signals import ListenerSignals
 
@@ -331,6 +332,27 @@ class Listener:
         :class:`ErrorKind`; *what* says which code failed."""
         self._reporter.report(kind, error, channel, event_id=event_id, what=what)
 
+    def dead_letters(self):
+        """This durable consumer's dead letters (events its handlers failed on for
+        good), as dicts: channel, event_id, attempts, error_type, error, first and last
+        failure time, retry_requested. No row values."""
+        self._require_consumer("dead_letters")
+        with self._connections.pool.connection() as conn:
+            return list_dead_letters(conn, self.consumer)
+
+    def retry_dead_letters(self, ids=None):
+        """Deliver these dead letters (event ids; None: all) to the handlers again, in
+        the member holding each one's partition (within ``dead_letters.POLL_S``, or
+        at the next start); returns how many were asked for."""
+        self._require_consumer("retry_dead_letters")
+        with self._connections.pool.connection() as conn:
+            return request_retry(conn, self.consumer, None if ids is None else [int(i) for i in ids])
+
+    def _require_consumer(self, what):
+        if not self.consumer:
+            raise ListenerStateError(f"{self.name}: {what}() is for a durable consumer (Listener(consumer=...))")
+        self._connections.require_pool()
+
     def event_log(self):
         """The :class:`~pgnotify_sync._eventlog.EventLog` this listener reads, on its
         pool (the SSE bridge replays from it)."""
@@ -394,7 +416,7 @@ class Listener:
         self._maintenance = Maintenance(f"{self.name}-maintenance", self._stop_event, _maintenance_tasks(
             cfg, has_log, lambda: has_log() and self._lifecycle.state is ConnectionState.LISTENING,
             lambda: self._connections.pool.fill(WARM_CONNECTIONS), self._dispatcher, self._publisher,
-            self._observer.update_lag, self.cleanup)).start()
+            self._observer.update_lag, self.cleanup, self._poll_dead_letters if self.consumer else None)).start()
         self._poller = Poller(self.name, cfg.poll_interval_s, self._channels, self._connections.event_log.query_one,
                               lambda ch, item: self._dispatcher.push_control(ch, item, skip_overflowing=True),
                               self._stop_event, ready=lambda: self._reader.installed is True
@@ -405,7 +427,21 @@ class Listener:
 
 
 
-def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup):
+    def _poll_dead_letters(self):
+        """The maintenance thread's: count the dead letters, and hand those whose
+        retry was asked for to their channels' workers."""
+        polled = safe_poll(self._connections.dead_letters, log, self.name)
+        if polled is None:
+            return
+        for ch in self._channels.values():
+            count, retry = polled.get(ch.wire, (0, []))
+            ch.dead_letters = count
+            if retry:
+                self._dispatcher.push_control(ch, Redeliver(retry))
+
+
+def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup,
+                       poll_dead_letters):
     tasks = [
         # Reads on the delivery path find a connection open (no connect stall).
         Every("open pooled connections", POOL_FILL_EVERY_S, fill_pool, first_s=0.0, when=listening),
@@ -414,6 +450,8 @@ def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher
         # Lag feeds the metrics and health().
         Every("lag", cfg.health_check_interval_s, update_lag, first_s=1.0, when=listening),
     ]
+    if poll_dead_letters is not None:
+        tasks.append(Every("dead letters", DEAD_LETTER_POLL_S, poll_dead_letters, first_s=0.5, when=listening))
     if cfg.cleanup_interval_s:
         tasks.append(Every("retention", cfg.cleanup_interval_s, TrimUnlessRefused(cleanup),
                            first_s=min(cfg.cleanup_interval_s, 5.0), when=has_log))

@@ -142,6 +142,8 @@ class _LibraryCollector:
             gauge("publish_buffer_size", "Publishes waiting for the database", []),
             counter("retention_deleted", "Event-log rows deleted by retention", []),
             counter("consumer_gap_events", "Events a durable consumer will never see (trimmed)", ["channel"]),
+            gauge("dead_letters", "A durable consumer's dead letters: events its handlers failed on for good",
+                  ["consumer", "channel"]),
             gauge("consumer_partitions_owned", "Partitions of its consumer group this member holds", ["consumer"]),
             counter("consumer_rebalances", "Times this member saw its group's members change", ["consumer"]),
             gauge("consumer_members", "Live members of the consumer group, as this member last saw them",

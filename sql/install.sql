@@ -212,8 +212,10 @@ BEGIN
         SELECT e.id, e.channel, e.xid FROM examined e
          WHERE e.created_at < v_cutoff
            AND (e.created_at < now() - make_interval(secs => v_consumer_s)
-                OR NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
-                                WHERE c.channel = e.channel AND NOT pg_visible_in_snapshot(e.xid, c.position)))
+                OR (NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
+                                 WHERE c.channel = e.channel AND NOT pg_visible_in_snapshot(e.xid, c.position))
+                    -- a dead letter's event stays while it may be retried (dead_letters)
+                    AND NOT EXISTS (SELECT 1 FROM pgnotify_sync.dead_letters dl WHERE dl.event_id = e.id)))
         RETURNING 1
     )
     SELECT max(e.id), count(*) INTO last_id, v_scanned FROM examined e;
@@ -1031,7 +1033,8 @@ BEGIN
     PERFORM pgnotify_sync.add_grants(p_role, 'listen', p_channels);
     EXECUTE format('GRANT SELECT ON pgnotify_sync.event_log TO %s', p_role);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.consumers, pgnotify_sync.consumer_groups, '
-                   'pgnotify_sync.consumer_members, pgnotify_sync.consumer_keys TO %s', p_role);
+                   'pgnotify_sync.consumer_members, pgnotify_sync.consumer_keys, pgnotify_sync.dead_letters TO %s',
+                   p_role);
 END
 $fn$;
 
@@ -1061,7 +1064,7 @@ BEGIN
                    'pgnotify_sync.trim_event_log_batch(double precision, double precision, bigint, integer) TO %s',
                    p_role);
     EXECUTE format('GRANT SELECT ON pgnotify_sync.consumers, pgnotify_sync.watched_tables, pgnotify_sync.consumer_groups, '
-                   'pgnotify_sync.consumer_members TO %s', p_role);
+                   'pgnotify_sync.consumer_members, pgnotify_sync.dead_letters TO %s', p_role);
 END
 $fn$;
 
@@ -1124,6 +1127,47 @@ BEGIN
         ELSE
             EXECUTE format('GRANT SELECT ON pgnotify_sync.consumer_groups, pgnotify_sync.consumer_members TO %s',
                            r.role::regrole);
+        END IF;
+    END LOOP;
+END
+$do$;
+
+-- Dead letters: events a durable consumer's handler failed on for good (after every
+-- attempt), parked here while delivery goes on. No row values: the event stays in
+-- the log (kept while it is a dead letter, see trim) and is read from there when a
+-- retry is asked for (retry_requested; the consumer's running member takes it).
+CREATE TABLE IF NOT EXISTS pgnotify_sync.dead_letters (
+    consumer        text NOT NULL,
+    channel         text NOT NULL,          -- on the wire
+    event_id        bigint NOT NULL,
+    attempts        integer NOT NULL,
+    error_type      text NOT NULL,
+    error           text NOT NULL,          -- the first line of the error, at most 300 characters
+    first_failed_at timestamptz NOT NULL DEFAULT now(),
+    last_failed_at  timestamptz NOT NULL DEFAULT now(),
+    retry_requested boolean NOT NULL DEFAULT false,
+    role            oid NOT NULL DEFAULT to_regrole(quote_ident(current_user)),
+    PRIMARY KEY (consumer, channel, event_id)
+);
+CREATE INDEX IF NOT EXISTS dead_letters_retry_idx ON pgnotify_sync.dead_letters (consumer) WHERE retry_requested;
+CREATE INDEX IF NOT EXISTS dead_letters_event_idx ON pgnotify_sync.dead_letters (event_id);
+ALTER TABLE pgnotify_sync.dead_letters ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS own_rows ON pgnotify_sync.dead_letters;
+DROP POLICY IF EXISTS admins_see ON pgnotify_sync.dead_letters;
+CREATE POLICY own_rows ON pgnotify_sync.dead_letters FOR ALL TO PUBLIC
+    USING (pg_has_role(role, 'MEMBER')) WITH CHECK (pg_has_role(role, 'MEMBER'));
+CREATE POLICY admins_see ON pgnotify_sync.dead_letters FOR SELECT TO PUBLIC
+    USING (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+DO $do$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT DISTINCT g.role, g.kind FROM pgnotify_sync.grants g
+              WHERE g.kind IN ('listen', 'admin') AND to_regrole(g.role::regrole::text) IS NOT NULL LOOP
+        IF r.kind = 'listen' THEN
+            EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.dead_letters TO %s', r.role::regrole);
+        ELSE
+            EXECUTE format('GRANT SELECT ON pgnotify_sync.dead_letters TO %s', r.role::regrole);
         END IF;
     END LOOP;
 END

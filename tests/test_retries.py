@@ -135,3 +135,72 @@ def test_typed_rows_arrive_as_the_model_and_a_row_that_does_not_fit_is_kind_type
     assert listener.get_stats()["type_errors"] == 1 and listener.get_stats()["handler_retries"] == 0
     assert not any("pw-" in r.getMessage() for r in caplog.records)
     assert any("does not fit Note" in r.getMessage() and "$.body" in r.getMessage() for r in caplog.records)
+
+
+# -- dead letters (issue 16, part 2) --------------------------------------------------------
+
+
+def test_a_dead_letter_is_listed_by_the_cli_and_delivered_once_after_the_fix(jobs, make_listener, dsn):
+    import json
+
+    from test_cli import Cli
+    listener = make_listener(channels=("jobs",), consumer="indexer", handler_max_attempts=2,
+                             handler_retry_delay_ms=10, handler_retry_delay_max_ms=20)
+    broken = {"yes": True}
+    handled = []
+
+    @listener.on_event("jobs")
+    def index(event):
+        if event.data["n"] == 2 and broken["yes"]:
+            raise ValueError("the search server refused this document")
+        handled.append(event.data["n"])
+    listener.start()
+    for n in range(5):
+        execute(jobs, "INSERT INTO jobs (n) VALUES (%s)", (n,))
+    wait_for(lambda: handled == [0, 1, 3, 4], timeout=15, message=f"handled {handled}")
+    cli = Cli(dsn)
+    try:
+        lines = cli.run("dead-letters", "list", "--consumer", "indexer").stdout.splitlines()
+        (letter,) = [json.loads(line) for line in lines]
+        two = execute(jobs, "SELECT id FROM pgnotify_sync.event_log WHERE (data->>'n')::int = 2")[0][0]
+        assert (letter["consumer"], letter["channel"], letter["event_id"], letter["attempts"]) == (
+            "indexer", "jobs", two, 2)
+        assert (letter["error_type"], letter["error"]) == ("ValueError", "the search server refused this document")
+        assert listener.dead_letters()[0]["event_id"] == two
+        # retention keeps a dead letter's event while it is parked
+        assert execute(jobs, "SELECT pgnotify_sync.trim_event_log(0, 1000000)")[0][0] >= 0
+        assert execute(jobs, "SELECT count(*) FROM pgnotify_sync.event_log WHERE id = %s", (two,))[0][0] == 1
+        broken["yes"] = False                                   # the fix
+        proc = cli.run("dead-letters", "retry", "--consumer", "indexer", "--all")
+        assert proc.stdout.strip() == "1", proc.stderr
+        wait_for(lambda: 2 in handled, timeout=15, message="the dead letter was not delivered again")
+        wait_for(lambda: cli.run("dead-letters", "list", "--consumer", "indexer").stdout == "", timeout=10,
+                 message="the dead letter is still listed")
+        assert sorted(handled) == [0, 1, 2, 3, 4] and handled.count(2) == 1
+        assert listener.retry_dead_letters() == 0
+    finally:
+        cli.close()
+
+
+def test_dropping_dead_letters_and_the_gauge(jobs, make_listener):
+    from prometheus_client import CollectorRegistry
+    registry = CollectorRegistry()
+    listener = make_listener(channels=("jobs",), consumer="indexer", registry=registry)
+
+    @listener.on_event("jobs")
+    def always_fails(event):
+        raise RuntimeError("down")
+    listener.start()
+    execute(jobs, "INSERT INTO jobs (n) VALUES (1), (2)")
+    wait_for(lambda: len(listener.dead_letters()) == 2, timeout=15, message="no dead letters")
+
+    def gauge():
+        return registry.get_sample_value("pgnotify_sync_dead_letters",
+                                         {"listener": listener.name, "consumer": "indexer", "channel": "jobs"})
+    wait_for(lambda: gauge() == 2, timeout=10, message=f"gauge {gauge()}")
+    first = listener.dead_letters()[0]["event_id"]
+    from pgnotify_sync._deadletters import drop_dead_letters
+    with listener._connections.pool.connection() as conn:
+        assert drop_dead_letters(conn, "indexer", [first]) == 1
+    assert [d["event_id"] for d in listener.dead_letters()] != [first] and len(listener.dead_letters()) == 1
+    wait_for(lambda: gauge() == 1, timeout=10, message=f"gauge {gauge()}")

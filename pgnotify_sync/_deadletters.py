@@ -1,0 +1,109 @@
+"""Dead letters (``pgnotify_sync.dead_letters``): events a durable consumer's handler
+failed on for good, parked so delivery goes on; listed, retried and dropped from the
+CLI or the Listener. No thread of its own: workers park and redeliver, the
+maintenance thread looks for retries asked for.
+
+A dead letter holds no row values: the event stays in the log while it is parked
+(trim keeps it), and a retry reads it from there. A retry is asked for in the
+database (``retry_requested``), so it reaches the consumer whether it runs now (its
+maintenance thread looks every POLL_S) or starts later; in a group, the member
+holding the event's partition claims it (one UPDATE), so it is delivered once.
+"""
+
+import psycopg2
+
+from .errors import PgNotifyError, first_line
+
+# How often a running consumer looks for retries asked for (and counts its dead
+# letters for the metric).
+POLL_S = 2.0
+# The stored error's first line is cut here (it is the handler's own text).
+ERROR_MAX = 300
+
+_PARK = """
+INSERT INTO pgnotify_sync.dead_letters (consumer, channel, event_id, attempts, error_type, error)
+VALUES (%(consumer)s, %(channel)s, %(id)s, %(attempts)s, %(type)s, %(error)s)
+ON CONFLICT (consumer, channel, event_id) DO UPDATE
+   SET attempts = dead_letters.attempts + excluded.attempts, error_type = excluded.error_type,
+       error = excluded.error, last_failed_at = now(), retry_requested = false
+"""
+_CLAIM = ("UPDATE pgnotify_sync.dead_letters SET retry_requested = false "
+          "WHERE consumer = %s AND channel = %s AND event_id = %s AND retry_requested")
+_DONE = "DELETE FROM pgnotify_sync.dead_letters WHERE consumer = %s AND channel = %s AND event_id = %s"
+_POLL = ("SELECT channel, count(*), coalesce(array_agg(event_id ORDER BY event_id) FILTER (WHERE retry_requested), "
+         "'{}') FROM pgnotify_sync.dead_letters WHERE consumer = %s GROUP BY channel")
+
+
+class DeadLetters:
+    """Consumer *consumer*'s dead letters, on connections of *pool*."""
+
+    def __init__(self, pool, consumer):
+        self._pool = pool
+        self.consumer = consumer
+
+    def park(self, wire, event, exc, attempts):
+        """Store *event* as a dead letter (raises if the database cannot be reached:
+        the caller must then not pass the event)."""
+        with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(_PARK, {"consumer": self.consumer, "channel": wire, "id": event.id, "attempts": attempts,
+                                "type": type(exc).__name__, "error": first_line(exc)[:ERROR_MAX]})
+
+    def claim(self, wire, event_id):
+        """True if this member takes the retry of *event_id* (one member does)."""
+        with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(_CLAIM, (self.consumer, wire, event_id))
+            return cur.rowcount == 1
+
+    def done(self, wire, event_id):
+        with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(_DONE, (self.consumer, wire, event_id))
+
+    def poll(self):
+        """{wire: (dead letters, [ids whose retry is asked for])}."""
+        with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(_POLL, (self.consumer,))
+            return {wire: (n, list(ids)) for wire, n, ids in cur.fetchall()}
+
+
+# -- for the CLI and the Listener (a connection of the caller's) ------------------------------
+
+
+def list_dead_letters(conn, consumer=None, channel=None):
+    """The dead letters this role may see, as dicts (oldest failure first)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT consumer, channel, event_id, attempts, error_type, error, first_failed_at, "
+                    "last_failed_at, retry_requested FROM pgnotify_sync.dead_letters "
+                    "WHERE (%(consumer)s IS NULL OR consumer = %(consumer)s) "
+                    "AND (%(channel)s IS NULL OR channel = %(channel)s) ORDER BY first_failed_at, event_id",
+                    {"consumer": consumer, "channel": channel})
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def request_retry(conn, consumer, ids=None):
+    """Ask consumer *consumer* to deliver these dead letters again (None: all);
+    returns how many."""
+    return _change(conn, "UPDATE pgnotify_sync.dead_letters SET retry_requested = true", consumer, ids)
+
+
+def drop_dead_letters(conn, consumer, ids=None):
+    """Forget these dead letters (None: all); returns how many."""
+    return _change(conn, "DELETE FROM pgnotify_sync.dead_letters", consumer, ids)
+
+
+def _change(conn, statement, consumer, ids):
+    with conn.cursor() as cur:
+        cur.execute(statement + " WHERE consumer = %s AND (%s::bigint[] IS NULL OR event_id = ANY(%s::bigint[]))",
+                    (consumer, ids, ids))
+        n = cur.rowcount
+    conn.commit()
+    return n
+
+
+def safe_poll(store, log, name):
+    """``store.poll()``, or None (logged) if the database cannot be reached."""
+    try:
+        return store.poll()
+    except (psycopg2.Error, PgNotifyError) as exc:
+        log.warning("%s: cannot read dead letters: %s", name, first_line(exc))
+        return None

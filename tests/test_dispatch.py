@@ -79,6 +79,7 @@ class FakeHooks:
         self.refs = {}                            # log id -> event (or None: no longer in the log)
         self.fetched = []                         # the ids of each fetch_ids call
         self.lost = []                            # (channel name, partition) per lease_lost call
+        self.redelivered = []                     # (channel name, [ids]) per redeliver call
         self.windows = []                         # [(id, xid)] answers of window(), in order (then: none)
         self.window_calls = []                    # (channel name, target) per window call
         self.ranges = {}                          # first id -> callable() returning the range's events
@@ -162,6 +163,10 @@ class FakeHooks:
         with self.lock:
             self.lost.append((lane.name, lane.partition))
 
+    def redeliver(self, ch, events):
+        with self.lock:
+            self.redelivered.append((ch.name, [e.id for e in events]))
+
     # No __getattr__: a hook the Dispatcher calls under another name than the
     # protocol's (a rename on one side) raises AttributeError here, which the
     # dispatcher reports as an "internal" error, which the fixture fails on.
@@ -223,8 +228,8 @@ def no_internal_errors(hooks):
 
 # The DispatchHooks the Dispatcher calls; FakeHooks implements exactly these, and so
 # does the hooks object the Listener builds.
-HOOKS = ("after_batch", "catch_up", "caught_up", "deliver", "fetch_ids", "fetch_range", "lease_lost", "report",
-         "window")
+HOOKS = ("after_batch", "catch_up", "caught_up", "deliver", "fetch_ids", "fetch_range", "lease_lost", "redeliver",
+         "report", "window")
 
 
 def test_fake_hooks_are_the_protocols_hooks_and_nothing_else():

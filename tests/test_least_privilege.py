@@ -507,3 +507,32 @@ def test_a_table_owner_with_bypassrls_is_refused_saying_why(db, roles):
     with pytest.raises(SchemaError, match=f"table owner {owner} has BYPASSRLS: its capture could log events on any "
                                           "channel"):
         watch_table(db, "public.fast", channel="fast")
+
+
+def test_an_event_that_cannot_be_parked_is_not_passed(ledger, roles, dsn):
+    """Dead letters (issue 16): a role whose dead letters cannot be written (its grant
+    on the table taken back: a real refusal by the server) never passes the event it
+    failed on; once it can, the event is parked and delivery goes on, in order."""
+    reader = roles.make("reader")
+    grant_listener(ledger, reader, ["acc"])
+    execute(ledger, f"REVOKE INSERT ON pgnotify_sync.dead_letters FROM {reader}")
+    listener = Listener(role_config(dsn, reader, channels=("acc",)), consumer="books", registry=False)
+    tried, done = [], []
+
+    @listener.on_event("acc")
+    def book(event):
+        tried.append(event.data["note"])
+        if event.data["note"] == "bad":
+            raise ValueError("cannot book this one")
+        done.append(event.data["note"])
+    try:
+        listener.start(timeout_s=10)
+        execute(ledger, "INSERT INTO acc (note) VALUES ('ok1'); INSERT INTO acc (note) VALUES ('bad'); "
+                        "INSERT INTO acc (note) VALUES ('ok2')")
+        wait_for(lambda: tried.count("bad") >= 2, timeout=15, message=f"tried {tried}")
+        assert done == ["ok1"], "an event after the one that could not be parked was passed"
+        execute(ledger, f"GRANT INSERT ON pgnotify_sync.dead_letters TO {reader}")
+        wait_for(lambda: done == ["ok1", "ok2"], timeout=15, message=f"done {done}")
+        assert [(d["event_id"] > 0, d["error_type"]) for d in listener.dead_letters()] == [(True, "ValueError")]
+    finally:
+        listener.stop()

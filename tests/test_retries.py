@@ -204,3 +204,27 @@ def test_dropping_dead_letters_and_the_gauge(jobs, make_listener):
         assert drop_dead_letters(conn, "indexer", [first]) == 1
     assert [d["event_id"] for d in listener.dead_letters()] != [first] and len(listener.dead_letters()) == 1
     wait_for(lambda: gauge() == 1, timeout=10, message=f"gauge {gauge()}")
+
+
+def test_a_row_that_does_not_fit_becomes_a_dead_letter_of_a_durable_consumer(jobs, make_listener):
+    import attrs
+
+    @attrs.define
+    class Job:
+        id: int
+        n: int
+
+    listener = make_listener(channels=("jobs",), consumer="typed", handler_max_attempts=3, handler_retry_delay_ms=10,
+                             handler_retry_delay_max_ms=20)
+    got = []
+    listener.on_event("jobs", got.append, row=Job)
+    listener.start()
+    execute(jobs, "INSERT INTO jobs (n) VALUES (1)")
+    execute(jobs, "INSERT INTO jobs (n) VALUES (NULL)")       # n: None does not fit int
+    execute(jobs, "INSERT INTO jobs (n) VALUES (3)")
+    wait_for(lambda: len(got) == 2, timeout=15, message=f"got {got}")
+    assert [e.data for e in got] == [Job(1, 1), Job(3, 3)]
+    wait_for(lambda: listener.dead_letters(), timeout=10, message="no dead letter")
+    (letter,) = listener.dead_letters()
+    assert (letter["error_type"], letter["attempts"]) == ("RowTypeError", 1)
+    assert "does not fit Job" in letter["error"] and "None" not in letter["error"]

@@ -86,7 +86,8 @@ class ChannelState:
                  "name", "wire", "items", "ahead", "scheduled", "overflow", "position", "handled", "xranges",
                  "partial",
                  "catchup_target", "catchup_upto", "in_catchup",
-                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors", "handler_retries", "type_errors", "dead_letters",
+                 "retry_at", "dropped", "delivered", "received", "parse_errors", "handler_errors", "handler_retries",
+                 "type_errors", "dead_letters", "redeliver_pending",
                  "delivered_by", "handler_hist", "caught_up", "lag", "gap_events", "since_checkpoint",
                  "last_event_at", "unmatched_hints", "missed", "poll_pending", "polled")
 
@@ -134,6 +135,7 @@ class ChannelState:
         self.handler_retries = 0    # handler calls made again after a failure (Config.handler_max_attempts)
         self.type_errors = 0        # rows that did not fit a handler's model (on_event(..., row=Model))
         self.dead_letters = None    # a durable consumer's parked events (as last counted; _deadletters.py)
+        self.redeliver_pending = False  # a Redeliver is queued (not one more every poll)
         self.delivered_by = {}          # (operation, table) -> count
         self.handler_hist = Histogram()
         self.caught_up = 0

@@ -6,8 +6,10 @@ maintenance thread looks for retries asked for.
 A dead letter holds no row values: the event stays in the log while it is parked
 (trim keeps it), and a retry reads it from there. A retry is asked for in the
 database (``retry_requested``), so it reaches the consumer whether it runs now (its
-maintenance thread looks every POLL_S) or starts later; in a group, the member
-holding the event's partition claims it (one UPDATE), so it is delivered once.
+maintenance thread looks every POLL_S) or starts later. Only the lane holding the
+event's partition delivers it, and only while the request stands: a delivery
+deletes the dead letter, a failure parks it again (which clears the request), an
+interruption leaves it asked for.
 """
 
 import psycopg2
@@ -27,8 +29,8 @@ ON CONFLICT (consumer, channel, event_id) DO UPDATE
    SET attempts = dead_letters.attempts + excluded.attempts, error_type = excluded.error_type,
        error = excluded.error, last_failed_at = now(), retry_requested = false
 """
-_CLAIM = ("UPDATE pgnotify_sync.dead_letters SET retry_requested = false "
-          "WHERE consumer = %s AND channel = %s AND event_id = %s AND retry_requested")
+_REQUESTED = ("SELECT 1 FROM pgnotify_sync.dead_letters "
+              "WHERE consumer = %s AND channel = %s AND event_id = %s AND retry_requested")
 _DONE = "DELETE FROM pgnotify_sync.dead_letters WHERE consumer = %s AND channel = %s AND event_id = %s"
 _POLL = ("SELECT channel, count(*), coalesce(array_agg(event_id ORDER BY event_id) FILTER (WHERE retry_requested), "
          "'{}') FROM pgnotify_sync.dead_letters WHERE consumer = %s GROUP BY channel")
@@ -48,11 +50,13 @@ class DeadLetters:
             cur.execute(_PARK, {"consumer": self.consumer, "channel": wire, "id": event.id, "attempts": attempts,
                                 "type": type(exc).__name__, "error": first_line(exc)[:ERROR_MAX]})
 
-    def claim(self, wire, event_id):
-        """True if this member takes the retry of *event_id* (one member does)."""
+    def requested(self, wire, event_id):
+        """True if the retry of *event_id* is still asked for (the lane holding its
+        partition asks right before it delivers: its earlier attempt may have ended
+        it, by delivering or parking it again)."""
         with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
-            cur.execute(_CLAIM, (self.consumer, wire, event_id))
-            return cur.rowcount == 1
+            cur.execute(_REQUESTED, (self.consumer, wire, event_id))
+            return cur.fetchone() is not None
 
     def done(self, wire, event_id):
         with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:

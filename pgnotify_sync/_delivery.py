@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 
-from ._channel import BOOTTIME, LeaseLost
+from ._channel import BOOTTIME, LeaseLost, lease_clock
 from ._keys import partition_of
 from .errors import RowTypeError, first_line, must_propagate
 from .metrics import Histogram
@@ -188,10 +188,10 @@ class Delivery:
                     ch.delivered_by[key] = ch.delivered_by.get(key, 0) + count
                 ch.handler_errors += errors
                 self._delivered(ch, n, fast, total)
+            if lost:        # nothing of the lane is stored any more: whatever else stopped
+                raise LeaseLost(ch.name)
             if cut < len(window):
                 raise type(stopped)(events[start + cut:])
-            if lost:
-                raise LeaseLost(ch.name)
             if every:
                 undelivered.difference_update(e.id for e in window)
                 if ch.in_catchup:
@@ -271,6 +271,8 @@ class Delivery:
                             "details": {"attempt": attempt, "error": type(exc).__name__}})
             if self._stop is not None and self._stop.wait(delay):
                 raise Interrupted([event])
+            if ch.lease_deadline is not None and (not ch.active or lease_clock() >= ch.lease_deadline):
+                raise LeaseLost(ch.name)    # another member may hold the partition now
             attempt += 1
             try:
                 call(event)
@@ -299,17 +301,25 @@ class Delivery:
                         self._name, ch.name, event.id, first_line(why))
             raise Redo([event]) from None
 
-    def redeliver(self, ch, events, claim, done):
-        """Dead letters whose retry was asked for: each that *claim(ch, event)* gives
-        this lane (its partition, claimed once in the group) goes to the handlers
-        again; ``done(ch, event)`` once they all took it, else it is parked again."""
+    def redeliver(self, ch, events, requested, done):
+        """Dead letters whose retry was asked for (and still is: *requested(ch,
+        event)*; only this lane delivers its partition's, one at a time, so asking
+        is enough) go to the handlers again: ``done(ch, event)`` once they all took it,
+        else it is parked again (which clears the request). If stop() or a failed
+        re-park cuts it short, the request stays for the next start; nothing of the
+        channel's own position is touched (these events were passed long ago)."""
         if ch.partition is not None and self._partitions > 1:
             events = [e for e in events if partition_of(e, self._keys, self._partitions) == ch.partition]
         calls = self._receivers(ch.name)
         for event in events:
-            if not claim(ch, event):
+            if not requested(ch, event):
                 continue
-            if self._call_all(ch, calls, event) == 0:
+            typed_out = ch.type_errors
+            try:
+                failed = self._call_all(ch, calls, event)
+            except Interrupted as exc:
+                raise type(exc)([]) from None
+            if failed == 0 and ch.type_errors == typed_out:
                 done(ch, event)
                 log.info("%s: channel %r: dead letter %s delivered", self._name, ch.name, event.id,
                          extra={"event": "dead_letter_retried", "channel": ch.name, "event_id": event.id})

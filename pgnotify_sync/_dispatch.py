@@ -297,6 +297,7 @@ class Dispatcher:
     def _drop_queued_locked(self, lane):
         self.buffered -= sum(map(held, lane.items))
         lane.items.clear()
+        lane.redeliver_pending = False      # a dropped Redeliver comes again at the next poll
 
     def _drop_locked(self, ch, events):
         dropped = sum(map(weight, events))
@@ -384,6 +385,7 @@ class Dispatcher:
             self.buffered -= sum(map(held, ch.items))
             queued = sum(map(weight, ch.items))
             ch.items.clear()
+            ch.redeliver_pending = False
             ch.overflow = True
             ch.retry_at = time.monotonic() + self._retry_s
             ch.dropped += sum(map(weight, rest)) + queued

@@ -131,8 +131,11 @@ class ListenerHooks:
 
     def redeliver(self, ch, events):
         store = self._p.connections.dead_letters
-        self._redeliver(ch, events, lambda lane, e: store.claim(lane.wire, e.id),
-                        lambda lane, e: store.done(lane.wire, e.id))
+        try:
+            self._redeliver(ch, events, lambda lane, e: store.requested(lane.wire, e.id),
+                            lambda lane, e: store.done(lane.wire, e.id))
+        finally:
+            ch.redeliver_pending = False
 
     def lease_lost(self, lane):
         self._p.group.lost(lane, "its lease ran out before it could be renewed")

@@ -146,10 +146,7 @@ def typed(event, model, rows=None):
         data = None if event.data is None else conv.structure(event.data, model)
         old = None if event.old is None else conv.structure(event.old, model)
     except Exception as exc:
-        try:
-            where = "; ".join(cattrs.transform_error(exc))
-        except Exception:
-            where = type(exc).__name__
+        where = "; ".join(_where(exc)) or type(exc).__name__
         raise RowTypeError(f"a row of {event.schema}.{event.table} does not fit {getattr(model, '__name__', model)}: "
                            f"{where}") from None
     return DatabaseEvent(event.channel, event.operation, event.schema, event.table, data, old, event.id, event.xid)
@@ -165,6 +162,26 @@ def _strict(kind, accepts):
 
 # cattrs' own hooks call str() and int() on whatever comes (None becomes 'None',
 # 1.5 becomes 1): for rows, a value of another JSON type does not fit.
+def _where(exc, path="$", expected=None):
+    """What did not fit, as "<error type>[, expected <type>] @ <path>" lines: built
+    from cattrs' notes and exception types alone, since an exception's own text (a
+    validator's, cattrs' transform_error) may quote the value."""
+    if isinstance(exc, cattrs.errors.BaseValidationError):
+        with_notes, without = exc.group_exceptions()
+        out = []
+        for sub, note in with_notes:
+            name, index = getattr(note, "name", None), getattr(note, "index", None)
+            where = f"{path}.{name}" if name is not None else f"{path}[{index}]" if index is not None else path
+            out += _where(sub, where, getattr(note, "type", None))
+        for sub in without:
+            out += _where(sub, path)
+        return out
+    if isinstance(exc, KeyError):
+        return [f"required field missing @ {path}"]
+    wanted = f", expected {getattr(expected, '__name__', expected)}" if expected is not None else ""
+    return [f"{type(exc).__name__}{wanted} @ {path}"]
+
+
 _rows = cattrs.Converter()
 _rows.register_structure_hook(str, _strict("str", lambda v: isinstance(v, str)))
 _rows.register_structure_hook(int, _strict("int", lambda v: isinstance(v, int) and not isinstance(v, bool)))

@@ -30,7 +30,7 @@ import threading
 import time
 import types
 
-from ._channel import ChannelState, Redeliver
+from ._channel import ChannelState, Redeliver, lanes
 from ._connections import Connections
 from ._dispatch import Dispatcher
 from ._fetch import READ_AHEAD, fetch_timeout_s
@@ -436,8 +436,10 @@ class Listener:
         for ch in self._channels.values():
             count, retry = polled.get(ch.wire, (0, []))
             ch.dead_letters = count
-            if retry:
-                self._dispatcher.push_control(ch, Redeliver(retry))
+            for lane in lanes(ch) if retry else ():
+                if lane.active and not lane.redeliver_pending:
+                    lane.redeliver_pending = True
+                    self._dispatcher.push_control(lane, Redeliver(retry))
 
 
 def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup,

@@ -212,10 +212,11 @@ BEGIN
         SELECT e.id, e.channel, e.xid FROM examined e
          WHERE e.created_at < v_cutoff
            AND (e.created_at < now() - make_interval(secs => v_consumer_s)
-                OR (NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
-                                 WHERE c.channel = e.channel AND NOT pg_visible_in_snapshot(e.xid, c.position))
-                    -- a dead letter's event stays while it may be retried (dead_letters)
-                    AND NOT EXISTS (SELECT 1 FROM pgnotify_sync.dead_letters dl WHERE dl.event_id = e.id)))
+                OR NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
+                                WHERE c.channel = e.channel AND NOT pg_visible_in_snapshot(e.xid, c.position)))
+           -- a dead letter's event stays while it is parked (it may be retried)
+           AND NOT EXISTS (SELECT 1 FROM pgnotify_sync.dead_letters dl
+                            WHERE dl.event_id = e.id AND dl.channel = e.channel)
         RETURNING 1
     )
     SELECT max(e.id), count(*) INTO last_id, v_scanned FROM examined e;
@@ -1154,8 +1155,13 @@ CREATE INDEX IF NOT EXISTS dead_letters_event_idx ON pgnotify_sync.dead_letters 
 ALTER TABLE pgnotify_sync.dead_letters ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS own_rows ON pgnotify_sync.dead_letters;
 DROP POLICY IF EXISTS admins_see ON pgnotify_sync.dead_letters;
+-- A role parks only events of channels it may read (a dead letter keeps its event
+-- from being trimmed).
 CREATE POLICY own_rows ON pgnotify_sync.dead_letters FOR ALL TO PUBLIC
-    USING (pg_has_role(role, 'MEMBER')) WITH CHECK (pg_has_role(role, 'MEMBER'));
+    USING (pg_has_role(role, 'MEMBER'))
+    WITH CHECK (pg_has_role(role, 'MEMBER')
+                AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
+                                          WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER'))));
 CREATE POLICY admins_see ON pgnotify_sync.dead_letters FOR SELECT TO PUBLIC
     USING (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
 DO $do$

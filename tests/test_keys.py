@@ -142,3 +142,28 @@ def test_a_failed_shared_read_is_made_again_by_the_next_lane():
     except OSError:
         pass
     assert shared.page("k", 2, lambda: "again") == "again"
+
+
+def test_a_row_that_does_not_fit_is_described_without_its_values():
+    from typing import Any, List
+
+    import attrs
+    import pytest
+
+    from pgnotify_sync.errors import RowTypeError
+    from pgnotify_sync.events import typed
+
+    @attrs.define
+    class Doc:
+        id: int
+        tags: Any = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.instance_of(list)))
+        xs: List[int] = attrs.Factory(list)
+
+    for data, where in (({"id": "SECRET-1"}, "TypeError, expected int @ $.id"),
+                        ({"id": 1, "tags": "SECRET-2"}, "TypeError @ $"),      # a validator's own text quotes it
+                        ({"tags": []}, "required field missing @ $.id"),
+                        ({"id": 1, "xs": [1, "SECRET-3"]}, "TypeError, expected int @ $.xs[1]")):
+        with pytest.raises(RowTypeError) as info:
+            typed(event(data=data), Doc)
+        assert str(info.value) == f"a row of public.jobs does not fit Doc: {where}"
+        assert "SECRET" not in str(info.value) and info.value.__cause__ is None

@@ -12,9 +12,14 @@ deletes the dead letter, a failure parks it again (which clears the request), an
 interruption leaves it asked for.
 """
 
+import logging
+
 import psycopg2
 
+from ._channel import Redeliver, lanes
 from .errors import PgNotifyError, first_line
+
+log = logging.getLogger("pgnotify_sync")
 
 # How often a running consumer looks for retries asked for (and counts its dead
 # letters for the metric).
@@ -104,10 +109,19 @@ def _change(conn, statement, consumer, ids):
     return n
 
 
-def safe_poll(store, log, name):
-    """``store.poll()``, or None (logged) if the database cannot be reached."""
+def queue_retries(name, store, channels, push):
+    """The maintenance thread's, every POLL_S: count each channel's dead letters (the
+    gauge), and hand those whose retry was asked for to the lanes this member holds
+    (one Redeliver a lane at a time)."""
     try:
-        return store.poll()
+        polled = store.poll()
     except (psycopg2.Error, PgNotifyError) as exc:
         log.warning("%s: cannot read dead letters: %s", name, first_line(exc))
-        return None
+        return
+    for ch in list(channels.values()):
+        count, retry = polled.get(ch.wire, (0, []))
+        ch.dead_letters = count
+        for lane in lanes(ch) if retry else ():
+            if lane.active and not lane.redeliver_pending:
+                lane.redeliver_pending = True
+                push(lane, Redeliver(retry))

@@ -30,7 +30,7 @@ import threading
 import time
 import types
 
-from ._channel import ChannelState, Redeliver, lanes
+from ._channel import ChannelState
 from ._connections import Connections
 from ._dispatch import Dispatcher
 from ._fetch import READ_AHEAD, fetch_timeout_s
@@ -38,6 +38,9 @@ from ._group import Group
 from ._keys import catalog_keys
 from ._hooks import ListenerHooks
 from ._lifecycle import ConnectionState, Lifecycle
+# DEFAULT_CHECKPOINT_EVERY is re-exported (documented here, used by tests).
+from ._listener_args import (DEFAULT_CHECKPOINT_EVERY, checked_checkpoint_every, checked_consumer,  # noqa: F401
+                             checked_name, checked_registry)
 from ._maintenance import Every, Maintenance, TrimUnlessRefused
 from ._poller import Poller
 from ._observe import Observer, new_stats
@@ -49,7 +52,7 @@ from ._threads import join_all
 from .config import Config
 from .errors import ConfigError, ConnectError, ListenerStateError
 from .events import typed
-from ._deadletters import POLL_S as DEAD_LETTER_POLL_S, list_dead_letters, request_retry, safe_poll
+from ._deadletters import POLL_S as DEAD_LETTER_POLL_S, list_dead_letters, queue_retries, request_retry
 from .metrics import collector_for
 from .signals import ListenerSignals
 
@@ -57,15 +60,6 @@ log = logging.getLogger("pgnotify_sync")
 
 _names = itertools.count(1)
 
-# A durable consumer's default: store the position at least every this many events.
-# A write per event (1) bounds the repeats after a crash to the event in flight but
-# costs a round trip and a commit per event (``python -m bench --only catchup``: a
-# few thousand events/s instead of about 100,000); 100 makes the
-# writes 1% of the work and bounds the repeats to 100 events.
-DEFAULT_CHECKPOINT_EVERY = 100
-
-# Listener names appear in thread names, log lines and metric labels.
-NAME_MAX = 63
 
 # How soon the maintenance thread resumes a channel that fell back to the log once
 # there is room again, and sends buffered publishes once the database is back.
@@ -101,10 +95,10 @@ class Listener:
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected a pgnotify_sync.Config, got {type(config).__name__}")
         self.config = config
-        self.name = _checked_name(name) if name is not None else f"pgnotify-{next(_names)}"
-        self.consumer = _checked_consumer(consumer)
-        self.checkpoint_every = _checked_checkpoint_every(checkpoint_every)
-        self._registry = _checked_registry(registry)
+        self.name = checked_name(name) if name is not None else f"pgnotify-{next(_names)}"
+        self.consumer = checked_consumer(consumer)
+        self.checkpoint_every = checked_checkpoint_every(checkpoint_every)
+        self._registry = checked_registry(registry)
         self.signals = ListenerSignals()
         self._channels = {}
         for channel in config.channels:
@@ -416,7 +410,8 @@ class Listener:
         self._maintenance = Maintenance(f"{self.name}-maintenance", self._stop_event, _maintenance_tasks(
             cfg, has_log, lambda: has_log() and self._lifecycle.state is ConnectionState.LISTENING,
             lambda: self._connections.pool.fill(WARM_CONNECTIONS), self._dispatcher, self._publisher,
-            self._observer.update_lag, self.cleanup, self._poll_dead_letters if self.consumer else None)).start()
+            self._observer.update_lag, self.cleanup, self.consumer and (lambda: queue_retries(
+                self.name, self._connections.dead_letters, self._channels, self._dispatcher.push_control)))).start()
         self._poller = Poller(self.name, cfg.poll_interval_s, self._channels, self._connections.event_log.query_one,
                               lambda ch, item: self._dispatcher.push_control(ch, item, skip_overflowing=True),
                               self._stop_event, ready=lambda: self._reader.installed is True
@@ -425,21 +420,6 @@ class Listener:
         if self._group is not None:
             self._group.start()
 
-
-
-    def _poll_dead_letters(self):
-        """The maintenance thread's: count the dead letters, and hand those whose
-        retry was asked for to their channels' workers."""
-        polled = safe_poll(self._connections.dead_letters, log, self.name)
-        if polled is None:
-            return
-        for ch in self._channels.values():
-            count, retry = polled.get(ch.wire, (0, []))
-            ch.dead_letters = count
-            for lane in lanes(ch) if retry else ():
-                if lane.active and not lane.redeliver_pending:
-                    lane.redeliver_pending = True
-                    self._dispatcher.push_control(lane, Redeliver(retry))
 
 
 def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup,
@@ -452,7 +432,7 @@ def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher
         # Lag feeds the metrics and health().
         Every("lag", cfg.health_check_interval_s, update_lag, first_s=1.0, when=listening),
     ]
-    if poll_dead_letters is not None:
+    if poll_dead_letters:
         tasks.append(Every("dead letters", DEAD_LETTER_POLL_S, poll_dead_letters, first_s=0.5, when=listening))
     if cfg.cleanup_interval_s:
         tasks.append(Every("retention", cfg.cleanup_interval_s, TrimUnlessRefused(cleanup),
@@ -462,33 +442,3 @@ def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher
 
 def _typed_call(handler, model, converter, event):
     handler(typed(event, model, converter))
-
-
-def _checked_name(name):
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"name: expected a non-empty string, got {name!r}")
-    if len(name) > NAME_MAX or not name.isprintable():
-        raise ConfigError(f"name: at most {NAME_MAX} printable characters (it names threads, log lines "
-                          f"and metric labels), got {name!r}")
-    return name
-
-
-def _checked_consumer(consumer):
-    if consumer is not None and (not isinstance(consumer, str) or not consumer.strip()):
-        raise ConfigError(f"consumer: expected a non-empty name, got {consumer!r}")
-    return consumer
-
-
-def _checked_checkpoint_every(value):
-    if value is None:
-        return DEFAULT_CHECKPOINT_EVERY
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"checkpoint_every: expected a whole number >= 0, got {value!r}")
-    return value
-
-
-def _checked_registry(registry):
-    if registry not in (None, False) and not callable(getattr(registry, "register", None)):
-        raise ConfigError(f"registry: expected a prometheus_client CollectorRegistry, None or False, "
-                          f"got {type(registry).__name__}")
-    return registry

@@ -151,6 +151,26 @@ CREATE TABLE IF NOT EXISTS pgnotify_sync.consumer_keys (
     PRIMARY KEY (name, schema_name, table_name)
 );
 
+-- Dead letters: events a durable consumer's handler failed on for good (after every
+-- attempt), parked here while delivery goes on. No row values: the event stays in
+-- the log (kept while it is a dead letter, see trim) and is read from there when a
+-- retry is asked for (retry_requested; the consumer's running member takes it).
+CREATE TABLE IF NOT EXISTS pgnotify_sync.dead_letters (
+    consumer        text NOT NULL,
+    channel         text NOT NULL,          -- on the wire
+    event_id        bigint NOT NULL,
+    attempts        integer NOT NULL,
+    error_type      text NOT NULL,
+    error           text NOT NULL,          -- the first line of the error, at most 300 characters
+    first_failed_at timestamptz NOT NULL DEFAULT now(),
+    last_failed_at  timestamptz NOT NULL DEFAULT now(),
+    retry_requested boolean NOT NULL DEFAULT false,
+    role            oid NOT NULL DEFAULT to_regrole(quote_ident(current_user)),
+    PRIMARY KEY (consumer, channel, event_id)
+);
+CREATE INDEX IF NOT EXISTS dead_letters_retry_idx ON pgnotify_sync.dead_letters (consumer) WHERE retry_requested;
+CREATE INDEX IF NOT EXISTS dead_letters_event_idx ON pgnotify_sync.dead_letters (event_id);
+
 -- Settings kept in the database: the retention floors (set_retention_floor).
 CREATE TABLE IF NOT EXISTS pgnotify_sync.settings (
     name  text PRIMARY KEY,
@@ -891,18 +911,30 @@ CREATE POLICY log_readers ON pgnotify_sync.event_log FOR SELECT TO PUBLIC
            OR channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
                                     WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER'))));
 
--- Consumers: each role its own positions, on channels it may read; admins see
--- every one (read only).
-ALTER TABLE pgnotify_sync.consumers ENABLE ROW LEVEL SECURITY;
-DROP POLICY IF EXISTS own_positions ON pgnotify_sync.consumers;
-DROP POLICY IF EXISTS admins_see_positions ON pgnotify_sync.consumers;
-CREATE POLICY own_positions ON pgnotify_sync.consumers FOR ALL TO PUBLIC
-    USING (pg_has_role(role, 'MEMBER'))
-    WITH CHECK (pg_has_role(role, 'MEMBER')
-                AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
-                                          WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER'))));
-CREATE POLICY admins_see_positions ON pgnotify_sync.consumers FOR SELECT TO PUBLIC
-    USING (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
+-- Consumers' positions and dead letters: each role its own, on channels it may
+-- read (a dead letter keeps its event from being trimmed); admins see every one
+-- (read only).
+DO $do$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['consumers', 'dead_letters'] LOOP
+        EXECUTE format('ALTER TABLE pgnotify_sync.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('DROP POLICY IF EXISTS own_positions ON pgnotify_sync.%I', t);          -- earlier names
+        EXECUTE format('DROP POLICY IF EXISTS admins_see_positions ON pgnotify_sync.%I', t);
+        EXECUTE format('DROP POLICY IF EXISTS own_rows ON pgnotify_sync.%I', t);
+        EXECUTE format('DROP POLICY IF EXISTS admins_see ON pgnotify_sync.%I', t);
+        EXECUTE format('CREATE POLICY own_rows ON pgnotify_sync.%I FOR ALL TO PUBLIC '
+                       'USING (pg_has_role(role, ''MEMBER'')) '
+                       'WITH CHECK (pg_has_role(role, ''MEMBER'') AND channel = ANY (ARRAY('
+                       'SELECT g.channel FROM pgnotify_sync.grants g '
+                       'WHERE g.kind = ''listen'' AND pg_has_role(g.role, ''MEMBER''))))', t);
+        EXECUTE format('CREATE POLICY admins_see ON pgnotify_sync.%I FOR SELECT TO PUBLIC USING (EXISTS '
+                       '(SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = ''admin'' '
+                       'AND pg_has_role(g.role, ''MEMBER'')))', t);
+    END LOOP;
+END
+$do$;
 -- Groups, members and keys: each role its own, admins see every one.
 DO $do$
 DECLARE
@@ -1026,6 +1058,17 @@ BEGIN
 END
 $fn$;
 
+-- What a listener (keeps its own positions, groups, dead letters) and an admin
+-- (reads them all) may do with the consumers' tables.
+CREATE OR REPLACE FUNCTION pgnotify_sync.grant_consumer_tables(p_role regrole, p_kind text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    EXECUTE format('GRANT %s ON pgnotify_sync.consumers, pgnotify_sync.consumer_groups, pgnotify_sync.consumer_members, '
+                   'pgnotify_sync.consumer_keys, pgnotify_sync.dead_letters TO %s',
+                   CASE p_kind WHEN 'listen' THEN 'SELECT, INSERT, UPDATE, DELETE' ELSE 'SELECT' END, p_role);
+END
+$fn$;
+
 -- grant_listener: read the events of p_channels, keep its own consumer positions.
 CREATE OR REPLACE FUNCTION pgnotify_sync.grant_listener(p_role regrole, p_channels text[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
@@ -1033,9 +1076,7 @@ BEGIN
     PERFORM pgnotify_sync.grant_base(p_role);
     PERFORM pgnotify_sync.add_grants(p_role, 'listen', p_channels);
     EXECUTE format('GRANT SELECT ON pgnotify_sync.event_log TO %s', p_role);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.consumers, pgnotify_sync.consumer_groups, '
-                   'pgnotify_sync.consumer_members, pgnotify_sync.consumer_keys, pgnotify_sync.dead_letters TO %s',
-                   p_role);
+    PERFORM pgnotify_sync.grant_consumer_tables(p_role, 'listen');
 END
 $fn$;
 
@@ -1064,8 +1105,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgnotify_sync.trim_event_log(double precision, double precision), '
                    'pgnotify_sync.trim_event_log_batch(double precision, double precision, bigint, integer) TO %s',
                    p_role);
-    EXECUTE format('GRANT SELECT ON pgnotify_sync.consumers, pgnotify_sync.watched_tables, pgnotify_sync.consumer_groups, '
-                   'pgnotify_sync.consumer_members, pgnotify_sync.dead_letters TO %s', p_role);
+    EXECUTE format('GRANT SELECT ON pgnotify_sync.watched_tables TO %s', p_role);
+    PERFORM pgnotify_sync.grant_consumer_tables(p_role, 'admin');
 END
 $fn$;
 
@@ -1115,66 +1156,16 @@ GRANT EXECUTE ON FUNCTION pgnotify_sync.unreadable_channels(text[]), pgnotify_sy
                           pgnotify_sync.unrestricted(), pgnotify_sync.installer() TO PUBLIC;
 -- The settings only by the installer (set_retention_floor) or a superuser.
 REVOKE INSERT, UPDATE, DELETE ON pgnotify_sync.settings FROM PUBLIC;
--- Roles granted before the consumer groups existed get their tables too.
+-- Roles granted before the consumer groups and dead letters existed get those
+-- tables too.
 DO $do$
 DECLARE
     r record;
 BEGIN
     FOR r IN SELECT DISTINCT g.role, g.kind FROM pgnotify_sync.grants g
               WHERE g.kind IN ('listen', 'admin') AND to_regrole(g.role::regrole::text) IS NOT NULL LOOP
-        IF r.kind = 'listen' THEN
-            EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.consumer_groups, '
-                           'pgnotify_sync.consumer_members, pgnotify_sync.consumer_keys TO %s', r.role::regrole);
-        ELSE
-            EXECUTE format('GRANT SELECT ON pgnotify_sync.consumer_groups, pgnotify_sync.consumer_members TO %s',
-                           r.role::regrole);
-        END IF;
+        PERFORM pgnotify_sync.grant_consumer_tables(r.role::regrole, r.kind);
     END LOOP;
 END
 $do$;
 
--- Dead letters: events a durable consumer's handler failed on for good (after every
--- attempt), parked here while delivery goes on. No row values: the event stays in
--- the log (kept while it is a dead letter, see trim) and is read from there when a
--- retry is asked for (retry_requested; the consumer's running member takes it).
-CREATE TABLE IF NOT EXISTS pgnotify_sync.dead_letters (
-    consumer        text NOT NULL,
-    channel         text NOT NULL,          -- on the wire
-    event_id        bigint NOT NULL,
-    attempts        integer NOT NULL,
-    error_type      text NOT NULL,
-    error           text NOT NULL,          -- the first line of the error, at most 300 characters
-    first_failed_at timestamptz NOT NULL DEFAULT now(),
-    last_failed_at  timestamptz NOT NULL DEFAULT now(),
-    retry_requested boolean NOT NULL DEFAULT false,
-    role            oid NOT NULL DEFAULT to_regrole(quote_ident(current_user)),
-    PRIMARY KEY (consumer, channel, event_id)
-);
-CREATE INDEX IF NOT EXISTS dead_letters_retry_idx ON pgnotify_sync.dead_letters (consumer) WHERE retry_requested;
-CREATE INDEX IF NOT EXISTS dead_letters_event_idx ON pgnotify_sync.dead_letters (event_id);
-ALTER TABLE pgnotify_sync.dead_letters ENABLE ROW LEVEL SECURITY;
-DROP POLICY IF EXISTS own_rows ON pgnotify_sync.dead_letters;
-DROP POLICY IF EXISTS admins_see ON pgnotify_sync.dead_letters;
--- A role parks only events of channels it may read (a dead letter keeps its event
--- from being trimmed).
-CREATE POLICY own_rows ON pgnotify_sync.dead_letters FOR ALL TO PUBLIC
-    USING (pg_has_role(role, 'MEMBER'))
-    WITH CHECK (pg_has_role(role, 'MEMBER')
-                AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
-                                          WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER'))));
-CREATE POLICY admins_see ON pgnotify_sync.dead_letters FOR SELECT TO PUBLIC
-    USING (EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'admin' AND pg_has_role(g.role, 'MEMBER')));
-DO $do$
-DECLARE
-    r record;
-BEGIN
-    FOR r IN SELECT DISTINCT g.role, g.kind FROM pgnotify_sync.grants g
-              WHERE g.kind IN ('listen', 'admin') AND to_regrole(g.role::regrole::text) IS NOT NULL LOOP
-        IF r.kind = 'listen' THEN
-            EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON pgnotify_sync.dead_letters TO %s', r.role::regrole);
-        ELSE
-            EXECUTE format('GRANT SELECT ON pgnotify_sync.dead_letters TO %s', r.role::regrole);
-        END IF;
-    END LOOP;
-END
-$do$;

@@ -40,7 +40,7 @@ from bench._common import (BENCH_TABLE, PLAIN_CHANNEL, PLAIN_TABLE, BenchError, 
                            process_cpu_s, summarize, write_burst)
 from pgnotify_sync import Listener, watch_table
 from pgnotify_sync._reader import ADVANCE_EVERY
-from pgnotify_sync.listener import DEFAULT_CHECKPOINT_EVERY
+from pgnotify_sync._listener_args import DEFAULT_CHECKPOINT_EVERY
 
 CHANNEL = "bench"
 ROWMODE_TABLE = "public.bench_rowmode"

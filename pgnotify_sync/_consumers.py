@@ -24,12 +24,14 @@ log = logging.getLogger("pgnotify_sync")
 # autocommit: one round trip, and no transaction left open holding the row's lock
 # if the member freezes right after (it would keep the others from taking it).
 _SAVE_SQL = """
-UPDATE pgnotify_sync.consumers SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now()
+UPDATE pgnotify_sync.consumers
+   SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now()
  WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
    AND owner = %(member)s AND epoch = %(epoch)s AND lease_until > clock_timestamp()
 """
 _RELEASE_SQL = """
-UPDATE pgnotify_sync.consumers SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now(),
+UPDATE pgnotify_sync.consumers
+   SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now(),
        owner = NULL, lease_until = NULL
  WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
    AND owner = %(member)s AND epoch = %(epoch)s AND lease_until > clock_timestamp()

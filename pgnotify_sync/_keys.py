@@ -2,11 +2,12 @@
 its own beyond the cache's).
 
 A table event's key is its table and the values of the table's primary-key columns
-(from ``data``, which is the deleted row for a DELETE). A published event's key is its id. An event
-whose key columns are not in the row (no primary key, an excluded key column) is keyed by its table alone: all of that table's events then share one
-key, which keeps them in order. A row's partition is a stable hash of its key (CRC-32
-of a canonical text, each value tagged with its JSON type: the same in every
-process and on every host), modulo the partition count.
+(from ``data``, which is the deleted row for a DELETE). A published event's key is
+its id. An event whose key columns are not in the row (no primary key, an excluded
+key column) is keyed by its table alone: all of that table's events then share one
+key, which keeps them in order. A row's partition is a stable hash of its key
+(CRC-32 of a canonical text, each value tagged with its JSON type: the same in
+every process and on every host), modulo the partition count.
 
 Consumer groups (_group.py) and ``ordering="row"`` (_delivery.py) use the same key.
 """

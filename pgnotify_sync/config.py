@@ -211,7 +211,8 @@ class Config:
     handler_retry_delay_max_ms: int = attrs.field(default=30_000,
                                                   validator=_positive_int("handler_retry_delay_max_ms", 1))
     consumer_partitions: int = attrs.field(default=1, validator=_positive_int("consumer_partitions", 1, 1024))
-    consumer_lease_s: float = attrs.field(default=10.0, validator=_positive_float("consumer_lease_s", 1.0, allow_zero=True))
+    consumer_lease_s: float = attrs.field(default=10.0,
+                                          validator=_positive_float("consumer_lease_s", 1.0, allow_zero=True))
     ordering: str = attrs.field(default="channel", validator=_one_of("ordering", ORDERINGS))
     cleanup_interval_s: float = attrs.field(default=300.0,
                                             validator=_positive_float("cleanup_interval_s", allow_zero=True))

@@ -38,9 +38,7 @@ from ._group import Group
 from ._keys import catalog_keys
 from ._hooks import ListenerHooks
 from ._lifecycle import ConnectionState, Lifecycle
-# DEFAULT_CHECKPOINT_EVERY is re-exported (documented here, used by tests).
-from ._listener_args import (DEFAULT_CHECKPOINT_EVERY, checked_checkpoint_every, checked_consumer,  # noqa: F401
-                             checked_name, checked_registry)
+from ._listener_args import checked_checkpoint_every, checked_consumer, checked_name, checked_registry
 from ._maintenance import Every, Maintenance, TrimUnlessRefused
 from ._poller import Poller
 from ._observe import Observer, new_stats

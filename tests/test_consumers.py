@@ -9,7 +9,7 @@ import sys
 import threading
 
 from pgnotify_sync import install, watch_table
-from pgnotify_sync.listener import DEFAULT_CHECKPOINT_EVERY
+from pgnotify_sync._listener_args import DEFAULT_CHECKPOINT_EVERY
 
 from helpers import wait_for
 from pgutil import Collector

@@ -15,9 +15,12 @@ import time
 from ._channel import BOOTTIME, LeaseLost, lease_clock
 from ._keys import partition_of
 from .errors import RowTypeError, first_line, must_propagate
+from .events import DatabaseEvent, Operation
 from .metrics import Histogram
 
 log = logging.getLogger("pgnotify_sync")
+
+BACKFILL = Operation.BACKFILL
 
 # The ``table`` metric label of plain events (accept_plain_payloads): their table
 # name comes from the wire, where anyone can make one up (unbounded series).
@@ -55,8 +58,10 @@ class Delivery:
     different rows run in parallel."""
 
     def __init__(self, name, signals, report, checkpoint_every, save=None, keys=None, partitions=1, rows=None,
-                 backoff=None, stop=None, park=None):
+                 backoff=None, stop=None, park=None, consumer=None, superseded=None):
         self._name = name
+        self._consumer = consumer       # BACKFILL events are this consumer's only
+        self._superseded = superseded   # superseded(ch, events) -> ids of BACKFILL rows a newer change replaced
         self._park = park           # park(ch, event, exc, attempts): a durable consumer's dead letter
         self._backoff = backoff     # a Backoff of handler retries (None: no retry)
         self._stop = stop           # set by stop(): a backoff ends at once
@@ -77,6 +82,9 @@ class Delivery:
             events = [e for e in events if partition_of(e, keys, n) == mine]
             if not events:
                 return
+        events = self._backfills(ch, events)
+        if not events:
+            return
         if self._rows is not None and len(events) > 1:
             self._deliver_rows(ch, events)
             return
@@ -162,6 +170,25 @@ class Delivery:
             key = (op, label)
             by[key] = by.get(key, 0) + run
         return handled, fast, total, errors, handled < len(events) and cut is None, (cut, stopped)
+
+    def _backfills(self, ch, events):
+        """*events* without the BACKFILL rows that are not this consumer's or that a
+        newer change of their row supersedes (_backfill.py); this consumer's others
+        arrive with ``old`` None. Most batches have none: one pass to see."""
+        for event in events:
+            if event.operation is BACKFILL:
+                break
+        else:
+            return events
+        consumer = self._consumer
+
+        def mine(e):
+            return e.operation is BACKFILL and isinstance(e.old, dict) and e.old.get("backfill_for") == consumer
+        ours = [e for e in events if mine(e)] if consumer else []
+        stale = self._superseded(ch, ours) if ours else set()
+        return [e if e.operation is not BACKFILL
+                else DatabaseEvent(e.channel, e.operation, e.schema, e.table, e.data, None, e.id, e.xid)
+                for e in events if e.operation is not BACKFILL or (mine(e) and e.id not in stale)]
 
     def _deliver_rows(self, ch, events):
         """``ordering="row"``: *events* split by row over the row threads, in parts of

@@ -211,6 +211,12 @@ class EventLog:
             cur.execute(_WINDOW_SQL, _window_params(wire, position, target))
             return cur.fetchall()
 
+    def query_all(self, sql, params):
+        """Every row of *sql* (autocommit, the pool's deadline)."""
+        with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
     def query_one(self, sql, params):
         """One row of *sql* (autocommit, the pool's deadline): the poller's query."""
         with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:

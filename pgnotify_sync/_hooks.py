@@ -8,6 +8,7 @@ import logging
 import threading
 import types
 
+from ._backfill import superseded
 from ._backoff import Backoff
 from ._delivery import Delivery
 from ._fetch import fetch_timeout_s, read_pages
@@ -42,7 +43,9 @@ class ListenerHooks:
                           cfg.handler_max_attempts) if cfg.handler_max_attempts > 1 else None
         return Delivery(p.name, self._signals, self.report, self._checkpoint_every,
                         save=self.save_consumer if p.consumer else None, keys=keys, partitions=partitions, rows=rows,
-                        backoff=backoff, stop=p.stop_event, park=self._park if p.consumer else None)
+                        backoff=backoff, stop=p.stop_event, park=self._park if p.consumer else None,
+                        consumer=p.consumer, superseded=lambda ch, events: superseded(
+                            p.connections.event_log.query_all, ch.wire, events, keys))
 
     def configure_delivery(self, keys, partitions, rows):
         """At start(), before any delivery: the rows' *keys* (a KeyColumns), the group's

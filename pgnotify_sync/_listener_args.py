@@ -42,3 +42,16 @@ def checked_registry(registry):
         raise ConfigError(f"registry: expected a prometheus_client CollectorRegistry, None or False, "
                           f"got {type(registry).__name__}")
     return registry
+
+
+def checked_backfill(tables, consumer):
+    """``backfill=``: table names ("schema.table" or "table"), for a durable consumer."""
+    if isinstance(tables, str):
+        tables = (tables,)
+    tables = tuple(tables or ())
+    for t in tables:
+        if not isinstance(t, str) or not t.strip():
+            raise ConfigError(f"backfill: expected table names, got {t!r}")
+    if tables and not consumer:
+        raise ConfigError("backfill: only a durable consumer backfills (Listener(cfg, consumer=..., backfill=...))")
+    return tables

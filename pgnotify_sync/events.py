@@ -39,6 +39,9 @@ class Operation(str, enum.Enum):
     DELETE = "DELETE"
     #: An application event sent with ``publish()`` (``data`` is its payload).
     PUBLISH = "PUBLISH"
+    #: A row that existed when a durable consumer's backfill read it (``data``; apply
+    #: it as an upsert: a row a newer change superseded never comes).
+    BACKFILL = "BACKFILL"
 
     def __str__(self):
         return self.value

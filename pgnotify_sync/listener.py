@@ -30,6 +30,9 @@ import threading
 import time
 import types
 
+import psycopg2
+
+from . import _backfill as backfill
 from ._channel import ChannelState
 from ._connections import Connections
 from ._dispatch import Dispatcher
@@ -38,7 +41,7 @@ from ._group import Group
 from ._keys import catalog_keys
 from ._hooks import ListenerHooks
 from ._lifecycle import ConnectionState, Lifecycle
-from ._listener_args import checked_checkpoint_every, checked_consumer, checked_name, checked_registry
+from ._listener_args import checked_backfill, checked_checkpoint_every, checked_consumer, checked_name, checked_registry
 from ._maintenance import Every, Maintenance, TrimUnlessRefused
 from ._poller import Poller
 from ._observe import Observer, new_stats
@@ -46,9 +49,9 @@ from ._publisher import Publisher
 from ._reader import Reader
 from ._reporting import Reporter
 from ._rows import RowPool
-from ._threads import join_all
+from ._threads import join_all, spawn
 from .config import Config
-from .errors import ConfigError, ConnectError, ListenerStateError
+from .errors import ConfigError, ConnectError, ListenerStateError, PgNotifyError, first_line
 from .events import typed
 from ._deadletters import POLL_S as DEAD_LETTER_POLL_S, list_dead_letters, queue_retries, request_retry
 from .metrics import collector_for
@@ -89,13 +92,15 @@ class Listener:
         the global ``REGISTRY``; ``False``: no metrics).
     """
 
-    def __init__(self, config, *, consumer=None, name=None, checkpoint_every=None, registry=None):
+    def __init__(self, config, *, consumer=None, name=None, checkpoint_every=None, registry=None, backfill=()):
         if not isinstance(config, Config):
             raise ConfigError(f"config: expected a pgnotify_sync.Config, got {type(config).__name__}")
         self.config = config
         self.name = checked_name(name) if name is not None else f"pgnotify-{next(_names)}"
         self.consumer = checked_consumer(consumer)
         self.checkpoint_every = checked_checkpoint_every(checkpoint_every)
+        self.backfill = checked_backfill(backfill, self.consumer)
+        self.backfilled = {}            # table -> {"rows": logged by this process, "done"} (health())
         self._registry = checked_registry(registry)
         self.signals = ListenerSignals()
         self._channels = {}
@@ -120,6 +125,7 @@ class Listener:
         self._hooks = ListenerHooks(self._parts, self.signals, self.checkpoint_every)
         self._observer = Observer(self._parts)
         self._reader = self._dispatcher = self._maintenance = self._poller = self._group = self._rows = None
+        self._backfiller = None
 
     # -- public API ------------------------------------------------------------
 
@@ -292,7 +298,10 @@ class Listener:
         A consumer group member's ``consumer``: ``{"name", "member", "partitions",
         "members", "owned", "lease_age_s", "rebalances"}`` (README "Running many processes").
         """
-        return self._observer.health()
+        health = self._observer.health()
+        if self.backfill:
+            health["backfill"] = {t: dict(s) for t, s in list(self.backfilled.items())}
+        return health
 
     def publish(self, channel, payload):
         """Send an application event on *channel*: written to the event log and
@@ -369,7 +378,8 @@ class Listener:
 
     def _own_threads(self):
         """The reader's, maintenance's and poller's threads (None where not started)."""
-        return (self._reader and self._reader.thread, self._maintenance, self._poller and self._poller.thread)
+        return (self._reader and self._reader.thread, self._maintenance, self._poller and self._poller.thread,
+                self._backfiller)
 
     def _add_channel(self, channel):
         self._channels[channel] = ChannelState(channel, self.config.checked_wire_channel(channel))
@@ -417,6 +427,22 @@ class Listener:
         self._poller.start()
         if self._group is not None:
             self._group.start()
+        if self.backfill:
+            self._backfiller = spawn(self._run_backfill, f"{self.name}-backfill")
+
+    def _run_backfill(self):
+        """``<name>-backfill``: once the consumer's positions exist (the first
+        session), the tables' existing rows as BACKFILL events (_backfill.py)."""
+        while not self._reader.ready.wait(0.5):
+            if self._stop_event.is_set():
+                return
+        conns = self._connections
+        try:
+            backfill.run(lambda: psycopg2.connect(**conns._pool_connect_kwargs()), self.consumer, self.backfill,
+                         self._group.keys, stopping=self._stop_event.is_set, wait=self._stop_event.wait,
+                         name=self.name, progress=self.backfilled)
+        except (psycopg2.Error, PgNotifyError) as exc:
+            self._reporter.report("internal", f"backfill failed: {first_line(exc)}", None)
 
 
 

@@ -171,6 +171,24 @@ CREATE TABLE IF NOT EXISTS pgnotify_sync.dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_retry_idx ON pgnotify_sync.dead_letters (consumer) WHERE retry_requested;
 CREATE INDEX IF NOT EXISTS dead_letters_event_idx ON pgnotify_sync.dead_letters (event_id);
 
+-- Backfills: a durable consumer's delivery of a table's existing rows, as BACKFILL
+-- events in primary-key chunks (_backfill.py). last_key is the key of the last row
+-- logged: each chunk and its progress are one transaction, so a backfill resumes
+-- after a crash without a gap or a repeat.
+CREATE TABLE IF NOT EXISTS pgnotify_sync.backfills (
+    consumer    text NOT NULL,
+    schema_name text NOT NULL,
+    table_name  text NOT NULL,
+    channel     text NOT NULL,          -- the table's, on the wire
+    last_key    json,
+    rows        bigint NOT NULL DEFAULT 0,
+    done        boolean NOT NULL DEFAULT false,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    role        oid NOT NULL DEFAULT to_regrole(quote_ident(current_user)),
+    PRIMARY KEY (consumer, schema_name, table_name)
+);
+
 -- Settings kept in the database: the retention floors (set_retention_floor).
 CREATE TABLE IF NOT EXISTS pgnotify_sync.settings (
     name  text PRIMARY KEY,
@@ -918,7 +936,7 @@ DO $do$
 DECLARE
     t text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['consumers', 'dead_letters'] LOOP
+    FOREACH t IN ARRAY ARRAY['consumers', 'dead_letters', 'backfills'] LOOP
         EXECUTE format('ALTER TABLE pgnotify_sync.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('DROP POLICY IF EXISTS own_positions ON pgnotify_sync.%I', t);          -- earlier names
         EXECUTE format('DROP POLICY IF EXISTS admins_see_positions ON pgnotify_sync.%I', t);
@@ -1064,7 +1082,7 @@ CREATE OR REPLACE FUNCTION pgnotify_sync.grant_consumer_tables(p_role regrole, p
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     EXECUTE format('GRANT %s ON pgnotify_sync.consumers, pgnotify_sync.consumer_groups, pgnotify_sync.consumer_members, '
-                   'pgnotify_sync.consumer_keys, pgnotify_sync.dead_letters TO %s',
+                   'pgnotify_sync.consumer_keys, pgnotify_sync.dead_letters, pgnotify_sync.backfills TO %s',
                    CASE p_kind WHEN 'listen' THEN 'SELECT, INSERT, UPDATE, DELETE' ELSE 'SELECT' END, p_role);
 END
 $fn$;
@@ -1146,6 +1164,74 @@ BEGIN
 END
 $fn$;
 
+-- backfill_start: the calling role's consumer p_consumer backfills p_schema.p_table
+-- (a watched table, on a channel the role may read). Idempotent: a backfill under
+-- way or done is left as it is. Returns the table's channel.
+CREATE OR REPLACE FUNCTION pgnotify_sync.backfill_start(p_consumer text, p_schema text, p_table text)
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_channel text;
+BEGIN
+    SELECT w.channel INTO v_channel FROM pgnotify_sync.watched_tables w
+     WHERE w.schema_name = p_schema AND w.table_name = p_table;
+    IF v_channel IS NULL THEN
+        RAISE EXCEPTION 'pgnotify_sync: %.% is not watched (watch_table first)', p_schema, p_table
+            USING ERRCODE = 'undefined_table';
+    END IF;
+    IF NOT pg_has_role(session_user, pgnotify_sync.installer(), 'MEMBER')
+       AND NOT EXISTS (SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = 'listen' AND g.channel = v_channel
+                          AND pg_has_role(session_user, g.role, 'MEMBER')) THEN
+        RAISE EXCEPTION 'pgnotify_sync: role % may not read channel % (grant_listener)', session_user, v_channel
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    INSERT INTO pgnotify_sync.backfills (consumer, schema_name, table_name, channel, role)
+    VALUES (p_consumer, p_schema, p_table, v_channel, to_regrole(quote_ident(session_user)))
+    ON CONFLICT DO NOTHING;
+    RETURN v_channel;
+END
+$fn$;
+
+-- backfill_rows: log p_rows (a JSON array of the rows of one chunk, read by the
+-- caller with its own rights) as BACKFILL events for its consumer p_consumer, with
+-- the chunk's snapshot (a listener drops a row a newer change of the same key
+-- supersedes), excluded columns removed, and a range hint. Only for a backfill the
+-- calling role keeps.
+CREATE OR REPLACE FUNCTION pgnotify_sync.backfill_rows(p_consumer text, p_schema text, p_table text, p_rows json,
+                                                      p_snapshot text) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    w       record;
+    v_first bigint;
+    v_last  bigint;
+    v_n     integer;
+    v_void  text;
+BEGIN
+    SELECT b.channel, wt.exclude_columns, wt.notify INTO w
+      FROM pgnotify_sync.backfills b
+      JOIN pgnotify_sync.watched_tables wt ON wt.schema_name = b.schema_name AND wt.table_name = b.table_name
+     WHERE b.consumer = p_consumer AND b.schema_name = p_schema AND b.table_name = p_table
+       AND pg_has_role(session_user, b.role, 'MEMBER');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgnotify_sync: no backfill of %.% for consumer % of this role', p_schema, p_table, p_consumer
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    PERFORM p_snapshot::pg_snapshot;        -- refuses what is not a snapshot
+    WITH logged AS (
+        INSERT INTO pgnotify_sync.event_log (channel, operation, schema_name, table_name, data, old)
+        SELECT w.channel, 'BACKFILL', p_schema, p_table,
+               CASE WHEN cardinality(w.exclude_columns) = 0 THEN r ELSE (r::jsonb - w.exclude_columns)::json END,
+               json_build_object('backfill_for', p_consumer, 'snapshot', p_snapshot)
+          FROM json_array_elements(p_rows) r
+        RETURNING id)
+    SELECT min(id), max(id), count(*) INTO v_first, v_last, v_n FROM logged;
+    IF v_n > 0 AND w.notify AND current_setting('pgnotify_sync.notify', true) IS DISTINCT FROM 'off' THEN
+        v_void := pg_notify(w.channel, json_build_object('xid', pg_current_xact_id()::text::bigint, 'first', v_first,
+                                                         'last', v_last, 'n', v_n)::text);
+    END IF;
+    RETURN v_n;
+END
+$fn$;
+
 -- Nothing here is for PUBLIC but what answers about the caller alone: the capture
 -- functions fire as triggers (no EXECUTE check), owners' copies get what they need
 -- in capture_function, every other role what its grants give.
@@ -1153,7 +1239,9 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgnotify_sync FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgnotify_sync.unreadable_channels(text[]), pgnotify_sync.my_grants(),
                           pgnotify_sync.quiet_channels(text[]), pgnotify_sync.valid_handled(jsonb),
                           pgnotify_sync.valid_pairs(jsonb, text),
-                          pgnotify_sync.unrestricted(), pgnotify_sync.installer() TO PUBLIC;
+                          pgnotify_sync.unrestricted(), pgnotify_sync.installer(),
+                          pgnotify_sync.backfill_start(text, text, text),
+                          pgnotify_sync.backfill_rows(text, text, text, json, text) TO PUBLIC;
 -- The settings only by the installer (set_retention_floor) or a superuser.
 REVOKE INSERT, UPDATE, DELETE ON pgnotify_sync.settings FROM PUBLIC;
 -- Roles granted before the consumer groups and dead letters existed get those

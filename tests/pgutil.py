@@ -78,11 +78,11 @@ class ListenerFactory:
         self.dsn = dsn
         self.listeners = []
 
-    def __call__(self, channels=("messages",), consumer=None, name=None, registry=False, **overrides):
+    def __call__(self, channels=("messages",), consumer=None, name=None, registry=False, backfill=(), **overrides):
         # registry=False: no metrics unless a test asks (the global registry would
         # accumulate every listener of the run).
         listener = Listener(config_for(self.dsn, channels=channels, **overrides), consumer=consumer, name=name,
-                            registry=registry)
+                            registry=registry, backfill=backfill)
         self.listeners.append(listener)
         return listener
 

@@ -43,7 +43,7 @@ def test_operation_is_a_str_enum():
     assert Operation("UPDATE") is Operation.UPDATE
     assert str(Operation.PUBLISH) == "PUBLISH"
     assert f"{Operation.INSERT}" == "INSERT"
-    assert {op.value for op in Operation} == {"INSERT", "UPDATE", "DELETE", "PUBLISH"}
+    assert {op.value for op in Operation} == {"INSERT", "UPDATE", "DELETE", "PUBLISH", "BACKFILL"}
 
 
 # -- decode_payload: good payloads ---------------------------------------------------------
@@ -276,7 +276,7 @@ def test_structure_rejects_bad_operation():
         converter.structure(d, DatabaseEvent)
     (cause,) = info.value.exceptions
     assert type(cause) is ValueError
-    assert str(cause) == "operation must be one of INSERT, UPDATE, DELETE, PUBLISH, got 'NOPE'"
+    assert str(cause) == "operation must be one of INSERT, UPDATE, DELETE, PUBLISH, BACKFILL, got 'NOPE'"
 
 
 def test_to_dict_and_to_json():

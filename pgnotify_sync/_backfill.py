@@ -93,18 +93,21 @@ def chunk(conn, consumer, schema, table, columns, size=CHUNK):
             if last is not None:
                 after = sql.SQL("WHERE ({k}) > (SELECT {k} FROM json_populate_record(NULL::{rel}, %(last)s::json))").format(
                     k=keys, rel=rel)
+            # The rows go on as the server wrote them (text: numbers stay numbers, as
+            # in live events); only the last row is parsed, for its key.
             cur.execute(sql.SQL(
-                "SELECT pg_current_snapshot()::text, json_agg(row_to_json(t)), count(*) "
+                "SELECT pg_current_snapshot()::text, json_agg(row_to_json(t))::text, "
+                "(json_agg(row_to_json(t)) -> -1)::text, count(*) "
                 "FROM (SELECT * FROM {rel} t {after} ORDER BY {k} LIMIT %(size)s) t").format(
                     rel=rel, after=after, k=keys), {"last": last, "size": size})
-            snapshot, rows, n = cur.fetchone()
+            snapshot, rows, last_row, n = cur.fetchone()
             if n == 0:
                 cur.execute(_DONE, (consumer, schema, table))
                 conn.commit()
                 return 0
-            last_key = json.dumps({c: rows[-1][c] for c in columns}, default=str)
+            last_key = json.dumps({c: json.loads(last_row)[c] for c in columns})
             cur.execute("SELECT pgnotify_sync.backfill_rows(%s, %s, %s, %s::json, %s)",
-                        (consumer, schema, table, json.dumps(rows, default=str), snapshot))
+                        (consumer, schema, table, rows, snapshot))
             cur.execute(_ADVANCE, (last_key, n, consumer, schema, table))
         conn.commit()
         return n

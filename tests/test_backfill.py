@@ -4,6 +4,7 @@ the table, against the real server with concurrent writers."""
 
 import random
 import threading
+from decimal import Decimal
 
 import pytest
 
@@ -16,7 +17,7 @@ from pgutil import execute
 @pytest.fixture
 def items(db):
     install(db)
-    execute(db, "CREATE TABLE items (id int PRIMARY KEY, v int, secret text)")
+    execute(db, "CREATE TABLE items (id int PRIMARY KEY, v int, secret text, price numeric DEFAULT 1.50)")
     execute(db, "INSERT INTO items SELECT g, 0, 'pw' FROM generate_series(1, 20000) g")
     watch_table(db, "public.items", channel="items", exclude_columns=["secret"])
     return db
@@ -36,6 +37,7 @@ class Mirror:
                 self.rows.pop(event.data["id"], None)
             else:
                 assert "secret" not in event.data
+                assert isinstance(event.data["price"], Decimal)     # as in live events: a number
                 self.rows[event.data["id"]] = event.data["v"]
                 self.backfilled += event.operation is Operation.BACKFILL
 

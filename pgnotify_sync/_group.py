@@ -60,8 +60,8 @@ ON CONFLICT DO NOTHING
 """
 _COUNT_PARTITIONS = ("SELECT channel, count(*) FROM pgnotify_sync.consumers WHERE name = %s AND channel = ANY(%s) "
                      "AND partition < %s GROUP BY channel")
-_JOIN = ("INSERT INTO pgnotify_sync.consumer_members (name, member, host, pid, channels) VALUES (%s, %s, %s, %s, %s) "
-         "ON CONFLICT (name, member) DO UPDATE SET heartbeat_at = clock_timestamp()")
+_JOIN = ("INSERT INTO pgnotify_sync.consumer_members (name, member, host, pid, channels, lease_s) "
+         "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name, member) DO UPDATE SET heartbeat_at = clock_timestamp()")
 # A tick is statements in autocommit (a member frozen in the middle of one holds no
 # lock), and never waits for another member's locks: what is locked now (a
 # checkpoint being written) is skipped until the next tick.
@@ -70,10 +70,12 @@ _HEARTBEAT = ("UPDATE pgnotify_sync.consumer_members SET heartbeat_at = clock_ti
 _EXPIRE = """
 DELETE FROM pgnotify_sync.consumer_members m USING (
     SELECT ctid FROM pgnotify_sync.consumer_members WHERE name = %(name)s
-       AND heartbeat_at < clock_timestamp() - make_interval(secs => %(lease)s) FOR UPDATE SKIP LOCKED) silent
+       AND heartbeat_at < clock_timestamp() - make_interval(secs => lease_s) FOR UPDATE SKIP LOCKED) silent
  WHERE m.ctid = silent.ctid
 """
-_MEMBERS = "SELECT member, channels FROM pgnotify_sync.consumer_members WHERE name = %s ORDER BY member"
+# The live members (a silent one locked by a frozen statement is not deleted yet).
+_MEMBERS = ("SELECT member, channels FROM pgnotify_sync.consumer_members WHERE name = %s "
+            "AND heartbeat_at >= clock_timestamp() - make_interval(secs => lease_s) ORDER BY member")
 _RENEW = """
 UPDATE pgnotify_sync.consumers SET lease_until = clock_timestamp() + make_interval(secs => %(lease)s)
  WHERE name = %(name)s AND owner = %(member)s AND lease_until > clock_timestamp()
@@ -198,7 +200,8 @@ class Group:
                 counts = dict(cur.fetchall())
                 if any(counts.get(w) != self.partitions for w in wires):
                     raise self._not_ours()      # rows we cannot see: another role's
-                cur.execute(_JOIN, (self.consumer, self.member, socket.gethostname(), os.getpid(), wires))
+                cur.execute(_JOIN, (self.consumer, self.member, socket.gethostname(), os.getpid(), wires,
+                                    self.lease_s))
                 cur.execute(_KEYS, (self.consumer,))
                 self.keys.update({(s, t): tuple(c) for s, t, c in cur.fetchall()})
             self.joined = True
@@ -256,7 +259,8 @@ class Group:
         with self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
             cur.execute(_HEARTBEAT, params)
             if cur.rowcount == 0:       # removed as silent (we were frozen): back again
-                cur.execute(_JOIN, (self.consumer, self.member, socket.gethostname(), os.getpid(), wires))
+                cur.execute(_JOIN, (self.consumer, self.member, socket.gethostname(), os.getpid(), wires,
+                                    self.lease_s))
             cur.execute(_EXPIRE, params)
             cur.execute(_MEMBERS, (self.consumer,))
             members = [(m, set(c)) for m, c in cur.fetchall()]

@@ -139,6 +139,9 @@ CREATE TABLE IF NOT EXISTS pgnotify_sync.consumer_members (
     role         oid NOT NULL DEFAULT to_regrole(quote_ident(current_user)),
     PRIMARY KEY (name, member)
 );
+-- Each member's own lease: it is silent (removed, and left out of the deal) once
+-- its own lease passed without a heartbeat, whatever lease the others use.
+ALTER TABLE pgnotify_sync.consumer_members ADD COLUMN IF NOT EXISTS lease_s double precision NOT NULL DEFAULT 10;
 -- The key columns a group hashes each table's rows by, fixed by the first member
 -- that met the table: members never disagree on a row's partition, even if the
 -- table's primary key changes while they run.

@@ -415,3 +415,22 @@ def test_ordering_by_row_keeps_each_rows_order_and_runs_rows_in_parallel(jobs, m
              message=f"got {sum(map(len, list(by_row.values())))} of 48 events")
     assert {row: ns for row, ns in by_row.items()} == {row: [0, 1, 2, 3, 4, 5] for row in range(1, 9)}
     assert most >= 2, "handlers of one channel never overlapped"
+
+
+def test_a_member_silent_past_its_own_lease_is_left_out_whatever_the_others_lease(jobs, make_listener):
+    """A dead member with a 2 s lease, whose id sorts first: a member with a 10 s lease
+    must not wait 10 s (its own lease) to count it out, nor deal it the partition."""
+    first = make_listener(channels=("jobs",), consumer=GROUP)
+    first.start()
+    first.stop()
+    execute(jobs, "INSERT INTO pgnotify_sync.consumer_members (name, member, host, pid, channels, lease_s, heartbeat_at) "
+                  "VALUES (%s, '0000-dead', 'gone', 1, '{jobs}', 2, clock_timestamp() - interval '3 s')", (GROUP,))
+    execute(jobs, "UPDATE pgnotify_sync.consumers SET owner = '0000-dead', lease_until = clock_timestamp() - "
+                  "interval '1 s' WHERE name = %s", (GROUP,))
+    second = make_listener(channels=("jobs",), consumer=GROUP, consumer_lease_s=10.0)
+    got = Collector()
+    second.on_event("jobs", got)
+    second.start()
+    assert second.health()["consumer"]["owned"] == ["jobs/0"], "the dead member was dealt the partition"
+    insert(jobs, 3)
+    assert len(got.wait(3)) == 3

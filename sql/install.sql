@@ -932,41 +932,28 @@ CREATE POLICY log_readers ON pgnotify_sync.event_log FOR SELECT TO PUBLIC
            OR channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
                                     WHERE g.kind = 'listen' AND pg_has_role(g.role, 'MEMBER'))));
 
--- Consumers' positions and dead letters: each role its own, on channels it may
--- read (a dead letter keeps its event from being trimmed); admins see every one
--- (read only).
+-- The consumers' tables: each role its own rows; positions, dead letters and
+-- backfills only on channels it may read (a dead letter keeps its event from being
+-- trimmed); admins see every row (read only).
 DO $do$
 DECLARE
     t text;
+    v_check text;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['consumers', 'dead_letters', 'backfills'] LOOP
+    FOREACH t IN ARRAY ARRAY['consumers', 'dead_letters', 'backfills', 'consumer_groups', 'consumer_members',
+                             'consumer_keys'] LOOP
+        v_check := CASE WHEN t IN ('consumers', 'dead_letters', 'backfills')
+                        THEN ' AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g '
+                             'WHERE g.kind = ''listen'' AND pg_has_role(g.role, ''MEMBER'')))'
+                        ELSE '' END;
         EXECUTE format('ALTER TABLE pgnotify_sync.%I ENABLE ROW LEVEL SECURITY', t);
         EXECUTE format('DROP POLICY IF EXISTS own_positions ON pgnotify_sync.%I', t);          -- earlier names
         EXECUTE format('DROP POLICY IF EXISTS admins_see_positions ON pgnotify_sync.%I', t);
         EXECUTE format('DROP POLICY IF EXISTS own_rows ON pgnotify_sync.%I', t);
         EXECUTE format('DROP POLICY IF EXISTS admins_see ON pgnotify_sync.%I', t);
         EXECUTE format('CREATE POLICY own_rows ON pgnotify_sync.%I FOR ALL TO PUBLIC '
-                       'USING (pg_has_role(role, ''MEMBER'')) '
-                       'WITH CHECK (pg_has_role(role, ''MEMBER'') AND channel = ANY (ARRAY('
-                       'SELECT g.channel FROM pgnotify_sync.grants g '
-                       'WHERE g.kind = ''listen'' AND pg_has_role(g.role, ''MEMBER''))))', t);
-        EXECUTE format('CREATE POLICY admins_see ON pgnotify_sync.%I FOR SELECT TO PUBLIC USING (EXISTS '
-                       '(SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = ''admin'' '
-                       'AND pg_has_role(g.role, ''MEMBER'')))', t);
-    END LOOP;
-END
-$do$;
--- Groups, members and keys: each role its own, admins see every one.
-DO $do$
-DECLARE
-    t text;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['consumer_groups', 'consumer_members', 'consumer_keys'] LOOP
-        EXECUTE format('ALTER TABLE pgnotify_sync.%I ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format('DROP POLICY IF EXISTS own_rows ON pgnotify_sync.%I', t);
-        EXECUTE format('DROP POLICY IF EXISTS admins_see ON pgnotify_sync.%I', t);
-        EXECUTE format('CREATE POLICY own_rows ON pgnotify_sync.%I FOR ALL TO PUBLIC '
-                       'USING (pg_has_role(role, ''MEMBER'')) WITH CHECK (pg_has_role(role, ''MEMBER''))', t);
+                       'USING (pg_has_role(role, ''MEMBER'')) WITH CHECK (pg_has_role(role, ''MEMBER'')%s)',
+                       t, v_check);
         EXECUTE format('CREATE POLICY admins_see ON pgnotify_sync.%I FOR SELECT TO PUBLIC USING (EXISTS '
                        '(SELECT 1 FROM pgnotify_sync.grants g WHERE g.kind = ''admin'' '
                        'AND pg_has_role(g.role, ''MEMBER'')))', t);

@@ -143,6 +143,17 @@ def settled(db, members, partitions):
             and max(held.values()) - min(held.values()) <= 1)
 
 
+def two_members_at_work(db, members, partitions, delay_s, rows, started):
+    """Members m1 and m2 hold the *partitions* evenly, *rows* are written, and m1
+    handled at least *started* of them."""
+    members.start("m1", partitions=partitions, delay_s=delay_s)
+    members.start("m2", partitions=partitions, delay_s=delay_s)
+    wait_for(lambda: settled(db, 2, partitions), timeout=20, message="partitions not spread")
+    insert(db, rows)
+    wait_for(lambda: sum(1 for m in handled(db).values() if "m1" in m) >= started, timeout=30,
+             message="m1 handled nothing")
+
+
 def wait_all_handled(db, timeout=60):
     ids = log_ids(db)
     wait_for(lambda: ids <= set(handled(db)), timeout=timeout,
@@ -177,7 +188,7 @@ def test_deal_gives_every_slot_to_one_member_when_channel_sets_differ(partitions
 def test_three_members_share_the_events_exactly_once(jobs, members):
     for name in ("m1", "m2", "m3"):
         members.start(name, partitions=6)
-    wait_for(lambda: settled(jobs, 3, 6), timeout=20, message=f"partitions not spread: {holders(jobs)}")
+    wait_for(lambda: settled(jobs, 3, 6), timeout=20, message="partitions not spread")
     with jobs.cursor() as cur:
         (group,) = consumer_groups(cur)
     assert group["partitions"] == 6 and len(group["members"]) == 3
@@ -194,16 +205,11 @@ def test_three_members_share_the_events_exactly_once(jobs, members):
 
 
 def test_sigkill_of_a_member_loses_nothing_and_repeats_a_bounded_few(jobs, members):
-    members.start("m1", partitions=4, delay_s=0.005)
-    members.start("m2", partitions=4, delay_s=0.005)
-    wait_for(lambda: settled(jobs, 2, 4), timeout=20, message=f"partitions not spread: {holders(jobs)}")
-    insert(jobs, 800)
-    wait_for(lambda: sum(1 for m in handled(jobs).values() if "m1" in m) >= 100, timeout=30,
-             message="m1 handled nothing")
+    two_members_at_work(jobs, members, partitions=4, delay_s=0.005, rows=800, started=100)
     members.signal("m1", signal.SIGKILL)
     killed_at = time.monotonic()
     members.wait_exit("m1")
-    wait_for(lambda: settled(jobs, 1, 4), timeout=LEASE_S + 5, message=f"m2 did not take over: {holders(jobs)}")
+    wait_for(lambda: settled(jobs, 1, 4), timeout=LEASE_S + 5, message="m2 did not take over")
     assert time.monotonic() - killed_at <= LEASE_S + 5
     ids = wait_all_handled(jobs)
     seen = handled(jobs)
@@ -214,15 +220,10 @@ def test_sigkill_of_a_member_loses_nothing_and_repeats_a_bounded_few(jobs, membe
 
 
 def test_sigterm_of_a_member_hands_over_without_any_repeat(jobs, members):
-    members.start("m1", partitions=4, delay_s=0.003)
-    members.start("m2", partitions=4, delay_s=0.003)
-    wait_for(lambda: settled(jobs, 2, 4), timeout=20, message=f"partitions not spread: {holders(jobs)}")
-    insert(jobs, 600)
-    wait_for(lambda: sum(1 for m in handled(jobs).values() if "m1" in m) >= 50, timeout=30,
-             message="m1 handled nothing")
+    two_members_at_work(jobs, members, partitions=4, delay_s=0.003, rows=600, started=50)
     members.signal("m1", signal.SIGTERM)
     assert members.wait_exit("m1") == 0
-    wait_for(lambda: settled(jobs, 1, 4), timeout=10, message=f"m2 did not take over at once: {holders(jobs)}")
+    wait_for(lambda: settled(jobs, 1, 4), timeout=10, message="m2 did not take over at once")
     insert(jobs, 100)
     ids = wait_all_handled(jobs)
     seen = handled(jobs)
@@ -232,11 +233,11 @@ def test_sigterm_of_a_member_hands_over_without_any_repeat(jobs, members):
 
 def test_a_member_joining_takes_a_share_without_any_repeat(jobs, members):
     members.start("m1", partitions=4, delay_s=0.003)
-    wait_for(lambda: settled(jobs, 1, 4), timeout=20, message=f"m1 holds not all: {holders(jobs)}")
+    wait_for(lambda: settled(jobs, 1, 4), timeout=20, message="m1 holds not all")
     insert(jobs, 400)
     wait_for(lambda: len(handled(jobs)) >= 50, timeout=30, message="m1 handled nothing")
     members.start("m2", partitions=4, delay_s=0.003)
-    wait_for(lambda: settled(jobs, 2, 4), timeout=20, message=f"m2 took no share: {holders(jobs)}")
+    wait_for(lambda: settled(jobs, 2, 4), timeout=20, message="m2 took no share")
     insert(jobs, 400)
     ids = wait_all_handled(jobs)
     seen = handled(jobs)
@@ -246,12 +247,7 @@ def test_a_member_joining_takes_a_share_without_any_repeat(jobs, members):
 
 
 def test_a_frozen_member_is_fenced_and_its_partitions_taken_over(jobs, members):
-    members.start("m1", partitions=2, delay_s=0.005)
-    members.start("m2", partitions=2, delay_s=0.005)
-    wait_for(lambda: settled(jobs, 2, 2), timeout=20, message=f"partitions not spread: {holders(jobs)}")
-    insert(jobs, 300)
-    wait_for(lambda: sum(1 for m in handled(jobs).values() if "m1" in m) >= 20, timeout=30,
-             message="m1 handled nothing")
+    two_members_at_work(jobs, members, partitions=2, delay_s=0.005, rows=300, started=20)
     members.signal("m1", signal.SIGSTOP)
     frozen_at = time.monotonic()
     wait_for(lambda: settled(jobs, 1, 2), timeout=LEASE_S + 5, message="m2 did not take over")
@@ -267,7 +263,7 @@ def test_a_frozen_member_is_fenced_and_its_partitions_taken_over(jobs, members):
                           "GROUP BY event_id HAVING count(*) > 1) d", (max(ids) - 300,))[0][0]
     assert twice == 0
     assert taken_at - frozen_at <= LEASE_S + 5
-    wait_for(lambda: settled(jobs, 2, 2), timeout=20, message=f"m1 did not rejoin: {holders(jobs)}")
+    wait_for(lambda: settled(jobs, 2, 2), timeout=20, message="m1 did not rejoin")
     insert(jobs, 100)
     ids = wait_all_handled(jobs)
     repeats = sum(len(m) - 1 for m in handled(jobs).values())

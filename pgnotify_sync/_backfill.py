@@ -26,15 +26,19 @@ from .errors import PgNotifyError, SchemaError, first_line
 
 log = logging.getLogger("pgnotify_sync")
 
-# Rows per chunk: one transaction (and one short REPEATABLE READ snapshot) each.
+# Rows per chunk (Config.backfill_chunk_rows): one transaction (and one short
+# REPEATABLE READ snapshot) each.
 CHUNK = 1000
 # A chunk that failed (database away) is tried again after this long.
 RETRY_S = 1.0
 
-_LOCK = ("SELECT last_key::text, done FROM pgnotify_sync.backfills "
+_LOCK = ("SELECT last_key::text, done, rows FROM pgnotify_sync.backfills "
          "WHERE consumer = %s AND schema_name = %s AND table_name = %s FOR UPDATE SKIP LOCKED")
+# Progress as last committed (another member holds the row now).
+_PROGRESS = ("SELECT rows, done FROM pgnotify_sync.backfills "
+             "WHERE consumer = %s AND schema_name = %s AND table_name = %s")
 _ADVANCE = ("UPDATE pgnotify_sync.backfills SET last_key = %s::json, rows = rows + %s "
-            "WHERE consumer = %s AND schema_name = %s AND table_name = %s")
+            "WHERE consumer = %s AND schema_name = %s AND table_name = %s RETURNING rows")
 _DONE = ("UPDATE pgnotify_sync.backfills SET done = true, finished_at = now() "
          "WHERE consumer = %s AND schema_name = %s AND table_name = %s")
 # Which of these BACKFILL events a committed change of the same row supersedes.
@@ -73,8 +77,9 @@ def start(conn, consumer, schema, table):
 
 
 def chunk(conn, consumer, schema, table, columns, size=CHUNK):
-    """Log the next chunk. Returns the rows logged, 0 once the table is done, None
-    if another member holds the backfill now."""
+    """Log the next chunk. Returns (the rows logged: 0 once the table is done, None
+    if another member holds the backfill now; the rows logged by the whole
+    backfill so far)."""
     if not columns:
         raise SchemaError(f"backfill of {schema}.{table}: the table has no primary key (its rows cannot be read "
                           "in key order)")
@@ -85,10 +90,18 @@ def chunk(conn, consumer, schema, table, columns, size=CHUNK):
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             cur.execute(_LOCK, (consumer, schema, table))
             row = cur.fetchone()
-            if row is None or row[1]:
+            if row is None:
+                cur.execute(_PROGRESS, (consumer, schema, table))
+                found = cur.fetchone()
                 conn.rollback()
-                return None if row is None else 0
-            last = row[0]
+                if found is None:
+                    raise SchemaError(f"backfill of {schema}.{table} for consumer {consumer!r}: its row in "
+                                      "pgnotify_sync.backfills is gone (dropped while it ran)")
+                return (0 if found[1] else None), found[0]
+            last, done, total = row
+            if done:
+                conn.rollback()
+                return 0, total
             after = sql.SQL("")
             if last is not None:
                 after = sql.SQL("WHERE ({k}) > (SELECT {k} FROM json_populate_record(NULL::{rel}, %(last)s::json))").format(
@@ -104,38 +117,46 @@ def chunk(conn, consumer, schema, table, columns, size=CHUNK):
             if n == 0:
                 cur.execute(_DONE, (consumer, schema, table))
                 conn.commit()
-                return 0
+                return 0, total
             last_key = json.dumps({c: json.loads(last_row)[c] for c in columns})
             cur.execute("SELECT pgnotify_sync.backfill_rows(%s, %s, %s, %s::json, %s)",
                         (consumer, schema, table, rows, snapshot))
             cur.execute(_ADVANCE, (last_key, n, consumer, schema, table))
+            total = cur.fetchone()[0]
         conn.commit()
-        return n
+        return n, total
     except BaseException:
         conn.rollback()
         raise
 
 
 def run(connect, consumer, tables, key_columns, size=CHUNK, stopping=lambda: False, wait=lambda s: None,
-        name="backfill", progress=None):
+        name="backfill", progress=None, on_chunk=None):
     """Backfill every table of *tables* (``"schema.table"``) for *consumer* until done
     (or *stopping()*); *connect()* gives a connection (closed here), *key_columns*
     a KeyColumns. *progress* (a dict, updated as it goes): {table: {"rows": logged
-    here, "done": bool}}. Returns it."""
+    by the whole backfill as last seen (every member, every run), "done": bool}};
+    ``on_chunk(table, state)`` after each chunk. Returns *progress*."""
     logged = {} if progress is None else progress
+    for table in tables:
+        logged.setdefault(table, {"rows": 0, "done": False})
     conn = None
     try:
         for table in tables:
             schema, relname = split_table(table)
-            logged[table] = state = {"rows": 0, "done": False}
+            state = logged[table]
+            started = None      # the connection start() registered this table on
             while not stopping():
                 try:
                     if conn is None or conn.closed:
                         conn = connect()
+                    if started is not conn:
                         start(conn, consumer, schema, relname)
-                    n = chunk(conn, consumer, schema, relname, key_columns.of(schema, relname), size)
+                        started = conn
+                    n, state["rows"] = chunk(conn, consumer, schema, relname, key_columns.of(schema, relname),
+                                             size)
                 except (psycopg2.Error, PgNotifyError) as exc:
-                    if isinstance(exc, SchemaError) or getattr(exc, "pgcode", None) in ("42501", "42P01"):
+                    if isinstance(exc, SchemaError) or getattr(exc, "pgcode", None) in ("42501", "42P01", "55000"):
                         raise
                     log.warning("%s: backfill of %s: %s (retrying in %g s)", name, table, first_line(exc), RETRY_S)
                     if conn is not None:
@@ -143,19 +164,35 @@ def run(connect, consumer, tables, key_columns, size=CHUNK, stopping=lambda: Fal
                     conn = None
                     wait(RETRY_S)
                     continue
+                state["done"] = n == 0
+                if on_chunk is not None:
+                    on_chunk(table, dict(state))
                 if n == 0:
-                    state["done"] = True
                     log.info("%s: backfill of %s for consumer %r done", name, table, consumer,
                              extra={"event": "backfill_done", "details": {"table": table}})
                     break
                 if n is None:
                     wait(RETRY_S)       # another member runs it now
-                    continue
-                state["rows"] += n
     finally:
         if conn is not None:
             conn.close()
     return logged
+
+
+def run_for(p, tables):
+    """A Listener's thread ``<name>-backfill`` (*p*: its parts): once the consumer's
+    positions exist (its first session: rows logged before it would lie behind
+    them), *tables* for its consumer, with its group's keys."""
+    while not p.reader.ready.wait(0.5):
+        if p.stop_event.is_set():
+            return
+    conns = p.connections
+    try:
+        run(lambda: psycopg2.connect(**conns._pool_connect_kwargs()), p.consumer, tables, p.group.keys,
+            p.config.backfill_chunk_rows, stopping=p.stop_event.is_set, wait=p.stop_event.wait, name=p.name,
+            progress=p.backfill)
+    except (psycopg2.Error, PgNotifyError) as exc:
+        p.reporter.report("internal", f"backfill failed: {first_line(exc)}", None)
 
 
 def superseded(query_all, wire, events, key_columns):

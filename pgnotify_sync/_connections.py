@@ -49,7 +49,7 @@ class Connections:
                 cfg = self._config
                 self.pool = ConnectionPool(f"{self._name}-pool", self._pool_connect_kwargs, cfg.pool_max_connections,
                                            statement_timeout_ms=cfg.query_timeout_s * 1000)
-                self.event_log = EventLog(self.pool, cfg.connect_timeout_s)
+                self.event_log = EventLog(self.pool, cfg.connect_timeout_s, self._consumer)
                 if self._consumer:
                     self.consumer_store = ConsumerStore(self.pool, self._consumer, self._name)
                     self.dead_letters = DeadLetters(self.pool, self._consumer)

@@ -61,6 +61,10 @@ class DispatchHooks(typing.Protocol):
     def fetch_range(self, ch, rng, after=0, previous=None) -> tuple:
         """(a page of the range's events above id *after*, whether more follow)."""
 
+    def others_in_range(self, ch, rng) -> int:
+        """How many rows of a range that gave none are another consumer's BACKFILL
+        rows (not this listener's: no forgery, nothing to report)."""
+
     def report(self, kind, error, channel) -> None:
         """A background failure (the ``error`` signal); never called under our lock."""
 

@@ -57,12 +57,23 @@ _ROWS = ("SELECT operation, schema_name, table_name, '[' || string_agg(id || ','
          "                    FROM pgnotify_sync.event_log WHERE {where} ORDER BY id {limit}) l) w) r "
          "WHERE upto - size < %(max_bytes)s GROUP BY 1, 2, 3")
 
+# A BACKFILL row is for one consumer only (the one whose backfill logged it, under
+# the role that registered that backfill): every read of a listener leaves out the
+# others, so they are never read, delivered, counted as lag or replayed to a
+# browser, and a role that logs rows for a consumer name of its own invents nothing
+# for another role's consumer of that name. Plain rows pass on the first test.
+# (coalesce: never NULL, so NOT MINE is its complement; a listener without a
+# consumer passes NULL.)
+MINE = ("(operation <> 'BACKFILL' OR coalesce(old->>'backfill_for' = %(consumer)s "
+        "AND old->>'role' = to_regrole(quote_ident(session_user))::oid::text, false))")
+
 # Events of transactions visible in snapshot %(to)s and not in %(pos)s: what a
 # catch-up reads and what the position check lists (see _window_params).
 _BECAME_VISIBLE = """channel = %(channel)s
    AND xid >= %(pos_xmin)s::text::xid8 AND xid < %(to_xmax)s::text::xid8
    AND pg_visible_in_snapshot(xid, %(to)s::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)"""
+   AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot)
+   AND """ + MINE
 
 _CATCHUP_SQL = _ROWS.format(where=_BECAME_VISIBLE + " AND id > %(after)s", limit="LIMIT %(limit)s")
 
@@ -70,7 +81,11 @@ _CATCHUP_SQL = _ROWS.format(where=_BECAME_VISIBLE + " AND id > %(after)s", limit
 # the primary key. With "xid = X" it may pick the xid index and walk every entry of a
 # big transaction for each 1000-row range (seen on a log without statistics yet).
 _RANGE_SQL = _ROWS.format(where="id BETWEEN %(first)s AND %(last)s AND xid::text = %(xid)s "
-                                "AND channel = %(channel)s", limit="LIMIT %(limit)s")
+                                "AND channel = %(channel)s AND " + MINE, limit="LIMIT %(limit)s")
+# A range none of whose rows is this listener's: how many are another consumer's
+# BACKFILL rows (a backfill's chunk is one statement: all of its rows are, or none).
+_OTHERS_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE id BETWEEN %(first)s AND %(last)s "
+               "AND xid::text = %(xid)s AND channel = %(channel)s AND NOT " + MINE)
 
 # Hints read together: the ids are checked against the channel here, the xids by
 # the worker (a hint must name the row's own transaction). A plain query, the json
@@ -79,7 +94,8 @@ _RANGE_SQL = _ROWS.format(where="id BETWEEN %(first)s AND %(last)s AND xid::text
 # 0.64 ms a read here), and cheaper for 256 ids too. At most HINT_READ rows a query:
 # memory is bounded by a count of events, as the event buffer is.
 _IDS_SQL = ("SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old "
-            "FROM pgnotify_sync.event_log WHERE id = ANY(%s) AND channel = %s ORDER BY id")
+            "FROM pgnotify_sync.event_log WHERE id = ANY(%(ids)s) AND channel = %(channel)s AND " + MINE +
+            " ORDER BY id")
 HINT_READ = 256
 
 # The position check: (id, xid) of events of transactions that became visible.
@@ -88,19 +104,21 @@ _WINDOW_SQL = "SELECT id, xid::text::bigint FROM pgnotify_sync.event_log WHERE "
 _REPLAY_SQL = """
 SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old, channel
   FROM pgnotify_sync.event_log
- WHERE channel = ANY(%s) AND id > %s
+ WHERE channel = ANY(%(wires)s) AND id > %(after)s AND """ + MINE + """
  ORDER BY id
- LIMIT %s
+ LIMIT %(limit)s
 """
 
 _REPLAY_SIZE_SQL = """
 SELECT (SELECT count(*) FROM (SELECT 1 FROM pgnotify_sync.event_log
-                               WHERE channel = ANY(%(wires)s) AND id > %(after)s ORDER BY id LIMIT %(most)s) s),
+                               WHERE channel = ANY(%(wires)s) AND id > %(after)s AND """ + MINE + """
+                               ORDER BY id LIMIT %(most)s) s),
        (SELECT max(id) FROM pgnotify_sync.event_log WHERE channel = ANY(%(wires)s) AND id > %(after)s)
 """
 
-_PENDING_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE channel = %s "
-                "AND xid >= %s::text::xid8 AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)")
+_PENDING_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE channel = %(channel)s "
+                "AND xid >= %(xmin)s::text::xid8 AND NOT pg_visible_in_snapshot(xid, %(pos)s::pg_snapshot) AND " +
+                MINE)
 
 _repeat = itertools.repeat
 
@@ -123,9 +141,9 @@ def _readable():
         raise CatchUpFailed(first_line(exc)) from exc
 
 
-def _window_params(wire, position, target):
+def _window_params(wire, position, target, consumer):
     return {"channel": wire, "pos_xmin": str(position.xmin), "to_xmax": str(target.xmax),
-            "to": str(target), "pos": str(position)}
+            "to": str(target), "pos": str(position), "consumer": consumer}
 
 
 def page_rows(most, previous):
@@ -139,11 +157,13 @@ def page_rows(most, previous):
 
 
 class EventLog:
-    """The event log, read and trimmed on connections of *pool*."""
+    """The event log, read and trimmed on connections of *pool*, for durable
+    consumer *consumer* (None: a listener without one; see MINE)."""
 
-    def __init__(self, pool, timeout_s):
+    def __init__(self, pool, timeout_s, consumer=None):
         self._pool = pool
         self._timeout_s = timeout_s     # to get a pooled connection, where a caller waits
+        self._consumer = consumer
 
     def snapshot(self):
         """The server's current snapshot (the target of a catch-up)."""
@@ -156,6 +176,7 @@ class EventLog:
         by its byte bound (more rows may follow its last id); CatchUpFailed if it
         cannot be read."""
         params["max_bytes"] = PAGE_BYTES
+        params["consumer"] = self._consumer
         with _readable(), self._pool.connection() as conn, conn.cursor() as cur:
             cur.execute(sql_text, params)
             groups = cur.fetchall()
@@ -178,7 +199,7 @@ class EventLog:
         """Events of transactions visible in *target* but not in *position*, above id
         *after*, in id order: one page and whether more may follow."""
         limit = page_rows(CATCHUP_PAGE, previous)
-        params = _window_params(wire, position, target)
+        params = _window_params(wire, position, target, self._consumer)
         params.update(limit=limit, after=after)
         events, cut = self._read(channel, _CATCHUP_SQL, params)
         return events, cut or len(events) == limit
@@ -191,6 +212,12 @@ class EventLog:
                                                        "xid": str(rng.xid), "channel": wire, "limit": limit})
         return events, cut or len(events) == limit
 
+    def others_in_range(self, wire, rng):
+        """How many rows of statement *rng* are another consumer's BACKFILL rows
+        (asked only of a range that gave this listener none)."""
+        return self.query_one(_OTHERS_SQL, {"first": rng.first, "last": rng.last, "xid": str(rng.xid),
+                                            "channel": wire, "consumer": self._consumer})[0]
+
     def events_by_id(self, channel, wire, ids):
         """The committed events of channel *wire* among log ids *ids*, in id order
         (HINT_READ ids a query); CatchUpFailed if the log cannot be read."""
@@ -199,7 +226,8 @@ class EventLog:
         ops = OPERATIONS
         with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
             for start in range(0, len(ids), HINT_READ):
-                cur.execute(_IDS_SQL, (ids[start:start + HINT_READ], wire))
+                cur.execute(_IDS_SQL, {"ids": ids[start:start + HINT_READ], "channel": wire,
+                                       "consumer": self._consumer})
                 found.extend(DatabaseEvent(channel, ops[op], schema, table, data, old, ident, xid)
                              for ident, xid, op, schema, table, data, old in cur.fetchall())
         return found
@@ -208,7 +236,7 @@ class EventLog:
         """(id, xid) of every event of channel *wire* whose transaction is visible
         in *target* and not in *position*; CatchUpFailed if the log cannot be read."""
         with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
-            cur.execute(_WINDOW_SQL, _window_params(wire, position, target))
+            cur.execute(_WINDOW_SQL, _window_params(wire, position, target, self._consumer))
             return cur.fetchall()
 
     def query_all(self, sql, params):
@@ -234,7 +262,8 @@ class EventLog:
         connection nor more than a page in memory."""
         while True:
             with self._pool.connection(timeout_s=self._timeout_s) as conn, conn.cursor() as cur:
-                cur.execute(_REPLAY_SQL, (list(channels_by_wire), after, REPLAY_PAGE))
+                cur.execute(_REPLAY_SQL, {"wires": list(channels_by_wire), "after": after, "limit": REPLAY_PAGE,
+                                          "consumer": self._consumer})
                 rows = cur.fetchall()
             yield [DatabaseEvent(channels_by_wire[wire], OPERATIONS[operation], schema, table, data, old, ident, xid)
                    for ident, xid, operation, schema, table, data, old, wire in rows]
@@ -246,14 +275,16 @@ class EventLog:
         """(events of channels *wires* above id *after*, counted up to *most*; the
         newest log id of those channels, or *after*)."""
         with self._pool.connection(timeout_s=self._timeout_s) as conn, conn.cursor() as cur:
-            cur.execute(_REPLAY_SIZE_SQL, {"wires": list(wires), "after": after, "most": most})
+            cur.execute(_REPLAY_SIZE_SQL, {"wires": list(wires), "after": after, "most": most,
+                                           "consumer": self._consumer})
             count, newest = cur.fetchone()
             return count, newest if newest is not None else after
 
     def pending(self, wire, position):
         """Logged events of *wire* in transactions not visible in *position*."""
         with self._pool.connection(timeout_s=self._timeout_s) as conn, conn.cursor() as cur:
-            cur.execute(_PENDING_SQL, (wire, str(position.xmin), str(position)))
+            cur.execute(_PENDING_SQL, {"channel": wire, "xmin": str(position.xmin), "pos": str(position),
+                                       "consumer": self._consumer})
             return cur.fetchone()[0]
 
     def trim(self, name, retention_s, consumer_retention_s, stopping, on_batch):
@@ -286,6 +317,14 @@ class EventLog:
             return cur.fetchone()
 
 
+# A stored position's lag bound (c: a consumers row): the channel's events of
+# transactions not visible in it, without other consumers' BACKFILL rows (as MINE).
+CONSUMER_LAG = """(SELECT count(*) FROM pgnotify_sync.event_log l
+  WHERE l.channel = c.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)
+    AND l.xid >= pg_snapshot_xmin(c.position)
+    AND (l.operation <> 'BACKFILL' OR (l.old->>'backfill_for' = c.name AND l.old->>'role' = c.role::text)))"""
+
+
 def xids_of(cur, ids):
     """{log id: xid} of those of *ids* still in the log (a consumer's handled ids)."""
     if not ids:
@@ -302,10 +341,7 @@ def log_status(cur):
     summary = {"rows": count, "first_id": first, "last_id": last, "oldest": oldest, "newest": newest,
                "bytes": size}
     cur.execute("""
-        SELECT c.name, c.channel, c.partition, c.updated_at,
-               (SELECT count(*) FROM pgnotify_sync.event_log l
-                 WHERE l.channel = c.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)
-                   AND l.xid >= pg_snapshot_xmin(c.position)) AS lag
+        SELECT c.name, c.channel, c.partition, c.updated_at, """ + CONSUMER_LAG + """ AS lag
           FROM pgnotify_sync.consumers c ORDER BY 1, 2, 3""")
     consumers = [{"name": n, "channel": ch, "partition": p, "updated_at": u, "lag_upper_bound": lag}
                  for n, ch, p, u, lag in cur.fetchall()]

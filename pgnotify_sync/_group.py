@@ -33,7 +33,7 @@ import uuid
 import psycopg2
 
 from ._channel import ChannelState, lease_clock
-from ._keys import CATALOG_KEY_SQL, KeyColumns
+from ._keys import KeyColumns, group_key_columns
 from ._threads import join_all, spawn
 from .errors import ConfigError, PgNotifyError, PrivilegeError, first_line
 
@@ -103,10 +103,6 @@ RETURNING c.position::text, c.handled, c.epoch
 """
 _LEAVE = "DELETE FROM pgnotify_sync.consumer_members WHERE name = %s AND member = %s"
 _KEYS = "SELECT schema_name, table_name, columns FROM pgnotify_sync.consumer_keys WHERE name = %s"
-_FIX_KEY = ("INSERT INTO pgnotify_sync.consumer_keys (name, schema_name, table_name, columns) "
-            "VALUES (%(name)s, %(schema)s, %(table)s, (" + CATALOG_KEY_SQL + ")) ON CONFLICT DO NOTHING")
-_KEY = ("SELECT columns FROM pgnotify_sync.consumer_keys "
-        "WHERE name = %(name)s AND schema_name = %(schema)s AND table_name = %(table)s")
 
 
 def deal(members, partitions, me):
@@ -167,12 +163,8 @@ class Group:
     def key_columns(self, schema, table):
         """A table's key columns for this group: the first member to meet the table
         fixes them (from its primary key), every member uses what is stored."""
-        params = {"name": self.consumer, "schema": schema, "table": table}
         with self._pool.connection() as conn, conn.cursor() as cur:
-            cur.execute(_FIX_KEY, params)
-            cur.execute(_KEY, params)
-            row = cur.fetchone()
-            return tuple(row[0]) if row else ()
+            return group_key_columns(cur, self.consumer, schema, table)
 
     # -- joining, ticks, leaving ----------------------------------------------------
 

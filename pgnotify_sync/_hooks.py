@@ -58,7 +58,8 @@ class ListenerHooks:
     def dispatch_hooks(self):
         """The DispatchHooks of _dispatch.py, and nothing else."""
         return types.SimpleNamespace(deliver=self.deliver, catch_up=self.catch_up, fetch_ids=self.fetch_ids,
-                                     fetch_range=self.fetch_range, window=self.window, report=self.report,
+                                     fetch_range=self.fetch_range, others_in_range=self.others_in_range,
+                                     window=self.window, report=self.report,
                                      caught_up=self.caught_up, after_batch=self.after_batch,
                                      lease_lost=self.lease_lost, redeliver=self.redeliver)
 
@@ -110,6 +111,9 @@ class ListenerHooks:
             return read(ch.name, ch.wire, rng, after, previous)
         key = (ch.wire, rng.xid, rng.first, rng.last, after, previous)
         return self._shared.page(key, self._readers(ch), lambda: read(ch.name, ch.wire, rng, after, previous))
+
+    def others_in_range(self, ch, rng):
+        return self._p.connections.event_log.others_in_range(ch.wire, rng)
 
     def caught_up(self, ch, reason, count):
         key = (ch.name, ch.partition)

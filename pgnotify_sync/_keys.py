@@ -29,6 +29,12 @@ SELECT coalesce(ARRAY(SELECT a.attname::text
                        ORDER BY k.n), '{}')
 """
 
+# A consumer group's key columns of a table: the first member to meet it fixes them.
+_FIX_KEY = ("INSERT INTO pgnotify_sync.consumer_keys (name, schema_name, table_name, columns) "
+            "VALUES (%(name)s, %(schema)s, %(table)s, (" + CATALOG_KEY_SQL + ")) ON CONFLICT DO NOTHING")
+_KEY = ("SELECT columns FROM pgnotify_sync.consumer_keys "
+        "WHERE name = %(name)s AND schema_name = %(schema)s AND table_name = %(table)s")
+
 
 class KeyColumns:
     """Each table's key columns, looked up once: *lookup(schema, table)* returns them
@@ -56,6 +62,16 @@ class KeyColumns:
 def catalog_keys(query_one):
     """KeyColumns from each table's primary key (*query_one(sql, params)*: one row)."""
     return KeyColumns(lambda schema, table: query_one(CATALOG_KEY_SQL, {"schema": schema, "table": table})[0])
+
+
+def group_key_columns(cur, consumer, schema, table):
+    """Consumer group *consumer*'s key columns of *schema.table*: as stored, or the
+    table's primary key, stored now (the caller commits)."""
+    params = {"name": consumer, "schema": schema, "table": table}
+    cur.execute(_FIX_KEY, params)
+    cur.execute(_KEY, params)
+    row = cur.fetchone()
+    return tuple(row[0]) if row else ()
 
 
 def row_key(event, key_columns):

@@ -109,6 +109,7 @@ class Observer:
             "last_health_check_rtt_s": st["last_health_rtt_s"],
             "channels": channels,
             "consumer": p.group.status() if p.group is not None else None,
+            **({"backfill": {t: dict(s) for t, s in list(p.backfill.items())}} if p.backfill else {}),
         }
 
     def collect(self, fams):
@@ -127,6 +128,9 @@ class Observer:
         for ch in list(p.channels.values()):
             if ch.dead_letters is not None:
                 add("dead_letters", [p.consumer, ch.name], ch.dead_letters)
+        for table, state in list(p.backfill.items()):
+            add("backfill_rows", [p.consumer, table], state["rows"])
+            add("backfill_done", [p.consumer, table], 1 if state["done"] else 0)
         if p.group is not None:
             add("consumer_partitions_owned", [p.group.consumer], len(p.group.owned))
             add("consumer_rebalances", [p.group.consumer], p.group.rebalances)

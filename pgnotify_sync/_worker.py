@@ -160,6 +160,8 @@ class BatchRunner:
                 break
             events, more = fetcher.result(after)
         if read == 0:
+            if self._hooks.others_in_range(ch, item):
+                return      # another consumer's backfill chunk
             ch.unmatched_hints += 1
             self._hooks.report("payload", f"a range of {item.n} events (ids {item.first}..{item.last}) matches no "
                                           "committed event of this channel (forged, or trimmed)", ch.name)

@@ -283,6 +283,52 @@ def cmd_dead_letters(args):
     _with_connection(args, act)
 
 
+def cmd_backfill(args):
+    """Deliver TABLE's existing rows to consumer NAME (as BACKFILL events, through
+    its running or next listener), in this process: JSON lines of progress, exit 0
+    once done. Interrupted, it resumes where it stopped on the next run (or in a
+    listener given backfill=)."""
+    import psycopg2
+    from . import _backfill as backfill
+    from ._keys import KeyColumns, group_key_columns
+    extra = {"backfill_chunk_rows": args.chunk_rows} if args.chunk_rows is not None else {}
+    cfg = _config(args, **extra)
+    stop = threading.Event()
+    _on_signals(stop)
+    keys_conn = _connect(cfg)
+    keys_conn.autocommit = True
+    last = {}
+
+    def key_columns(schema, table):
+        with keys_conn.cursor() as cur:
+            return group_key_columns(cur, args.consumer, schema, table)
+
+    def shown(table, state):
+        if last.get(table) != state:
+            last[table] = state
+            print(json.dumps({"table": table, **state}), flush=True)
+    try:
+        progress = backfill.run(lambda: _connect(cfg), args.consumer, args.tables, KeyColumns(key_columns),
+                                cfg.backfill_chunk_rows, stopping=stop.is_set, wait=stop.wait,
+                                name="pgnotify-sync backfill", on_chunk=shown)
+    except psycopg2.Error as exc:
+        raise PgNotifyError(f"backfill for consumer {args.consumer!r}: {first_line(exc)}") from None
+    finally:
+        keys_conn.close()
+    return EXIT_OK if all(s["done"] for s in progress.values()) else EXIT_INTERRUPTED
+
+
+def _add_backfill_parser(sub):
+    p = sub.add_parser("backfill", help="deliver the existing rows of watched tables to a durable consumer once "
+                                        "(BACKFILL events); JSON lines of progress; resumable")
+    p.add_argument("tables", nargs="+", metavar="TABLE", help="schema.table (or table: public)")
+    p.add_argument("--consumer", required=True, help="the durable consumer (its listener must have run once)")
+    p.add_argument("--chunk-rows", type=int, default=None, help="rows per transaction (PG_NOTIFY_BACKFILL_CHUNK, "
+                                                                "default 1000)")
+    _add_db_flags(p)
+    p.set_defaults(func=cmd_backfill)
+
+
 def _add_dead_letter_parsers(sub):
     p = sub.add_parser("dead-letters", help="a durable consumer's dead letters: list (JSON lines), retry, drop")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
@@ -335,6 +381,7 @@ def build_parser():
     _add_grant_parsers(sub)
     _add_event_parsers(sub)
     _add_dead_letter_parsers(sub)
+    _add_backfill_parser(sub)
     _add_demo_parser(sub)
     return parser
 

@@ -149,6 +149,10 @@ class Config:
         at ``handler_retry_delay_ms`` and doubles per attempt (with jitter) up to
         ``handler_retry_delay_max_ms``. Meanwhile the channel waits (its order is
         kept); ``stop()`` interrupts a backoff at once.
+    :param backfill_chunk_rows: a backfill (``Listener(..., backfill=...)``, the CLI's
+        ``backfill``) reads and logs this many rows per transaction: larger chunks
+        cost fewer round trips, smaller ones hold each short REPEATABLE READ
+        snapshot (and the event buffer's share of one chunk) for less.
     :param postgres_sslmode: libpq's ``sslmode`` for every connection, listener and
         pool (``verify-full`` recommended: the server's certificate is checked against
         ``postgres_sslrootcert`` and the host name); with ``postgres_sslrootcert``,
@@ -214,6 +218,8 @@ class Config:
     consumer_lease_s: float = attrs.field(default=10.0,
                                           validator=_positive_float("consumer_lease_s", 1.0, allow_zero=True))
     ordering: str = attrs.field(default="channel", validator=_one_of("ordering", ORDERINGS))
+    backfill_chunk_rows: int = attrs.field(default=1000,
+                                           validator=_positive_int("backfill_chunk_rows", 1, 100_000))
     cleanup_interval_s: float = attrs.field(default=300.0,
                                             validator=_positive_float("cleanup_interval_s", allow_zero=True))
 
@@ -427,6 +433,7 @@ _ENV_VARS = (
     ("PG_NOTIFY_HANDLER_MAX_ATTEMPTS", "handler_max_attempts", _parse_int),
     ("PG_NOTIFY_HANDLER_RETRY_DELAY", "handler_retry_delay_ms", _parse_int),
     ("PG_NOTIFY_HANDLER_RETRY_DELAY_MAX", "handler_retry_delay_max_ms", _parse_int),
+    ("PG_NOTIFY_BACKFILL_CHUNK", "backfill_chunk_rows", _parse_int),
 )
 
 ENV_VARIABLES = tuple(var for var, _, _ in _ENV_VARS)

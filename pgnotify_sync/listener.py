@@ -30,8 +30,6 @@ import threading
 import time
 import types
 
-import psycopg2
-
 from . import _backfill as backfill
 from ._channel import ChannelState
 from ._connections import Connections
@@ -51,7 +49,7 @@ from ._reporting import Reporter
 from ._rows import RowPool
 from ._threads import join_all, spawn
 from .config import Config
-from .errors import ConfigError, ConnectError, ListenerStateError, PgNotifyError, first_line
+from .errors import ConfigError, ConnectError, ListenerStateError
 from .events import typed
 from ._deadletters import POLL_S as DEAD_LETTER_POLL_S, list_dead_letters, queue_retries, request_retry
 from .metrics import collector_for
@@ -100,7 +98,7 @@ class Listener:
         self.consumer = checked_consumer(consumer)
         self.checkpoint_every = checked_checkpoint_every(checkpoint_every)
         self.backfill = checked_backfill(backfill, self.consumer)
-        self.backfilled = {}            # table -> {"rows": logged by this process, "done"} (health())
+        self.backfilled = {}            # table -> {"rows", "done"} (_backfill.run; health(), metrics)
         self._registry = checked_registry(registry)
         self.signals = ListenerSignals()
         self._channels = {}
@@ -121,7 +119,8 @@ class Listener:
         self._parts = types.SimpleNamespace(
             name=self.name, config=config, consumer=consumer, channels=self._channels, stats=self.stats,
             lifecycle=self._lifecycle, reporter=self._reporter, connections=self._connections,
-            publisher=self._publisher, reader=None, dispatcher=None, group=None, stop_event=self._stop_event)
+            publisher=self._publisher, reader=None, dispatcher=None, group=None, stop_event=self._stop_event,
+            backfill=self.backfilled)
         self._hooks = ListenerHooks(self._parts, self.signals, self.checkpoint_every)
         self._observer = Observer(self._parts)
         self._reader = self._dispatcher = self._maintenance = self._poller = self._group = self._rows = None
@@ -297,11 +296,10 @@ class Listener:
 
         A consumer group member's ``consumer``: ``{"name", "member", "partitions",
         "members", "owned", "lease_age_s", "rebalances"}`` (README "Running many processes").
+        A listener that backfills has ``backfill``: ``{table: {"rows": logged so far
+        (by every member), "done": bool}}``.
         """
-        health = self._observer.health()
-        if self.backfill:
-            health["backfill"] = {t: dict(s) for t, s in list(self.backfilled.items())}
-        return health
+        return self._observer.health()
 
     def publish(self, channel, payload):
         """Send an application event on *channel*: written to the event log and
@@ -428,22 +426,8 @@ class Listener:
         if self._group is not None:
             self._group.start()
         if self.backfill:
-            self._backfiller = spawn(self._run_backfill, f"{self.name}-backfill")
-
-    def _run_backfill(self):
-        """``<name>-backfill``: once the consumer's positions exist (the first
-        session), the tables' existing rows as BACKFILL events (_backfill.py)."""
-        while not self._reader.ready.wait(0.5):
-            if self._stop_event.is_set():
-                return
-        conns = self._connections
-        try:
-            backfill.run(lambda: psycopg2.connect(**conns._pool_connect_kwargs()), self.consumer, self.backfill,
-                         self._group.keys, stopping=self._stop_event.is_set, wait=self._stop_event.wait,
-                         name=self.name, progress=self.backfilled)
-        except (psycopg2.Error, PgNotifyError) as exc:
-            self._reporter.report("internal", f"backfill failed: {first_line(exc)}", None)
-
+            self._backfiller = spawn(functools.partial(backfill.run_for, self._parts, self.backfill),
+                                     f"{self.name}-backfill")
 
 
 def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup,

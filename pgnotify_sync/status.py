@@ -2,7 +2,7 @@
 
 import psycopg2.errors
 
-from ._eventlog import log_status
+from ._eventlog import CONSUMER_LAG, log_status
 
 
 def server_status(conn):
@@ -28,6 +28,7 @@ def server_status(conn):
         status["watched_tables"] = _granted(cur, _watched)
         status["consumers"] = consumers
         status["consumer_groups"] = _granted(cur, consumer_groups)
+        status["backfills"] = _granted(cur, backfills)
         status["privileges"] = _granted(cur, _privileges)
     conn.rollback()
     return status
@@ -78,6 +79,18 @@ def _privileges(cur):
             "retention_floors": floors, "capture_owner_mismatch": stale}
 
 
+def backfills(cur):
+    """Every backfill this role may see: consumer, table, rows logged so far, done,
+    start and end (no key: ``last_key`` holds row values)."""
+    cur.execute("SELECT to_regclass('pgnotify_sync.backfills') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return []       # an install older than the backfills
+    cur.execute("SELECT consumer, schema_name || '.' || table_name, channel, rows, done, started_at, finished_at "
+                "FROM pgnotify_sync.backfills ORDER BY 1, 2")
+    return [{"consumer": c, "table": t, "channel": ch, "rows": n, "done": d, "started_at": s, "finished_at": f}
+            for c, t, ch, n, d, s, f in cur.fetchall()]
+
+
 def consumer_groups(cur):
     """Every consumer group this role may see (``pgnotify-sync consumers``): its
     partition count, its live members, and each partition's owner, epoch, lease
@@ -101,10 +114,7 @@ def consumer_groups(cur):
         SELECT c.name, c.channel, c.partition, c.owner, c.epoch,
                CASE WHEN c.lease_until > clock_timestamp()
                     THEN extract(epoch FROM c.lease_until - clock_timestamp())::float8 END,
-               c.updated_at,
-               (SELECT count(*) FROM pgnotify_sync.event_log l
-                 WHERE l.channel = c.channel AND NOT pg_visible_in_snapshot(l.xid, c.position)
-                   AND l.xid >= pg_snapshot_xmin(c.position))
+               c.updated_at, """ + CONSUMER_LAG + """
           FROM pgnotify_sync.consumers c ORDER BY 1, 2, 3""")
     for name, channel, partition, owner, epoch, left, updated, lag in cur.fetchall():
         groups[name]["positions"].append({

@@ -1155,8 +1155,9 @@ END
 $fn$;
 
 -- backfill_start: the calling role's consumer p_consumer backfills p_schema.p_table
--- (a watched table, on a channel the role may read). Idempotent: a backfill under
--- way or done is left as it is. Returns the table's channel.
+-- (a watched table, on a channel the role may read, a consumer with a stored
+-- position on it). Idempotent: a backfill under way or done is left as it is.
+-- Returns the table's channel.
 CREATE OR REPLACE FUNCTION pgnotify_sync.backfill_start(p_consumer text, p_schema text, p_table text)
 RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -1173,6 +1174,14 @@ BEGIN
                           AND pg_has_role(session_user, g.role, 'MEMBER')) THEN
         RAISE EXCEPTION 'pgnotify_sync: role % may not read channel % (grant_listener)', session_user, v_channel
             USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- Rows logged before the consumer has a position would lie behind it, never read.
+    IF NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c WHERE c.name = p_consumer AND c.channel = v_channel
+                      AND c.role = to_regrole(quote_ident(session_user))) THEN
+        RAISE EXCEPTION 'pgnotify_sync: consumer % of role % has no position on channel % yet: start its listener '
+                        'once (or give it backfill=) before backfilling %.%', p_consumer, session_user, v_channel,
+                        p_schema, p_table
+            USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     INSERT INTO pgnotify_sync.backfills (consumer, schema_name, table_name, channel, role)
     VALUES (p_consumer, p_schema, p_table, v_channel, to_regrole(quote_ident(session_user)))
@@ -1196,7 +1205,7 @@ DECLARE
     v_n     integer;
     v_void  text;
 BEGIN
-    SELECT b.channel, wt.exclude_columns, wt.notify INTO w
+    SELECT b.channel, b.role, wt.exclude_columns, wt.notify INTO w
       FROM pgnotify_sync.backfills b
       JOIN pgnotify_sync.watched_tables wt ON wt.schema_name = b.schema_name AND wt.table_name = b.table_name
      WHERE b.consumer = p_consumer AND b.schema_name = p_schema AND b.table_name = p_table
@@ -1210,7 +1219,8 @@ BEGIN
         INSERT INTO pgnotify_sync.event_log (channel, operation, schema_name, table_name, data, old)
         SELECT w.channel, 'BACKFILL', p_schema, p_table,
                CASE WHEN cardinality(w.exclude_columns) = 0 THEN r ELSE (r::jsonb - w.exclude_columns)::json END,
-               json_build_object('backfill_for', p_consumer, 'snapshot', p_snapshot)
+               -- the backfill's role: only that role's listeners take these rows
+               json_build_object('backfill_for', p_consumer, 'role', w.role::text, 'snapshot', p_snapshot)
           FROM json_array_elements(p_rows) r
         RETURNING id)
     SELECT min(id), max(id), count(*) INTO v_first, v_last, v_n FROM logged;

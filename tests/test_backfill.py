@@ -2,10 +2,12 @@
 interleaved with live changes, so a mirror applying BACKFILL as an upsert ends equal to
 the table, against the real server with concurrent writers."""
 
+import json
 import random
 import threading
 from decimal import Decimal
 
+import prometheus_client
 import pytest
 
 from pgnotify_sync import Operation, install, watch_table
@@ -94,3 +96,141 @@ def test_a_backfill_under_concurrent_writes_ends_with_the_table(items, make_list
     assert mirror.backfilled > 10000
     assert listener.health()["backfill"]["public.items"]["done"] is True
     assert last > 20000
+
+
+# -- the CLI, other consumers, an unprivileged role ----------------------------------------
+
+def mirror_equals_table(db, mirror, listener):
+    def differ():
+        t = table(db)
+        return sum(1 for k in set(t) | set(mirror.rows) if t.get(k) != mirror.rows.get(k))
+    wait_for(lambda: listener.health()["channels"]["items"]["lag"] == 0 and differ() == 0, timeout=60,
+             message="the mirror does not equal the table")
+
+
+def test_the_cli_backfills_a_running_consumer_and_other_listeners_see_none_of_it(items, make_listener, dsn):
+    from test_cli import Cli
+    from pgutil import Collector
+    mirror = Mirror()
+    search = make_listener(channels=("items",), consumer="search")
+    search.on_event("items", mirror)
+    cache, plain = Collector(), Collector()
+    other = make_listener(channels=("items",), consumer="cache")
+    other.on_event("items", cache)
+    live = make_listener(channels=("items",))
+    live.on_event("items", plain)
+    for listener in (search, other, live):
+        listener.start()
+    errors = []
+    for listener in (search, other, live):
+        listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
+    runner = Cli(dsn)
+    try:
+        run = runner.start("backfill", "public.items", "--consumer", "search", "--chunk-rows", "700")
+        execute(items, "UPDATE items SET v = 5 WHERE id <= 10")
+        assert run.wait(timeout=120) == 0, "".join(run.stderr)
+        progress = run.events()
+        assert progress[-1] == {"table": "public.items", "rows": 20000, "done": True}
+        assert len(progress) == 20000 // 700 + 2        # a line a chunk, and the last (empty) one
+        mirror_equals_table(items, mirror, search)
+        assert mirror.backfilled >= 19990
+        # The CLI again: nothing more (done is done).
+        again = runner.run("backfill", "public.items", "--consumer", "search")
+        assert again.returncode == 0 and json.loads(again.stdout) == progress[-1]
+        shown = json.loads(runner.run("status").stdout)
+    finally:
+        runner.close()
+    wait_for(lambda: len(plain.events) == 10 and len(cache.events) == 10, message="the live UPDATE")
+    for got in (cache.events, plain.events):
+        assert {e.operation for e in got} == {Operation.UPDATE}
+    wait_for(lambda: other.health()["channels"]["items"]["lag"] == 0 and
+             live.health()["channels"]["items"]["lag"] == 0, message="other consumers' lag counts the backfill")
+    # Not even as hints that match nothing: another consumer's chunk is no forgery.
+    assert errors == []
+    assert not [e for e in live.event_log().replay({"items": "items"}, 0) if e.operation is Operation.BACKFILL]
+    assert [(b["consumer"], b["table"], b["rows"], b["done"]) for b in shown["backfills"]] == [
+        ("search", "public.items", 20000, True)]
+    lag = {c["name"]: c["lag_upper_bound"] for c in shown["consumers"]}
+    assert lag["cache"] <= 10, "another consumer's lag bound counts the backfill's rows"
+
+
+def test_the_cli_refuses_a_consumer_that_never_ran(items, dsn):
+    from test_cli import Cli
+    runner = Cli(dsn)
+    proc = runner.run("backfill", "items", "--consumer", "nobody")
+    assert proc.returncode == 1
+    assert "consumer nobody" in proc.stderr and "has no position on channel items yet" in proc.stderr
+    assert execute(items, "SELECT count(*) FROM pgnotify_sync.backfills") == [(0,)]
+    assert execute(items, "SELECT count(*) FROM pgnotify_sync.event_log WHERE operation = 'BACKFILL'") == [(0,)]
+
+
+@pytest.fixture
+def roles(pg_cluster, dbname):
+    from test_least_privilege import Roles
+    r = Roles(pg_cluster, dbname)
+    yield r
+    r.drop_all([dbname])
+
+
+def test_an_unprivileged_consumer_backfills_with_its_own_rights_and_another_role_invents_nothing(
+        items, make_listener, dsn, roles):
+    """A listener role (grant_listener, SELECT on the table) backfills. Another role
+    with a listener grant, which registers a backfill of the same consumer name
+    first and logs made-up rows through backfill_rows, reaches nobody but itself;
+    and a role that may not SELECT the table logs nothing."""
+    import contextlib
+    from pgnotify_sync import grant_listener
+    from test_least_privilege import PASSWORD
+    reader, intruder, blind = roles.make("reader"), roles.make("intruder"), roles.make("blind")
+    for role in (reader, intruder, blind):
+        grant_listener(items, role, ["items"])
+    execute(items, f"GRANT SELECT ON items TO {reader}, {intruder}")
+    # The intruder takes partition 1 of consumer "search" on the channel (the reader's
+    # group has one) and registers "search"'s backfill first, with rows of its own.
+    with contextlib.closing(roles.connect(intruder)) as conn:
+        execute(conn, "INSERT INTO pgnotify_sync.consumers (name, channel, partition, position) "
+                      "VALUES ('search', 'items', 1, pg_current_snapshot())")
+    as_reader = dict(dsn, user=reader, password=PASSWORD)
+    mirror, errors = Mirror(), []
+    listener = make_listener.__class__(as_reader)(channels=("items",), consumer="search")
+    listener.on_event("items", mirror)
+    listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
+    listener.start()
+    with contextlib.closing(roles.connect(intruder)) as conn:
+        execute(conn, "SELECT pgnotify_sync.backfill_start('search', 'public', 'items')")
+        execute(conn, """SELECT pgnotify_sync.backfill_rows('search', 'public', 'items',
+                             '[{"id": 1, "v": 666, "price": 1.5}, {"id": 99999, "v": 666, "price": 1.5}]',
+                             pg_current_snapshot()::text)""")
+    execute(items, "UPDATE items SET v = 1 WHERE id = 2")
+    wait_for(lambda: mirror.rows.get(2) == 1, message="the live UPDATE after the made-up rows")
+    assert mirror.rows == {2: 1} and errors == [], "another role's BACKFILL rows reached the consumer"
+    listener.stop()
+    # The reader's own backfill: refused while the intruder's registration holds the
+    # name (a denial of service, not an invented event); once it is gone, it runs.
+    execute(items, "DELETE FROM pgnotify_sync.backfills")
+    registry = prometheus_client.CollectorRegistry()
+    listener = make_listener.__class__(as_reader)(channels=("items",), consumer="search", backfill=("public.items",),
+                                                  registry=registry)
+    listener.on_event("items", mirror)
+    listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
+    listener.start()
+    wait_for(lambda: listener.health().get("backfill", {}).get("public.items", {}).get("done"), timeout=60,
+             message="the reader's backfill did not end")
+    mirror_equals_table(items, mirror, listener)
+    assert mirror.backfilled == 20000 and errors == []
+    labels = {"listener": listener.name, "consumer": "search", "table": "public.items"}
+    assert registry.get_sample_value("pgnotify_sync_backfill_rows", labels) == 20000
+    assert registry.get_sample_value("pgnotify_sync_backfill_done", labels) == 1
+    listener.stop()
+    # A role that may not read the table: the backfill fails and logs nothing.
+    as_blind = dict(dsn, user=blind, password=PASSWORD)
+    blind_listener = make_listener.__class__(as_blind)(channels=("items",), consumer="blind_search",
+                                                       backfill=("public.items",))
+    blind_listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
+    blind_listener.start()
+    wait_for(lambda: errors, message="the backfill of a table the role may not read did not fail")
+    assert "backfill failed" in str(errors[0]["error"]) and "permission denied for table items" in str(
+        errors[0]["error"])
+    assert execute(items, "SELECT count(*) FROM pgnotify_sync.event_log "
+                          "WHERE operation = 'BACKFILL' AND old->>'backfill_for' = 'blind_search'") == [(0,)]
+    blind_listener.stop()

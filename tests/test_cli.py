@@ -18,7 +18,7 @@ import pytest
 from helpers import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ("install", "uninstall", "watch", "unwatch", "listen", "publish", "status", "demo")
+COMMANDS = ("install", "uninstall", "watch", "unwatch", "listen", "publish", "status", "backfill", "demo")
 
 
 def cli_env(dsn, **overrides):
@@ -240,7 +240,7 @@ def test_install_is_idempotent_and_watch_unwatch_exclude(cli, messages_table):
                       "event_log": log_state,
                       "watched_tables": [{"table": "public.messages", "channel": "messages",
                                           "exclude_columns": ["password_hash"]}],
-                      "consumers": [], "consumer_groups": [],
+                      "consumers": [], "consumer_groups": [], "backfills": [],
                       "privileges": {"model": True, "role": "postgres", "unrestricted": True,
                                      "granted": ["admin", "listen", "publish"], "grants": [],
                                      "retention_floors": {"consumer_retention_floor_s": 0.0,

@@ -276,6 +276,7 @@ FULL_ENV = {
     "PG_NOTIFY_HANDLER_MAX_ATTEMPTS": ("3", "handler_max_attempts", 3),
     "PG_NOTIFY_HANDLER_RETRY_DELAY": ("50", "handler_retry_delay_ms", 50),
     "PG_NOTIFY_HANDLER_RETRY_DELAY_MAX": ("5000", "handler_retry_delay_max_ms", 5000),
+    "PG_NOTIFY_BACKFILL_CHUNK": ("250", "backfill_chunk_rows", 250),
 }
 
 

@@ -83,6 +83,7 @@ class FakeHooks:
         self.windows = []                         # [(id, xid)] answers of window(), in order (then: none)
         self.window_calls = []                    # (channel name, target) per window call
         self.ranges = {}                          # first id -> callable() returning the range's events
+        self.others = {}                          # first id -> rows of another consumer's backfill (others_in_range)
         self.range_calls = []                     # first ids passed to fetch_range, in call order
         self.handler = None                       # optional callable(ch, events), run inside deliver
         self.active = collections.Counter()       # deliver calls running now, per channel
@@ -154,6 +155,9 @@ class FakeHooks:
         with self.lock:
             self.range_calls.append(rng.first)
         return self.ranges[rng.first](), False
+
+    def others_in_range(self, ch, rng):
+        return self.others.get(rng.first, 0)
 
     def after_batch(self, ch):
         with self.lock:
@@ -228,8 +232,8 @@ def no_internal_errors(hooks):
 
 # The DispatchHooks the Dispatcher calls; FakeHooks implements exactly these, and so
 # does the hooks object the Listener builds.
-HOOKS = ("after_batch", "catch_up", "caught_up", "deliver", "fetch_ids", "fetch_range", "lease_lost", "redeliver",
-         "report", "window")
+HOOKS = ("after_batch", "catch_up", "caught_up", "deliver", "fetch_ids", "fetch_range", "lease_lost",
+         "others_in_range", "redeliver", "report", "window")
 
 
 def test_fake_hooks_are_the_protocols_hooks_and_nothing_else():
@@ -801,6 +805,23 @@ def test_next_range_is_read_while_the_current_one_is_delivered(make_dispatcher):
     assert overlapped == [True]
     assert hooks.ids("a") == [1, 2, 3, 4, 5, 6]
     no_internal_errors(hooks)
+
+
+def test_a_range_with_no_row_of_ours_is_reported_unless_it_is_another_consumers_backfill(make_dispatcher):
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    forged, _ = _range("a", 1, 3, 101)
+    backfill, _ = _range("a", 10, 3, 102)
+    live = _range("a", 20, 2, 103)
+    hooks.ranges = {forged.first: list, backfill.first: list, live[0].first: lambda: live[1]}
+    hooks.others = {backfill.first: 3}
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [forged, backfill, live[0]])
+    d.start()
+    wait_for(lambda: hooks.ids("a") == [20, 21])
+    wait_idle(d, chans)
+    assert a.unmatched_hints == 1 and hooks.kinds() == ["payload"]      # the forged one only
+    assert hooks.range_calls == [1, 10, 20]
 
 
 def test_ranges_queued_behind_the_batch_are_read_ahead_too(make_dispatcher):

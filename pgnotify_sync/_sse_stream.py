@@ -13,6 +13,9 @@ the event-log replay, the counters, unregistering) it asks through
 import collections
 import contextlib
 import logging
+import select
+import socket
+import ssl
 import threading
 import time
 import typing
@@ -23,6 +26,12 @@ log = logging.getLogger("pgnotify_sync.sse")
 
 # First line of every stream: EventSource reconnects 1000 ms after a stream ends.
 RETRY = b"retry: 1000\n\n"
+# Last frame of a stream the server ends (bridge closed, listener stopped): come
+# back soon, to whichever process serves then (it resumes with Last-Event-ID).
+RECONNECT_MS = 250
+RECONNECT = b": the server ends this stream: reconnect\nretry: %d\n\n" % RECONNECT_MS
+# Why a stream ended (Client.ended, or the listener) that asks the browser back.
+ENDED_BY_SERVER = ("closed", "listener stopped")
 # Sent after heartbeat_s without output; a client that went away is noticed at a write.
 HEARTBEAT = b": keep-alive\n\n"
 # Sent instead of the replay when the event log cannot be read; the browser retries.
@@ -141,11 +150,13 @@ class StreamHooks(typing.Protocol):
         """True once the listener was stopped: the stream ends."""
 
 
-def stream(client, hooks, heartbeat_s, last_event_id, registered_at, replay):
+def stream(client, hooks, heartbeat_s, last_event_id, registered_at, replay, gone=None):
     """The response body: retry, replay, then live events and heartbeats.
 
     *replay* is the ring's entries after *last_event_id*, or None to read them from
     the event log (*registered_at*: the ring's seq when the client registered).
+    *gone()*, if given, says whether the client closed its end (asked about once
+    a STATE_CHECK_S: a browser that left is noticed then, not at the next write).
     """
     ended_by = "client"
     try:
@@ -161,7 +172,9 @@ def stream(client, hooks, heartbeat_s, last_event_id, registered_at, replay):
             if skip is None:
                 ended_by = "replay failed"
                 return
-        ended_by = yield from _live(client, hooks, heartbeat_s, skip)
+        ended_by = yield from _live(client, hooks, heartbeat_s, skip, gone)
+        if ended_by in ENDED_BY_SERVER:
+            yield RECONNECT
     finally:
         hooks.forget(client.id)
         log.debug("SSE client %s ended (%s)", client.id, ended_by)
@@ -206,7 +219,7 @@ def _replayed(client, hooks, entries):
     return count
 
 
-def _live(client, hooks, heartbeat_s, skip):
+def _live(client, hooks, heartbeat_s, skip, gone):
     """Queued events and heartbeats until the stream must end; returns why it ended.
 
     *skip*: ids already sent by a replay from the log that may still reach the queue.
@@ -219,6 +232,8 @@ def _live(client, hooks, heartbeat_s, skip):
             return client.ended
         if hooks.stopped():
             return "listener stopped"
+        if gone is not None and gone():
+            return "client gone"
         if items:
             batch = []
             for entry in items:
@@ -235,6 +250,35 @@ def _live(client, hooks, heartbeat_s, skip):
         if time.monotonic() - last_write >= heartbeat_s:
             yield HEARTBEAT
             last_write = time.monotonic()
+
+
+def socket_gone(sock):
+    """A ``gone()`` for :func:`stream` on the client's socket *sock* (the server's:
+    gunicorn's ``gunicorn.socket``, werkzeug's ``werkzeug.socket``): True once the
+    client closed or reset its end. An SSE client sends nothing after its request,
+    so a readable socket that gives no byte is one the client closed. None where
+    it cannot tell (a TLS socket: a peek would read a TLS record)."""
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return None
+    poller = select.poll()
+    try:
+        poller.register(sock, select.POLLIN)
+    except (ValueError, OSError):
+        return None     # already closed
+
+    def gone():
+        try:
+            events = poller.poll(0)
+            if not events:
+                return False
+            if events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return True
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True     # reset, or closed under us
+    return gone
 
 
 class Body:

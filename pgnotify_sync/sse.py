@@ -79,10 +79,15 @@ Resume (``Last-Event-ID``)
 
 Shutdown
     :meth:`SSEBridge.close` ends every open stream (each server thread then
-    returns) and refuses new ones with HTTP 503 (an ``EventSource`` does not
-    retry a 503). Streams also end, and new ones are refused, once the listener
-    is stopped. A client that went away is noticed at the next write (an event
-    or a heartbeat), when its server thread ends.
+    returns), each with a last ``retry: 250`` so the browser comes back soon, to
+    whichever process serves then, and resumes; new streams are refused with
+    HTTP 503 (an ``EventSource`` does not retry a 503). Streams also end that way,
+    and new ones are refused, once the listener is stopped.
+    :meth:`SSEBridge.close_on_signal` does it when the server's worker is told to
+    stop (SIGTERM), after a grace that lets a replacement start listening (see
+    the README's gunicorn recipe). A client that went away is noticed within a
+    second where the server gives the socket (gunicorn, werkzeug), else at the
+    next write (an event or a heartbeat).
 
 Layout
     This module is the facade: :class:`SSEBridge` (fan-out from the listener's
@@ -95,12 +100,14 @@ Layout
 
 import itertools
 import logging
+import signal
 import threading
 import types
 from urllib.parse import parse_qs
 
 from . import _sse_stream
 from ._sse_args import check_options, checked_channels, parse_last_event_id
+from ._signals import on_signal
 from ._sse_ring import ReplayRing, frame, log_replay
 from .config import split_names
 from .listener import ConnectionState
@@ -124,6 +131,10 @@ DEFAULT_REPLAY_LIMIT = 10000
 # so clients cannot take the process's memory or the pool.
 DEFAULT_REPLAY_MAX_EVENTS = 10000
 DEFAULT_MAX_CLIENTS = 1000
+# close_on_signal()'s grace: a replacement worker's listener is up well within it
+# (measured in tests/test_examples.py under gunicorn), and the old worker still
+# exits within 2 s.
+DEFAULT_CLOSE_GRACE_S = 1.0
 DEFAULT_MAX_REPLAYS = 4
 
 _ids = itertools.count(1)
@@ -238,6 +249,7 @@ class SSEBridge:
         self._clients = {}                                   # id -> Client
         self._ring = ReplayRing(replay_limit)                # guarded by _lock
         self._closed = False
+        self._closing = threading.Event()     # set: close() ends the streams now
         self.evicted = 0
         self.sent = 0
         self.user_code_errors = 0       # authorize / row_filter raised
@@ -271,8 +283,20 @@ class SSEBridge:
             self.user_code_errors += 1
         self.listener.report("sse", exc, channel, event_id=event_id, what=what)
 
-    def close(self):
-        """End every open stream and refuse new ones (503). Idempotent."""
+    def close(self, grace_s=0.0):
+        """End every open stream, each with a last ``retry:`` (come back in a quarter
+        of a second, to whichever process serves then), and refuse new ones (503).
+        Idempotent.
+
+        *grace_s*: first keep streaming this long (this call waits). For a worker
+        that begins shutting down while a replacement starts (a rolling restart):
+        the replacement's listener, listening within *grace_s*, also delivers the
+        streams' last events, so their resume there is exact (from its ring, see
+        "Resume"). A close() meanwhile ends the wait.
+        """
+        if grace_s > 0 and not self._closed:
+            self._closing.wait(grace_s)
+        self._closing.set()
         with self._lock:
             self._closed = True
             clients = list(self._clients.values())
@@ -282,6 +306,19 @@ class SSEBridge:
         # One disconnect for every sender: blinker keeps a receiver disconnected only
         # sender by sender in ``receivers``, and with it this bridge and its ring.
         self.listener.signals.event.disconnect(self._on_event)
+
+    def close_on_signal(self, signum=signal.SIGTERM, grace_s=DEFAULT_CLOSE_GRACE_S, then=None):
+        """When *signum* arrives: ``close(grace_s)``, then ``then()`` (say
+        ``listener.stop``), on thread ``pgnotify-sse-close`` (a signal handler must
+        not take our locks), and the signal goes on to the handler installed before
+        (gunicorn's: the worker stops accepting and waits for its requests, which
+        end after *grace_s*). Call from the main thread once that handler is in place
+        (gunicorn: in ``post_worker_init``). Returns the thread."""
+        def shut():
+            self.close(grace_s)
+            if then is not None:
+                then()
+        return on_signal(signum, shut, "pgnotify-sse-close")
 
     # -- events from the listener (worker threads) ----------------------------------------
 
@@ -389,7 +426,9 @@ class SSEBridge:
             return _plain(refused.status, refused.reason)
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                    ("X-Accel-Buffering", "no")]
-        body = _sse_stream.stream(client, self._hooks, self.heartbeat_s, last_event_id, registered_at, replay)
+        environ = info.environ or {}
+        gone = _sse_stream.socket_gone(environ.get("gunicorn.socket") or environ.get("werkzeug.socket"))
+        body = _sse_stream.stream(client, self._hooks, self.heartbeat_s, last_event_id, registered_at, replay, gone)
         return "200 OK", headers, _sse_stream.Body(body, self._forget, client.id)
 
     def wsgi_app(self, environ, start_response):

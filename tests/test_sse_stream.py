@@ -12,8 +12,9 @@ import pytest
 
 from pgnotify_sync import DatabaseEvent, Operation
 from pgnotify_sync._sse_ring import Entry, ReplayRing, frame
-from pgnotify_sync._sse_stream import (HEARTBEAT, LIVE_BATCH_FRAMES, REPLAY_FAILED, RETRY, WRITE_BATCH_BYTES, Body,
-                                       Client, ReplayTooLong, StreamHooks, reload_frame, stream)
+from pgnotify_sync._sse_stream import (HEARTBEAT, LIVE_BATCH_FRAMES, RECONNECT, REPLAY_FAILED, RETRY,
+                                       WRITE_BATCH_BYTES, Body, Client, ReplayTooLong, StreamHooks, reload_frame,
+                                       socket_gone, stream)
 
 
 def event(ident, channel="messages", body="hi"):
@@ -188,7 +189,7 @@ def test_live_events_filtered_counted_and_the_end_unregisters(guarded):
     assert frames_of(next(body)) == [1, 3]
     assert hooks.sent == [], "counted once written: when the server asks for more"
     client.end("closed")
-    assert list(body) == []
+    assert list(body) == [RECONNECT]
     assert hooks.sent == [(2, None)]
     assert hooks.forgotten == [7]
 
@@ -199,7 +200,7 @@ def test_replay_from_the_ring_comes_first_and_is_counted_as_such(guarded):
     assert next(body) == RETRY
     assert frames_of(next(body)) == [2, 4]
     client.end("closed")
-    assert list(body) == [] and hooks.forgotten == [1]
+    assert list(body) == [RECONNECT] and hooks.forgotten == [1]
     assert hooks.sent == [(2, "ring")] and hooks.log_reads == []
 
 
@@ -215,7 +216,7 @@ def test_replay_from_the_log_and_its_ids_skipped_once_in_the_live_queue(guarded)
     assert frames_of(next(body)) == [4, 3], "a skipped id is skipped once"
     assert hooks.sent == [(2, "log")]
     client.end("closed")
-    assert list(body) == []
+    assert list(body) == [RECONNECT]
     assert hooks.sent == [(2, "log"), (2, None)]
 
 
@@ -232,7 +233,7 @@ def test_heartbeat_when_idle_and_the_end_once_the_listener_stops(guarded):
     assert next(body) == RETRY
     assert next(body) == HEARTBEAT
     hooks.is_stopped = True
-    assert list(body) == [] and hooks.forgotten == [1]
+    assert list(body) == [RECONNECT] and hooks.forgotten == [1]
 
 
 def test_writes_are_batched(guarded):
@@ -249,7 +250,7 @@ def test_writes_are_batched(guarded):
     assert len(frames_of(next(body))) == LIVE_BATCH_FRAMES
     assert len(frames_of(next(body))) == 1
     client.end("closed")
-    assert list(body) == []
+    assert list(body) == [RECONNECT]
     assert hooks.sent == [(10, "ring"), (LIVE_BATCH_FRAMES + 1, None)]
     assert hooks.forgotten == [1]
 
@@ -307,7 +308,7 @@ def test_a_ring_replay_over_the_cap_is_a_reload_frame_then_live_events(guarded):
     client.offer(entries(5)[0])
     assert frames_of(next(body)) == [5]
     client.end("closed")
-    assert list(body) == [] and hooks.sent == [(1, None)]
+    assert list(body) == [RECONNECT] and hooks.sent == [(1, None)]
 
 
 def test_a_log_replay_over_the_cap_is_a_reload_frame_at_the_newest_id(guarded):
@@ -318,7 +319,7 @@ def test_a_log_replay_over_the_cap_is_a_reload_frame_at_the_newest_id(guarded):
     client.offer(entries(100)[0])
     assert frames_of(next(body)) == [100]
     client.end("closed")
-    assert list(body) == [] and hooks.slots_taken == 1
+    assert list(body) == [RECONNECT] and hooks.slots_taken == 1
 
 
 def test_a_log_replay_failing_midway_ends_with_replay_failed(guarded):
@@ -339,3 +340,41 @@ def test_no_free_replay_slot_ends_the_stream_with_replay_failed(guarded):
     hooks = FakeHooks(log=entries(2), slot_free=False)
     assert list(stream(client, hooks, 60.0, 1, 0, None)) == [RETRY, REPLAY_FAILED]
     assert hooks.log_reads == []
+
+
+# -- the end of a stream: told to reconnect, or the client noticed gone ----------------------
+
+def test_only_a_stream_the_server_ends_asks_the_browser_back_soon(guarded):
+    client, hooks = guarded(1, ["messages"], 1), FakeHooks()
+    body = stream(client, hooks, 60.0, None, 0, None)
+    assert next(body) == RETRY
+    client.offer(entries(1)[0])
+    client.offer(entries(2)[0])          # over its buffer: evicted, not told anything more
+    assert list(body) == [] and hooks.forgotten == [1]
+    assert RECONNECT.endswith(b"retry: 250\n\n") and RECONNECT.startswith(b":")
+
+
+def test_a_client_that_closed_its_socket_is_noticed_without_a_write(guarded):
+    import socket
+    import time
+    with socket.create_server(("127.0.0.1", 0)) as listening:       # TCP, as a browser's
+        client_end = socket.create_connection(listening.getsockname())
+        server_end, _ = listening.accept()
+    try:
+        gone = socket_gone(server_end)
+        assert gone() is False
+        client_end.sendall(b"x")                # data (say a pipelined request) is no end
+        assert gone() is False
+        assert server_end.recv(1) == b"x"
+        client, hooks = guarded(1, ["messages"], 100), FakeHooks()
+        body = stream(client, hooks, 60.0, None, 0, None, gone)
+        assert next(body) == RETRY
+        client_end.close()
+        started = time.monotonic()
+        assert list(body) == [] and hooks.forgotten == [1]
+        assert time.monotonic() - started < 2.5       # STATE_CHECK_S, not the heartbeat's 60 s
+        assert gone() is True
+    finally:
+        server_end.close()
+    assert socket_gone(server_end) is None          # closed: nothing to ask
+    assert socket_gone(object()) is None

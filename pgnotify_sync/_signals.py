@@ -1,0 +1,51 @@
+"""Work started by a signal, done on a thread of its own (owns the thread
+``<name>``, started when the handler is installed).
+
+A Python signal handler runs on the main thread between two bytecodes, possibly
+while that thread holds a lock the work needs (the bridge's, the listener's, the
+logging module's): work done in the handler itself could deadlock. The handler
+only writes a byte to a pipe (no lock taken), and the thread that waits on the
+pipe does the work; the signal then goes on to the handler installed before, so
+the server's own shutdown (gunicorn's: stop accepting, wait for the requests)
+runs as usual.
+"""
+
+import logging
+import os
+import signal
+
+from ._threads import spawn
+
+log = logging.getLogger("pgnotify_sync")
+
+
+def on_signal(signum, action, name):
+    """Run ``action()`` on thread *name* when *signum* arrives (once), and pass the
+    signal on to the handler installed before, if it is a function (the default
+    action, ending the process, is not taken: the process's own code, or its
+    server's handler, decides when to exit). Call from the main thread. Returns
+    the thread."""
+    read_fd, write_fd = os.pipe()
+    previous = signal.getsignal(signum)
+
+    def wait():
+        try:
+            if os.read(read_fd, 1):
+                action()
+        except Exception:
+            log.exception("%s: the work for signal %s failed", name, signal.Signals(signum).name)
+        finally:
+            os.close(read_fd)
+            os.close(write_fd)
+
+    def handler(sig, frame):
+        try:
+            os.write(write_fd, b"x")
+        except OSError:
+            pass        # the work ran already (the pipe is closed)
+        if callable(previous):
+            previous(sig, frame)
+
+    thread = spawn(wait, name)
+    signal.signal(signum, handler)
+    return thread

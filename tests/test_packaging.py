@@ -1,0 +1,33 @@
+"""The built wheel, as pip would install it: the typing marker, the SQL, the
+classifiers and the Python versions it claims (those the suite runs on)."""
+
+import email
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_wheel_is_typed_and_claims_what_the_suite_runs_on(tmp_path):
+    # Built from a copy: pip builds in the source tree (build/, *.egg-info).
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                                 ".pytest_cache", ".tmp"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
+                   check=True, capture_output=True, timeout=120)
+    (wheel,) = tmp_path.glob("pgnotify_sync-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = email.message_from_bytes(zf.read(meta_name))
+    assert "pgnotify_sync/py.typed" in names
+    assert "pgnotify_sync/sql/install.sql" in names
+    classifiers = set(meta.get_all("Classifier"))
+    assert {"Framework :: Flask", "Topic :: Database", "Typing :: Typed"} <= classifiers
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert meta["Requires-Python"] == f">={running}"
+    assert f"Programming Language :: Python :: {running}" in classifiers
+    assert "gunicorn" not in " ".join(meta.get_all("Requires-Dist") or []).split("extra ==")[0]

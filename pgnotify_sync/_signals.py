@@ -26,6 +26,7 @@ def on_signal(signum, action, name):
     server's handler, decides when to exit). Call from the main thread. Returns
     the thread."""
     read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)        # a handler never waits
     previous = signal.getsignal(signum)
 
     def wait():
@@ -35,8 +36,9 @@ def on_signal(signum, action, name):
         except Exception:
             log.exception("%s: the work for signal %s failed", name, signal.Signals(signum).name)
         finally:
+            # The write end stays open: a later signal's write then fails (EPIPE)
+            # instead of landing in a file that reused its number.
             os.close(read_fd)
-            os.close(write_fd)
 
     def handler(sig, frame):
         try:

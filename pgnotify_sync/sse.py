@@ -95,7 +95,8 @@ Layout
     glue. One client's stream (its bounded queue, the replay, live events,
     heartbeats) is ``_sse_stream.py``, on the request's server thread; the
     replay ring is ``_sse_ring.py``; the constructor's argument checks are
-    ``_sse_args.py``.
+    ``_sse_args.py``; the request's view (RequestInfo, headers, the default
+    policies) is ``_sse_request.py``; the signal hook is ``_signals.py``.
 """
 
 import itertools
@@ -107,9 +108,9 @@ from urllib.parse import parse_qs
 
 from . import _sse_stream
 from ._sse_args import check_options, checked_channels, parse_last_event_id
+from ._sse_request import RequestInfo, _Headers, _plain, _split, allow_all, refuse_all
 from ._signals import on_signal
 from ._sse_ring import ReplayRing, frame, log_replay
-from .config import split_names
 from .listener import ConnectionState
 from .metrics import health_response
 
@@ -138,62 +139,6 @@ DEFAULT_CLOSE_GRACE_S = 1.0
 DEFAULT_MAX_REPLAYS = 4
 
 _ids = itertools.count(1)
-
-
-def allow_all(request_info):
-    """An ``authorize`` that lets every client read every channel it asks for."""
-    return set(request_info.requested_channels)
-
-
-def refuse_all(request_info):
-    """The default ``authorize``: refuses every client (pass one explicitly)."""
-    return None
-
-
-class RequestInfo:
-    """What ``authorize`` and ``row_filter`` see of a request."""
-
-    __slots__ = ("headers", "args", "remote_addr", "requested_channels", "environ")
-
-    def __init__(self, headers, args, remote_addr, requested_channels, environ=None):
-        self.headers = headers
-        self.args = args
-        self.remote_addr = remote_addr
-        self.requested_channels = tuple(requested_channels)
-        self.environ = environ
-
-    def __repr__(self):
-        return f"<RequestInfo {self.remote_addr} channels={list(self.requested_channels)!r}>"
-
-
-class _Headers:
-    """Case-insensitive, read-only view of a WSGI environ's request headers."""
-
-    def __init__(self, environ):
-        self._items = {}
-        for key, value in environ.items():
-            if key.startswith("HTTP_"):
-                self._items[key[len("HTTP_"):].replace("_", "-").lower()] = value
-            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
-                self._items[key.replace("_", "-").lower()] = value
-
-    def get(self, name, default=None):
-        return self._items.get(name.lower(), default)
-
-    def __getitem__(self, name):
-        return self._items[name.lower()]
-
-    def __contains__(self, name):
-        return name.lower() in self._items
-
-    def __iter__(self):
-        return iter(self._items)
-
-    def items(self):
-        return self._items.items()
-
-    def __repr__(self):
-        return f"<headers {sorted(self._items)}>"
 
 
 class _Refused(Exception):
@@ -466,17 +411,6 @@ class SSEBridge:
             return flask.Response(body, status=status, headers=headers)
 
         return bp
-
-
-def _split(value):
-    if not value:
-        return ()
-    return tuple(dict.fromkeys(c for c in split_names(value) if c))
-
-
-def _plain(status, reason):
-    body = (reason + "\n").encode()
-    return status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))], [body]
 
 
 def _listener_stopped(listener):

@@ -336,3 +336,112 @@ def test_a_rolling_restart_loses_and_repeats_nothing_and_sigterm_stops_in_second
     finally:
         for b in browsers:
             b.close()
+
+
+# -- examples/indexer.py and examples/batch_job.py ------------------------------------------
+
+class Script:
+    """``python examples/<name> ...`` with its output collected."""
+
+    def __init__(self, dsn, name, *args, **env):
+        self.popen = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, name), *args], cwd=EXAMPLES,
+                                      env=example_env(dsn, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+        self.output = Output(self.popen)
+
+    def wait_line(self, text, timeout=30):
+        wait_for(lambda: text in self.output.text() or self.popen.poll() is not None, timeout=timeout,
+                 message=f"no {text!r}")
+        assert text in self.output.text(), self.output.text()
+
+    def wait(self, timeout=30):
+        code = self.popen.wait(timeout)
+        return code
+
+
+INDEXER_ENV = {"PG_NOTIFY_CONSUMER_LEASE": "2", "PG_NOTIFY_HANDLER_RETRY_DELAY": "10",
+               "PG_NOTIFY_BACKFILL_CHUNK": "200"}
+
+
+def index_differs(db):
+    """Rows where search_index is not what messages says (missing, stale or extra)."""
+    return execute(db, """
+        SELECT count(*) FROM messages m FULL JOIN search_index s USING (id)
+         WHERE m.body <> '' AND (s.id IS NULL OR s.words <> to_tsvector('simple', m.body))
+            OR m.id IS NULL OR m.body = '' AND s.id IS NOT NULL""")[0][0]
+
+
+def test_the_indexer_backfills_survives_sigkill_parks_a_bad_row_and_stops_on_sigterm(db, dsn):
+    import random
+    execute(db, "CREATE TABLE messages (id bigserial PRIMARY KEY, room text NOT NULL, author text NOT NULL, "
+                "body text NOT NULL, at timestamptz NOT NULL DEFAULT now())")
+    execute(db, "INSERT INTO messages (room, author, body) SELECT 'lobby', 'old', 'old message ' || g "
+                "FROM generate_series(1, 1000) g")
+    indexer = Script(dsn, "indexer.py", **INDEXER_ENV)
+    indexer.wait_line("indexing as consumer")
+    stop = threading.Event()
+
+    def write():
+        import psycopg2
+        rnd = random.Random(7)
+        conn = psycopg2.connect(**{k: dsn[k] for k in ("host", "port", "user", "password", "dbname")})
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not stop.wait(0.002):
+                action, row = rnd.random(), rnd.randint(1, 1200)
+                if action < 0.5:
+                    cur.execute("UPDATE messages SET body = body || ' edited' WHERE id = %s", (row,))
+                elif action < 0.6:
+                    cur.execute("DELETE FROM messages WHERE id = %s", (row,))
+                else:
+                    cur.execute("INSERT INTO messages (room, author, body) VALUES ('lobby', 'w', 'new words')")
+        conn.close()
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        wait_for(lambda: execute(db, "SELECT count(*) FROM search_index")[0][0] > 300, message="nothing indexed")
+        indexer.popen.kill()                                    # SIGKILL: no goodbye, no checkpoint
+        assert indexer.wait() == -signal.SIGKILL
+        execute(db, "INSERT INTO messages (room, author, body) VALUES ('lobby', 'w', '')")    # refused by the index
+        indexer = Script(dsn, "indexer.py", **INDEXER_ENV)
+        indexer.wait_line("indexing as consumer")
+        wait_for(lambda: execute(db, "SELECT count(*) FROM pgnotify_sync.dead_letters")[0][0] == 1, timeout=30,
+                 message="the empty message was not parked")
+    finally:
+        stop.set()
+        writer.join(10)
+    wait_for(lambda: index_differs(db) == 0, timeout=60, message="the index does not equal the table")
+    assert execute(db, "SELECT consumer, error_type FROM pgnotify_sync.dead_letters") == [
+        ("search-indexer", "ValueError")]
+    started = time.monotonic()
+    indexer.popen.send_signal(signal.SIGTERM)
+    assert indexer.wait(10) == 0, indexer.output.text()
+    assert time.monotonic() - started < 5
+    assert "is a dead letter after every attempt" in indexer.output.text()
+
+
+@pytest.fixture
+def jobs(db):
+    from pgnotify_sync import install, watch_table
+    install(db)
+    execute(db, "CREATE TABLE jobs (id bigint PRIMARY KEY, status text NOT NULL)")
+    watch_table(db, "public.jobs", channel="jobs")
+    execute(db, "INSERT INTO jobs VALUES (1, 'running'), (2, 'done'), (3, 'running'), (4, 'running')")
+    return db
+
+
+def test_the_batch_job_waits_for_its_row_with_a_deadline(jobs, dsn):
+    waiting = Script(dsn, "batch_job.py", "1", "--timeout-s", "30")
+    failing = Script(dsn, "batch_job.py", "3", "--timeout-s", "30")
+    waiting.wait_line("job 1: running; waiting up to 30 s")
+    failing.wait_line("job 3: running; waiting")
+    execute(jobs, "UPDATE jobs SET status = 'done' WHERE id = 1")
+    execute(jobs, "UPDATE jobs SET status = 'failed' WHERE id = 3")
+    assert waiting.wait() == 0 and "job 1: done" in waiting.output.text()
+    assert failing.wait() == 1 and "job 3: failed" in failing.output.text()
+    already = Script(dsn, "batch_job.py", "2")
+    assert already.wait() == 0 and "job 2: done" in already.output.text()
+    late = Script(dsn, "batch_job.py", "4", "--timeout-s", "0.5")
+    assert late.wait() == 124 and "job 4: not finished within 0.5 s" in late.output.text()
+    bad = Script(dsn, "batch_job.py", "4", POSTGRES_PORT="nope")
+    assert bad.wait() == 2 and "POSTGRES_PORT" in bad.output.text()

@@ -378,3 +378,52 @@ def test_a_client_that_closed_its_socket_is_noticed_without_a_write(guarded):
         server_end.close()
     assert socket_gone(server_end) is None          # closed: nothing to ask
     assert socket_gone(object()) is None
+
+
+def _open_bridge_stream():
+    from pgnotify_sync import Config, Listener
+    from pgnotify_sync.sse import RequestInfo, SSEBridge, allow_all
+    listener = Listener(Config(postgres_user="u", postgres_db="d", channels=("messages",)), registry=False)
+    bridge = SSEBridge(listener, ["messages"], authorize=allow_all)
+    status, _, body = bridge._serve(RequestInfo({}, {}, "127.0.0.1", ["messages"], {}), None)
+    assert status == "200 OK"
+    it = iter(body)
+    assert next(it) == RETRY
+    return listener, bridge, it
+
+
+def test_close_with_a_grace_streams_on_then_ends_with_a_reconnect():
+    import time
+    listener, bridge, body = _open_bridge_stream()
+    try:
+        ended = []
+        closer = threading.Thread(target=lambda: (bridge.close(grace_s=0.5), ended.append(time.monotonic())))
+        started = time.monotonic()
+        closer.start()
+        bridge._on_event("messages", event(5))          # during the grace: still streamed
+        assert frames_of(next(body)) == [5]
+        assert list(body) == [RECONNECT]
+        closer.join(5)
+        assert 0.5 <= ended[0] - started < 2.0
+        assert bridge.clients == 0
+    finally:
+        listener.stop()
+
+
+def test_close_on_signal_closes_from_a_thread_and_passes_the_signal_on():
+    import signal
+    listener, bridge, body = _open_bridge_stream()
+    before = signal.getsignal(signal.SIGUSR1)
+    passed_on, stopped = [], []
+    try:
+        signal.signal(signal.SIGUSR1, lambda sig, frame: passed_on.append(sig))
+        thread = bridge.close_on_signal(signal.SIGUSR1, grace_s=0.0, then=lambda: stopped.append(True))
+        assert thread.name == "pgnotify-sse-close" and thread.is_alive()
+        signal.raise_signal(signal.SIGUSR1)
+        assert passed_on == [signal.SIGUSR1]            # the server's own handler ran, in the handler
+        assert list(body) == [RECONNECT]                # the close ran on the thread
+        thread.join(5)
+        assert stopped == [True] and not thread.is_alive()
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+        listener.stop()

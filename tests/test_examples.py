@@ -245,6 +245,14 @@ class Writers:
         return sorted(i for ids in self.by_writer for i in ids)
 
 
+def all_exact(browsers, expected, writers):
+    """Once every browser has as many events as were written: each exact."""
+    for b in browsers:
+        wait_for(lambda: len(b.ids) >= len(expected), timeout=30, message="a stream missed events")
+    for b in browsers:
+        assert_exact(b, expected, writers)
+
+
 def assert_exact(browser, expected, writers):
     """Every event once (no loss, no repeat), each writer's in its commit order."""
     assert len(browser.ids) == len(set(browser.ids)), "an event was repeated"
@@ -280,10 +288,7 @@ def test_sigterm_ends_a_worker_with_open_streams_in_two_seconds_and_browsers_res
     finally:
         expected = writers.stop()
     try:
-        for b in browsers:
-            wait_for(lambda: len(b.ids) >= len(expected), timeout=30, message="a stream missed events")
-        for b in browsers:
-            assert_exact(b, expected, writers)
+        all_exact(browsers, expected, writers)
     finally:
         for b in browsers:
             b.close()
@@ -320,10 +325,8 @@ def test_a_rolling_restart_loses_and_repeats_nothing_and_sigterm_stops_in_second
         late.close()
         expected = writers.stop()
     try:
+        all_exact(browsers, expected, writers)
         for b in browsers:
-            wait_for(lambda: len(b.ids) >= len(expected), timeout=30, message="a stream missed events")
-        for b in browsers:
-            assert_exact(b, expected, writers)
             assert all(end == "retry" for pid, end in b.streams[:-1]), b.streams
         # SIGTERM with the streams open: gunicorn stops in seconds, not graceful_timeout.
         started = time.monotonic()

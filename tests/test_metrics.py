@@ -239,6 +239,12 @@ def test_row_values_are_never_logged(installed, make_listener, pg_cluster, dbnam
         if event.operation == "DELETE":
             raise ValueError("handler refused a delete")
 
+    # The first event holds the worker until every statement is in: what follows
+    # queues, so the 100-row statement meets a buffer that is not empty and overflows
+    # (an empty buffer takes a range of any size: then there was no overflow at all,
+    # when the worker happened to be quick).
+    gate = threading.Event()
+    listener.on_event("messages", lambda event: gate.wait(10))
     listener.start()
     with installed.cursor() as cur:
         cur.execute("INSERT INTO messages (room, body, password_hash) VALUES (%s, %s, %s)",
@@ -249,6 +255,7 @@ def test_row_values_are_never_logged(installed, make_listener, pg_cluster, dbnam
         cur.execute("INSERT INTO messages (body) SELECT %s FROM generate_series(1, 100)", (ROW_VALUE,))  # > buffer
         cur.execute("DELETE FROM messages WHERE room = %s", (ROW_VALUE,))
         cur.execute("NOTIFY messages, %s", (f'{{"broken": "{ROW_VALUE}"',))
+    gate.set()
     got.wait(124)
     pg_cluster.terminate_backends(dbname, application_name="pgnotify_sync")
     insert_rows(installed, 3, body=ROW_VALUE)

@@ -19,7 +19,9 @@ from ._channel import Advance, CatchUp, LeaseLost, Redeliver, Release, SetPositi
 from ._eventlog import CatchUpFailed
 from ._delivery import Interrupted
 from ._fetch import read_ahead
-from .events import DatabaseEvent, EventRange, EventRef
+from .events import DatabaseEvent, EventRange, EventRef, Operation
+
+BACKFILL = Operation.BACKFILL
 
 log = logging.getLogger("pgnotify_sync")
 
@@ -124,7 +126,8 @@ class BatchRunner:
         for item in items:
             if type(item) is EventRef:
                 event = found.get(item.id)
-                if event is None or event.xid != item.xid:
+                if event is None or event.xid != item.xid or event.operation is BACKFILL:
+                    # (a backfill's rows are announced by range only: a hint naming one is forged)
                     unmatched += event is not None or not seen(ch, item.id, item.xid)
                     continue
             else:

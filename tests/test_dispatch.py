@@ -807,6 +807,21 @@ def test_next_range_is_read_while_the_current_one_is_delivered(make_dispatcher):
     no_internal_errors(hooks)
 
 
+def test_a_hint_naming_a_backfill_row_is_forged(make_dispatcher):
+    # A backfill's rows are announced by range only; the hint read leaves MINE out
+    # (the hot path), so the worker refuses the row a hint names.
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    hooks.refs = {5: ev("a", 5, 101, Operation.BACKFILL), 6: ev("a", 6, 102)}
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [EventRef("a", 5, 101), EventRef("a", 6, 102)])
+    d.start()
+    wait_for(lambda: hooks.ids("a") == [6])
+    wait_idle(d, chans)
+    assert a.unmatched_hints == 1 and hooks.kinds() == ["payload"]
+    assert 5 not in a.handled
+
+
 def test_a_range_with_no_row_of_ours_is_reported_unless_it_is_another_consumers_backfill(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1, start=False)
     a = chans["a"]

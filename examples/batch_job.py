@@ -35,10 +35,13 @@ def setup(config):
 
 
 def status_of(config, job_id):
-    with psycopg2.connect(**config.connect_kwargs()) as conn, conn.cursor() as cur:
-        cur.execute("SELECT status FROM jobs WHERE id = %s", (job_id,))
-        row = cur.fetchone()
-    conn.close()
+    conn = psycopg2.connect(**config.connect_kwargs())
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT status FROM jobs WHERE id = %s", (job_id,))
+            row = cur.fetchone()
+    finally:
+        conn.close()
     return row[0] if row else None
 
 

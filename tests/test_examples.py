@@ -83,6 +83,17 @@ class Gunicorn:
         finally:
             conn.close()
 
+    def post(self, path, form, cookie=None):
+        from urllib.parse import urlencode
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            headers = {"Content-Type": "application/x-www-form-urlencoded", **({"Cookie": cookie} if cookie else {})}
+            conn.request("POST", path, body=urlencode(form), headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
     def login(self, user):
         status, headers, _ = self.get(f"/login?user={user}")
         assert status == 302, status
@@ -199,6 +210,9 @@ def test_streams_on_both_workers_get_every_event_in_order(gunicorn, db):
     browsers = browsers_on_both_workers(gunicorn, cookie)
     for k in range(50):
         insert(db, ["lobby" if k % 5 else "bob", "alice"] if k % 2 else ["lobby"])
+    status, body = gunicorn.post("/messages", {"body": "from the page", "room": "alice"}, cookie)
+    assert status == 201 and json.loads(body)["id"] > 0
+    assert gunicorn.post("/messages", {"body": "x"})[0] == 403          # no session
     expected = lobby_and_alice(db)
     try:
         for b in browsers:

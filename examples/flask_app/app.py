@@ -84,10 +84,14 @@ def post_message():
     if not user:
         return "sign in first\n", 403
     room = flask.request.form.get("room") or LOBBY
-    with psycopg2.connect(**CONFIG.connect_kwargs()) as conn, conn.cursor() as cur:
-        cur.execute("INSERT INTO messages (room, author, body) VALUES (%s, %s, %s) RETURNING id",
-                    (room, user, flask.request.form.get("body", "")))
-        ident = cur.fetchone()[0]
+    conn = psycopg2.connect(**CONFIG.connect_kwargs())     # a real app would use its own pool
+    try:
+        with conn, conn.cursor() as cur:       # psycopg2's "with conn": one transaction (it does not close)
+            cur.execute("INSERT INTO messages (room, author, body) VALUES (%s, %s, %s) RETURNING id",
+                        (room, user, flask.request.form.get("body", "")))
+            ident = cur.fetchone()[0]
+    finally:
+        conn.close()
     return {"id": ident}, 201
 
 

@@ -23,6 +23,8 @@ delivery_ssh   (--ssh) the same through SSH tunnels to a throwaway sshd: Listene
 latency        commit -> handler latency p50/p99 at 1,000 single-row commits/s
                (client clocks: perf_counter after the INSERT returned, and in the
                handler), ours vs raw.                          p99 <= raw + 1 ms
+               Also vs raw_read: a bare loop on our hints that reads each row by
+               id from the log (what the untrusted wire asks of any receiver).
 load           delivered events/s and p99 latency at offered loads 500..8000/s,
                ours and raw; the PNG (--plot).
 catchup        a durable consumer 100,000 events behind: start -> all delivered

@@ -499,6 +499,45 @@ class RawReceiver:
             self._listening.set()
 
 
+class RawReadReceiver(RawReceiver):
+    """The bare loop the untrusted wire allows: a RawReceiver on one of *our*
+    channels (hints ``{id, xid}``, no row) that reads each drained batch's rows by
+    id from the event log on a second connection (one query a batch, the
+    listener's hint read) and stamps each row when it is read. What any design
+    that takes notifications as hints pays at least, without threads or checks."""
+
+    SQL = ("SELECT data FROM pgnotify_sync.event_log WHERE id = ANY(%s) AND channel = %s ORDER BY id")
+
+    def _run(self):
+        tally = self._tally
+        try:
+            conn = self._target.connect(application_name="pgnotify-bench-raw")
+            reader = self._target.connect(application_name="pgnotify-bench-raw-read")
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f'LISTEN "{self._channel}"')
+                self._listening.set()
+                notifies, loads, stamps, perf, stop = conn.notifies, json.loads, self._stamps, time.perf_counter, self._stop
+                with reader.cursor() as cur:
+                    while not stop.is_set():
+                        if select.select([conn], [], [], 0.2) == ([], [], []):
+                            continue
+                        conn.poll()
+                        if notifies:
+                            ids = [loads(n.payload)["id"] for n in notifies]
+                            del notifies[:]
+                            cur.execute(self.SQL, (ids, self._channel))
+                            for (data,) in cur.fetchall():
+                                stamps[data["n"]] = perf()
+                            tally.add(len(ids))
+            finally:
+                conn.close()
+                reader.close()
+        except BaseException as exc:  # report it to the waiting main thread
+            tally.fail(exc)
+            self._listening.set()
+
+
 # -- figures ---------------------------------------------------------------------------
 
 

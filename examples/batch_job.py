@@ -4,7 +4,8 @@ table ``jobs`` must reach status ``done`` within a deadline.
     python batch_job.py JOB_ID [--timeout-s 60]     # POSTGRES_* name the database
 
 Exit status: 0 the job is done, 1 it failed (status ``failed``), 124 the deadline
-passed first (as ``timeout(1)``), 2 a usage or configuration error. Safe against
+passed first (as ``timeout(1)``), 2 a usage or configuration error, 3 the database
+could not be reached (the job's state is unknown: try again). Safe against
 the race every "wait for a change" has: the listener listens *before* the row is
 read, so a change committed in between is seen either in the read or as an event.
 """
@@ -15,9 +16,9 @@ import threading
 
 import psycopg2
 
-from pgnotify_sync import Config, ConfigError, Listener, install, watch_table
+from pgnotify_sync import Config, ConfigError, ConnectError, Listener, install, watch_table
 
-DONE, FAILED, TIMED_OUT, USAGE = 0, 1, 124, 2
+DONE, FAILED, TIMED_OUT, USAGE, UNREACHABLE = 0, 1, 124, 2, 3
 FINAL = {"done": DONE, "failed": FAILED}
 
 
@@ -75,8 +76,12 @@ def main(argv=None):
     except ConfigError as exc:
         print(f"batch_job: configuration error: {exc}", file=sys.stderr)
         return USAGE
-    setup(config)
-    status = wait_for_job(config, args.job_id, args.timeout_s)
+    try:
+        setup(config)
+        status = wait_for_job(config, args.job_id, args.timeout_s)
+    except (psycopg2.OperationalError, ConnectError) as exc:
+        print(f"batch_job: cannot reach the database: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return UNREACHABLE
     if status is None:
         print(f"job {args.job_id}: not finished within {args.timeout_s:g} s", file=sys.stderr)
         return TIMED_OUT

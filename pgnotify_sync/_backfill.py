@@ -62,6 +62,22 @@ SELECT DISTINCT b.id FROM b JOIN live ON live.key = b.key AND NOT pg_visible_in_
 """
 
 
+def describe(exc):
+    """A failure's first line, without its text for a data error (class 22: its
+    message may quote the value, a key from last_key)."""
+    code = getattr(exc, "pgcode", None) or ""
+    if code.startswith("22"):
+        return f"{type(exc).__name__} (SQLSTATE {code}: a row's value does not fit)"
+    return first_line(exc)
+
+
+def _fatal(exc):
+    """Not worth a retry: a schema error, no privilege, no table, no position yet, or
+    a data error (a key that no longer fits the table's type)."""
+    code = getattr(exc, "pgcode", None) or ""
+    return isinstance(exc, SchemaError) or code in ("42501", "42P01", "55000") or code.startswith("22")
+
+
 def split_table(name):
     schema, dot, table = name.partition(".")
     return (schema, table) if dot else ("public", name)
@@ -156,9 +172,9 @@ def run(connect, consumer, tables, key_columns, size=CHUNK, stopping=lambda: Fal
                     n, state["rows"] = chunk(conn, consumer, schema, relname, key_columns.of(schema, relname),
                                              size)
                 except (psycopg2.Error, PgNotifyError) as exc:
-                    if isinstance(exc, SchemaError) or getattr(exc, "pgcode", None) in ("42501", "42P01", "55000"):
+                    if _fatal(exc):
                         raise
-                    log.warning("%s: backfill of %s: %s (retrying in %g s)", name, table, first_line(exc), RETRY_S)
+                    log.warning("%s: backfill of %s: %s (retrying in %g s)", name, table, describe(exc), RETRY_S)
                     if conn is not None:
                         conn.close()
                     conn = None
@@ -192,7 +208,7 @@ def run_for(p, tables):
             p.config.backfill_chunk_rows, stopping=p.stop_event.is_set, wait=p.stop_event.wait, name=p.name,
             progress=p.backfill)
     except (psycopg2.Error, PgNotifyError) as exc:
-        p.reporter.report("internal", f"backfill failed: {first_line(exc)}", None)
+        p.reporter.report("internal", f"backfill failed: {describe(exc)}", None)
 
 
 def superseded(query_all, wire, events, key_columns):

@@ -50,9 +50,10 @@ class DispatchHooks(typing.Protocol):
         """(target snapshot, iterator of event pages) from ch.position up to now
         (*reason* ``"poll"``: a notify-free channel's poll found rows)."""
 
-    def fetch_ids(self, ch, ids):
+    def fetch_ids(self, ch, ids, mine=False):
         """The committed events of the channel among log *ids* (any order; channel
-        checked, xids are the log's)."""
+        checked, xids are the log's); *mine*: without other consumers' BACKFILL rows
+        (ids that did not come from a hint)."""
 
     def window(self, ch, target):
         """(id, xid) of the channel's events of transactions visible in snapshot

@@ -64,8 +64,10 @@ _ROWS = ("SELECT operation, schema_name, table_name, '[' || string_agg(id || ','
 # for another role's consumer of that name. Plain rows pass on the first test.
 # (coalesce: never NULL, so NOT MINE is its complement; a listener without a
 # consumer passes NULL.)
+# The role is current_user's, as the consumer's positions record it (a login role
+# that switches role with SET ROLE or ALTER ROLE ... SET role reads as that role).
 MINE = ("(operation <> 'BACKFILL' OR coalesce(old->>'backfill_for' = %(consumer)s "
-        "AND old->>'role' = to_regrole(quote_ident(session_user))::oid::text, false))")
+        "AND old->>'role' = to_regrole(quote_ident(current_user))::oid::text, false))")
 
 # Events of transactions visible in snapshot %(to)s and not in %(pos)s: what a
 # catch-up reads and what the position check lists (see _window_params).
@@ -97,10 +99,12 @@ _OTHERS_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE id BETWEEN %(
 # Without MINE: this is the read of every single-row event, and planning MINE cost
 # 20-50 us a read here (p50 commit -> handler 0.49 against 0.39 ms). No BACKFILL row
 # is ever hinted by id (a chunk sends a range), so the worker takes one a hint names
-# for a forged hint (_worker.py); the position check and the retries of dead letters
-# read ids that MINE's queries listed.
+# for a forged hint (_worker.py).
 _IDS_SQL = ("SELECT id, xid::text::bigint, operation, schema_name, table_name, data, old "
             "FROM pgnotify_sync.event_log WHERE id = ANY(%(ids)s) AND channel = %(channel)s ORDER BY id")
+# ... and with MINE, for ids that come from anywhere but a hint: the position
+# check's and a dead letter's (its row may be another role's, made up).
+_MINE_IDS_SQL = _IDS_SQL.replace(" ORDER BY id", " AND " + MINE + " ORDER BY id")
 HINT_READ = 256
 
 # The position check: (id, xid) of events of transactions that became visible.
@@ -223,15 +227,17 @@ class EventLog:
         return self.query_one(_OTHERS_SQL, {"first": rng.first, "last": rng.last, "xid": str(rng.xid),
                                             "channel": wire, "consumer": self._consumer})[0]
 
-    def events_by_id(self, channel, wire, ids):
+    def events_by_id(self, channel, wire, ids, mine=False):
         """The committed events of channel *wire* among log ids *ids*, in id order
-        (HINT_READ ids a query); CatchUpFailed if the log cannot be read."""
+        (HINT_READ ids a query); with *mine*, no other consumer's BACKFILL row (see
+        MINE). CatchUpFailed if the log cannot be read."""
         ids = sorted(set(ids))
         found = []
         ops = OPERATIONS
+        sql = _MINE_IDS_SQL if mine else _IDS_SQL
         with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
             for start in range(0, len(ids), HINT_READ):
-                cur.execute(_IDS_SQL, {"ids": ids[start:start + HINT_READ], "channel": wire})
+                cur.execute(sql, {"ids": ids[start:start + HINT_READ], "channel": wire, "consumer": self._consumer})
                 found.extend(DatabaseEvent(channel, ops[op], schema, table, data, old, ident, xid)
                              for ident, xid, op, schema, table, data, old in cur.fetchall())
         return found

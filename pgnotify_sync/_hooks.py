@@ -84,12 +84,12 @@ class ListenerHooks:
         dispatcher = self._p.dispatcher
         return target, read_pages(read, dispatcher.submit, dispatcher.result, counted)
 
-    def fetch_ids(self, ch, ids):
+    def fetch_ids(self, ch, ids, mine=False):
         if self._p.reader.installed is False:
             return []   # no event log: no hint can name an event (nothing to fall back for)
         read = self._p.connections.event_log.events_by_id
-        if ch.partition is None:
-            return read(ch.name, ch.wire, ids)
+        if ch.partition is None or mine:
+            return read(ch.name, ch.wire, ids, mine)
         return self._shared.ids(ch.wire, ids, self._readers(ch), lambda wanted: read(ch.name, ch.wire, wanted))
 
     def _readers(self, lane):

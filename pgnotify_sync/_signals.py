@@ -20,18 +20,20 @@ log = logging.getLogger("pgnotify_sync")
 
 
 def on_signal(signum, action, name):
-    """Run ``action()`` on thread *name* when *signum* arrives (once), and pass the
-    signal on to the handler installed before, if it is a function (the default
-    action, ending the process, is not taken: the process's own code, or its
-    server's handler, decides when to exit). Call from the main thread. Returns
-    the thread."""
+    """Run ``action()`` on thread *name* when *signum* arrives (once), then what was
+    installed before: a handler function is called (in the signal handler, at
+    once); the default action, ending the process, is taken once the work is done
+    (exit status 128 + signum); an ignored signal stays ignored. Call from the main
+    thread. Returns the thread."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)        # a handler never waits
     previous = signal.getsignal(signum)
 
     def wait():
+        signalled = False
         try:
-            if os.read(read_fd, 1):
+            signalled = bool(os.read(read_fd, 1))
+            if signalled:
                 action()
         except Exception:
             log.exception("%s: the work for signal %s failed", name, signal.Signals(signum).name)
@@ -39,6 +41,10 @@ def on_signal(signum, action, name):
             # The write end stays open: a later signal's write then fails (EPIPE)
             # instead of landing in a file that reused its number.
             os.close(read_fd)
+        if signalled and previous in (signal.SIG_DFL, None):
+            # The default action ends the process: so it does, after the work (a
+            # signal's usual exit status; the thread cannot restore the default).
+            os._exit(128 + signum)
 
     def handler(sig, frame):
         try:

@@ -186,7 +186,7 @@ class BatchRunner:
         ids = [ident for ident, xid in self._hooks.window(ch, target) if not position.seen(ch, ident, xid)]
         if not ids:
             return
-        events = [e for e in self._hooks.fetch_ids(ch, ids) if position.fresh(ch, e)]
+        events = [e for e in self._hooks.fetch_ids(ch, ids, mine=True) if position.fresh(ch, e)]
         if events:
             ch.missed += len(events)
             log.info("%s: channel %r: %d events in the log had no notification; delivered", self.name, ch.name,
@@ -197,7 +197,7 @@ class BatchRunner:
         item.done(ch)
 
     def _redeliver(self, ch, item, items, i, batch):
-        self._hooks.redeliver(ch, self._hooks.fetch_ids(ch, item.ids))
+        self._hooks.redeliver(ch, self._hooks.fetch_ids(ch, item.ids, mine=True))
 
     def _set_position(self, ch, item, items, i, batch):
         if ch.position is None:

@@ -295,13 +295,18 @@ def cmd_backfill(args):
     cfg = _config(args, **extra)
     stop = threading.Event()
     _on_signals(stop)
-    keys_conn = _connect(cfg)
-    keys_conn.autocommit = True
     last = {}
 
     def key_columns(schema, table):
-        with keys_conn.cursor() as cur:
-            return group_key_columns(cur, args.consumer, schema, table)
+        # Once a table (KeyColumns caches), on a connection of its own: a long first
+        # table would outlive an idle one (idle_session_timeout, a proxy).
+        conn = _connect(cfg)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                return group_key_columns(cur, args.consumer, schema, table)
+        finally:
+            conn.close()
 
     def shown(table, state):
         if last.get(table) != state:
@@ -312,9 +317,7 @@ def cmd_backfill(args):
                                 cfg.backfill_chunk_rows, stopping=stop.is_set, wait=stop.wait,
                                 name="pgnotify-sync backfill", on_chunk=shown)
     except psycopg2.Error as exc:
-        raise PgNotifyError(f"backfill for consumer {args.consumer!r}: {first_line(exc)}") from None
-    finally:
-        keys_conn.close()
+        raise PgNotifyError(f"backfill for consumer {args.consumer!r}: {backfill.describe(exc)}") from None
     return EXIT_OK if all(s["done"] for s in progress.values()) else EXIT_INTERRUPTED
 
 

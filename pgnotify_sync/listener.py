@@ -98,7 +98,8 @@ class Listener:
         self.consumer = checked_consumer(consumer)
         self.checkpoint_every = checked_checkpoint_every(checkpoint_every)
         self.backfill = checked_backfill(backfill, self.consumer)
-        self.backfilled = {}            # table -> {"rows", "done"} (_backfill.run; health(), metrics)
+        # table -> {"rows", "done"} (_backfill.run; health(), metrics), from the start
+        self.backfilled = {table: {"rows": 0, "done": False} for table in self.backfill}
         self._registry = checked_registry(registry)
         self.signals = ListenerSignals()
         self._channels = {}
@@ -109,6 +110,7 @@ class Listener:
         self._closed = False
         self._started = False
         self._stop_event = threading.Event()
+        self._stopped = threading.Event()       # set once stop() is done
         self._metrics = None
         self.stats = new_stats(self._channels)
         self._reporter = Reporter(self.name, self, self.signals, self.stats)
@@ -223,12 +225,18 @@ class Listener:
         (until *timeout* seconds), end every thread, close every connection.
 
         Idempotent; safe from a handler or a signal receiver (the calling thread
-        ends once its handler returns).
+        ends once its handler returns). A second call, from a thread not of this
+        listener, returns once the first one is done (up to *timeout*): a process
+        that exits after it has stopped for good (a durable consumer its final
+        checkpoint stored).
         """
         with self._lock:
-            if self._closed:
-                return
+            second = self._closed
             self._closed = True
+        if second:
+            if threading.current_thread() not in self.threads():
+                self._stopped.wait(timeout)
+            return
         deadline = time.monotonic() + timeout
         self._stop_event.set()
         if self._reader is not None:
@@ -258,6 +266,7 @@ class Listener:
         if self._metrics is not None:
             self._metrics.remove(self._observer)
         log.info("%s: stopped", self.name, extra={"event": "stopped"})
+        self._stopped.set()
 
     def __enter__(self):
         return self.start()

@@ -241,20 +241,26 @@ BEGIN
     -- Made afresh: a temporary table of that name the caller made (with triggers of
     -- its own) must not be used by this SECURITY DEFINER function.
     DROP TABLE IF EXISTS pg_temp.pgnotify_sync_doomed;
-    CREATE TEMP TABLE pgnotify_sync_doomed (id bigint, channel text, xid xid8) ON COMMIT DROP;
+    -- bf, bf_role: a BACKFILL row's consumer and role (it is theirs alone: no other
+    -- consumer keeps it or counts it lost).
+    CREATE TEMP TABLE pgnotify_sync_doomed (id bigint, channel text, xid xid8, bf text, bf_role text) ON COMMIT DROP;
     -- At most p_limit rows examined: kept rows (a consumer's backlog) count too, so a
     -- batch stays short whatever the log holds.
     WITH examined AS (
-        SELECT l.id, l.channel, l.xid, l.created_at FROM pgnotify_sync.event_log l
+        SELECT l.id, l.channel, l.xid, l.created_at,
+               CASE WHEN l.operation = 'BACKFILL' THEN coalesce(l.old->>'backfill_for', '') END AS bf,
+               CASE WHEN l.operation = 'BACKFILL' THEN l.old->>'role' END AS bf_role
+          FROM pgnotify_sync.event_log l
          WHERE l.id > p_after AND l.id < coalesce(v_bound, 9223372036854775807)
          ORDER BY l.id LIMIT p_limit
     ), doomed AS (
         INSERT INTO pg_temp.pgnotify_sync_doomed
-        SELECT e.id, e.channel, e.xid FROM examined e
+        SELECT e.id, e.channel, e.xid, e.bf, e.bf_role FROM examined e
          WHERE e.created_at < v_cutoff
            AND (e.created_at < now() - make_interval(secs => v_consumer_s)
                 OR NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
-                                WHERE c.channel = e.channel AND NOT pg_visible_in_snapshot(e.xid, c.position)))
+                                WHERE c.channel = e.channel AND NOT pg_visible_in_snapshot(e.xid, c.position)
+                                  AND (e.bf IS NULL OR (c.name = e.bf AND c.role::text = e.bf_role))))
            -- a dead letter's event stays while it is parked (it may be retried)
            AND NOT EXISTS (SELECT 1 FROM pgnotify_sync.dead_letters dl
                             WHERE dl.event_id = e.id AND dl.channel = e.channel)
@@ -272,6 +278,7 @@ BEGIN
               FROM pg_temp.pgnotify_sync_doomed d
               JOIN pgnotify_sync.consumers c2
                 ON c2.channel = d.channel AND NOT pg_visible_in_snapshot(d.xid, c2.position)
+               AND (d.bf IS NULL OR (c2.name = d.bf AND c2.role::text = d.bf_role))
              WHERE NOT pgnotify_sync.consumer_handled(c2.handled, d.id, d.xid)
              GROUP BY 1, 2) g
      WHERE c.name = g.name AND c.channel = g.channel AND c.partition = g.partition;
@@ -1162,6 +1169,7 @@ CREATE OR REPLACE FUNCTION pgnotify_sync.backfill_start(p_consumer text, p_schem
 RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_channel text;
+    v_role    oid;
 BEGIN
     SELECT w.channel INTO v_channel FROM pgnotify_sync.watched_tables w
      WHERE w.schema_name = p_schema AND w.table_name = p_table;
@@ -1176,15 +1184,19 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     -- Rows logged before the consumer has a position would lie behind it, never read.
-    IF NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c WHERE c.name = p_consumer AND c.channel = v_channel
-                      AND c.role = to_regrole(quote_ident(session_user))) THEN
+    -- The backfill is the role's that keeps those positions (the caller's, or one it
+    -- is a member of: a login role that switches to it with SET ROLE).
+    SELECT c.role INTO v_role FROM pgnotify_sync.consumers c
+     WHERE c.name = p_consumer AND c.channel = v_channel AND pg_has_role(session_user, c.role, 'MEMBER')
+     ORDER BY c.role = to_regrole(quote_ident(session_user)) DESC LIMIT 1;
+    IF v_role IS NULL THEN
         RAISE EXCEPTION 'pgnotify_sync: consumer % of role % has no position on channel % yet: start its listener '
                         'once (or give it backfill=) before backfilling %.%', p_consumer, session_user, v_channel,
                         p_schema, p_table
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     INSERT INTO pgnotify_sync.backfills (consumer, schema_name, table_name, channel, role)
-    VALUES (p_consumer, p_schema, p_table, v_channel, to_regrole(quote_ident(session_user)))
+    VALUES (p_consumer, p_schema, p_table, v_channel, v_role)
     ON CONFLICT DO NOTHING;
     RETURN v_channel;
 END

@@ -234,3 +234,61 @@ def test_an_unprivileged_consumer_backfills_with_its_own_rights_and_another_role
     assert execute(items, "SELECT count(*) FROM pgnotify_sync.event_log "
                           "WHERE operation = 'BACKFILL' AND old->>'backfill_for' = 'blind_search'") == [(0,)]
     blind_listener.stop()
+
+
+def test_a_login_role_that_sets_its_role_backfills_as_that_role(items, make_listener, dsn, roles, pg_cluster, dbname):
+    """A login role whose sessions SET ROLE to the application's role (ALTER ROLE ...
+    SET role): positions, backfill and MINE all speak of the application's role."""
+    from pgnotify_sync import grant_listener
+    from test_least_privilege import PASSWORD
+    app = roles.make("app")
+    login = roles.make("login")
+    with pg_cluster.connect("postgres", autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(f"GRANT {app} TO {login}")
+        cur.execute(f"ALTER ROLE {login} IN DATABASE {dbname} SET role = {app}")
+    grant_listener(items, app, ["items"])
+    execute(items, f"GRANT SELECT ON items TO {app}")
+    mirror, errors = Mirror(), []
+    listener = make_listener.__class__(dict(dsn, user=login, password=PASSWORD))(
+        channels=("items",), consumer="search", backfill=("public.items",))
+    listener.on_event("items", mirror)
+    listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
+    listener.start()
+    wait_for(lambda: listener.health()["backfill"]["public.items"]["done"] or errors, timeout=60,
+             message="the backfill did not end")
+    assert errors == []
+    mirror_equals_table(items, mirror, listener)
+    assert mirror.backfilled == 20000
+    assert execute(items, "SELECT DISTINCT role::regrole::text FROM pgnotify_sync.backfills") == [(app,)]
+
+
+def test_another_roles_made_up_dead_letter_delivers_nothing(items, make_listener, roles):
+    """The installer's consumer sees every role's rows (row-level security does not
+    bind a table's owner): a dead letter of another role, asking to retry a row it
+    made up, is not this consumer's."""
+    import contextlib
+    from pgnotify_sync import grant_listener
+    intruder = roles.make("intruder")
+    grant_listener(items, intruder, ["items"])
+    mirror = Mirror()
+    registry = prometheus_client.CollectorRegistry()
+    listener = make_listener(channels=("items",), consumer="search", registry=registry)
+    listener.on_event("items", mirror)
+    listener.start()
+    with contextlib.closing(roles.connect(intruder)) as conn:
+        execute(conn, "INSERT INTO pgnotify_sync.consumers (name, channel, partition, position) "
+                      "VALUES ('search', 'items', 1, pg_current_snapshot())")
+        execute(conn, "SELECT pgnotify_sync.backfill_start('search', 'public', 'items')")
+        execute(conn, "SET pgnotify_sync.notify = off")      # no hint: only the dead letter names it
+        execute(conn, """SELECT pgnotify_sync.backfill_rows('search', 'public', 'items',
+                             '[{"id": 99999, "v": 666, "price": 1.5}]', pg_current_snapshot()::text)""")
+        made_up = execute(conn, "SELECT max(id) FROM pgnotify_sync.event_log")[0][0]
+        execute(conn, "INSERT INTO pgnotify_sync.dead_letters (consumer, channel, event_id, attempts, error_type, "
+                      "error, retry_requested) VALUES ('search', 'items', %s, 1, 'E', 'e', true)", (made_up,))
+    labels = {"listener": listener.name, "consumer": "search", "channel": "items"}
+    wait_for(lambda: registry.get_sample_value("pgnotify_sync_dead_letters", labels) is not None, timeout=15,
+             message="the dead letters were never counted")
+    execute(items, "UPDATE items SET v = 1 WHERE id = 2")
+    wait_for(lambda: mirror.rows.get(2) == 1, message="the live UPDATE")
+    assert registry.get_sample_value("pgnotify_sync_dead_letters", labels) == 0
+    assert 99999 not in mirror.rows

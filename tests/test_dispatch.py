@@ -134,7 +134,7 @@ class FakeHooks:
         snapshot, pages = step
         return snapshot, _pages(pages)
 
-    def fetch_ids(self, ch, ids):
+    def fetch_ids(self, ch, ids, mine=False):
         with self.lock:
             self.fetched.append(list(ids))
         found = []

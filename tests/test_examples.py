@@ -462,3 +462,5 @@ def test_the_batch_job_waits_for_its_row_with_a_deadline(jobs, dsn):
     assert late.wait() == 124 and "job 4: not finished within 0.5 s" in late.output.text()
     bad = Script(dsn, "batch_job.py", "4", POSTGRES_PORT="nope")
     assert bad.wait() == 2 and "POSTGRES_PORT" in bad.output.text()
+    away = Script(dsn, "batch_job.py", "4", POSTGRES_PORT=str(free_port()))
+    assert away.wait() == 3 and "cannot reach the database" in away.output.text()

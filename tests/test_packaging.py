@@ -27,7 +27,10 @@ def test_the_wheel_is_typed_and_claims_what_the_suite_runs_on(tmp_path):
     assert "pgnotify_sync/sql/install.sql" in names
     classifiers = set(meta.get_all("Classifier"))
     assert {"Framework :: Flask", "Topic :: Database", "Typing :: Typed"} <= classifiers
-    running = f"{sys.version_info.major}.{sys.version_info.minor}"
-    assert meta["Requires-Python"] == f">={running}"
-    assert f"Programming Language :: Python :: {running}" in classifiers
-    assert "gunicorn" not in " ".join(meta.get_all("Requires-Dist") or []).split("extra ==")[0]
+    # The floor is the oldest Python the suite runs on (this machine's), and it is the one
+    # we run on now: a claim no run of the suite checked would fail here.
+    assert meta["Requires-Python"] == ">=3.11"
+    assert sys.version_info[:2] >= (3, 11)
+    assert "Programming Language :: Python :: 3.11" in classifiers
+    runtime = [r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r]
+    assert runtime and not [r for r in runtime if r.lower().startswith(("gunicorn", "flask", "pytest"))]

@@ -427,3 +427,26 @@ def test_close_on_signal_closes_from_a_thread_and_passes_the_signal_on():
     finally:
         signal.signal(signal.SIGUSR1, before)
         listener.stop()
+
+
+def test_close_on_signal_with_the_default_action_ends_the_process_after_the_work(tmp_path):
+    # A plain script (no server handler): SIGTERM still ends it, once the streams are closed.
+    import signal
+    import subprocess
+    import sys
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from pgnotify_sync import Config, Listener\n"
+        "from pgnotify_sync.sse import SSEBridge, allow_all\n"
+        "listener = Listener(Config(postgres_user='u', postgres_db='d', channels=('m',)), registry=False)\n"
+        "bridge = SSEBridge(listener, ['m'], authorize=allow_all)\n"
+        "bridge.close_on_signal(signal.SIGTERM, grace_s=0.0, then=lambda: print('closed', flush=True))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+        "print('not ended', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=10)
+    assert out == "closed\n" and proc.returncode == 128 + signal.SIGTERM

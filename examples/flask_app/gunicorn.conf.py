@@ -51,10 +51,14 @@ def post_worker_init(worker):
 
 
 def worker_int(worker):
-    # SIGINT / SIGQUIT: gunicorn exits the worker at once.
+    # SIGINT / SIGQUIT: gunicorn exits the worker right after this hook, which runs in
+    # its signal handler: the work goes to a thread (a handler must not take locks
+    # the interrupted code may hold), given a second.
+    import threading
     from app import bridge, listener
-    bridge.close()
-    listener.stop(timeout=1.0)
+    closing = threading.Thread(target=lambda: (bridge.close(), listener.stop(timeout=1.0)), daemon=True)
+    closing.start()
+    closing.join(1.0)
 
 
 def worker_exit(server, worker):

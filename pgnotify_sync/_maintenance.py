@@ -3,12 +3,14 @@ objects on a scheduler that sleeps until the next one is due (in place of a loop
 polling four jobs every 0.25 s).
 
 A task that raises is logged and runs again at its next time: maintenance never
-stops because of one failure (a database away, a trim that timed out).
+stops because of one failure (a database away, a trim that timed out). The
+listener's own tasks are :func:`listener_tasks`.
 """
 
 import logging
 import time
 
+from ._deadletters import POLL_S as DEAD_LETTER_POLL_S
 from ._threads import spawn
 from .errors import PrivilegeError, first_line
 
@@ -92,3 +94,33 @@ class TrimUnlessRefused:
             self.refused = True
             log.info("%s", exc, extra={"event": "retention_not_granted"})
             return 0
+
+
+# A listener's tasks (listener_tasks). How soon the maintenance thread resumes a
+# channel that fell back to the log once there is room again, and sends buffered
+# publishes once the database is back.
+RESUME_EVERY_S = 0.25
+FLUSH_EVERY_S = 0.25
+# Pooled connections kept open: one for the workers' reads of hinted rows, one for
+# maintenance (lag, retention, publish) so neither opens one while the other reads.
+WARM_CONNECTIONS = 2
+POOL_FILL_EVERY_S = 5.0
+
+
+def listener_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup,
+                       poll_dead_letters):
+    """The tasks of a Listener's maintenance thread."""
+    tasks = [
+        # Reads on the delivery path find a connection open (no connect stall).
+        Every("open pooled connections", POOL_FILL_EVERY_S, fill_pool, first_s=0.0, when=listening),
+        Every("retry overflowed channels", RESUME_EVERY_S, dispatcher.retry_overflowed),
+        Every("flush publishes", FLUSH_EVERY_S, publisher.flush, when=lambda: len(publisher) > 0),
+        # Lag feeds the metrics and health().
+        Every("lag", cfg.health_check_interval_s, update_lag, first_s=1.0, when=listening),
+    ]
+    if poll_dead_letters:
+        tasks.append(Every("dead letters", DEAD_LETTER_POLL_S, poll_dead_letters, first_s=0.5, when=listening))
+    if cfg.cleanup_interval_s:
+        tasks.append(Every("retention", cfg.cleanup_interval_s, TrimUnlessRefused(cleanup),
+                           first_s=min(cfg.cleanup_interval_s, 5.0), when=has_log))
+    return tasks

@@ -40,7 +40,7 @@ from ._keys import catalog_keys
 from ._hooks import ListenerHooks
 from ._lifecycle import ConnectionState, Lifecycle
 from ._listener_args import checked_backfill, checked_checkpoint_every, checked_consumer, checked_name, checked_registry
-from ._maintenance import Every, Maintenance, TrimUnlessRefused
+from ._maintenance import WARM_CONNECTIONS, Maintenance, listener_tasks
 from ._poller import Poller
 from ._observe import Observer, new_stats
 from ._publisher import Publisher
@@ -51,23 +51,13 @@ from ._threads import join_all, spawn
 from .config import Config
 from .errors import ConfigError, ConnectError, ListenerStateError
 from .events import typed
-from ._deadletters import POLL_S as DEAD_LETTER_POLL_S, list_dead_letters, queue_retries, request_retry
+from ._deadletters import list_dead_letters, queue_retries, request_retry
 from .metrics import collector_for
 from .signals import ListenerSignals
 
 log = logging.getLogger("pgnotify_sync")
 
 _names = itertools.count(1)
-
-
-# How soon the maintenance thread resumes a channel that fell back to the log once
-# there is room again, and sends buffered publishes once the database is back.
-RESUME_EVERY_S = 0.25
-FLUSH_EVERY_S = 0.25
-# Pooled connections kept open: one for the workers' reads of hinted rows, one for
-# maintenance (lag, retention, publish) so neither opens one while the other reads.
-WARM_CONNECTIONS = 2
-POOL_FILL_EVERY_S = 5.0
 
 
 class Listener:
@@ -422,7 +412,7 @@ class Listener:
             listener_connect_kwargs=conns.listener_connect_kwargs, expect_catchup=hooks.expect_catchup)
         self._reader = parts.reader = Reader(host, self._stop_event)
         has_log = lambda: self._reader.installed is not False     # noqa: E731 - known after connecting
-        self._maintenance = Maintenance(f"{self.name}-maintenance", self._stop_event, _maintenance_tasks(
+        self._maintenance = Maintenance(f"{self.name}-maintenance", self._stop_event, listener_tasks(
             cfg, has_log, lambda: has_log() and self._lifecycle.state is ConnectionState.LISTENING,
             lambda: self._connections.pool.fill(WARM_CONNECTIONS), self._dispatcher, self._publisher,
             self._observer.update_lag, self.cleanup, self.consumer and (lambda: queue_retries(
@@ -437,24 +427,6 @@ class Listener:
         if self.backfill:
             self._backfiller = spawn(functools.partial(backfill.run_for, self._parts, self.backfill),
                                      f"{self.name}-backfill")
-
-
-def _maintenance_tasks(cfg, has_log, listening, fill_pool, dispatcher, publisher, update_lag, cleanup,
-                       poll_dead_letters):
-    tasks = [
-        # Reads on the delivery path find a connection open (no connect stall).
-        Every("open pooled connections", POOL_FILL_EVERY_S, fill_pool, first_s=0.0, when=listening),
-        Every("retry overflowed channels", RESUME_EVERY_S, dispatcher.retry_overflowed),
-        Every("flush publishes", FLUSH_EVERY_S, publisher.flush, when=lambda: len(publisher) > 0),
-        # Lag feeds the metrics and health().
-        Every("lag", cfg.health_check_interval_s, update_lag, first_s=1.0, when=listening),
-    ]
-    if poll_dead_letters:
-        tasks.append(Every("dead letters", DEAD_LETTER_POLL_S, poll_dead_letters, first_s=0.5, when=listening))
-    if cfg.cleanup_interval_s:
-        tasks.append(Every("retention", cfg.cleanup_interval_s, TrimUnlessRefused(cleanup),
-                           first_s=min(cfg.cleanup_interval_s, 5.0), when=has_log))
-    return tasks
 
 
 def _typed_call(handler, model, converter, event):

@@ -164,11 +164,21 @@ def test_the_cli_refuses_a_consumer_that_never_ran(items, dsn):
     assert execute(items, "SELECT count(*) FROM pgnotify_sync.event_log WHERE operation = 'BACKFILL'") == [(0,)]
 
 
+def as_role(make_listener, role_dsn, **kwargs):
+    """A listener connecting with *role_dsn*, stopped at teardown with the fixture's
+    (before the test's roles are dropped: a listener left running retries their
+    login for ever)."""
+    listener = make_listener.__class__(role_dsn)(**kwargs)
+    make_listener.listeners.append(listener)
+    return listener
+
+
 @pytest.fixture
-def roles(pg_cluster, dbname):
+def roles(pg_cluster, dbname, make_listener):
     from test_least_privilege import Roles
     r = Roles(pg_cluster, dbname)
     yield r
+    make_listener.stop_all()        # their listeners first: a dropped role's login fails
     r.drop_all([dbname])
 
 
@@ -192,7 +202,7 @@ def test_an_unprivileged_consumer_backfills_with_its_own_rights_and_another_role
                       "VALUES ('search', 'items', 1, pg_current_snapshot())")
     as_reader = dict(dsn, user=reader, password=PASSWORD)
     mirror, errors = Mirror(), []
-    listener = make_listener.__class__(as_reader)(channels=("items",), consumer="search")
+    listener = as_role(make_listener, as_reader, channels=("items",), consumer="search")
     listener.on_event("items", mirror)
     listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
     listener.start()
@@ -209,8 +219,8 @@ def test_an_unprivileged_consumer_backfills_with_its_own_rights_and_another_role
     # name (a denial of service, not an invented event); once it is gone, it runs.
     execute(items, "DELETE FROM pgnotify_sync.backfills")
     registry = prometheus_client.CollectorRegistry()
-    listener = make_listener.__class__(as_reader)(channels=("items",), consumer="search", backfill=("public.items",),
-                                                  registry=registry)
+    listener = as_role(make_listener, as_reader, channels=("items",), consumer="search", backfill=("public.items",),
+                       registry=registry)
     listener.on_event("items", mirror)
     listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
     listener.start()
@@ -224,8 +234,8 @@ def test_an_unprivileged_consumer_backfills_with_its_own_rights_and_another_role
     listener.stop()
     # A role that may not read the table: the backfill fails and logs nothing.
     as_blind = dict(dsn, user=blind, password=PASSWORD)
-    blind_listener = make_listener.__class__(as_blind)(channels=("items",), consumer="blind_search",
-                                                       backfill=("public.items",))
+    blind_listener = as_role(make_listener, as_blind, channels=("items",), consumer="blind_search",
+                             backfill=("public.items",))
     blind_listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
     blind_listener.start()
     wait_for(lambda: errors, message="the backfill of a table the role may not read did not fail")
@@ -249,8 +259,8 @@ def test_a_login_role_that_sets_its_role_backfills_as_that_role(items, make_list
     grant_listener(items, app, ["items"])
     execute(items, f"GRANT SELECT ON items TO {app}")
     mirror, errors = Mirror(), []
-    listener = make_listener.__class__(dict(dsn, user=login, password=PASSWORD))(
-        channels=("items",), consumer="search", backfill=("public.items",))
+    listener = as_role(make_listener, dict(dsn, user=login, password=PASSWORD), channels=("items",),
+                       consumer="search", backfill=("public.items",))
     listener.on_event("items", mirror)
     listener.signals.error.connect(lambda sender, **kw: errors.append(kw), weak=False)
     listener.start()

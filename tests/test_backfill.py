@@ -302,3 +302,34 @@ def test_another_roles_made_up_dead_letter_delivers_nothing(items, make_listener
     wait_for(lambda: mirror.rows.get(2) == 1, message="the live UPDATE")
     assert registry.get_sample_value("pgnotify_sync_dead_letters", labels) == 0
     assert 99999 not in mirror.rows
+
+
+def test_the_cli_resumes_after_sigterm_and_sigkill_without_a_gap_or_a_repeat(items, make_listener, dsn):
+    import signal
+    from test_cli import Cli
+    mirror = Mirror()
+    counts = {}
+
+    def count(event):
+        if event.operation is Operation.BACKFILL:
+            with mirror.lock:
+                counts[event.data["id"]] = counts.get(event.data["id"], 0) + 1
+        mirror(event)
+    search = make_listener(channels=("items",), consumer="search")
+    search.on_event("items", count)
+    search.start()
+    runner = Cli(dsn)
+    try:
+        for sig, code in ((signal.SIGTERM, 130), (signal.SIGKILL, -signal.SIGKILL)):
+            run = runner.start("backfill", "public.items", "--consumer", "search", "--chunk-rows", "50")
+            run.wait_line(lambda line: '"done": false' in line, message="no progress")
+            run.popen.send_signal(sig)
+            assert run.wait() == code
+            assert execute(items, "SELECT rows < 20000 FROM pgnotify_sync.backfills") == [(True,)]
+        run = runner.start("backfill", "public.items", "--consumer", "search", "--chunk-rows", "5000")
+        assert run.wait(timeout=120) == 0, "".join(run.stderr)
+        assert run.events()[-1] == {"table": "public.items", "rows": 20000, "done": True}
+    finally:
+        runner.close()
+    mirror_equals_table(items, mirror, search)
+    assert len(counts) == 20000 and set(counts.values()) == {1}, "a row backfilled twice, or never"

@@ -450,3 +450,16 @@ def test_close_on_signal_with_the_default_action_ends_the_process_after_the_work
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=10)
     assert out == "closed\n" and proc.returncode == 128 + signal.SIGTERM
+
+
+def test_a_busy_stream_asks_about_its_socket_once_a_second_not_once_a_batch(guarded):
+    asked = []
+    client, hooks = guarded(1, ["messages"], 10_000), FakeHooks()
+    body = stream(client, hooks, 60.0, None, 0, None, lambda: asked.append(1) or False)
+    assert next(body) == RETRY
+    for i in range(200):                      # 200 batches, well within a second
+        client.offer(entries(i)[0])
+        assert frames_of(next(body)) == [i]
+    assert len(asked) <= 1
+    client.end("closed")
+    assert list(body) == [RECONNECT]

@@ -60,7 +60,8 @@ class DispatchHooks(typing.Protocol):
         *target* and not in ch.position (the position check)."""
 
     def fetch_range(self, ch, rng, after=0, previous=None) -> tuple:
-        """(a page of the range's events above id *after*, whether more follow)."""
+        """(a page of the range's rows above id *after* as RangeRows, whether more
+        follow)."""
 
     def others_in_range(self, ch, rng) -> int:
         """How many rows of a range that gave none are another consumer's BACKFILL

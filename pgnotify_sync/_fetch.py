@@ -13,6 +13,7 @@ abandoned as failed (:class:`CatchUpFailed`), the channel falls back to the log
 and its result, if it ever comes, is dropped.
 """
 
+import collections
 import itertools
 import queue
 import threading
@@ -26,6 +27,19 @@ from .events import DatabaseEvent, EventRange
 # (1000-row statements): 2 gave 1.7x the events/s of no read-ahead, 4 another 1.2x
 # direct and 1.3x through SSH tunnels, where each read waits longer for its answer.
 READ_AHEAD = 4
+
+# A statement wider than SLICE_IDS ids is read as slices of that many ids, the next
+# SLICES_AHEAD of them at once on fetch threads while one is delivered: the server
+# builds slice k+1 while this process parses slice k (pages of one slice follow one
+# another: each starts after the last id of the page before it). Measured on one
+# 100,000-row statement, COMMIT to the last handler call: 0.47-0.56 s read as pages
+# one after another, 0.29-0.39 s as slices (3 runs each). In memory: at most
+# 1 + SLICES_AHEAD slices a range. A statement spans at most MAX_SLICES slices
+# (wider ones: wider slices, paged), so even a forged range of the widest span
+# costs a bounded number of queries.
+SLICE_IDS = 10_000
+SLICES_AHEAD = 3
+MAX_SLICES = 1000
 
 # Beyond its own deadlines, a read is given this long (a loaded machine, a slow
 # tunnel) before the worker gives up on it.
@@ -135,6 +149,53 @@ def read_ahead(ch, items, start, queued, read):
                         return
             elif cls is not DatabaseEvent:
                 return
+
+
+def first_slice(rng):
+    """The first slice of statement *rng* (all of it when it is narrow): what a read
+    ahead reads, and so the first of :func:`slices`."""
+    width = _slice_width(rng)
+    return rng if rng.last - rng.first < width else EventRange(rng.channel, rng.xid, rng.first,
+                                                                 rng.first + width - 1, rng.n)
+
+
+def _slice_width(rng):
+    return max(SLICE_IDS, -(-(rng.last - rng.first + 1) // MAX_SLICES))
+
+
+def slices(rng):
+    """The slices of *rng*, in id order, made as they are asked for."""
+    width = _slice_width(rng)
+    if rng.last - rng.first < width:
+        yield rng
+        return
+    for lo in range(rng.first, rng.last + 1, width):
+        yield EventRange(rng.channel, rng.xid, lo, min(lo + width - 1, rng.last), rng.n)
+
+
+def read_slices(rng, first, submit, result):
+    """Every page (RangeRows) of statement *rng*, in id order: its slices read up to
+    SLICES_AHEAD ahead of the one delivered (``submit(part, after, previous)``
+    returns a Job, ``result(job)`` its page), the pages of one slice one after
+    another. *first* is the Job of the first slice (a read ahead's) or None."""
+    parts = slices(rng)
+    jobs = collections.deque()
+    for part in parts:
+        jobs.append((part, first if first is not None and not jobs else submit(part, 0, None)))
+        if len(jobs) == SLICES_AHEAD:
+            break
+    while jobs:
+        part, job = jobs.popleft()
+        following = next(parts, None)
+        if following is not None:
+            jobs.append((following, submit(following, 0, None)))
+        rows, more = result(job)
+        while True:
+            after = submit(part, rows.ids[-1], len(rows)) if more and rows.ids else None
+            yield rows
+            if after is None:
+                break
+            rows, more = result(after)
 
 
 def read_pages(read, submit, result, on_page):

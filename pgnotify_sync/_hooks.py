@@ -104,9 +104,9 @@ class ListenerHooks:
 
     def fetch_range(self, ch, rng, after=0, previous=None):
         """The rows of one statement, announced by id range, after id *after*: one
-        page (*previous* is the row count of the page before it) and whether more
-        follow it."""
-        read = self._p.connections.event_log.range_page
+        page (RangeRows; *previous* is the row count of the page before it) and
+        whether more follow it."""
+        read = self._p.connections.event_log.range_rows
         if ch.partition is None:
             return read(ch.name, ch.wire, rng, after, previous)
         key = (ch.wire, rng.xid, rng.first, rng.last, after, previous)

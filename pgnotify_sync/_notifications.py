@@ -59,13 +59,20 @@ class Router:
                                  "details": {"operation": getattr(event, "operation", None),
                                              "table": getattr(event, "table", None)}})
             events = groups.get(ch)
+            if type(event) is EventRange:
+                received += event.n - 1
+                ch.received += event.n - 1
+                if events:
+                    last = events[-1]
+                    if type(last) is EventRange and last.xid == event.xid and last.last + 1 == event.first:
+                        # The next statement of the same transaction, its ids right after:
+                        # one range (read in slices of SLICE_IDS, not a query per statement).
+                        events[-1] = EventRange(ch.name, event.xid, last.first, event.last, last.n + event.n)
+                        continue
             if events is None:
                 groups[ch] = [event]
             else:
                 events.append(event)
-            if type(event) is EventRange:
-                received += event.n - 1
-                ch.received += event.n - 1
         if received:
             self.decode_hist.observe((time.perf_counter() - started) / received)
         for ch, events in groups.items():

@@ -48,28 +48,44 @@ def fresh_list(ch, events, remember=True):
 
 def fresh_range(ch, events, xid, compact=True):
     """``fresh_list`` for the rows of one statement (transaction *xid*, which
-    the caller found not visible in the position, ids in increasing order).
-    Usually none was handled: that is checked with one set operation, and the
-    statement is remembered as one (first, last, n) record of its transaction
-    instead of n ids (a 200,000-row burst otherwise fills a dict of 200,000 ids
-    until the position moves past it)."""
-    if ch.partial or not events:
-        return fresh_list(ch, events)
-    ids = [e.id for e in events]
+    the caller found not visible in the position, ids in increasing order)."""
+    if fresh_ids(ch, [e.id for e in events], xid, compact):
+        return events
+    return fresh_list(ch, events)
+
+
+def fresh_ids(ch, ids, xid, compact=True, after=None):
+    """True if none of the rows *ids* of one statement (transaction *xid*, not
+    visible in the position, ids increasing) was handled: they are then
+    remembered as handled. False: some may have been (nothing remembered; the
+    caller takes ``fresh_list`` of their events).
+
+    Usually none was: that is checked with one set operation, and the statement
+    is remembered as one (first, last, n) record of its transaction instead of n
+    ids (a 200,000-row burst otherwise fills a dict of 200,000 ids until the
+    position moves past it). *after*: the last id of the rows remembered just
+    before these, of the same statement with none of its rows between (the
+    chunk before): their record, if it is still the last, is extended, so a
+    statement read in many chunks stays one record."""
+    if ch.partial or not ids:
+        return False
     if not ch.handled.keys().isdisjoint(ids):
-        return fresh_list(ch, events)
+        return False
     first, last = ids[0], ids[-1]
     ranges = ch.xranges.get(xid)
     if ranges and any(f <= last and first <= l for f, l, _ in ranges):
-        return fresh_list(ch, events)
+        return False
     if compact:
         if ranges is None:
             ch.xranges[xid] = [(first, last, len(ids))]
+        elif after is not None and ranges[-1][1] == after:
+            f, _, n = ranges[-1]
+            ranges[-1] = (f, last, n + len(ids))
         else:
             ranges.append((first, last, len(ids)))
     else:
         ch.handled.update(dict.fromkeys(ids, xid))
-    return events
+    return True
 
 
 def move(ch, snapshot):

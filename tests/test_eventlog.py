@@ -140,6 +140,35 @@ def test_range_page_is_exactly_the_statements_rows(tdb, dsn, log):
     assert ids(events) == sorted(ids(events)) and ids(events)[0] == rng.first and ids(events)[-1] == rng.last
 
 
+def test_range_page_of_one_statement_is_one_aggregate_and_of_two_tables_grouped(tdb, log, monkeypatch):
+    """A statement's rows share operation and table: read without GROUP BY (the
+    grouped read is not used). A range over two tables' statements of one
+    transaction (only a forged hint names one) is read again grouped, each row with
+    its own table."""
+    xid = insert_rows(tdb, 20)
+    grouped = []
+    real_read = EventLog._read
+    monkeypatch.setattr(EventLog, "_read", lambda self, *a: grouped.append(a[1]) or real_read(self, *a))
+    events, more = log.range_page("t", "t", statement_range(tdb, xid))
+    assert events == logged(tdb) and more is False and grouped == []
+    with tdb:
+        execute(tdb, "INSERT INTO t SELECT g, 'a' FROM generate_series(100, 104) g")
+        execute(tdb, "INSERT INTO t2 SELECT g, 'b' FROM generate_series(1, 5) g")
+        xid2 = execute(tdb, "SELECT pg_current_xact_id()::text::bigint")[0][0]
+    events, more = log.range_page("t", "t", statement_range(tdb, xid2))
+    assert grouped == [_eventlog._RANGE_SQL_GROUPED] and more is False
+    assert events == logged(tdb, "xid::text::bigint = %s", (xid2,))
+    assert [e.table for e in events] == ["t"] * 5 + ["t2"] * 5
+
+
+def test_range_rows_build_events_by_chunk(tdb, log):
+    xid = insert_rows(tdb, 10)
+    rows, more = log.range_rows("t", "t", statement_range(tdb, xid))
+    assert len(rows) == 10 and more is False
+    assert rows.events(0, 4) + rows.events(4, 10) == rows.events() == logged(tdb)
+    assert rows.events(8, 99) == logged(tdb)[8:]
+
+
 def test_range_page_channel_is_the_logical_name(tdb, log):
     xid = insert_rows(tdb, 3)
     events, _ = log.range_page("logical", "t", statement_range(tdb, xid))

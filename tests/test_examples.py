@@ -193,10 +193,20 @@ def lobby_and_alice(db):
     return [r[0] for r in execute(db, "SELECT id FROM messages WHERE room IN ('lobby', 'alice') ORDER BY id")]
 
 
-def browsers_on_both_workers(server, cookie, most=12):
-    """Browsers until streams on both workers are open (the kernel picks the worker)."""
+def browsers_on_both_workers(server, cookie, most=20):
+    """Browsers until streams on both workers are open (the kernel picks the worker,
+    among those accepting: both have answered /health first, ready, listening)."""
     browsers = []
     workers = wait_for(lambda: len(server.workers()) == 2 and server.workers(), message="two workers")
+    answered = set()
+
+    def both_answer():
+        status, headers, _ = server.get("/health")
+        if status == 200:
+            answered.add(int(dict(headers)["X-Worker-Pid"]))
+        return answered == workers
+
+    wait_for(both_answer, timeout=30, message="both workers answer /health with 200")
     while len(browsers) < most:
         browsers.append(Browser(server.port, cookie))
         wait_for(lambda: browsers[-1].streams, message="a stream did not open")

@@ -10,7 +10,9 @@ from helpers import wait_for
 from pgnotify_sync import Config
 from pgnotify_sync._channel import Advance, ChannelState
 from pgnotify_sync._eventlog import CatchUpFailed
-from pgnotify_sync._fetch import READ_AHEAD, Fetcher, Job, fetch_timeout_s, read_ahead
+from pgnotify_sync._eventlog import RangeRows
+from pgnotify_sync._fetch import (MAX_SLICES, READ_AHEAD, SLICE_IDS, SLICES_AHEAD, Fetcher, Job, fetch_timeout_s,
+                                  first_slice, read_ahead, read_slices, slices)
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync._threads import join_all, spawn
 from pgnotify_sync.events import DatabaseEvent, EventRange, Operation
@@ -139,6 +141,52 @@ def test_read_ahead_skips_ranges_of_handled_transactions():
 
 
 # -- threads ------------------------------------------------------------------------------
+
+
+def test_slices_cover_a_range_in_id_order_and_are_bounded_in_number():
+    narrow = EventRange("a", 7, 1, SLICE_IDS, SLICE_IDS)
+    assert list(slices(narrow)) == [narrow] and first_slice(narrow) is narrow
+    wide = EventRange("a", 7, 5, 5 + 2 * SLICE_IDS, 2 * SLICE_IDS + 1)
+    parts = list(slices(wide))
+    assert [(p.first, p.last) for p in parts] == [(5, 4 + SLICE_IDS), (5 + SLICE_IDS, 4 + 2 * SLICE_IDS),
+                                                  (5 + 2 * SLICE_IDS, 5 + 2 * SLICE_IDS)]
+    assert all(p.xid == 7 and p.channel == "a" for p in parts) and first_slice(wide) == parts[0]
+    widest = EventRange("a", 7, 1, 1 << 27, 1 << 21)       # events.MAX_RANGE_SPAN
+    parts = slices(widest)
+    assert sum(1 for _ in parts) <= MAX_SLICES
+    assert first_slice(widest) == next(slices(widest))
+
+
+def test_read_slices_keeps_slices_ahead_and_pages_each_slice_in_order():
+    """The first slice's Job is the read ahead's; SLICES_AHEAD more are asked for
+    before the first is delivered; a slice cut short is read on after its last id
+    before the next slice comes."""
+    rng = EventRange("a", 7, 1, 5 * SLICE_IDS, 5 * SLICE_IDS)
+    asked = []
+
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+    def submit(part, after, previous):
+        asked.append((part.first, after))
+        ids = list(range(max(part.first, after + 1), part.last + 1))
+        if part.first == 1 + SLICE_IDS and after == 0:      # the second slice comes in two pages
+            return Done((RangeRows.of([ev(i) for i in ids[:10]]), True))
+        return Done((RangeRows.of([ev(i) for i in ids]), False))
+
+    first = Done((RangeRows.of([ev(i) for i in range(1, SLICE_IDS + 1)]), False))
+    pages = read_slices(rng, first, submit, lambda job: job.value)
+    page = next(pages)
+    assert page.ids == list(range(1, SLICE_IDS + 1))
+    assert asked == [(1 + k * SLICE_IDS, 0) for k in range(1, SLICES_AHEAD + 1)]
+    got = page.ids + [i for page in pages for i in page.ids]
+    assert got == list(range(1, 5 * SLICE_IDS + 1))
+    assert (1 + SLICE_IDS, 10 + SLICE_IDS) in asked        # read on after the cut page's last id
+
+
+def ev(ident):
+    return DatabaseEvent("a", Operation.INSERT, "public", "t", {}, None, ident, 7)
 
 
 def test_join_all_names_threads_that_would_not_stop():

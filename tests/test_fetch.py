@@ -11,7 +11,7 @@ from pgnotify_sync import Config
 from pgnotify_sync._channel import Advance, ChannelState
 from pgnotify_sync._eventlog import CatchUpFailed
 from pgnotify_sync._eventlog import RangeRows
-from pgnotify_sync._fetch import (MAX_SLICES, READ_AHEAD, SLICE_IDS, SLICES_AHEAD, Fetcher, Job, fetch_timeout_s,
+from pgnotify_sync._fetch import (MAX_SLICES, READ_AHEAD, SLICE_IDS, SLICES_AHEAD, Fetcher, fetch_timeout_s,
                                   first_slice, read_ahead, read_slices, slices)
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync._threads import join_all, spawn
@@ -183,10 +183,6 @@ def test_read_slices_keeps_slices_ahead_and_pages_each_slice_in_order():
     got = page.ids + [i for page in pages for i in page.ids]
     assert got == list(range(1, 5 * SLICE_IDS + 1))
     assert (1 + SLICE_IDS, 10 + SLICE_IDS) in asked        # read on after the cut page's last id
-
-
-def ev(ident):
-    return DatabaseEvent("a", Operation.INSERT, "public", "t", {}, None, ident, 7)
 
 
 def test_join_all_names_threads_that_would_not_stop():

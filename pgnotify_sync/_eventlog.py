@@ -9,6 +9,7 @@ The log is the truth: whatever a notification said, the events handed to handler
 are built here from rows read on our own connection.
 """
 
+import bisect
 import contextlib
 import itertools
 import logging
@@ -93,13 +94,28 @@ _BECAME_VISIBLE = """channel = %(channel)s
 
 _CATCHUP_SQL = _ROWS.format(where=_BECAME_VISIBLE + " AND id > %(after)s", limit="LIMIT %(limit)s")
 
-# xid compared as text on purpose: not indexable, so the planner takes the id range on
-# the primary key. With "xid = X" it may pick the xid index and walk every entry of a
-# big transaction for each 1000-row range (seen on a log without statistics yet).
-_RANGE_WHERE = ("id BETWEEN %(first)s AND %(last)s AND xid::text = %(xid)s AND channel = %(channel)s AND " +
-                MINE)
+# xid compared through coalesce() on purpose: not indexable, so the planner takes the
+# id range on the primary key. With "xid = X" it may pick the xid index and walk
+# every entry of a big transaction for each 1000-row range (seen on a log without
+# statistics yet). (xid::text = X did the same at twice the cost a row.)
+_RANGE_WHERE = ("id BETWEEN %(first)s AND %(last)s AND coalesce(xid, '0'::xid8) = %(xid)s::xid8 "
+                "AND channel = %(channel)s AND " + MINE)
 _RANGE_SQL = _ONE_GROUP.format(where=_RANGE_WHERE, limit="LIMIT %(limit)s")
 _RANGE_SQL_GROUPED = _ROWS.format(where=_RANGE_WHERE, limit="LIMIT %(limit)s")
+# The first page of a slice, without the window of the byte bound (half the
+# server's time a page): rows wider than %(row_max)s bytes are left out of the
+# text and the first one's id returned, where the client cuts the page (the rest
+# comes by _RANGE_SQL). So a page is at most FAST_PAGE rows of at most
+# FAST_ROW_BYTES: FAST_TEXT_BYTES.
+_RANGE_FAST_SQL = (
+    "SELECT min(operation{c}), max(operation{c}), min(schema_name{c}), max(schema_name{c}), "
+    "min(table_name{c}), max(table_name{c}), '[' || string_agg(concat_ws(',', id, coalesce(data::text, 'null'), "
+    "coalesce(old::text, 'null')), ',') FILTER (WHERE size <= %(row_max)s) || ']', "
+    "min(id) FILTER (WHERE size > %(row_max)s) "
+    "FROM (SELECT *, coalesce(octet_length(data::text), 4) + coalesce(octet_length(old::text), 4) AS size "
+    "      FROM (SELECT id, operation, schema_name, table_name, data, old FROM pgnotify_sync.event_log "
+    "             WHERE {w} ORDER BY id LIMIT %(limit)s) l) s").format(c=_C, w=_RANGE_WHERE)
+FAST_PAGE = 10_000
 # A range none of whose rows is this listener's: how many are another consumer's
 # BACKFILL rows (a backfill's chunk is one statement: all of its rows are, or none).
 _OTHERS_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE id BETWEEN %(first)s AND %(last)s "
@@ -275,24 +291,53 @@ class EventLog:
 
     def range_rows(self, channel, wire, rng, after=0, previous=None):
         """:meth:`range_page` as :class:`RangeRows`, whose events are built when
-        asked for (the worker builds them a chunk at a time, as it delivers)."""
-        limit = page_rows(RANGE_PAGE, previous)
+        asked for (the worker builds them a chunk at a time, as it delivers).
+
+        The first page (and one after a full first page) is read by _RANGE_FAST_SQL;
+        after a page cut by a wide row, or by bytes, the rest by _RANGE_SQL."""
+        fast = min(FAST_PAGE, RANGE_PAGE)
         params = {"first": max(rng.first, after + 1), "last": rng.last, "xid": str(rng.xid), "channel": wire,
-                  "limit": limit, "max_bytes": PAGE_BYTES, "consumer": self._consumer}
+                  "max_bytes": PAGE_BYTES, "consumer": self._consumer}
+        if previous is None or previous == fast:
+            params.update(limit=fast, row_max=2 * PAGE_BYTES // fast)
+            rows, more = self._range_query(channel, _RANGE_FAST_SQL, params, rng.xid)
+            if rows is not None:
+                return rows, more
+            # its first row is wider than row_max: read by bytes
+        params["limit"] = page_rows(RANGE_PAGE, previous)
+        return self._range_query(channel, _RANGE_SQL, params, rng.xid)
+
+    def _range_query(self, channel, sql_text, params, xid):
+        """One page of a range by *sql_text* (_RANGE_SQL or _RANGE_FAST_SQL): its
+        RangeRows and whether more may follow; (None, True) if the fast read's
+        first row was too wide for it."""
+        limit = params["limit"]
         with _readable(), self._pool.connection() as conn, conn.cursor() as cur:
-            cur.execute(_RANGE_SQL, params)
+            cur.execute(sql_text, params)
             op, op_, schema, schema_, table, table_, text, cut = cur.fetchone()
+        wide = cut if sql_text is _RANGE_FAST_SQL else None      # the first too wide row's id, or None
         if text is None:
-            return RangeRows.of([]), False
+            return (None, True) if wide is not None else (RangeRows.of([]), False)
         if op != op_ or schema != schema_ or table != table_:
             events, cut = self._read(channel, _RANGE_SQL_GROUPED, params)   # rows of several statements
             return RangeRows.of(events), cut or len(events) == limit
         flat = loads(text)
         ids = flat[0::3]
-        rows = RangeRows(channel, OPERATIONS[op], schema, table, rng.xid, flat, ids)
         if ids != sorted(ids):
-            rows = RangeRows.of(sorted(rows.events(), key=_event_id))
-        return rows, cut or len(ids) == limit
+            # (the rows come in id order from the index scan; nothing is assumed)
+            order = sorted(range(len(ids)), key=ids.__getitem__)
+            flat = [v for i in order for v in flat[3 * i:3 * i + 3]]
+            ids = flat[0::3]
+        if wide is not None:
+            # only the rows before the first wide one: the page ends there
+            keep = bisect.bisect_left(ids, wide)
+            if keep == 0:
+                return None, True
+            del flat[3 * keep:]
+            ids = flat[0::3]
+            cut = True
+        rows = RangeRows(channel, OPERATIONS[op], schema, table, xid, flat, ids)
+        return rows, bool(cut) or len(ids) == limit
 
     def others_in_range(self, wire, rng):
         """How many rows of statement *rng* are another consumer's BACKFILL rows

@@ -222,6 +222,30 @@ def test_range_page_byte_bound_cuts_pages(tdb, log, monkeypatch):
     assert len(everything) == 30
 
 
+def test_range_page_fast_read_ends_before_a_wide_row(tdb, log):
+    """The first page leaves the byte bound's window out: it holds rows of at most
+    2 * PAGE_BYTES // FAST_PAGE bytes and ends before the first wider one, which
+    comes (with the rest) by the byte-bounded read."""
+    row_max = 2 * _eventlog.PAGE_BYTES // _eventlog.FAST_PAGE
+    with tdb:
+        execute(tdb, "INSERT INTO t SELECT g, CASE WHEN g = 6 THEN repeat('w', %s) ELSE 'n' END "
+                     "FROM generate_series(1, 10) g", (row_max + 1,))
+        xid = execute(tdb, "SELECT pg_current_xact_id()::text::bigint")[0][0]
+    rng = statement_range(tdb, xid)
+    first, more = log.range_page("t", "t", rng)
+    assert ids(first) == list(range(rng.first, rng.first + 5)) and more is True
+    pages = read_all_ranges(log, rng)
+    assert [e for events, _ in pages for e in events] == logged(tdb)
+
+
+def test_range_page_whose_first_row_is_wide_reads_by_bytes_at_once(tdb, log):
+    row_max = 2 * _eventlog.PAGE_BYTES // _eventlog.FAST_PAGE
+    xid = insert_rows(tdb, 10, width=row_max + 1)
+    rng = statement_range(tdb, xid)
+    events, more = log.range_page("t", "t", rng)
+    assert events == logged(tdb) and more is False
+
+
 def test_range_page_a_row_wider_than_the_bound_still_comes(tdb, log, monkeypatch):
     monkeypatch.setattr(_eventlog, "PAGE_BYTES", 1)
     xid = insert_rows(tdb, 12)

@@ -14,8 +14,10 @@ from .events import DatabaseEvent, EventRange, EventRef
 from .metrics import Histogram
 
 
-# A range is read in pages of at most RANGE_PAGE rows, so it holds no more than
-# that in memory at a time, however many rows it announces.
+# A range is read in pages of at most RANGE_PAGE rows (a wide one in slices of
+# _fetch.SLICE_IDS ids, 1 + SLICES_AHEAD of them read at a time: 40,000 rows, two
+# pages), so it holds no more than that in memory at a time, however many rows it
+# announces; the buffer counts it as one page.
 RANGE_HELD_MAX = RANGE_PAGE
 
 

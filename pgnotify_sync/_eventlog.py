@@ -245,17 +245,18 @@ class EventLog:
 
     def snapshot(self):
         """The server's current snapshot (the target of a catch-up)."""
-        with _readable(), self._pool.connection() as conn, conn.cursor() as cur:
+        with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("SELECT pg_current_snapshot()::text")
             return Snapshot.parse(cur.fetchone()[0])
 
     def _read(self, channel, sql_text, params):
         """Events of *channel* from one page (see _ROWS) and whether the page was cut
         by its byte bound (more rows may follow its last id); CatchUpFailed if it
-        cannot be read."""
+        cannot be read. (Reads are single statements in autocommit: one round trip,
+        not BEGIN, the query and COMMIT.)"""
         params["max_bytes"] = PAGE_BYTES
         params["consumer"] = self._consumer
-        with _readable(), self._pool.connection() as conn, conn.cursor() as cur:
+        with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
             cur.execute(sql_text, params)
             groups = cur.fetchall()
         ops = OPERATIONS
@@ -312,7 +313,7 @@ class EventLog:
         RangeRows and whether more may follow; (None, True) if the fast read's
         first row was too wide for it."""
         limit = params["limit"]
-        with _readable(), self._pool.connection() as conn, conn.cursor() as cur:
+        with _readable(), self._pool.connection(autocommit=True) as conn, conn.cursor() as cur:
             cur.execute(sql_text, params)
             op, op_, schema, schema_, table, table_, text, cut = cur.fetchone()
         wide = cut if sql_text is _RANGE_FAST_SQL else None      # the first too wide row's id, or None

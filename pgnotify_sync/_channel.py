@@ -15,9 +15,9 @@ from .metrics import Histogram
 
 
 # A range is read in pages of at most RANGE_PAGE rows (a wide one in slices of
-# _fetch.SLICE_IDS ids, 1 + SLICES_AHEAD of them read at a time: 40,000 rows, two
-# pages), so it holds no more than that in memory at a time, however many rows it
-# announces; the buffer counts it as one page.
+# _fetch.SLICE_IDS ids: the page delivered, the next and SLICES_AHEAD slices' first
+# pages under way, up to 60,000 rows), so it holds no more than that in memory at
+# a time, however many rows it announces; the buffer counts it as one page.
 RANGE_HELD_MAX = RANGE_PAGE
 
 

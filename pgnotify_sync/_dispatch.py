@@ -22,9 +22,10 @@ import time
 import typing
 
 from ._channel import CatchUp, Release, held, lanes, weight
+from ._eventlog import RANGE_PAGE
 from ._fetch import READ_AHEAD, Fetcher
 from ._threads import join_all, spawn
-from ._worker import BatchRunner
+from ._worker import CHUNK, BatchRunner
 from .events import DatabaseEvent
 
 log = logging.getLogger("pgnotify_sync")
@@ -92,8 +93,10 @@ class Dispatcher:
     """
 
     def __init__(self, name, channels, capacity, workers, hooks, retry_s=RETRY_S, fetchers=None,
-                 compact_ranges=True, fetch_timeout_s=60.0):
+                 compact_ranges=True, fetch_timeout_s=60.0, whole_pages=False):
         self.name = name
+        # a statement's page delivered whole (ordering="row"), else CHUNK events at a time
+        self._chunk = RANGE_PAGE if whole_pages else CHUNK
         self.channels = channels               # logical name -> ChannelState
         self.by_wire = {ch.wire: ch for ch in channels.values()}
         self.capacity = capacity
@@ -126,7 +129,7 @@ class Dispatcher:
     def start(self):
         self._fetcher = Fetcher(self.name, self._nfetchers, self._fetch_timeout_s)
         self._runner = BatchRunner(self.name, self._hooks, self._fetcher, self._queued, self._fall_back,
-                                   self._compact_ranges, lost=self._lease_lost, halt=self._halt)
+                                   self._compact_ranges, lost=self._lease_lost, halt=self._halt, chunk=self._chunk)
         self._threads = [spawn(self._work, f"{self.name}-worker-{i}") for i in range(self._nworkers)]
 
     def submit(self, fn, *args):

@@ -62,10 +62,11 @@ _ROWS = ("SELECT operation, schema_name, table_name, '[' || string_agg(concat_ws
          "bool_or(upto >= %(max_bytes)s) " + _SIZED + " GROUP BY 1, 2, 3")
 # A statement's rows share one operation and table: a range page is one aggregate
 # without GROUP BY (its sort) or ORDER BY in string_agg (a second sort), the names
-# checked with min = max (a range whose rows are not all alike, which only a forged
-# hint names, is read again with _ROWS), the xid left out of the text (the WHERE
-# names it) and the id order checked by the client (the rows come in id order from
-# the window; nothing is assumed). A quarter less of the server's time a page.
+# checked with min = max (a range whose rows are not all alike, several statements
+# of one transaction on different tables or operations, merged by the reader or
+# named by a forged hint, is read again with _ROWS), the xid left out of the text
+# (the WHERE names it) and the id order checked by the client (the rows come in id
+# order; nothing is assumed). A quarter less of the server's time a page.
 _C = ' COLLATE "C"'
 _ONE_GROUP = ("SELECT min(operation{c}), max(operation{c}), min(schema_name{c}), max(schema_name{c}), "
               "min(table_name{c}), max(table_name{c}), '[' || string_agg(concat_ws(',', id, "
@@ -105,8 +106,10 @@ _RANGE_SQL_GROUPED = _ROWS.format(where=_RANGE_WHERE, limit="LIMIT %(limit)s")
 # The first page of a slice, without the window of the byte bound (half the
 # server's time a page): rows wider than %(row_max)s bytes are left out of the
 # text and the first one's id returned, where the client cuts the page (the rest
-# comes by _RANGE_SQL). So a page is at most FAST_PAGE rows of at most
-# FAST_ROW_BYTES: FAST_TEXT_BYTES.
+# comes by _RANGE_SQL). row_max is 2 * PAGE_BYTES over the rows the page may hold
+# (FAST_PAGE, or fewer ids left in the range), so a page is at most 2 * PAGE_BYTES
+# of row text. (octet_length of a compressed or TOASTed value reads its header:
+# sizing a wide row costs no decompression.)
 _RANGE_FAST_SQL = (
     "SELECT min(operation{c}), max(operation{c}), min(schema_name{c}), max(schema_name{c}), "
     "min(table_name{c}), max(table_name{c}), '[' || string_agg(concat_ws(',', id, coalesce(data::text, 'null'), "
@@ -116,6 +119,9 @@ _RANGE_FAST_SQL = (
     "      FROM (SELECT id, operation, schema_name, table_name, data, old FROM pgnotify_sync.event_log "
     "             WHERE {w} ORDER BY id LIMIT %(limit)s) l) s").format(c=_C, w=_RANGE_WHERE)
 FAST_PAGE = 10_000
+# range_rows(previous=WIDE): the page before ended at a row too wide for the fast
+# read; this one is read by bytes, RANGE_PAGE rows at most.
+WIDE = -1
 # A range none of whose rows is this listener's: how many are another consumer's
 # BACKFILL rows (a backfill's chunk is one statement: all of its rows are, or none).
 _OTHERS_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE id BETWEEN %(first)s AND %(last)s "
@@ -208,11 +214,12 @@ class RangeRows:
     the handlers and dropped dies young. The dicts of the rows are not tracked by
     the collector (only scalars inside), so the parsed page costs it nothing."""
 
-    __slots__ = ("channel", "operation", "schema", "table", "xid", "flat", "ids", "built")
+    __slots__ = ("channel", "operation", "schema", "table", "xid", "flat", "ids", "built", "wide")
 
-    def __init__(self, channel, operation, schema, table, xid, flat, ids, built=None):
+    def __init__(self, channel, operation, schema, table, xid, flat, ids, built=None, wide=False):
         self.channel, self.operation, self.schema, self.table = channel, operation, schema, table
         self.xid, self.flat, self.ids, self.built = xid, flat, ids, built
+        self.wide = wide        # the page ends before a row too wide for the fast read
 
     @classmethod
     def of(cls, events):
@@ -220,6 +227,11 @@ class RangeRows:
 
     def __len__(self):
         return len(self.ids)
+
+    @property
+    def previous(self):
+        """What to pass as *previous* when reading on after this page."""
+        return WIDE if self.wide else len(self.ids)
 
     def events(self, lo=0, hi=None):
         """The events of rows lo..hi-1 (all by default), in id order."""
@@ -297,15 +309,18 @@ class EventLog:
         The first page (and one after a full first page) is read by _RANGE_FAST_SQL;
         after a page cut by a wide row, or by bytes, the rest by _RANGE_SQL."""
         fast = min(FAST_PAGE, RANGE_PAGE)
-        params = {"first": max(rng.first, after + 1), "last": rng.last, "xid": str(rng.xid), "channel": wire,
+        first = max(rng.first, after + 1)
+        params = {"first": first, "last": rng.last, "xid": str(rng.xid), "channel": wire,
                   "max_bytes": PAGE_BYTES, "consumer": self._consumer}
         if previous is None or previous == fast:
-            params.update(limit=fast, row_max=2 * PAGE_BYTES // fast)
+            # A page holds at most as many rows as the range has ids left: a short
+            # range allows wider rows for the same bytes.
+            params.update(limit=fast, row_max=2 * PAGE_BYTES // max(1, min(fast, rng.last - first + 1)))
             rows, more = self._range_query(channel, _RANGE_FAST_SQL, params, rng.xid)
             if rows is not None:
                 return rows, more
-            # its first row is wider than row_max: read by bytes
-        params["limit"] = page_rows(RANGE_PAGE, previous)
+            previous = WIDE         # its first row is wider than row_max: read by bytes
+        params["limit"] = RANGE_PAGE if previous == WIDE else page_rows(RANGE_PAGE, previous)
         return self._range_query(channel, _RANGE_SQL, params, rng.xid)
 
     def _range_query(self, channel, sql_text, params, xid):
@@ -336,9 +351,8 @@ class EventLog:
                 return None, True
             del flat[3 * keep:]
             ids = flat[0::3]
-            cut = True
-        rows = RangeRows(channel, OPERATIONS[op], schema, table, xid, flat, ids)
-        return rows, bool(cut) or len(ids) == limit
+        rows = RangeRows(channel, OPERATIONS[op], schema, table, xid, flat, ids, wide=wide is not None)
+        return rows, wide is not None or bool(cut) or len(ids) == limit
 
     def others_in_range(self, wire, rng):
         """How many rows of statement *rng* are another consumer's BACKFILL rows

@@ -33,10 +33,10 @@ READ_AHEAD = 4
 # builds slice k+1 while this process parses slice k (pages of one slice follow one
 # another: each starts after the last id of the page before it). Measured on one
 # 100,000-row statement, COMMIT to the last handler call: 0.47-0.56 s read as pages
-# one after another, 0.29-0.39 s as slices (3 runs each). In memory: at most
-# 1 + SLICES_AHEAD slices a range. A statement spans at most MAX_SLICES slices
-# (wider ones: wider slices, paged), so even a forged range of the widest span
-# costs a bounded number of queries.
+# one after another, 0.29-0.39 s as slices (3 runs each). In memory: the page
+# delivered, the next page of its slice and SLICES_AHEAD slices' first pages. A
+# statement spans at most MAX_SLICES slices (wider ones: wider slices, paged), and
+# a sparse one stops being sliced at its first empty slice (read_slices).
 SLICE_IDS = 10_000
 SLICES_AHEAD = 3
 MAX_SLICES = 1000
@@ -177,21 +177,34 @@ def read_slices(rng, first, submit, result):
     """Every page (RangeRows) of statement *rng*, in id order: its slices read up to
     SLICES_AHEAD ahead of the one delivered (``submit(part, after, previous)``
     returns a Job, ``result(job)`` its page), the pages of one slice one after
-    another. *first* is the Job of the first slice (a read ahead's) or None."""
+    another. *first* is the Job of the first slice (a read ahead's) or None.
+
+    A slice without a row means a sparse range (a real statement's ids are dense;
+    a forged hint may span 2**27 ids): no more slices are asked for, and what lies
+    after those under way is read as one part, page after page, as an unsliced
+    range is. So a range costs at most SLICES_AHEAD + 1 queries more than its
+    pages, however wide."""
     parts = slices(rng)
     jobs = collections.deque()
     for part in parts:
         jobs.append((part, first if first is not None and not jobs else submit(part, 0, None)))
         if len(jobs) == SLICES_AHEAD:
             break
+    sparse = False
     while jobs:
         part, job = jobs.popleft()
-        following = next(parts, None)
+        following = None if sparse else next(parts, None)
         if following is not None:
             jobs.append((following, submit(following, 0, None)))
         rows, more = result(job)
+        if not rows.ids and not more and not sparse:
+            sparse = True
+            last = jobs[-1][0].last if jobs else part.last
+            if last < rng.last:
+                rest = EventRange(rng.channel, rng.xid, last + 1, rng.last, rng.n)
+                jobs.append((rest, submit(rest, 0, None)))
         while True:
-            after = submit(part, rows.ids[-1], len(rows)) if more and rows.ids else None
+            after = submit(part, rows.ids[-1], rows.previous) if more and rows.ids else None
             yield rows
             if after is None:
                 break

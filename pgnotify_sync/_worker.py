@@ -12,6 +12,7 @@ the channel falls back: what is still queued is dropped from memory and read
 again from the log later, so nothing is lost.
 """
 
+import bisect
 import logging
 
 from . import _position as position
@@ -25,7 +26,8 @@ BACKFILL = Operation.BACKFILL
 # A statement's rows are built into events and delivered this many at a time.
 # 500: under the cyclic collector's young-generation threshold (700), so a chunk
 # handed to handlers and dropped is never traversed; a chunk of 10,000 measured
-# a third slower per event.
+# a third slower per event. (ordering="row" takes whole pages: its row threads
+# wait for each other at the end of each part they are given.)
 CHUNK = 500
 
 log = logging.getLogger("pgnotify_sync")
@@ -48,8 +50,9 @@ class BatchRunner:
     Fetcher of its reads, ``queued(ch, n)`` the first n items waiting on a channel,
     ``fall_back(ch, rest, exc, kind)`` drops what is queued and schedules a re-read."""
 
-    def __init__(self, name, hooks, fetcher, queued, fall_back, compact_ranges, lost=None, halt=None):
+    def __init__(self, name, hooks, fetcher, queued, fall_back, compact_ranges, lost=None, halt=None, chunk=CHUNK):
         self.name = name
+        self._chunk = chunk     # events built and delivered at a time from a statement's page
         self._hooks = hooks
         self._fetcher = fetcher
         self._queued = queued
@@ -102,6 +105,9 @@ class BatchRunner:
         except CatchUpFailed as exc:
             # The log cannot be read now (server away). Everything of this channel that
             # is still queued is in the log too: drop it and re-read when we retry.
+            # A read inside delivery (the superseded rows of a backfill) fails with
+            # events marked handled and not delivered: they are forgotten first.
+            _forget(ch, batch.delivering)
             self._fall_back(ch, items[i + 1:], exc, "catchup")
         except BaseException as exc:
             # A bug (handlers are isolated in Delivery): never let it drop events. What
@@ -157,32 +163,50 @@ class BatchRunner:
                    lambda rng: submit(fetch_range, ch, first_slice(rng), 0, None))
         read = 0
         fresh_ids, xid, compact, after = position.fresh_ids, item.xid, self._compact_ranges, None
+        chunk_rows = self._chunk
+        found = None if item.parts is None else [0] * len(item.parts)     # rows read per merged hint
         # A big statement (or one of wide rows) comes in bounded pages, read ahead on
         # fetch threads while the one before is delivered (_fetch.read_slices).
         for rows in read_slices(item, job, lambda *args: submit(fetch_range, ch, *args), fetcher.result):
             ids = rows.ids
             read += len(ids)
+            if found is not None:
+                for k, (first, last, _) in enumerate(item.parts):
+                    found[k] += bisect.bisect_right(ids, last) - bisect.bisect_left(ids, first)
             # Built, checked and delivered a chunk at a time, each chunk as a page of
             # its own (remembered as handled just before it is delivered): it dies
             # young (RangeRows).
-            for lo in range(0, len(ids), CHUNK):
-                chunk = ids[lo:lo + CHUNK]
+            # (A BACKFILL page goes whole: its superseded rows are one query a page.)
+            step = chunk_rows if rows.operation is not BACKFILL else len(ids) or 1
+            for lo in range(0, len(ids), step):
+                events = rows.events(lo, lo + step)     # built before it is marked handled
+                chunk = ids[lo:lo + step]
                 if fresh_ids(ch, chunk, xid, compact, after):
-                    self._deliver(ch, batch, rows.events(lo, lo + CHUNK))
+                    self._deliver(ch, batch, events)
                     after = chunk[-1]
                 else:
-                    fresh = position.fresh_list(ch, rows.events(lo, lo + CHUNK))    # some were handled already
+                    fresh = position.fresh_list(ch, events)     # some were handled already
                     if fresh:
                         self._deliver(ch, batch, fresh)
                     after = None
+        if item.parts is None:
+            self._check_range(ch, item, read)
+        else:
+            # hints of consecutive statements merged by the reader: each on its own
+            for (first, last, n), got in zip(item.parts, found):
+                self._check_range(ch, EventRange(item.channel, xid, first, last, n), got)
+
+    def _check_range(self, ch, rng, read):
+        """Report a hinted range whose rows were not all read: none (forged, unless
+        another consumer's backfill chunk), or fewer than it said (trimmed)."""
         if read == 0:
-            if self._hooks.others_in_range(ch, item):
+            if self._hooks.others_in_range(ch, rng):
                 return      # another consumer's backfill chunk
             ch.unmatched_hints += 1
-            self._hooks.report("payload", f"a range of {item.n} events (ids {item.first}..{item.last}) matches no "
+            self._hooks.report("payload", f"a range of {rng.n} events (ids {rng.first}..{rng.last}) matches no "
                                           "committed event of this channel (forged, or trimmed)", ch.name)
-        elif read != item.n:
-            self._hooks.report("missing", f"{item.n - read} events of ids {item.first}..{item.last} "
+        elif read != rng.n:
+            self._hooks.report("missing", f"{rng.n - read} events of ids {rng.first}..{rng.last} "
                                           "are no longer in the event log", ch.name)
 
     def _advance(self, ch, item, items, i, batch):

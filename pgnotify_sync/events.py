@@ -200,6 +200,10 @@ MAX_RANGE_SPAN = 1 << 27
 #: get consecutive ids but for other writers' rows logged at the same time.
 RANGE_SPREAD = 64
 RANGE_SLACK = 4096
+#: Log ids are bigint and transaction ids below 2**63 (xid8 counts from 3 up): a
+#: hint naming more is forged. (Unchecked, an id past bigint would be compared as
+#: numeric, without the primary key's index; an xid past xid8 fails the query.)
+MAX_LOG_ID = (1 << 63) - 1
 
 #: Operation by its name, as the log and the payloads spell it (one lookup, no enum call).
 OPERATIONS = {op.value: op for op in Operation}
@@ -342,13 +346,16 @@ class EventRef:
 class EventRange:
     """A notification for a whole statement's rows (more than 8): log ids
     ``first..last`` of transaction ``xid``, ``n`` rows. The worker reads them from
-    the event log in one query; handlers see ordinary events."""
+    the event log in one query; handlers see ordinary events. ``parts``: the
+    ``(first, last, n)`` of each hint of consecutive statements merged into this
+    one (None: one hint), each checked against the rows read on its own."""
 
     channel: str
     xid: int
     first: int
     last: int
     n: int
+    parts: Optional[tuple] = attrs.field(default=None, eq=False, repr=False)
 
     id = None     # not one event: never compared by id
 
@@ -380,9 +387,10 @@ def decode_payload(channel, payload, accept_plain=False, _loads=loads, _ops=OPER
     ident = obj.get("id")
     xid = obj.get("xid")
     if type(ident) is int and type(xid) is int:
-        if ident > 0 and xid > 0:
+        if 0 < ident <= MAX_LOG_ID and 0 < xid <= MAX_LOG_ID:
             return EventRef(channel, ident, xid)
-        raise PayloadError(f"payload on channel {channel!r}: id and xid must be > 0", channel, len(payload))
+        raise PayloadError(f"payload on channel {channel!r}: id and xid must be > 0 and < 2**63", channel,
+                           len(payload))
     first = obj.get("first")
     if type(first) is int and "operation" not in obj:
         return _range(channel, obj, first, xid, len(payload))
@@ -395,7 +403,8 @@ def decode_payload(channel, payload, accept_plain=False, _loads=loads, _ops=OPER
 
 def _range(channel, obj, first, xid, size):
     last, n = obj.get("last"), obj.get("n")
-    if not (type(xid) is int and type(last) is int and type(n) is int and xid > 0 and 0 < first <= last):
+    if not (type(xid) is int and type(last) is int and type(n) is int and 0 < xid <= MAX_LOG_ID
+            and 0 < first <= last <= MAX_LOG_ID):
         raise PayloadError(f"payload on channel {channel!r} is not a range of log ids", channel, size)
     span = last - first + 1
     widest = min(MAX_RANGE_SPAN, n * RANGE_SPREAD + RANGE_SLACK)

@@ -402,7 +402,8 @@ class Listener:
         fetchers = max(1, min(cfg.worker_pool_size * READ_AHEAD, cfg.pool_max_connections - 1))
         self._dispatcher = parts.dispatcher = Dispatcher(
             self.name, self._channels, cfg.event_buffer_size, cfg.worker_pool_size, self._hooks.dispatch_hooks(),
-            fetchers=fetchers, compact_ranges=not self.consumer, fetch_timeout_s=fetch_timeout_s(cfg))
+            fetchers=fetchers, compact_ranges=not self.consumer, fetch_timeout_s=fetch_timeout_s(cfg),
+            whole_pages=self._rows is not None)
         self._dispatcher.start()
         hooks, conns = self._hooks, self._connections
         host = types.SimpleNamespace(   # the ReaderHost of _reader.py

@@ -1214,6 +1214,33 @@ def test_a_chunk_interrupted_leaves_the_rest_of_its_statement_unhandled(make_dis
     assert a.position == snap("102:102:")
 
 
+def test_a_read_failing_inside_delivery_forgets_what_it_was_delivering(make_dispatcher):
+    """A read of the log inside delivery (a backfill's superseded rows) fails: the
+    events in hand were marked handled and never reached a handler. A durable
+    consumer (which keeps ids) must not keep them as handled: the catch-up brings
+    them."""
+    d, chans, hooks = make_dispatcher(workers=1, retry_s=0.05, start=False, compact_ranges=False)
+    a = chans["a"]
+    rng, events = _range("a", 1, 20, 101)
+    hooks.ranges = {1: lambda: events}
+    calls = []
+
+    def handler(ch, batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise CatchUpFailed("the superseded rows could not be read")
+
+    hooks.handler = handler
+    hooks.catch_up_script["a"].append((snap("102:102:"), [events]))
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [rng])
+    d.start()
+    wait_for(lambda: d.retry_overflowed() or hooks.caught_ups, timeout=10)
+    wait_idle(d, chans)
+    assert hooks.ids("a") == list(range(1, 21))
+    assert a.position == snap("102:102:")
+
+
 def test_a_wide_statement_is_read_in_slices_ahead_in_id_order(make_dispatcher):
     from pgnotify_sync._fetch import SLICE_IDS
     d, chans, hooks = make_dispatcher(workers=1, start=False)
@@ -1229,6 +1256,29 @@ def test_a_wide_statement_is_read_in_slices_ahead_in_id_order(make_dispatcher):
     assert hooks.ids("a") == list(range(1, n + 1))
     assert sorted(hooks.range_calls) == [1 + k * SLICE_IDS for k in range(4)]
     no_internal_errors(hooks)
+
+
+def test_a_merged_range_checks_each_hint_on_its_own(make_dispatcher):
+    """Three statements' hints merged by the reader: the real one is delivered; one
+    naming no row of it (forged) is reported as such, one short of rows as missing."""
+    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    a = chans["a"]
+    _, events = _range("a", 1, 10, 101)
+    merged = EventRange("a", 101, 1, 30, 10 + 10 + 12, parts=((1, 10, 10), (11, 20, 10), (21, 30, 12)))
+    real = events + [ev("a", i, 101) for i in range(21, 31)]       # nothing in 11..20; 10 of 12 in 21..30
+    hooks.ranges = {1: lambda: real}
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [merged])
+    d.start()
+    wait_for(lambda: len(hooks.ids("a")) == 20)
+    wait_idle(d, chans)
+    wait_for(lambda: len(hooks.reports) == 2)
+    assert hooks.ids("a") == list(range(1, 11)) + list(range(21, 31))
+    assert sorted((kind, str(error)) for kind, error, _ in hooks.reports) == [
+        ("missing", "2 events of ids 21..30 are no longer in the event log"),
+        ("payload", "a range of 10 events (ids 11..20) matches no committed event of this channel (forged, or "
+                    "trimmed)")]
+    assert a.unmatched_hints == 1
 
 
 def test_a_range_counts_at_most_a_page_in_the_buffer():

@@ -222,25 +222,35 @@ def test_range_page_byte_bound_cuts_pages(tdb, log, monkeypatch):
     assert len(everything) == 30
 
 
-def test_range_page_fast_read_ends_before_a_wide_row(tdb, log):
+def test_range_page_fast_read_ends_before_a_wide_row(tdb, log, monkeypatch):
     """The first page leaves the byte bound's window out: it holds rows of at most
-    2 * PAGE_BYTES // FAST_PAGE bytes and ends before the first wider one, which
-    comes (with the rest) by the byte-bounded read."""
-    row_max = 2 * _eventlog.PAGE_BYTES // _eventlog.FAST_PAGE
+    2 * PAGE_BYTES over the ids it may hold (10 here) and ends before the first
+    wider one, which comes (with the rest) by the byte-bounded read."""
+    monkeypatch.setattr(_eventlog, "PAGE_BYTES", 1000)
+    row_max = 2 * 1000 // 10
     with tdb:
         execute(tdb, "INSERT INTO t SELECT g, CASE WHEN g = 6 THEN repeat('w', %s) ELSE 'n' END "
                      "FROM generate_series(1, 10) g", (row_max + 1,))
         xid = execute(tdb, "SELECT pg_current_xact_id()::text::bigint")[0][0]
     rng = statement_range(tdb, xid)
-    first, more = log.range_page("t", "t", rng)
-    assert ids(first) == list(range(rng.first, rng.first + 5)) and more is True
+    first, more = log.range_rows("t", "t", rng)
+    assert first.ids == list(range(rng.first, rng.first + 5)) and more is True
+    assert first.previous == _eventlog.WIDE
+    # read on by bytes, a whole page (not the doubling of a page cut by bytes)
+    rest, more = log.range_rows("t", "t", rng, after=first.ids[-1], previous=first.previous)
+    assert rest.ids == list(range(rng.first + 5, rng.last + 1)) and more is False
+    assert first.events() + rest.events() == logged(tdb)
     pages = read_all_ranges(log, rng)
     assert [e for events, _ in pages for e in events] == logged(tdb)
 
 
-def test_range_page_whose_first_row_is_wide_reads_by_bytes_at_once(tdb, log):
-    row_max = 2 * _eventlog.PAGE_BYTES // _eventlog.FAST_PAGE
-    xid = insert_rows(tdb, 10, width=row_max + 1)
+def test_range_page_whose_first_row_is_wide_reads_by_bytes_at_once(tdb, log, monkeypatch):
+    monkeypatch.setattr(_eventlog, "PAGE_BYTES", 100_000)
+    row_max = 2 * 100_000 // 10
+    with tdb:
+        execute(tdb, "INSERT INTO t SELECT g, CASE WHEN g = 1 THEN repeat('w', %s) ELSE 'n' END "
+                     "FROM generate_series(1, 10) g", (row_max + 1,))
+        xid = execute(tdb, "SELECT pg_current_xact_id()::text::bigint")[0][0]
     rng = statement_range(tdb, xid)
     events, more = log.range_page("t", "t", rng)
     assert events == logged(tdb) and more is False

@@ -324,10 +324,13 @@ def test_plain_events_are_refused_by_default():
     assert SECRET not in str(info.value)
 
 
-@pytest.mark.parametrize("text", ['{"id": 0, "xid": 5}', '{"id": 5, "xid": -1}'])
-def test_a_hint_needs_positive_ids(text):
-    with pytest.raises(PayloadError, match="must be > 0"):
+@pytest.mark.parametrize("text", ['{"id": 0, "xid": 5}', '{"id": 5, "xid": -1}',
+                                  '{"id": 9223372036854775808, "xid": 5}', '{"id": 5, "xid": 9223372036854775808}'])
+def test_a_hint_needs_ids_of_the_log(text):
+    # > 0 and bigint (past it, the read would compare numerics without the index)
+    with pytest.raises(PayloadError, match="must be > 0 and < 2"):
         decode_hint("c", text)
+    assert decode_hint("c", '{"id": 9223372036854775807, "xid": 9223372036854775807}').id == 2 ** 63 - 1
 
 
 def test_a_statement_range():
@@ -343,6 +346,8 @@ def test_a_statement_range():
     ({"xid": 9, "first": 1, "last": 10 * 64 + 4096 + 1, "n": 10}, f"at most {10 * 64 + 4096}"),   # too spread
     ({"xid": 9, "first": 10, "last": 9, "n": 1}, "not a range"),
     ({"xid": 9, "first": 0, "last": 9, "n": 1}, "not a range"),
+    ({"xid": 9, "first": 2 ** 63 - 5, "last": 2 ** 63 + 4, "n": 10}, "not a range"),      # past bigint
+    ({"xid": 2 ** 63, "first": 10, "last": 19, "n": 10}, "not a range"),                # past xid8's counter
     ({"xid": "9", "first": 1, "last": 9, "n": 1}, "not a range"),
     ({"xid": 9, "first": 1, "last": 9, "n": 0}, "cannot span"),
 ])

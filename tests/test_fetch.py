@@ -185,6 +185,29 @@ def test_read_slices_keeps_slices_ahead_and_pages_each_slice_in_order():
     assert (1 + SLICE_IDS, 10 + SLICE_IDS) in asked        # read on after the cut page's last id
 
 
+def test_read_slices_stops_slicing_a_sparse_range():
+    """A forged range of the widest span with rows only at its two ends: after the
+    first empty slice no more slices are asked for; the rest is one part, paged."""
+    rng = EventRange("a", 100, 1, 1 << 27, 1 << 21)
+    width = next(slices(rng)).last
+    asked = []
+
+    class Done:
+        def __init__(self, value):
+            self.value = value
+
+    def submit(part, after, previous):
+        asked.append((part.first, part.last, after))
+        ids = [i for i in (1, 2, rng.last) if max(part.first, after + 1) <= i <= part.last]
+        return Done((RangeRows.of([ev(i) for i in ids]), False))
+
+    got = [i for page in read_slices(rng, None, submit, lambda job: job.value) for i in page.ids]
+    assert got == [1, 2, rng.last]
+    # the first slice (rows), the second (empty), the SLICES_AHEAD under way then, the rest
+    assert len(asked) == 2 + SLICES_AHEAD + 1, asked               # not 1000 slices
+    assert asked[-1] == ((2 + SLICES_AHEAD) * width + 1, rng.last, 0)
+
+
 def test_join_all_names_threads_that_would_not_stop():
     release = threading.Event()
     slow = spawn(release.wait, "slow-one", 30)

@@ -118,6 +118,21 @@ def test_an_event_range_counts_its_rows(s):
     assert events[0] == EventRange("orders", 900, 10, 19, 10) and events[1].id == 20
 
 
+def test_consecutive_statements_of_one_transaction_are_one_range(s):
+    """Ranges of one xid whose ids follow each other are merged (one read, in
+    slices), each hint kept as a part; a gap, another xid or a row between ends it."""
+    batch = [rng("app.orders", 10, 19, 10), rng("app.orders", 20, 24, 5), rng("app.orders", 25, 40, 16),
+             rng("app.orders", 42, 50, 9),                     # a gap of one id
+             rng("app.orders", 51, 60, 10, xid=901),           # another transaction
+             row("app.orders", 61), rng("app.orders", 62, 70, 9, xid=901)]
+    assert s.route(batch) == 10 + 5 + 16 + 9 + 10 + 1 + 9
+    ((_, _, events),) = s.timeline
+    assert events[0] == EventRange("orders", 900, 10, 40, 31)
+    assert events[0].parts == ((10, 19, 10), (20, 24, 5), (25, 40, 16))
+    assert events[1:3] == [EventRange("orders", 900, 42, 50, 9), EventRange("orders", 901, 51, 60, 10)]
+    assert events[1].parts is None and events[3].id == 61 and events[4].first == 62
+
+
 def test_an_event_ref_is_pushed_for_the_worker_to_complete(s):
     s.route([Notify(1, "app.messages", json.dumps({"id": 5, "xid": 77, "ref": True}))])
     assert s.timeline == [("push", "messages", [EventRef("messages", 5, 77)])]

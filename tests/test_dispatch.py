@@ -1176,6 +1176,18 @@ def test_a_statement_is_delivered_in_chunks_remembered_as_one_record(make_dispat
     no_internal_errors(hooks)
 
 
+def run_until_caught_up(d, chans, hooks, rng, events, handler):
+    """Deliver statement *rng* on channel a through *handler* (which fails once);
+    the fall-back's catch-up reads *events* again, up to snapshot 102:102:."""
+    hooks.handler = handler
+    hooks.catch_up_script["a"].append((snap("102:102:"), [events]))
+    d.push_control(chans["a"], SetPosition(snap("100:100:")))
+    d.push(chans["a"], [rng])
+    d.start()
+    wait_for(lambda: d.retry_overflowed() or hooks.caught_ups, timeout=10)
+    wait_idle(d, chans)
+
+
 @pytest.mark.parametrize("compact", [True, False], ids=["listener", "durable"])
 def test_a_chunk_interrupted_leaves_the_rest_of_its_statement_unhandled(make_dispatcher, compact):
     """A handler's Redo in the second chunk: the chunks after it were never marked
@@ -1199,13 +1211,7 @@ def test_a_chunk_interrupted_leaves_the_rest_of_its_statement_unhandled(make_dis
         hooks.handler_calls += 1
 
     hooks.handler_calls = 0
-    hooks.handler = handler
-    hooks.catch_up_script["a"].append((snap("102:102:"), [events]))
-    d.push_control(a, SetPosition(snap("100:100:")))
-    d.push(a, [rng])
-    d.start()
-    wait_for(lambda: d.retry_overflowed() or hooks.caught_ups, timeout=10)
-    wait_idle(d, chans)
+    run_until_caught_up(d, chans, hooks, rng, events, handler)
     got = hooks.ids("a")
     # the statement's record is dropped whole (_forget): what came before the cut may
     # come again (at least once); from the cut on, every row comes exactly once
@@ -1230,13 +1236,7 @@ def test_a_read_failing_inside_delivery_forgets_what_it_was_delivering(make_disp
         if len(calls) == 1:
             raise CatchUpFailed("the superseded rows could not be read")
 
-    hooks.handler = handler
-    hooks.catch_up_script["a"].append((snap("102:102:"), [events]))
-    d.push_control(a, SetPosition(snap("100:100:")))
-    d.push(a, [rng])
-    d.start()
-    wait_for(lambda: d.retry_overflowed() or hooks.caught_ups, timeout=10)
-    wait_idle(d, chans)
+    run_until_caught_up(d, chans, hooks, rng, events, handler)
     assert hooks.ids("a") == list(range(1, 21))
     assert a.position == snap("102:102:")
 

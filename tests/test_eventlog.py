@@ -222,17 +222,23 @@ def test_range_page_byte_bound_cuts_pages(tdb, log, monkeypatch):
     assert len(everything) == 30
 
 
+def statement_with_a_wide_row(db, monkeypatch, page_bytes, wide):
+    """PAGE_BYTES set to *page_bytes*; one statement of 10 rows into t, row *wide*
+    (1-based) one byte wider than the fast read takes (2 * PAGE_BYTES over the 10
+    ids); returns its range."""
+    monkeypatch.setattr(_eventlog, "PAGE_BYTES", page_bytes)
+    with db:
+        execute(db, "INSERT INTO t SELECT g, CASE WHEN g = %s THEN repeat('w', %s) ELSE 'n' END "
+                    "FROM generate_series(1, 10) g", (wide, 2 * page_bytes // 10 + 1))
+        xid = execute(db, "SELECT pg_current_xact_id()::text::bigint")[0][0]
+    return statement_range(db, xid)
+
+
 def test_range_page_fast_read_ends_before_a_wide_row(tdb, log, monkeypatch):
     """The first page leaves the byte bound's window out: it holds rows of at most
     2 * PAGE_BYTES over the ids it may hold (10 here) and ends before the first
     wider one, which comes (with the rest) by the byte-bounded read."""
-    monkeypatch.setattr(_eventlog, "PAGE_BYTES", 1000)
-    row_max = 2 * 1000 // 10
-    with tdb:
-        execute(tdb, "INSERT INTO t SELECT g, CASE WHEN g = 6 THEN repeat('w', %s) ELSE 'n' END "
-                     "FROM generate_series(1, 10) g", (row_max + 1,))
-        xid = execute(tdb, "SELECT pg_current_xact_id()::text::bigint")[0][0]
-    rng = statement_range(tdb, xid)
+    rng = statement_with_a_wide_row(tdb, monkeypatch, 1000, wide=6)
     first, more = log.range_rows("t", "t", rng)
     assert first.ids == list(range(rng.first, rng.first + 5)) and more is True
     assert first.previous == _eventlog.WIDE
@@ -245,13 +251,7 @@ def test_range_page_fast_read_ends_before_a_wide_row(tdb, log, monkeypatch):
 
 
 def test_range_page_whose_first_row_is_wide_reads_by_bytes_at_once(tdb, log, monkeypatch):
-    monkeypatch.setattr(_eventlog, "PAGE_BYTES", 100_000)
-    row_max = 2 * 100_000 // 10
-    with tdb:
-        execute(tdb, "INSERT INTO t SELECT g, CASE WHEN g = 1 THEN repeat('w', %s) ELSE 'n' END "
-                     "FROM generate_series(1, 10) g", (row_max + 1,))
-        xid = execute(tdb, "SELECT pg_current_xact_id()::text::bigint")[0][0]
-    rng = statement_range(tdb, xid)
+    rng = statement_with_a_wide_row(tdb, monkeypatch, 100_000, wide=1)
     events, more = log.range_page("t", "t", rng)
     assert events == logged(tdb) and more is False
 

@@ -17,6 +17,7 @@ import logging
 import psycopg2
 import psycopg2.errors
 
+from ._pages import WIDE, RangeRows, page_rows
 from ._snapshot import Snapshot
 from .errors import ConnectError, PgNotifyError, PrivilegeError, first_line
 from .events import OPERATIONS, DatabaseEvent, loads
@@ -119,9 +120,6 @@ _RANGE_FAST_SQL = (
     "      FROM (SELECT id, operation, schema_name, table_name, data, old FROM pgnotify_sync.event_log "
     "             WHERE {w} ORDER BY id LIMIT %(limit)s) l) s").format(c=_C, w=_RANGE_WHERE)
 FAST_PAGE = 10_000
-# range_rows(previous=WIDE): the page before ended at a row too wide for the fast
-# read; this one is read by bytes, RANGE_PAGE rows at most.
-WIDE = -1
 # A range none of whose rows is this listener's: how many are another consumer's
 # BACKFILL rows (a backfill's chunk is one statement: all of its rows are, or none).
 _OTHERS_SQL = ("SELECT count(*) FROM pgnotify_sync.event_log WHERE id BETWEEN %(first)s AND %(last)s "
@@ -191,59 +189,6 @@ def _readable():
 def _window_params(wire, position, target, consumer):
     return {"channel": wire, "pos_xmin": str(position.xmin), "to_xmax": str(target.xmax),
             "to": str(target), "pos": str(position), "consumer": consumer}
-
-
-def page_rows(most, previous):
-    """Rows to ask for in the next page, after one of *previous* rows (None: the
-    first page). Each page query sizes every row it may return (the byte bound),
-    so after a page cut short by wide rows the next asks for twice as many as it
-    got, not *most*: reading n wide rows stays linear, not quadratic, in n."""
-    if previous is None:
-        return most
-    return min(most, max(64, 2 * previous))
-
-
-class RangeRows:
-    """One page of a statement's rows: the parsed flat array [id, data, old, ...]
-    of one (operation, table) and transaction, or events built already (``of``).
-
-    Events are built by :meth:`events` when they are delivered, a chunk at a time:
-    a page of 10,000 DatabaseEvents built at once outlives two of the cyclic
-    collector's young generations and is traversed again by its full collections
-    (a third of the time per event in a 100,000-row drain here); a chunk handed to
-    the handlers and dropped dies young. The dicts of the rows are not tracked by
-    the collector (only scalars inside), so the parsed page costs it nothing."""
-
-    __slots__ = ("channel", "operation", "schema", "table", "xid", "flat", "ids", "built", "wide")
-
-    def __init__(self, channel, operation, schema, table, xid, flat, ids, built=None, wide=False):
-        self.channel, self.operation, self.schema, self.table = channel, operation, schema, table
-        self.xid, self.flat, self.ids, self.built = xid, flat, ids, built
-        self.wide = wide        # the page ends before a row too wide for the fast read
-
-    @classmethod
-    def of(cls, events):
-        return cls(None, None, None, None, None, None, [e.id for e in events], events)
-
-    def __len__(self):
-        return len(self.ids)
-
-    @property
-    def previous(self):
-        """What to pass as *previous* when reading on after this page."""
-        return WIDE if self.wide else len(self.ids)
-
-    def events(self, lo=0, hi=None):
-        """The events of rows lo..hi-1 (all by default), in id order."""
-        if self.built is not None:
-            return self.built[lo:hi]
-        hi = len(self.ids) if hi is None else min(hi, len(self.ids))
-        flat = self.flat
-        # map() over slices builds the events from C: a quarter cheaper than a
-        # comprehension unpacking the flat list.
-        return list(map(DatabaseEvent, _repeat(self.channel), _repeat(self.operation), _repeat(self.schema),
-                        _repeat(self.table), flat[3 * lo + 1:3 * hi:3], flat[3 * lo + 2:3 * hi:3],
-                        self.ids[lo:hi], _repeat(self.xid)))
 
 
 class EventLog:

@@ -117,7 +117,7 @@ class ChannelState:
         self.handled = {}
         # Statements delivered whole, by transaction: xid -> [(first, last, n)]: every
         # row of that transaction with an id in first..last (n rows) was handled.
-        # One entry instead of n ids (see _position.fresh_range).
+        # One entry instead of n ids (see _position.fresh_ids).
         self.xranges = {}
         # A catch-up delivers the rows between position and a target snapshot in id
         # order, so its progress is a cursor, not a set of ids: memory stays flat

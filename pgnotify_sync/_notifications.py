@@ -67,8 +67,8 @@ class Router:
                     if type(last) is EventRange and last.xid == event.xid and last.last + 1 == event.first:
                         # The next statement of the same transaction, its ids right after:
                         # one range (read in slices of SLICE_IDS, not a query per statement).
-                        parts = (last.parts or ((last.first, last.last, last.n),)) + ((event.first, event.last,
-                                                                                        event.n),)
+                        parts = last.parts or [(last.first, last.last, last.n)]    # (a list: no copy a merge)
+                        parts.append((event.first, event.last, event.n))
                         events[-1] = EventRange(ch.name, event.xid, last.first, event.last, last.n + event.n, parts)
                         continue
             if events is None:

@@ -46,14 +46,6 @@ def fresh_list(ch, events, remember=True):
     return [event for event in events if fresh(ch, event, remember)]
 
 
-def fresh_range(ch, events, xid, compact=True):
-    """``fresh_list`` for the rows of one statement (transaction *xid*, which
-    the caller found not visible in the position, ids in increasing order)."""
-    if fresh_ids(ch, [e.id for e in events], xid, compact):
-        return events
-    return fresh_list(ch, events)
-
-
 def fresh_ids(ch, ids, xid, compact=True, after=None):
     """True if none of the rows *ids* of one statement (transaction *xid*, not
     visible in the position, ids increasing) was handled: they are then

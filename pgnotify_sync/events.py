@@ -355,7 +355,7 @@ class EventRange:
     first: int
     last: int
     n: int
-    parts: Optional[tuple] = attrs.field(default=None, eq=False, repr=False)
+    parts: Optional[list] = attrs.field(default=None, eq=False, repr=False)
 
     id = None     # not one event: never compared by id
 

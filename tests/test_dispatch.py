@@ -1264,7 +1264,7 @@ def test_a_merged_range_checks_each_hint_on_its_own(make_dispatcher):
     d, chans, hooks = make_dispatcher(workers=1, start=False)
     a = chans["a"]
     _, events = _range("a", 1, 10, 101)
-    merged = EventRange("a", 101, 1, 30, 10 + 10 + 12, parts=((1, 10, 10), (11, 20, 10), (21, 30, 12)))
+    merged = EventRange("a", 101, 1, 30, 10 + 10 + 12, parts=[(1, 10, 10), (11, 20, 10), (21, 30, 12)])
     real = events + [ev("a", i, 101) for i in range(21, 31)]       # nothing in 11..20; 10 of 12 in 21..30
     hooks.ranges = {1: lambda: real}
     d.push_control(a, SetPosition(snap("100:100:")))

@@ -128,7 +128,7 @@ def test_consecutive_statements_of_one_transaction_are_one_range(s):
     assert s.route(batch) == 10 + 5 + 16 + 9 + 10 + 1 + 9
     ((_, _, events),) = s.timeline
     assert events[0] == EventRange("orders", 900, 10, 40, 31)
-    assert events[0].parts == ((10, 19, 10), (20, 24, 5), (25, 40, 16))
+    assert events[0].parts == [(10, 19, 10), (20, 24, 5), (25, 40, 16)]
     assert events[1:3] == [EventRange("orders", 900, 42, 50, 9), EventRange("orders", 901, 51, 60, 10)]
     assert events[1].parts is None and events[3].id == 61 and events[4].first == 62
 

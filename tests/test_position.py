@@ -1,7 +1,7 @@
 """Unit tests for pgnotify_sync._position: which events count as handled (no database)."""
 
 from pgnotify_sync._channel import ChannelState
-from pgnotify_sync._position import fresh, fresh_list, fresh_range, handled_count, move, seen
+from pgnotify_sync._position import fresh, fresh_ids, fresh_list, handled_count, move, seen
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync.events import DatabaseEvent, Operation
 
@@ -47,17 +47,26 @@ def test_fresh_remembers_unless_told_not_to_and_passes_plain_payloads():
     assert [e.id for e in fresh_list(ch, [ev(1, 150), ev(3, 150), ev(4, 90)])] == [3]
 
 
-def test_fresh_range_is_one_record_per_statement_or_ids_when_not_compact():
+def test_fresh_ids_are_one_record_per_statement_or_ids_when_not_compact():
     ch = channel("100:100:")
-    rows = [ev(i, 150) for i in range(10, 20)]
-    assert fresh_range(ch, rows, 150) == rows
+    ids = list(range(10, 20))
+    assert fresh_ids(ch, ids, 150) is True
     assert ch.handled == {} and ch.xranges == {150: [(10, 19, 10)]}
     assert handled_count(ch) == 10
-    assert fresh_range(ch, rows, 150) == []             # the same statement again
-    assert [e.id for e in fresh_range(ch, [ev(19, 150), ev(20, 150)], 150)] == [20]   # overlapping: one by one
-    ids = channel("100:100:")
-    assert fresh_range(ids, rows, 150, compact=False) == rows
-    assert ids.xranges == {} and sorted(ids.handled) == list(range(10, 20))
+    assert fresh_ids(ch, ids, 150) is False             # the same statement again: nothing remembered
+    assert fresh_ids(ch, [19, 20], 150) is False        # overlapping: the caller goes one by one
+    assert [e.id for e in fresh_list(ch, [ev(19, 150), ev(20, 150)])] == [20]
+    durable = channel("100:100:")
+    assert fresh_ids(durable, ids, 150, compact=False) is True
+    assert durable.xranges == {} and sorted(durable.handled) == ids
+
+
+def test_fresh_ids_extend_the_record_of_the_chunk_before():
+    ch = channel("100:100:")
+    assert fresh_ids(ch, [1, 2, 4], 150) and fresh_ids(ch, [6, 7], 150, after=4)
+    assert ch.xranges == {150: [(1, 7, 5)]}
+    assert fresh_ids(ch, [9], 150, after=5)             # not the last record's end: a record of its own
+    assert ch.xranges == {150: [(1, 7, 5), (9, 9, 1)]} and handled_count(ch) == 6
 
 
 def test_move_forgets_what_the_new_position_covers():

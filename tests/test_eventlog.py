@@ -222,23 +222,23 @@ def test_range_page_byte_bound_cuts_pages(tdb, log, monkeypatch):
     assert len(everything) == 30
 
 
-def statement_with_a_wide_row(db, monkeypatch, page_bytes, wide):
-    """PAGE_BYTES set to *page_bytes*; one statement of 10 rows into t, row *wide*
-    (1-based) one byte wider than the fast read takes (2 * PAGE_BYTES over the 10
-    ids); returns its range."""
+def statement_with_a_wide_row(db, monkeypatch, page_bytes, wide, rows=10):
+    """PAGE_BYTES set to *page_bytes*; one statement of *rows* rows into t, row
+    *wide* (1-based) one byte wider than the fast read takes (2 * PAGE_BYTES over
+    the ids); returns its range."""
     monkeypatch.setattr(_eventlog, "PAGE_BYTES", page_bytes)
     with db:
         execute(db, "INSERT INTO t SELECT g, CASE WHEN g = %s THEN repeat('w', %s) ELSE 'n' END "
-                    "FROM generate_series(1, 10) g", (wide, 2 * page_bytes // 10 + 1))
+                    "FROM generate_series(1, %s) g", (wide, 2 * page_bytes // rows + 1, rows))
         xid = execute(db, "SELECT pg_current_xact_id()::text::bigint")[0][0]
     return statement_range(db, xid)
 
 
 def test_range_page_fast_read_ends_before_a_wide_row(tdb, log, monkeypatch):
     """The first page leaves the byte bound's window out: it holds rows of at most
-    2 * PAGE_BYTES over the ids it may hold (10 here) and ends before the first
-    wider one, which comes (with the rest) by the byte-bounded read."""
-    rng = statement_with_a_wide_row(tdb, monkeypatch, 1000, wide=6)
+    2 * PAGE_BYTES over the ids it may hold (206 here) and ends before the first
+    wider one, which comes with the 200 rows after it in one byte-bounded page."""
+    rng = statement_with_a_wide_row(tdb, monkeypatch, 100_000, wide=6, rows=206)
     first, more = log.range_rows("t", "t", rng)
     assert first.ids == list(range(rng.first, rng.first + 5)) and more is True
     assert first.previous == _eventlog.WIDE

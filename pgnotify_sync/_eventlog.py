@@ -240,16 +240,11 @@ class EventLog:
         events, cut = self._read(channel, _CATCHUP_SQL, params)
         return events, cut or len(events) == limit
 
-    def range_page(self, channel, wire, rng, after=0, previous=None):
-        """The rows of one statement (an EventRange) above id *after*: one page
-        (*previous*: the row count of the page before it) as a list of events, and
-        whether more follow."""
-        rows, more = self.range_rows(channel, wire, rng, after, previous)
-        return rows.events(), more
-
     def range_rows(self, channel, wire, rng, after=0, previous=None):
-        """:meth:`range_page` as :class:`RangeRows`, whose events are built when
-        asked for (the worker builds them a chunk at a time, as it delivers).
+        """The rows of one statement (an EventRange) above id *after*: one page
+        (*previous*: RangeRows.previous of the page before it) as :class:`RangeRows`,
+        whose events are built when asked for (the worker builds them a chunk at a
+        time, as it delivers), and whether more follow.
 
         The first page (and one after a full first page) is read by _RANGE_FAST_SQL;
         after a page cut by a wide row, or by bytes, the rest by _RANGE_SQL."""

@@ -89,6 +89,12 @@ def insert_rows(db, n, start=1, width=10):
     return execute(db, "SELECT max(xid::text::bigint) FROM pgnotify_sync.event_log")[0][0]
 
 
+def range_page(log, channel, wire, rng, after=0, previous=None):
+    """One page of a range as events (what the worker builds from RangeRows)."""
+    rows, more = log.range_rows(channel, wire, rng, after, previous)
+    return rows.events(), more
+
+
 MAX_PAGES = 200     # a read that never ends fails instead of hanging
 
 
@@ -96,7 +102,7 @@ def read_all_ranges(log, rng):
     """Every page of a range, reading on after each page's last id as the listener does."""
     pages, after, previous = [], 0, None
     while True:
-        events, more = log.range_page("t", "t", rng, after=after, previous=previous)
+        events, more = range_page(log, "t", "t", rng, after=after, previous=previous)
         pages.append((events, more))
         if not more:
             return pages
@@ -127,7 +133,7 @@ def test_range_page_is_exactly_the_statements_rows(tdb, dsn, log):
                        (rng.first, rng.last))[0][0]
     assert in_range == rng.n + 2            # the other transaction's row and the other channel's are inside
 
-    events, more = log.range_page("t", "t", rng)
+    events, more = range_page(log, "t", "t", rng)
     assert more is False
     assert events == logged(tdb, "xid::text::bigint = %s AND channel = 't'", (xid,))
     assert [(e.operation, e.schema, e.table, e.data, e.old) for e in events] == [
@@ -149,13 +155,13 @@ def test_range_page_of_one_statement_is_one_aggregate_and_of_two_tables_grouped(
     grouped = []
     real_read = EventLog._read
     monkeypatch.setattr(EventLog, "_read", lambda self, *a: grouped.append(a[1]) or real_read(self, *a))
-    events, more = log.range_page("t", "t", statement_range(tdb, xid))
+    events, more = range_page(log, "t", "t", statement_range(tdb, xid))
     assert events == logged(tdb) and more is False and grouped == []
     with tdb:
         execute(tdb, "INSERT INTO t SELECT g, 'a' FROM generate_series(100, 104) g")
         execute(tdb, "INSERT INTO t2 SELECT g, 'b' FROM generate_series(1, 5) g")
         xid2 = execute(tdb, "SELECT pg_current_xact_id()::text::bigint")[0][0]
-    events, more = log.range_page("t", "t", statement_range(tdb, xid2))
+    events, more = range_page(log, "t", "t", statement_range(tdb, xid2))
     assert grouped == [_eventlog._RANGE_SQL_GROUPED] and more is False
     assert events == logged(tdb, "xid::text::bigint = %s", (xid2,))
     assert [e.table for e in events] == ["t"] * 5 + ["t2"] * 5
@@ -171,28 +177,28 @@ def test_range_rows_build_events_by_chunk(tdb, log):
 
 def test_range_page_channel_is_the_logical_name(tdb, log):
     xid = insert_rows(tdb, 3)
-    events, _ = log.range_page("logical", "t", statement_range(tdb, xid))
+    events, _ = range_page(log, "logical", "t", statement_range(tdb, xid))
     assert len(events) == 3 and {e.channel for e in events} == {"logical"}
-    assert log.range_page("t", "not-the-wire", statement_range(tdb, xid)) == ([], False)
+    assert range_page(log, "t", "not-the-wire", statement_range(tdb, xid)) == ([], False)
 
 
 def test_range_page_after(tdb, log):
     xid = insert_rows(tdb, 10)
     rng = statement_range(tdb, xid)
-    events, more = log.range_page("t", "t", rng, after=rng.first + 6)
+    events, more = range_page(log, "t", "t", rng, after=rng.first + 6)
     assert ids(events) == list(range(rng.first + 7, rng.last + 1)) and more is False
-    assert log.range_page("t", "t", rng, after=rng.last) == ([], False)
+    assert range_page(log, "t", "t", rng, after=rng.last) == ([], False)
 
 
 def test_range_page_previous_bounds_the_page(tdb, log, monkeypatch):
     monkeypatch.setattr(_eventlog, "RANGE_PAGE", 1000)
     xid = insert_rows(tdb, 100)
     rng = statement_range(tdb, xid)
-    events, more = log.range_page("t", "t", rng)
+    events, more = range_page(log, "t", "t", rng)
     assert len(events) == 100 and more is False
-    events, more = log.range_page("t", "t", rng, previous=10)          # 64 rows
+    events, more = range_page(log, "t", "t", rng, previous=10)          # 64 rows
     assert ids(events) == list(range(rng.first, rng.first + 64)) and more is True
-    events, more = log.range_page("t", "t", rng, previous=40)          # 80 rows
+    events, more = range_page(log, "t", "t", rng, previous=40)          # 80 rows
     assert ids(events) == list(range(rng.first, rng.first + 80)) and more is True
 
 
@@ -211,7 +217,7 @@ def test_range_page_byte_bound_cuts_pages(tdb, log, monkeypatch):
     monkeypatch.setattr(_eventlog, "PAGE_BYTES", 3000)
     xid = insert_rows(tdb, 30, width=1000)
     rng = statement_range(tdb, xid)
-    first, more = log.range_page("t", "t", rng)
+    first, more = range_page(log, "t", "t", rng)
     assert more is True
     assert len(first) == 3, [len(str(e.data)) for e in first]
     pages = read_all_ranges(log, rng)
@@ -252,7 +258,7 @@ def test_range_page_fast_read_ends_before_a_wide_row(tdb, log, monkeypatch):
 
 def test_range_page_whose_first_row_is_wide_reads_by_bytes_at_once(tdb, log, monkeypatch):
     rng = statement_with_a_wide_row(tdb, monkeypatch, 100_000, wide=1)
-    events, more = log.range_page("t", "t", rng)
+    events, more = range_page(log, "t", "t", rng)
     assert events == logged(tdb) and more is False
 
 
@@ -522,7 +528,7 @@ def test_reads_on_a_closed_pool_raise_catchupfailed(tdb, pool, log):
     rng = statement_range(tdb, xid)
     position = target = snapshot(tdb)
     pool.close()
-    reads = [lambda: log.range_page("t", "t", rng), lambda: log.catchup_page("t", "t", position, target, 0),
+    reads = [lambda: range_page(log, "t", "t", rng), lambda: log.catchup_page("t", "t", position, target, 0),
              lambda: log.events_by_id("t", "t", [rng.first]), lambda: log.window("t", position, target),
              log.snapshot]
     for read in reads:
@@ -535,7 +541,7 @@ def test_a_failing_query_raises_catchupfailed_with_its_first_line(db, log):
     # no schema installed: the server's error (multi-line) becomes one line
     rng = EventRange("t", 1, 1, 10, 10)
     with pytest.raises(CatchUpFailed) as info:
-        log.range_page("t", "t", rng)
+        range_page(log, "t", "t", rng)
     assert "event_log" in str(info.value) and "does not exist" in str(info.value)
     assert "\n" not in str(info.value)
     assert isinstance(info.value.__cause__, psycopg2.Error)

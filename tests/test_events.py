@@ -9,8 +9,8 @@ import cattrs.errors
 import pytest
 
 from pgnotify_sync.errors import PayloadError, PgNotifyError
-from pgnotify_sync.events import (MAX_RANGE_SPAN, DatabaseEvent, EventRange, EventRef, Operation, converter, loads,
-                                  loads_unlimited)
+from pgnotify_sync._json import loads_unlimited
+from pgnotify_sync.events import MAX_RANGE_SPAN, DatabaseEvent, EventRange, EventRef, Operation, converter, loads
 from pgnotify_sync.events import decode_payload as decode_hint
 
 

@@ -95,7 +95,10 @@ def watch_table(conn, table, channel, exclude_columns=(), channel_prefix="", mod
     awkward names: ``'public."My Table"'``), sending its changes on *channel*.
 
     *exclude_columns* never leave the database: not in notifications, not in the
-    event log. *channel_prefix* must match the listeners' ``Config.channel_prefix``.
+    event log. Nor does the fact that one changed: an UPDATE that leaves every other
+    column as it was is no event at all (without *exclude_columns*, every UPDATE is
+    one, even one that changes nothing). *channel_prefix* must match the listeners'
+    ``Config.channel_prefix``.
     Calling it again replaces the previous triggers of that table.
 
     *mode* ``"statement"`` (default) captures INSERT and DELETE once per statement

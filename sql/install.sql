@@ -363,6 +363,15 @@ DROP FUNCTION IF EXISTS pgnotify_sync.without_columns(json, text[]);
 -- few as possible, and pg_notify() is called in an assignment, not by PERFORM
 -- (which always starts the executor); the row is row_to_json() (exclusions: see
 -- without_columns); the hint is built by format().
+--
+-- With excluded columns, an UPDATE that leaves every kept column as it was (only
+-- excluded columns changed, or nothing did) logs and notifies nothing: an event
+-- whose data equals its old row would tell every listener, and every browser of
+-- the SSE bridge, that something they may not see just changed (a password, say).
+-- The kept columns' JSON texts are compared (json has no equality operator; the
+-- same row type and values give the same text). Without excluded columns every
+-- UPDATE is an event, as before, even one that changes nothing. Any other capture
+-- mode must keep this rule.
 CREATE OR REPLACE FUNCTION pgnotify_sync.capture_row() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -386,6 +395,9 @@ BEGIN
     ELSIF TG_OP = 'UPDATE' THEN
         v_data := pgnotify_sync.without_columns(NEW, TG_RELID, TG_ARGV[1:]);
         v_old := pgnotify_sync.without_columns(OLD, TG_RELID, TG_ARGV[1:]);
+        IF v_data::text = v_old::text THEN
+            RETURN NULL;    -- only excluded columns changed: no event (see above)
+        END IF;
     ELSE
         v_data := pgnotify_sync.without_columns(OLD, TG_RELID, TG_ARGV[1:]);
     END IF;
@@ -436,6 +448,9 @@ BEGIN
         v_data := pgnotify_sync.without_columns(NEW, TG_RELID, TG_ARGV[3:]);
         IF TG_OP = 'UPDATE' THEN
             v_old := pgnotify_sync.without_columns(OLD, TG_RELID, TG_ARGV[3:]);
+            IF v_data::text = v_old::text THEN
+                RETURN NULL;    -- only excluded columns changed: no event (see capture_row)
+            END IF;
         END IF;
     END IF;
     INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name, data, old)

@@ -221,6 +221,38 @@ def test_excluded_columns_are_neither_logged_nor_notified(idb, notes, mode, rows
             assert payload == expected[body["id"]]
 
 
+@pytest.mark.parametrize("table_kind", ["statement", "row", "partitioned"])
+def test_an_update_of_excluded_columns_alone_is_no_event(idb, notes, table_kind):
+    """Only excluded columns changed (or nothing did): nothing logged, nothing
+    notified, so nobody learns that a hidden column changed. The row's other
+    changes are events as before, with the excluded column left out."""
+    if table_kind == "partitioned":
+        with idb.cursor() as cur:
+            cur.execute("CREATE TABLE pt (id bigint, k int, b text, secret text, PRIMARY KEY (id, k)) "
+                        "PARTITION BY RANGE (k)")
+            cur.execute("CREATE TABLE pt_1 PARTITION OF pt FOR VALUES FROM (0) TO (100)")
+        watch_table(idb, "public.pt", channel="c", exclude_columns=("secret",))
+        table = "pt"
+        with idb.cursor() as cur:
+            cur.execute("INSERT INTO pt SELECT g, g, 'x', 'old' FROM generate_series(1, 3) g")
+    else:
+        table = _table(idb, mode=table_kind, exclude=("secret",))
+        with idb.cursor() as cur:
+            cur.execute(f"INSERT INTO {table} (zeta_long_name, b, secret) SELECT g, 'x', 'old' "
+                        "FROM generate_series(1, 3) g")
+    before = len(_log(idb, "c"))
+    listen = notes("c")
+    with idb.cursor() as cur:
+        cur.execute(f"UPDATE {table} SET secret = 'new'")                       # excluded only
+        cur.execute(f"UPDATE {table} SET secret = 'newer', b = b")              # kept ones unchanged
+        cur.execute(f"UPDATE {table} SET b = 'y', secret = 'newest' WHERE id = 2")    # a real change
+    log = _log(idb, "c")[before:]
+    assert [(row[2], json.loads(row[5])["b"], json.loads(row[6])["b"]) for row in log] == [("UPDATE", "y", "x")]
+    assert "secret" not in log[0][5] and "secret" not in log[0][6]
+    got = listen.drain()
+    assert [json.loads(p)["id"] for _c, p in got] == [log[0][0]]
+
+
 @pytest.mark.parametrize("mode", ["statement", "row"])
 def test_row_mode_and_updates_make_the_same_payload_text(idb, notes, mode):
     table = _table(idb, name=ODD_TABLE, schema=ODD_SCHEMA, mode=mode)

@@ -20,8 +20,8 @@ Example::
 """
 
 from .config import Config
-from .errors import (ConfigError, ConnectError, ErrorKind, ListenerStateError, PayloadError, PgNotifyError,
-                     PrivilegeError, PublishBufferFull, RowTypeError, SchemaError)
+from .errors import (ConfigError, ConnectError, ErrorKind, HandlerSuspended, ListenerStateError, PayloadError,
+                     PgNotifyError, PrivilegeError, PublishBufferFull, RowTypeError, SchemaError)
 from .events import DatabaseEvent, Operation, converter
 from .listener import ConnectionState, Listener
 from .schema import (grant_admin, grant_listener, grant_publisher, grants, install, revoke, set_retention_floor,
@@ -30,7 +30,8 @@ from .schema import (grant_admin, grant_listener, grant_publisher, grants, insta
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "ConfigError", "ConnectError", "ConnectionState", "DatabaseEvent", "ErrorKind", "Listener",
+    "Config", "ConfigError", "ConnectError", "ConnectionState", "DatabaseEvent", "ErrorKind", "HandlerSuspended",
+    "Listener",
     "ListenerStateError", "Operation", "PayloadError", "PgNotifyError", "PrivilegeError", "PublishBufferFull",
     "RowTypeError", "SchemaError",
     "converter",

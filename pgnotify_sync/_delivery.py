@@ -3,8 +3,10 @@ worker threads, one channel at a time and in order.
 
 Handlers are user code: whatever one raises (SystemExit too) is logged, counted
 and reported (kind ``handler``) and the next handler and event still run; only
-Ctrl-C in the main thread propagates. A durable consumer's position is stored
-every ``checkpoint_every`` events along the way (see _consumers.py).
+Ctrl-C in the main thread propagates. A failure is retried with backoff; a handler
+that keeps failing is suspended by its circuit breaker (_breaker.py), so that it
+does not hold the other handlers of its channel back. A durable consumer's position
+is stored every ``checkpoint_every`` events along the way (see _consumers.py).
 """
 
 import bisect
@@ -12,9 +14,10 @@ import functools
 import logging
 import time
 
+from ._breaker import Admit, Breakers
 from ._channel import BOOTTIME, LeaseLost, lease_clock
 from ._keys import partition_of
-from .errors import RowTypeError, first_line, must_propagate
+from .errors import HandlerSuspended, RowTypeError, first_line, must_propagate
 from .events import DatabaseEvent, Operation
 from .metrics import Histogram
 
@@ -55,11 +58,13 @@ class Delivery:
     undelivered)* stores a durable consumer's position (None: not durable). A
     consumer group's lane delivers only its partition's events (of *partitions*,
     by the rows' *keys*, a KeyColumns); with *rows* (a RowPool: ``ordering="row"``)
-    different rows run in parallel."""
+    different rows run in parallel. *breakers* (a Breakers) suspend handlers that
+    keep failing (None: none is)."""
 
     def __init__(self, name, signals, report, checkpoint_every, save=None, keys=None, partitions=1, rows=None,
-                 backoff=None, stop=None, park=None, consumer=None, superseded=None):
+                 backoff=None, stop=None, park=None, consumer=None, superseded=None, breakers=None):
         self._name = name
+        self._breakers = breakers if breakers is not None else Breakers(0, float("inf"))
         self._consumer = consumer       # BACKFILL events are this consumer's only
         self._superseded = superseded   # superseded(ch, events) -> ids of BACKFILL rows a newer change replaced
         self._park = park           # park(ch, event, exc, attempts): a durable consumer's dead letter
@@ -104,7 +109,7 @@ class Delivery:
         seconds in handlers, handler errors, whether the lease was lost, and the index
         of the event whose retry stop() interrupted, or None)."""
         name = ch.name
-        calls = self._receivers(name)
+        calls, breakers = self._receivers(name)
         debug = log.isEnabledFor(logging.DEBUG)
         perf = time.perf_counter
         counts, buckets = hist.counts, hist.buckets
@@ -121,6 +126,7 @@ class Delivery:
         fast = 0            # events faster than the first bucket bound (most, in a burst)
         errors = 0
         only = calls[0] if len(calls) == 1 else None
+        breaker = breakers[0] if only is not None else None
         lease = ch.lease_deadline is not None
         # A group lane delivers only while its lease surely holds (lease_clock(),
         # inlined: it runs before every event).
@@ -137,12 +143,15 @@ class Delivery:
             # and the next handler and event still run.
             try:
                 if only is not None:
-                    try:
-                        only(event)
-                    except BaseException as exc:
-                        errors += self._retry(ch, only, event, exc)
+                    if breaker.clean:       # healthy: no lock, no call of ours
+                        try:
+                            only(event)
+                        except BaseException as exc:
+                            errors += self._retry(ch, only, breaker, event, exc, Admit.RETRY)
+                    else:
+                        errors += self._guarded(ch, only, breaker, event)
                 else:
-                    errors += self._call_all(ch, calls, event)
+                    errors += self._call_all(ch, calls, breakers, event)
             except Interrupted as exc:
                 handled, cut, stopped = i, i, exc
                 break
@@ -251,10 +260,11 @@ class Delivery:
         return True
 
     def _receivers(self, name):
-        """One callable per receiver of channel *name*: on_event handlers directly,
-        bare blinker receivers with the signal's arguments."""
-        return [getattr(r, "_pgnotify_handler", None) or functools.partial(_call_receiver, r, name)
-                for r in self._signals.event.receivers_for(name)]
+        """One callable per receiver of channel *name* (on_event handlers directly,
+        bare blinker receivers with the signal's arguments), and their breakers."""
+        receivers = list(self._signals.event.receivers_for(name))
+        return ([getattr(r, "_pgnotify_handler", None) or functools.partial(_call_receiver, r, name)
+                 for r in receivers], self._breakers.of(name, receivers))
 
     def _log_delivered(self, name, event, elapsed):
         # DEBUG only, and no row values (they may be secret).
@@ -264,31 +274,68 @@ class Delivery:
                          "details": {"operation": event.operation.value, "table": event.table,
                                      "duration": round(elapsed * 1000, 3)}})
 
-    def _call_all(self, ch, calls, event):
+    def _call_all(self, ch, calls, breakers, event):
         """Every receiver of *ch* for *event*; returns how many failed for good."""
         errors = 0
-        for call in calls:
-            try:
-                call(event)
-            except BaseException as exc:
-                errors += self._retry(ch, call, event, exc)
+        for call, breaker in zip(calls, breakers):
+            if breaker.clean:
+                try:
+                    call(event)
+                except BaseException as exc:
+                    errors += self._retry(ch, call, breaker, event, exc, Admit.RETRY)
+            else:
+                errors += self._guarded(ch, call, breaker, event)
         return errors
 
-    def _retry(self, ch, call, event, exc):
-        """*call* raised *exc* for *event*: called again after a backoff, up to
-        ``handler_max_attempts`` calls (only this receiver: the others had it).
-        Returns 1 if it failed for good (reported), 0 if a retry succeeded; raises
+    def _guarded(self, ch, call, breaker, event):
+        """*call* for *event* as its breaker (not clean) allows: once, or not at all
+        (the event fails at once). Returns 1 if it failed for good, else 0."""
+        admit = breaker.admit()
+        if admit is Admit.REJECT:
+            return self._suspended(ch, breaker, event)
+        try:
+            call(event)
+        except BaseException as exc:
+            return self._retry(ch, call, breaker, event, exc, admit)
+        if breaker.succeeded():
+            log.warning("%s: handler %s of channel %r works again: its breaker is closed", self._name,
+                        breaker.name, ch.name, extra={"event": "breaker_closed", "channel": ch.name,
+                                                      "details": {"receiver": breaker.name}})
+        return 0
+
+    def _suspended(self, ch, breaker, event):
+        """*event* fails without a call (the breaker is open): counted, reported
+        through the error signal (logged at DEBUG only: the opening was logged) and
+        parked for a durable consumer."""
+        exc = HandlerSuspended(breaker.name, ch.name, breaker.failures)
+        self._report("handler", exc, ch.name, event_id=event.id, level=logging.DEBUG)
+        self._park_or_redo(ch, event, exc, 0)
+        return 1
+
+    def _retry(self, ch, call, breaker, event, exc, admit):
+        """*call* raised *exc* for *event*: with *admit* RETRY, called again after a
+        backoff, up to ``handler_max_attempts`` calls (only this receiver: the others
+        had it); with ONCE (its breaker is not clean), not again. Returns 1 if it
+        failed for good (reported; the breaker told), 0 if a retry succeeded; raises
         Interrupted if stop() came during a backoff."""
         attempt = 1
         while True:
             if must_propagate(exc):
+                breaker.abandon()
                 raise exc
             if isinstance(exc, RowTypeError):      # the row does not fit: calling again cannot help
+                breaker.abandon()                  # (and it says nothing of the handler)
                 ch.type_errors += 1
                 self._report("type", exc, ch.name, event_id=event.id)
                 self._park_or_redo(ch, event, exc, attempt)
                 return 0
-            if self._backoff is None or self._backoff.exhausted(attempt):
+            if admit is Admit.ONCE or self._backoff is None or self._backoff.exhausted(attempt):
+                if breaker.failed():
+                    log.warning("%s: handler %s of channel %r failed %d events in a row: suspended, its events "
+                                "fail at once (tried again every %g s)", self._name, breaker.name, ch.name,
+                                breaker.failures, breaker.reset_s,
+                                extra={"event": "breaker_open", "channel": ch.name,
+                                       "details": {"receiver": breaker.name, "failures": breaker.failures}})
                 return self._failed(ch, exc, event, attempt)
             ch.handler_retries += 1     # the channel's worker (or its row thread): one writer a row
             delay = self._backoff.delay_s(attempt)
@@ -337,13 +384,13 @@ class Delivery:
         channel's own position is touched (these events were passed long ago)."""
         if ch.partition is not None and self._partitions > 1:
             events = [e for e in events if partition_of(e, self._keys, self._partitions) == ch.partition]
-        calls = self._receivers(ch.name)
+        calls, breakers = self._receivers(ch.name)
         for event in events:
             if not requested(ch, event):
                 continue
             typed_out = ch.type_errors
             try:
-                failed = self._call_all(ch, calls, event)
+                failed = self._call_all(ch, calls, breakers, event)
             except Interrupted as exc:
                 raise type(exc)([]) from None
             if failed == 0 and ch.type_errors == typed_out:

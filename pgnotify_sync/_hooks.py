@@ -21,8 +21,8 @@ log = logging.getLogger("pgnotify_sync")
 
 class ListenerHooks:
     """*parts* gives the listener's ``connections``, ``dispatcher``, ``reader``,
-    ``lifecycle``, ``reporter``, ``channels``, ``stats``, ``config``, ``consumer`` and
-    ``name`` (see Listener.__init__); events go to *signals*' receivers (Delivery)."""
+    ``lifecycle``, ``reporter``, ``channels``, ``stats``, ``config``, ``consumer``,
+    ``breakers`` and ``name`` (see Listener.__init__); events go to *signals*' receivers (Delivery)."""
 
     def __init__(self, parts, signals, checkpoint_every):
         self._p = parts
@@ -45,7 +45,7 @@ class ListenerHooks:
                         save=self.save_consumer if p.consumer else None, keys=keys, partitions=partitions, rows=rows,
                         backoff=backoff, stop=p.stop_event, park=self._park if p.consumer else None,
                         consumer=p.consumer, superseded=lambda ch, events: superseded(
-                            p.connections.event_log.query_all, ch.wire, events, keys))
+                            p.connections.event_log.query_all, ch.wire, events, keys), breakers=p.breakers)
 
     def configure_delivery(self, keys, partitions, rows):
         """At start(), before any delivery: the rows' *keys* (a KeyColumns), the group's

@@ -6,6 +6,7 @@ thread). Reads the listener's parts; owns no thread.
 import time
 import types
 
+from ._breaker import SUSPENDED
 from ._channel import lanes
 from ._counters import Counters
 from ._lifecycle import ConnectionState
@@ -109,6 +110,7 @@ class Observer:
             "last_health_check_rtt_s": st["last_health_rtt_s"],
             "channels": channels,
             "consumer": p.group.status() if p.group is not None else None,
+            "handlers": p.breakers.not_closed(),
             **({"backfill": {t: dict(s) for t, s in list(p.backfill.items())}} if p.backfill else {}),
         }
 
@@ -125,6 +127,9 @@ class Observer:
 
         for ch in list(p.channels.values()):
             self._collect_channel(merged(ch), add, add_hist)
+        for channel, breaker in p.breakers.items():
+            add("handler_suspended", [channel, breaker.name], 1 if breaker.state in SUSPENDED else 0)
+            add("handler_suspended_events", [channel, breaker.name], breaker.rejected)
         for ch in list(p.channels.values()):
             if ch.dead_letters is not None:
                 add("dead_letters", [p.consumer, ch.name], ch.dead_letters)

@@ -46,11 +46,13 @@ class Reporter:
                 else:
                     self.report("receiver", exc, None, exc_info=True, what=f"a receiver of {signal_name!r}")
 
-    def report(self, kind, error, channel, event_id=None, exc_info=False, what=None):
+    def report(self, kind, error, channel, event_id=None, exc_info=False, what=None, level=None):
         """A background failure of *kind* (an :class:`ErrorKind`; an unknown kind is a
-        bug: ValueError) on *channel* (None: the listener as a whole)."""
+        bug: ValueError) on *channel* (None: the listener as a whole), logged at
+        *level* (None: by kind; a flood whose cause was logged once goes at DEBUG)."""
         kind = ErrorKind(kind)
-        level = logging.ERROR if kind in ERROR_LEVEL_KINDS else logging.WARNING
+        if level is None:
+            level = logging.ERROR if kind in ERROR_LEVEL_KINDS else logging.WARNING
         text = error if isinstance(error, str) else describe(error)
         if what:
             text = f"{what}: {text}"

@@ -149,6 +149,15 @@ class Config:
         at ``handler_retry_delay_ms`` and doubles per attempt (with jitter) up to
         ``handler_retry_delay_max_ms``. Meanwhile the channel waits (its order is
         kept); ``stop()`` interrupts a backoff at once.
+    :param handler_breaker_failures: a handler that failed this many events in a row
+        (each after its ``handler_max_attempts`` calls) is suspended: its events fail
+        at once, without a call (reported, counted, parked as dead letters for a
+        durable consumer), so it no longer holds back its channel's other handlers.
+        After a first event failed for good, its next events get one call each, no
+        backoff. 0: never suspended.
+    :param handler_breaker_reset_ms: a suspended handler is called again for one
+        event this long after it was suspended; a success ends the suspension, a
+        failure starts another.
     :param backfill_chunk_rows: a backfill (``Listener(..., backfill=...)``, the CLI's
         ``backfill``) reads and logs this many rows per transaction: larger chunks
         cost fewer round trips, smaller ones hold each short REPEATABLE READ
@@ -214,6 +223,9 @@ class Config:
     handler_retry_delay_ms: int = attrs.field(default=100, validator=_positive_int("handler_retry_delay_ms", 1))
     handler_retry_delay_max_ms: int = attrs.field(default=30_000,
                                                   validator=_positive_int("handler_retry_delay_max_ms", 1))
+    handler_breaker_failures: int = attrs.field(default=3, validator=_positive_int("handler_breaker_failures", 0))
+    handler_breaker_reset_ms: int = attrs.field(default=10_000,
+                                                validator=_positive_int("handler_breaker_reset_ms", 1))
     consumer_partitions: int = attrs.field(default=1, validator=_positive_int("consumer_partitions", 1, 1024))
     consumer_lease_s: float = attrs.field(default=10.0,
                                           validator=_positive_float("consumer_lease_s", 1.0, allow_zero=True))
@@ -433,6 +445,8 @@ _ENV_VARS = (
     ("PG_NOTIFY_HANDLER_MAX_ATTEMPTS", "handler_max_attempts", _parse_int),
     ("PG_NOTIFY_HANDLER_RETRY_DELAY", "handler_retry_delay_ms", _parse_int),
     ("PG_NOTIFY_HANDLER_RETRY_DELAY_MAX", "handler_retry_delay_max_ms", _parse_int),
+    ("PG_NOTIFY_HANDLER_BREAKER_FAILURES", "handler_breaker_failures", _parse_int),
+    ("PG_NOTIFY_HANDLER_BREAKER_RESET", "handler_breaker_reset_ms", _parse_int),
     ("PG_NOTIFY_BACKFILL_CHUNK", "backfill_chunk_rows", _parse_int),
 )
 

@@ -84,6 +84,19 @@ class RowTypeError(PgNotifyError, TypeError):
     The message names the model and the fields at fault, never a value."""
 
 
+class HandlerSuspended(PgNotifyError):
+    """An event failed without its handler being called: the handler's circuit
+    breaker is open after ``handler_breaker_failures`` events failed in a row
+    (Config). The ``error`` of such an event's ``handler`` report and its dead
+    letter's ``error_type``; it is tried again every ``handler_breaker_reset_ms``."""
+
+    def __init__(self, receiver, channel, failures):
+        super().__init__(f"handler {receiver} of channel {channel!r} is suspended after {failures} events "
+                         "failed in a row; not called")
+        self.receiver = receiver
+        self.channel = channel
+
+
 class PublishBufferFull(PgNotifyError):
     """publish() could not reach the database and the publish buffer is full: the
     event was NOT sent and NOT kept. Nothing is ever dropped silently."""

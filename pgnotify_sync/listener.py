@@ -31,6 +31,7 @@ import time
 import types
 
 from . import _backfill as backfill
+from ._breaker import Breakers
 from ._channel import ChannelState
 from ._connections import Connections
 from ._dispatch import Dispatcher
@@ -112,7 +113,8 @@ class Listener:
             name=self.name, config=config, consumer=consumer, channels=self._channels, stats=self.stats,
             lifecycle=self._lifecycle, reporter=self._reporter, connections=self._connections,
             publisher=self._publisher, reader=None, dispatcher=None, group=None, stop_event=self._stop_event,
-            backfill=self.backfilled)
+            backfill=self.backfilled,
+            breakers=Breakers(config.handler_breaker_failures, config.handler_breaker_reset_ms / 1000))
         self._hooks = ListenerHooks(self._parts, self.signals, self.checkpoint_every)
         self._observer = Observer(self._parts)
         self._reader = self._dispatcher = self._maintenance = self._poller = self._group = self._rows = None
@@ -291,7 +293,16 @@ class Listener:
              "reconnects": 0, "last_error": None, "last_health_check_rtt_s": 0.0004,
              "channels": {"messages": {"lag": 0, "delivered": 12, "last_event_at": ...,
                                        "falling_back": False}},
-             "consumer": None}
+             "consumer": None, "handlers": {}}
+
+        ``handlers`` lists the handlers that failed their last event for good, by
+        channel and name (module.qualname): ``{"messages": {"app.index": {"state":
+        "open", "failures": 3, "opened_at": ..., "rejected": 120}}}``; ``open`` while
+        it is suspended (its events fail without a call), ``suspect`` while it is
+        called once per event without retries, ``trial`` during its one call after
+        ``handler_breaker_reset_ms`` (see Config.handler_breaker_failures). A handler
+        leaves the dict with its first success. It does not change ``ok``: restarting
+        the process would not mend a handler.
 
         A consumer group member's ``consumer``: ``{"name", "member", "partitions",
         "members", "owned", "lease_age_s", "rebalances"}`` (README "Running many processes").

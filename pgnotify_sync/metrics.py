@@ -3,8 +3,9 @@
 Listeners count in plain Python integers on their hot paths; one collector per
 registry turns those counters into metric families at scrape time, with a
 ``listener`` label so that several listeners share one registry without
-colliding. Labels are listener, channel, operation, table, state and tunnel
-names only: never a password, never a row value.
+colliding. Labels are listener, channel, operation, table, state, tunnel and
+receiver (a handler's module and qualified name) names only: never a password,
+never a row value.
 
 Example (a plain script)::
 
@@ -120,6 +121,11 @@ class _LibraryCollector:
             counter("handler_retries", "Handler calls made again after the handler raised", ["channel"]),
             counter("type_errors", "Rows that did not fit a handler's row model (on_event(..., row=Model))",
                     ["channel"]),
+            gauge("handler_suspended", "1 while a handler's circuit breaker is open: it failed "
+                                       "handler_breaker_failures events in a row and its events fail without a "
+                                       "call", ["channel", "receiver"]),
+            counter("handler_suspended_events", "Events failed without calling their suspended handler",
+                    ["channel", "receiver"]),
             hist("handler_duration_seconds", "Time spent in the handlers of one event", ["channel"]),
             hist("decode_duration_seconds",
                  "Decode time per notification (mean over each drained batch)", []),

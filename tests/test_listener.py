@@ -45,7 +45,8 @@ def test_excluded_columns_never_leave_the_database(installed, make_listener):
     listener.start()
     with installed.cursor() as cur:
         cur.execute("INSERT INTO messages (body, password_hash) VALUES ('x', 'TOPSECRET')")
-        cur.execute("UPDATE messages SET password_hash = 'OTHER'")
+        cur.execute("UPDATE messages SET password_hash = 'OTHER'")             # no event at all
+        cur.execute("UPDATE messages SET password_hash = 'OTHERS', body = 'y'")
         cur.execute("SELECT count(*) FROM pgnotify_sync.event_log WHERE data::text LIKE '%%SECRET%%' "
                     "OR old::text LIKE '%%SECRET%%' OR data::text LIKE '%%OTHER%%'")
         assert cur.fetchone()[0] == 0

@@ -1,5 +1,6 @@
 """Handler retries with backoff (issue 16, part 1) against the real server."""
 
+import threading
 import time
 
 import pytest
@@ -233,3 +234,84 @@ def test_a_row_that_does_not_fit_becomes_a_dead_letter_of_a_durable_consumer(job
     wait_for(lambda: [(d["attempts"], d["retry_requested"]) for d in listener.dead_letters()] == [(2, False)],
              timeout=15, message=f"{listener.dead_letters()}")
     assert len(got) == 2
+
+
+# -- a handler that keeps failing is suspended (circuit breaker) -----------------------------
+
+
+def test_a_handler_that_always_raises_does_not_hold_back_its_channel(jobs, make_listener):
+    """Defaults (5 attempts with backoff, breaker after 3 events): one of two handlers
+    raises on every event; the other gets all 50 within 5 s of the writes, and the
+    failing one is shown suspended in health() and the metrics."""
+    from prometheus_client import CollectorRegistry
+
+    from pgnotify_sync import HandlerSuspended
+    registry = CollectorRegistry()
+    # (the tests' config_for makes 1 attempt; this one runs with the library's default)
+    listener = make_listener(channels=("jobs",), registry=registry, handler_max_attempts=5)
+    calls = []
+
+    @listener.on_event("jobs")
+    def broken(event):
+        calls.append(event.data["n"])
+        raise KeyError("a new column")
+    got = Collector()
+    listener.on_event("jobs", got)
+    errors = []
+    listener.signals.error.connect(lambda sender, **kw: errors.append((kw["kind"], type(kw["error"]))), weak=False)
+    listener.start()
+    began = time.monotonic()
+    for n in range(50):
+        execute(jobs, "INSERT INTO jobs (n) VALUES (%s)", (n,))
+    got.wait(50, timeout=5 - (time.monotonic() - began))
+    assert [e.data["n"] for e in got.events] == list(range(50))
+    # 5 calls for the first event, one each for the next two, then none but a trial
+    # every handler_breaker_reset_ms (10 s: not within this test)
+    assert calls == [0] * 5 + [1, 2]
+    wait_for(lambda: len(errors) == 50, timeout=5, message=f"{len(errors)} errors")
+    assert errors[:3] == [("handler", KeyError)] * 3 and set(errors[3:]) == {("handler", HandlerSuspended)}
+    name = f"{broken.__module__}.{broken.__qualname__}"
+    suspended = listener.health()["handlers"]["jobs"][name]
+    assert suspended["state"] == "open" and suspended["failures"] == 3 and suspended["rejected"] == 47
+    assert listener.health()["ok"]
+    labels = {"listener": listener.name, "channel": "jobs", "receiver": name}
+    assert registry.get_sample_value("pgnotify_sync_handler_suspended", labels) == 1
+    assert registry.get_sample_value("pgnotify_sync_handler_suspended_events_total", labels) == 47
+    assert listener.get_stats()["handler_errors"] == 50
+
+
+def test_a_suspended_handler_is_tried_again_and_works_again(jobs, make_listener):
+    """After handler_breaker_reset_ms one event calls it again; once the cause is
+    mended that call succeeds, the breaker closes and every later event reaches it.
+    A durable consumer parks the events failed meanwhile as dead letters, and their
+    retry delivers them."""
+    listener = make_listener(channels=("jobs",), consumer="breaker", handler_breaker_failures=2,
+                             handler_breaker_reset_ms=300, handler_max_attempts=2, handler_retry_delay_ms=10,
+                             handler_retry_delay_max_ms=10)
+    broken = threading.Event()
+    broken.set()
+    done = []
+
+    @listener.on_event("jobs")
+    def indexer(event):
+        if broken.is_set():
+            raise ConnectionError("index away")
+        done.append(event.data["n"])
+    listener.start()
+    for n in range(6):
+        execute(jobs, "INSERT INTO jobs (n) VALUES (%s)", (n,))
+    wait_for(lambda: len(listener.dead_letters()) == 6, timeout=15, message=f"{listener.dead_letters()}")
+    letters = {d["event_id"]: d for d in listener.dead_letters()}
+    assert sorted(d["error_type"] for d in letters.values()).count("HandlerSuspended") >= 3
+    (state,) = listener.health()["handlers"]["jobs"].values()
+    assert state["state"] == "open"
+    broken.clear()
+    # the next event after the reset time is the trial: it succeeds and closes it
+    wait_for(lambda: time.time() - state["opened_at"] > 0.4, timeout=5, message="time stands still")
+    for n in range(6, 9):
+        execute(jobs, "INSERT INTO jobs (n) VALUES (%s)", (n,))
+    wait_for(lambda: done == [6, 7, 8], timeout=10, message=f"done {done}")
+    assert listener.health()["handlers"] == {}
+    assert listener.retry_dead_letters() == 6
+    wait_for(lambda: sorted(done) == list(range(9)), timeout=15, message=f"done {done}")
+    assert listener.dead_letters() == []

@@ -32,8 +32,9 @@ catchup        a durable consumer 100,000 events behind: start -> all delivered
                (no raw baseline: plain NOTIFY loses what nobody listens to).
                                                                   >= 50,000/s
 memory         peak VmRSS growth of the Listener's process during a 1,000,000-
-               event burst with a slow handler (event_buffer_size=10,000) vs a 10x
-               smaller burst: flat or not.
+               event burst with a slow handler vs a 10x smaller burst: flat or
+               not, with event_buffer_size 200 and 100,000 beside each other
+               (and what each held: health()["queue_size"]).
 faults         freeze -> disconnected (vs interval + timeout), stop() in a 10 s
                backoff, a wrong password refused (vs a good start); bench/faults.py.
 groups         events/s with a 20 ms handler: a consumer group of 2 and 4 member

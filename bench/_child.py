@@ -235,6 +235,7 @@ def memory_child(pipe, config, expected, handler_s, sample_s, period_s=0.02):
         samples = [(0.0, baseline)]
         peak = baseline
         held_peak = 0
+        queue_peak = 0          # what the listener counts as held (health()["queue_size"])
         channels = list(listener._channels.values())
         written_at = None
         pipe.send(("ready", baseline))
@@ -249,6 +250,7 @@ def memory_child(pipe, config, expected, handler_s, sample_s, period_s=0.02):
             samples.append((now() - t0, rss))
             # Ids the dispatcher remembers as handled (a diagnostic read of internals).
             held_peak = max(held_peak, held_ids(channels))
+            queue_peak = max(queue_peak, listener.health()["queue_size"])
             if written_at is not None and (tally.done or now() - written_at >= sample_s):
                 break
         stats = listener.get_stats()
@@ -257,7 +259,7 @@ def memory_child(pipe, config, expected, handler_s, sample_s, period_s=0.02):
             "baseline_rss": baseline, "peak_rss": peak, "growth": peak - baseline,
             "write_s": written_at - t0, "sampled_s": now() - t0,
             "dropped_to_log": stats.get("dropped_to_log"), "caught_up": stats.get("caught_up"),
-            "handled_ids": held_ids(channels), "handled_ids_peak": held_peak,
+            "handled_ids": held_ids(channels), "handled_ids_peak": held_peak, "queue_peak": queue_peak,
             "samples": samples[::max(1, len(samples) // 400)],
         }))
     except BaseException as exc:

@@ -606,10 +606,15 @@ def catchup(ctx):
 # -- 8: memory ------------------------------------------------------------------------------
 
 
-def _memory_once(ctx, rows):
+# The memory figure's event buffers, beside each other: what event_buffer_size
+# bounds (queued items, pages of statements, pages read ahead) shows in RSS.
+MEMORY_BUFFERS = (200, 100_000)
+
+
+def _memory_once(ctx, rows, buffer):
     ctx.reset()
     sizes = ctx.sizes
-    config = ctx.listener_config(event_buffer_size=10_000)
+    config = ctx.listener_config(event_buffer_size=buffer)
     proc, pipe = _child.run_child(_child.memory_child, config, rows, sizes.memory_handler_s, sizes.memory_sample_s)
     try:
         _child.receive(proc, pipe, 60, "memory (start)")
@@ -623,50 +628,53 @@ def _memory_once(ctx, rows):
 
 def memory(ctx):
     """Peak VmRSS growth of the Listener's process during a big and a 10x smaller burst
-    (1000-row autocommit statements), slow handler, event_buffer_size=10,000. One run
-    of each (each burst in a fresh process), small first."""
+    (1000-row autocommit statements), slow handler, with each of MEMORY_BUFFERS as
+    event_buffer_size. One run of each (each burst in a fresh process), small first."""
     big = ctx.sizes.memory_rows
     small = big // 10
     results = {}
-    for label, rows in (("small", small), ("big", big)):
-        r = _memory_once(ctx, rows)
-        results[label] = r
-        ctx.log(f"  {rows:,} events: baseline {fmt_mib(r['baseline_rss'])} MiB, peak +{fmt_mib(r['growth'])} MiB, "
-                f"{r['delivered']:,} handled in {r['sampled_s'] - r['write_s']:.1f} s after the writer "
-                f"({'all' if r['drained'] else 'cut off'}), dropped to log {r['dropped_to_log']:,}, "
-                f"handled-id set {r['handled_ids']:,}")
-    extra = results["big"]["growth"] - results["small"]["growth"]
-    per_event = extra / (big - small)
-    held = max(results["big"]["handled_ids_peak"], results["big"]["handled_ids"])
-    # Flat: the extra events cost well under what holding one costs (~100s of bytes),
-    # and the handled-id set stays within its bound: ids of transactions the position
-    # does not cover yet, pruned by the marker round trip every ADVANCE_EVERY events
-    # (plus what the buffer and one batch hold meanwhile).
-    flat_rss = per_event < 16
-    id_bound = ADVANCE_EVERY + 2 * 10_000
-    bounded = held <= id_bound
-    results["extra_growth_bytes"] = extra
-    results["extra_bytes_per_event"] = per_event
+    lines = []
+    for buffer in MEMORY_BUFFERS:
+        by = results[buffer] = {}
+        for label, rows in (("small", small), ("big", big)):
+            r = _memory_once(ctx, rows, buffer)
+            by[label] = r
+            ctx.log(f"  buffer {buffer:,}, {rows:,} events: baseline {fmt_mib(r['baseline_rss'])} MiB, peak "
+                    f"+{fmt_mib(r['growth'])} MiB, {r['delivered']:,} handled in {r['sampled_s'] - r['write_s']:.1f} s "
+                    f"after the writer ({'all' if r['drained'] else 'cut off'}), dropped to log "
+                    f"{r['dropped_to_log']:,}, held (queue_size) up to {r['queue_peak']:,}, handled-id set "
+                    f"{r['handled_ids']:,}")
+        extra = by["big"]["growth"] - by["small"]["growth"]
+        per_event = extra / (big - small)
+        held = max(by["big"]["handled_ids_peak"], by["big"]["handled_ids"])
+        # Flat: the extra events cost well under what holding one costs (~100s of bytes),
+        # and the handled-id set stays within its bound: ids of transactions the position
+        # does not cover yet, pruned by the marker round trip every ADVANCE_EVERY events
+        # (plus what the buffer and one batch hold meanwhile).
+        flat_rss = per_event < 16
+        id_bound = ADVANCE_EVERY + 2 * buffer
+        bounded = held <= id_bound
+        by["extra_growth_bytes"] = extra
+        by["extra_bytes_per_event"] = per_event
 
-    def judge(_ours, _base):
-        if flat_rss and bounded:
-            return f"flat ({per_event:+.1f} B/extra event)"
-        if flat_rss:
-            return f"RSS flat ({per_event:+.1f} B/ev), ids grow"
-        return f"GROWS ({per_event:+.1f} B/extra event)"
+        def judge(_ours, _base, flat_rss=flat_rss, bounded=bounded, per_event=per_event):
+            if flat_rss and bounded:
+                return f"flat ({per_event:+.1f} B/extra event)"
+            if flat_rss:
+                return f"RSS flat ({per_event:+.1f} B/ev), ids grow"
+            return f"GROWS ({per_event:+.1f} B/extra event)"
 
-    b = results["big"]
-    note = (f"memory: the {big:,}-event burst was {'drained' if b['drained'] else 'cut off'} "
-            f"{b['sampled_s'] - b['write_s']:.0f} s after the writer with {b['delivered']:,} events handled, "
-            f"{b['dropped_to_log']:,} dropped to the log; the Listener held up to {held:,} handled ids "
-            f"(bound {id_bound:,}: the position advances every {ADVANCE_EVERY:,} events; event_buffer_size 10,000)")
-    lines = [
-        Line(f"memory: peak RSS growth, {fmt_rate(big)} events (baseline: {fmt_rate(small)})", "MiB",
-             [results["big"]["growth"]], [results["small"]["growth"]], fmt=fmt_mib, target="flat vs 10x smaller burst",
-             judge=judge, footnote=note),
-    ]
-    return lines, {"unit": "bytes", "handler_s": ctx.sizes.memory_handler_s, "event_buffer_size": 10_000,
-                   "sample_s": ctx.sizes.memory_sample_s, **results}
+        b = by["big"]
+        note = (f"memory, event_buffer_size {buffer:,}: the {big:,}-event burst was "
+                f"{'drained' if b['drained'] else 'cut off'} {b['sampled_s'] - b['write_s']:.0f} s after the writer "
+                f"with {b['delivered']:,} events handled, {b['dropped_to_log']:,} dropped to the log; held "
+                f"(queue_size) up to {b['queue_peak']:,} events; up to {held:,} handled ids (bound {id_bound:,}: "
+                f"the position advances every {ADVANCE_EVERY:,} events)")
+        lines.append(Line(f"memory: peak RSS growth, buffer {buffer:,}, {fmt_rate(big)} events "
+                          f"(baseline: {fmt_rate(small)})", "MiB", [b["growth"]], [by["small"]["growth"]],
+                          fmt=fmt_mib, target="flat vs 10x smaller burst", judge=judge, footnote=note))
+    return lines, {"unit": "bytes", "handler_s": ctx.sizes.memory_handler_s, "event_buffer_sizes": MEMORY_BUFFERS,
+                   "sample_s": ctx.sizes.memory_sample_s, **{str(k): v for k, v in results.items()}}
 
 
 FIGURES = {

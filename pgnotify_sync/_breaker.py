@@ -20,12 +20,15 @@ TRIAL     one caller gets one call; the others fail at    CLOSED on success, OPE
           once meanwhile                                  again on failure
 ========  ==============================================  =======================
 
-With the defaults (5 attempts, threshold 3) a receiver that always raises holds
-its channel for one backoff series (0.75 to 1.5 s) and two single calls, then its
+With the defaults (5 attempts, threshold 5, as pybreaker's ``fail_max``) a
+receiver that always raises holds its channel for one backoff series (0.75 to
+1.5 s) and four single calls, then its
 events fail at once (reported, counted and, for a durable consumer, parked as dead
 letters) while the other receivers go on at full speed; every ``reset_s`` one
 event tries it again, and the first success closes it. ``threshold`` 0: never
-opens (and SUSPECT still calls without backoff).
+opens (and SUSPECT still calls without backoff). An event that fails again after
+it was read again from the log (it could not be parked) counts once: a run of
+failures is one of different events.
 
 Receivers of one channel run on its worker, or on several row threads
 (``ordering="row"``) and group lanes at once: transitions take the breaker's own
@@ -66,7 +69,7 @@ class Breaker:
     after *reset_s*. *clock* is monotonic seconds."""
 
     __slots__ = ("name", "threshold", "reset_s", "_clock", "_lock", "state", "clean", "failures",
-                 "opened_at", "opened_wall", "rejected", "opened")
+                 "opened_at", "opened_wall", "rejected", "opened", "_last")
 
     def __init__(self, name, threshold, reset_s, clock=time.monotonic):
         self.name = name
@@ -81,6 +84,7 @@ class Breaker:
         self.opened_wall = None     # time.time() of it (health())
         self.rejected = 0           # events failed without a call (a counter)
         self.opened = 0             # times it opened (a counter)
+        self._last = None           # the key of the last event failed
 
     def admit(self):
         """May this event call the receiver? (An :class:`Admit`.)"""
@@ -103,13 +107,17 @@ class Breaker:
         with self._lock:
             was = self.state
             self.state, self.clean, self.failures = State.CLOSED, True, 0
-            self.opened_at = self.opened_wall = None
+            self.opened_at = self.opened_wall = self._last = None
             return was is not State.CLOSED
 
-    def failed(self):
-        """An event failed for good (after its calls). True if that opened the breaker."""
+    def failed(self, key=None):
+        """An event (*key*: its id, or None) failed for good (after its calls). True
+        if that opened the breaker. The event that failed last, failing again, does
+        not count again."""
         with self._lock:
-            self.failures += 1
+            if key is None or key != self._last:
+                self.failures += 1
+            self._last = key
             self.clean = False
             if self.state is State.TRIAL or (self.threshold and self.failures >= self.threshold):
                 self.state = State.OPEN

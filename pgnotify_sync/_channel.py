@@ -14,10 +14,10 @@ from .events import DatabaseEvent, EventRange, EventRef
 from .metrics import Histogram
 
 
-# A range is read in pages of at most RANGE_PAGE rows (a wide one in slices of
-# _fetch.SLICE_IDS ids: the page delivered, the next and SLICES_AHEAD slices' first
-# pages under way, up to 60,000 rows), so it holds no more than that in memory at
-# a time, however many rows it announces; the buffer counts it as one page.
+# A range is read in pages of at most the listener's page_rows (_dispatch.py; at
+# most RANGE_PAGE) and counts as one page in the buffer, however many rows it
+# announces: the page it holds while it is delivered (pages read ahead of it are
+# counted when they are read: _fetch.Window).
 RANGE_HELD_MAX = RANGE_PAGE
 
 
@@ -29,11 +29,11 @@ def weight(item):
     return 1 if cls is DatabaseEvent or cls is EventRef else 0
 
 
-def held(item):
+def held(item, page=RANGE_HELD_MAX):
     """How many events an item holds in memory at most (the buffer accounting): a
-    range counts its rows up to a page, so a statement bigger than the buffer is
+    range counts its rows up to a *page*, so a statement bigger than the buffer is
     still delivered as a live range, page by page, not dropped to a catch-up."""
-    return min(weight(item), RANGE_HELD_MAX)
+    return min(weight(item), page)
 
 
 class CatchUp:

@@ -330,7 +330,7 @@ class Delivery:
                 self._park_or_redo(ch, event, exc, attempt)
                 return 0
             if admit is Admit.ONCE or self._backoff is None or self._backoff.exhausted(attempt):
-                if breaker.failed():
+                if breaker.failed(event.id):
                     log.warning("%s: handler %s of channel %r failed %d events in a row: suspended, its events "
                                 "fail at once (tried again every %g s)", self._name, breaker.name, ch.name,
                                 breaker.failures, breaker.reset_s,

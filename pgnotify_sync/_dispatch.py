@@ -12,8 +12,17 @@ notification queue for the whole cluster). When the events waiting in memory rea
 ``capacity`` the channel goes into *overflow*: further events of that channel are
 dropped from memory (they are in the event log) and when there is room again a
 catch-up re-reads them from the log. Memory stays bounded, nothing is lost.
+
+What is held in memory counts in ``buffered`` (health()'s ``queue_size``): a queued
+event or hint 1, a statement's range the page it holds while it is read
+(``page_rows``: a fraction of the buffer), and every page read ahead of delivery
+beyond that (reserved while held, only when there is room: _fetch.Window). So a
+listener holds at most ``capacity`` events, plus one page in flight per channel (a
+catch-up's, or one read when it was needed and there was no room), however big
+its statements are.
 """
 
+import functools
 import itertools
 import logging
 import queue
@@ -22,8 +31,8 @@ import time
 import typing
 
 from ._channel import CatchUp, Release, held, lanes, weight
-from ._eventlog import RANGE_PAGE
-from ._fetch import READ_AHEAD, Fetcher
+from ._eventlog import FAST_PAGE
+from ._fetch import READ_AHEAD, SLICES_AHEAD, Fetcher
 from ._threads import join_all, spawn
 from ._worker import CHUNK, BatchRunner
 from .events import DatabaseEvent
@@ -39,6 +48,19 @@ BATCH = 256
 # A channel whose read of the log failed tries again after this long (not at once:
 # the server is likely away, and every try logs a warning).
 RETRY_S = 0.5
+
+# A page of the log read for a statement (or a catch-up) holds at most
+# capacity // PAGES_PER_BUFFER rows (and FAST_PAGE). Pages read ahead take at most
+# half the buffer (the other half stays for what the reader queues meanwhile, and a
+# channel that overflowed can resume while a big statement streams): the page
+# delivered and SLICES_AHEAD read ahead fit in that half. (The default buffer of
+# 10,000: pages of 1,250 rows.)
+PAGES_PER_BUFFER = 2 * (SLICES_AHEAD + 1)
+
+
+def page_rows_for(capacity):
+    """Rows a page of the log may hold in a listener whose buffer holds *capacity*."""
+    return max(1, min(FAST_PAGE, capacity // PAGES_PER_BUFFER))
 
 class DispatchHooks(typing.Protocol):
     """What the dispatcher calls, on its worker and fetch threads (the listener's
@@ -95,8 +117,10 @@ class Dispatcher:
     def __init__(self, name, channels, capacity, workers, hooks, retry_s=RETRY_S, fetchers=None,
                  compact_ranges=True, fetch_timeout_s=60.0, whole_pages=False):
         self.name = name
+        self.page_rows = page_rows_for(capacity)
+        self._held = functools.partial(held, page=self.page_rows)
         # a statement's page delivered whole (ordering="row"), else CHUNK events at a time
-        self._chunk = RANGE_PAGE if whole_pages else CHUNK
+        self._chunk = self.page_rows if whole_pages else CHUNK
         self.channels = channels               # logical name -> ChannelState
         self.by_wire = {ch.wire: ch for ch in channels.values()}
         self.capacity = capacity
@@ -129,7 +153,8 @@ class Dispatcher:
     def start(self):
         self._fetcher = Fetcher(self.name, self._nfetchers, self._fetch_timeout_s)
         self._runner = BatchRunner(self.name, self._hooks, self._fetcher, self._queued, self._fall_back,
-                                   self._compact_ranges, lost=self._lease_lost, halt=self._halt, chunk=self._chunk)
+                                   self._compact_ranges, lost=self._lease_lost, halt=self._halt, chunk=self._chunk,
+                                   budget=self, page_rows=self.page_rows)
         self._threads = [spawn(self._work, f"{self.name}-worker-{i}") for i in range(self._nworkers)]
 
     def submit(self, fn, *args):
@@ -167,11 +192,27 @@ class Dispatcher:
     def threads(self):
         return self._threads + (self._fetcher.threads() if self._fetcher is not None else [])
 
+    # -- the buffer's room, for pages read ahead (_fetch.Window) -------------------
+
+    def reserve(self, n):
+        """Count *n* events more as held, if the buffer stays half empty with them
+        (see PAGES_PER_BUFFER)."""
+        with self._lock:
+            if self.buffered + n > max(self.resume_level, self.page_rows) * self._scale:
+                return False
+            self.buffered += n
+            return True
+
+    def unreserve(self, n):
+        """*n* events reserved are no longer held."""
+        with self._lock:
+            self.buffered -= n
+
     # -- called by the reader thread ----------------------------------------
 
     def push(self, ch, events):
         """Queue *events* (decoded, in arrival order) for channel *ch*. Never blocks."""
-        total = sum(map(held, events))          # an EventRange counts its rows, up to a page
+        total = sum(map(self._held, events))        # an EventRange counts its rows, up to a page
         try:
             with self._lock:
                 for lane in lanes(ch):
@@ -200,8 +241,9 @@ class Dispatcher:
             # one item whatever its size (a range of more rows than the buffer holds
             # is read page by page: over capacity by one page at most).
             kept, used = 0, 0
+            held_ = self._held
             for item in events:
-                w = held(item)
+                w = held_(item)
                 if used + w > room and (kept or self.buffered):
                     break
                 used += w
@@ -304,7 +346,7 @@ class Dispatcher:
         self._scale = max([1] + [sum(1 for lane in ch.lanes if lane.active) for ch in self.channels.values()])
 
     def _drop_queued_locked(self, lane):
-        self.buffered -= sum(map(held, lane.items))
+        self.buffered -= sum(map(self._held, lane.items))
         lane.items.clear()
         lane.redeliver_pending = False      # a dropped Redeliver comes again at the next poll
 
@@ -366,7 +408,7 @@ class Dispatcher:
             item = popleft()
             items.append(item)
             count += 1
-            n += held(item)
+            n += self._held(item)
         # Still counted in ``buffered`` until the worker is done with them (_run): what
         # a worker holds (and reads ahead for) is memory too.
         return items, n
@@ -391,7 +433,7 @@ class Dispatcher:
         all from the log after RETRY_S."""
         ch.ahead.clear()     # their items are dropped: they come from the log later
         with self._lock:
-            self.buffered -= sum(map(held, ch.items))
+            self.buffered -= sum(map(self._held, ch.items))
             queued = sum(map(weight, ch.items))
             ch.items.clear()
             ch.redeliver_pending = False

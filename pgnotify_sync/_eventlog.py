@@ -231,24 +231,27 @@ class EventLog:
             events.sort(key=_event_id)
         return events, cut
 
-    def catchup_page(self, channel, wire, position, target, after, previous=None):
+    def catchup_page(self, channel, wire, position, target, after, previous=None, limit=CATCHUP_PAGE):
         """Events of transactions visible in *target* but not in *position*, above id
-        *after*, in id order: one page and whether more may follow."""
-        limit = page_rows(CATCHUP_PAGE, previous)
+        *after*, in id order: one page (of at most *limit* rows, and CATCHUP_PAGE) and
+        whether more may follow."""
+        limit = page_rows(min(limit, CATCHUP_PAGE), previous)
         params = _window_params(wire, position, target, self._consumer)
         params.update(limit=limit, after=after)
         events, cut = self._read(channel, _CATCHUP_SQL, params)
         return events, cut or len(events) == limit
 
-    def range_rows(self, channel, wire, rng, after=0, previous=None):
-        """The rows of one statement (an EventRange) above id *after*: one page
-        (*previous*: RangeRows.previous of the page before it) as :class:`RangeRows`,
+    def range_rows(self, channel, wire, rng, after=0, previous=None, limit=RANGE_PAGE):
+        """The rows of one statement (an EventRange) above id *after*: one page of at
+        most *limit* rows (and RANGE_PAGE; *previous*: RangeRows.previous of the page
+        before it) as :class:`RangeRows`,
         whose events are built when asked for (the worker builds them a chunk at a
         time, as it delivers), and whether more follow.
 
         The first page (and one after a full first page) is read by _RANGE_FAST_SQL;
         after a page cut by a wide row, or by bytes, the rest by _RANGE_SQL."""
-        fast = min(FAST_PAGE, RANGE_PAGE)
+        most = min(limit, RANGE_PAGE)
+        fast = min(FAST_PAGE, most)
         first = max(rng.first, after + 1)
         params = {"first": first, "last": rng.last, "xid": str(rng.xid), "channel": wire,
                   "max_bytes": PAGE_BYTES, "consumer": self._consumer}
@@ -260,7 +263,7 @@ class EventLog:
             if rows is not None:
                 return rows, more
             previous = WIDE         # its first row is wider than row_max: read by bytes
-        params["limit"] = RANGE_PAGE if previous == WIDE else page_rows(RANGE_PAGE, previous)
+        params["limit"] = most if previous == WIDE else page_rows(most, previous)
         return self._range_query(channel, _RANGE_SQL, params, rng.xid)
 
     def _range_query(self, channel, sql_text, params, xid):

@@ -28,15 +28,17 @@ from .events import DatabaseEvent, EventRange
 # direct and 1.3x through SSH tunnels, where each read waits longer for its answer.
 READ_AHEAD = 4
 
-# A statement wider than SLICE_IDS ids is read as slices of that many ids, the next
-# SLICES_AHEAD of them at once on fetch threads while one is delivered: the server
-# builds slice k+1 while this process parses slice k (pages of one slice follow one
-# another: each starts after the last id of the page before it). Measured on one
-# 100,000-row statement, COMMIT to the last handler call: 0.47-0.56 s read as pages
-# one after another, 0.29-0.39 s as slices (3 runs each). In memory: the page
-# delivered, the next page of its slice and SLICES_AHEAD slices' first pages. A
-# statement spans at most MAX_SLICES slices (wider ones: wider slices, paged), and
-# a sparse one stops being sliced at its first empty slice (read_slices).
+# A statement wider than a slice (SLICE_IDS ids, or the listener's page: see
+# Dispatcher.page_rows) is read as slices, the next SLICES_AHEAD of them at once on
+# fetch threads while one is delivered: the server builds slice k+1 while this
+# process parses slice k (pages of one slice follow one another: each starts after
+# the last id of the page before it). Measured on one 100,000-row statement, COMMIT
+# to the last handler call: 0.47-0.56 s read as pages one after another, 0.29-0.39 s
+# as slices (3 runs each). In memory: the page delivered, the next page of its slice
+# and SLICES_AHEAD slices' first pages, each page beyond the first only while the
+# event buffer has room for it (Window). A statement spans at most MAX_SLICES slices
+# (wider ones: wider slices, paged), and a sparse one stops being sliced at its
+# first empty slice (read_slices).
 SLICE_IDS = 10_000
 SLICES_AHEAD = 3
 MAX_SLICES = 1000
@@ -151,21 +153,67 @@ def read_ahead(ch, items, start, queued, read):
                 return
 
 
-def first_slice(rng):
+class Window:
+    """The pages one read of the log holds (in flight on a fetch thread, or being
+    delivered), counted in the dispatcher's event buffer (*budget*: ``reserve(n)``
+    and ``unreserve(n)``; None: unbounded) at *page* events each.
+
+    The first page is the read's own: counted with its item when that was queued (a
+    range counts a page), or the one page in flight a catch-up may hold beyond the
+    buffer. Each further page is reserved from the buffer while it is held, and only
+    if the buffer has room for it: otherwise it is not read ahead, but when it is
+    needed (``take(force=True)``: at most one page at a time). So what a channel
+    holds stays within the buffer plus one page."""
+
+    __slots__ = ("_budget", "_page", "held", "reserved")
+
+    def __init__(self, budget, page):
+        self._budget = budget
+        self._page = page
+        self.held = 0
+        self.reserved = 0
+
+    def take(self, force=False):
+        """A page more may be held: True if it may (counted), False if the buffer has
+        no room for it (read it later)."""
+        if self.held > self.reserved and self._budget is not None and not force:
+            if not self._budget.reserve(self._page):
+                return False
+            self.reserved += 1
+        self.held += 1
+        return True
+
+    def give(self):
+        """A page is no longer held (delivered, or dropped)."""
+        self.held -= 1
+        surplus = self.reserved - max(0, self.held - 1)
+        if surplus > 0:
+            self.reserved -= surplus
+            self._budget.unreserve(surplus * self._page)
+
+    def close(self):
+        """Every page is given back (the read ended or failed; a read still running
+        on a fetch thread is dropped when it ends)."""
+        if self.reserved:
+            self._budget.unreserve(self.reserved * self._page)
+        self.held = self.reserved = 0
+
+
+def first_slice(rng, width=SLICE_IDS):
     """The first slice of statement *rng* (all of it when it is narrow): what a read
     ahead reads, and so the first of :func:`slices`."""
-    width = _slice_width(rng)
+    width = _slice_width(rng, width)
     return rng if rng.last - rng.first < width else EventRange(rng.channel, rng.xid, rng.first,
                                                                  rng.first + width - 1, rng.n)
 
 
-def _slice_width(rng):
-    return max(SLICE_IDS, -(-(rng.last - rng.first + 1) // MAX_SLICES))
+def _slice_width(rng, width):
+    return max(width, -(-(rng.last - rng.first + 1) // MAX_SLICES))
 
 
-def slices(rng):
+def slices(rng, width=SLICE_IDS):
     """The slices of *rng*, in id order, made as they are asked for."""
-    width = _slice_width(rng)
+    width = _slice_width(rng, width)
     if rng.last - rng.first < width:
         yield rng
         return
@@ -173,53 +221,88 @@ def slices(rng):
         yield EventRange(rng.channel, rng.xid, lo, min(lo + width - 1, rng.last), rng.n)
 
 
-def read_slices(rng, first, submit, result):
-    """Every page (RangeRows) of statement *rng*, in id order: its slices read up to
-    SLICES_AHEAD ahead of the one delivered (``submit(part, after, previous)``
-    returns a Job, ``result(job)`` its page), the pages of one slice one after
-    another. *first* is the Job of the first slice (a read ahead's) or None.
+def read_slices(rng, first, submit, result, window=None, width=SLICE_IDS):
+    """Every page (RangeRows) of statement *rng*, in id order: its slices of *width*
+    ids read up to SLICES_AHEAD ahead of the one delivered (``submit(part, after,
+    previous)`` returns a Job, ``result(job)`` its page), the pages of one slice one
+    after another. *first* is the Job of the first slice (a read ahead's) or None.
+    *window* (a Window) says how many pages may be held at once: a page it has no
+    room for is read when it is needed, not ahead.
 
     A slice without a row means a sparse range (a real statement's ids are dense;
     a forged hint may span 2**27 ids): no more slices are asked for, and what lies
     after those under way is read as one part, page after page, as an unsliced
     range is. So a range costs at most SLICES_AHEAD + 1 queries more than its
     pages, however wide."""
-    parts = slices(rng)
-    jobs = collections.deque()
-    for part in parts:
-        jobs.append((part, first if first is not None and not jobs else submit(part, 0, None)))
-        if len(jobs) == SLICES_AHEAD:
-            break
-    sparse = False
-    while jobs:
-        part, job = jobs.popleft()
-        following = None if sparse else next(parts, None)
-        if following is not None:
-            jobs.append((following, submit(following, 0, None)))
-        rows, more = result(job)
-        if not rows.ids and not more and not sparse:
-            sparse = True
-            last = jobs[-1][0].last if jobs else part.last
-            if last < rng.last:
-                rest = EventRange(rng.channel, rng.xid, last + 1, rng.last, rng.n)
-                jobs.append((rest, submit(rest, 0, None)))
-        while True:
-            after = submit(part, rows.ids[-1], rows.previous) if more and rows.ids else None
-            yield rows
-            if after is None:
+    window = window if window is not None else Window(None, 0)
+
+    def ask(part, after=0, previous=None, force=False):
+        return submit(part, after, previous) if window.take(force) else None
+
+    parts = slices(rng, width)
+    jobs = collections.deque()      # (slice, its first page's Job, or None: not read yet)
+    try:
+        for part in parts:
+            if first is not None and not jobs:
+                window.take(force=True)         # the read ahead's page: the range's own
+                jobs.append((part, first))
+            else:
+                jobs.append((part, ask(part, force=not jobs)))
+            if len(jobs) == SLICES_AHEAD:
                 break
-            rows, more = result(after)
+        sparse = False
+        while jobs:
+            part, job = jobs.popleft()
+            following = None if sparse else next(parts, None)
+            if following is not None:
+                jobs.append((following, ask(following)))
+            if job is None:
+                job = ask(part, force=True)     # not read ahead (no room): needed now
+            rows, more = result(job)
+            if not rows.ids and not more and not sparse:
+                sparse = True
+                last = jobs[-1][0].last if jobs else part.last
+                if last < rng.last:
+                    rest = EventRange(rng.channel, rng.xid, last + 1, rng.last, rng.n)
+                    jobs.append((rest, ask(rest)))
+            while True:
+                going_on = bool(more and rows.ids)
+                last_id, previous = (rows.ids[-1], rows.previous) if going_on else (None, None)
+                after = ask(part, last_id, previous) if going_on else None
+                yield rows
+                rows = None
+                window.give()
+                if not going_on:
+                    break
+                if after is None:
+                    after = ask(part, last_id, previous, force=True)    # no room ahead: needed now
+                rows, more = result(after)
+    finally:
+        window.close()
 
 
-def read_pages(read, submit, result, on_page):
+def read_pages(read, submit, result, on_page, window=None):
     """The pages ``read(after, previous)`` returns, one after another (a catch-up):
     the next page is read on a fetch thread (``submit``) while this one is
-    delivered; ``on_page(events)`` counts each."""
-    events, more = read(0)
-    while events:
-        on_page(events)
-        ahead = submit(read, events[-1].id, len(events)) if more else None
-        yield events
-        if ahead is None:
-            return
-        events, more = result(ahead)
+    delivered, if *window* (a Window) has room for it; ``on_page(events)`` counts
+    each."""
+    window = window if window is not None else Window(None, 0)
+    try:
+        window.take(force=True)
+        events, more = read(0)
+        while events:
+            on_page(events)
+            after, previous = events[-1].id, len(events)
+            ahead = submit(read, after, previous) if more and window.take() else None
+            yield events
+            events = None
+            window.give()
+            if not more:
+                return
+            if ahead is None:
+                window.take(force=True)
+                events, more = read(after, previous)
+            else:
+                events, more = result(ahead)
+    finally:
+        window.close()

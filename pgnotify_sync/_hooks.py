@@ -11,7 +11,7 @@ import types
 from ._backfill import superseded
 from ._backoff import Backoff
 from ._delivery import Delivery
-from ._fetch import fetch_timeout_s, read_pages
+from ._fetch import Window, fetch_timeout_s, read_pages
 from ._channel import lanes
 from ._lifecycle import ConnectionState
 from ._shared import SharedReads
@@ -72,8 +72,11 @@ class ListenerHooks:
         log_ = self._p.connections.event_log
         target = log_.snapshot()
 
+        dispatcher = self._p.dispatcher
+        page = dispatcher.page_rows
+
         def read(after, previous=None):
-            return log_.catchup_page(ch.name, ch.wire, pos, target, after, previous)
+            return log_.catchup_page(ch.name, ch.wire, pos, target, after, previous, limit=page)
 
         def counted(events):
             if reason == "poll":
@@ -81,8 +84,7 @@ class ListenerHooks:
             else:
                 ch.caught_up += len(events)
 
-        dispatcher = self._p.dispatcher
-        return target, read_pages(read, dispatcher.submit, dispatcher.result, counted)
+        return target, read_pages(read, dispatcher.submit, dispatcher.result, counted, Window(dispatcher, page))
 
     def fetch_ids(self, ch, ids, mine=False):
         if self._p.reader.installed is False:
@@ -107,10 +109,11 @@ class ListenerHooks:
         page (RangeRows; *previous* is the row count of the page before it) and
         whether more follow it."""
         read = self._p.connections.event_log.range_rows
+        limit = self._p.dispatcher.page_rows
         if ch.partition is None:
-            return read(ch.name, ch.wire, rng, after, previous)
+            return read(ch.name, ch.wire, rng, after, previous, limit)
         key = (ch.wire, rng.xid, rng.first, rng.last, after, previous)
-        return self._shared.page(key, self._readers(ch), lambda: read(ch.name, ch.wire, rng, after, previous))
+        return self._shared.page(key, self._readers(ch), lambda: read(ch.name, ch.wire, rng, after, previous, limit))
 
     def others_in_range(self, ch, rng):
         return self._p.connections.event_log.others_in_range(ch.wire, rng)

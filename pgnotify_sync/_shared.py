@@ -15,10 +15,11 @@ hands only its own partition's to handlers, so no event object is delivered twic
 import collections
 import threading
 
-# Entries kept at most (ids, and range pages of up to RANGE_PAGE rows each),
-# taken or not: the memory this may hold beyond the lanes' own. A lane has up to
-# READ_AHEAD + SLICES_AHEAD + 2 pages under way (_fetch.py): twice that, so a
-# slower lane still finds the pages a faster one read.
+# Entries kept at most (ids, and range pages of up to the listener's page_rows
+# each), taken or not: the memory this may hold beyond the lanes' own (the pages
+# are the lanes' own objects while they hold them). A lane has up to READ_AHEAD +
+# SLICES_AHEAD + 2 pages under way (_fetch.py): twice that, so a slower lane still
+# finds the pages a faster one read.
 KEEP_IDS = 50_000
 KEEP_PAGES = 18
 

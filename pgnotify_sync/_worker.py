@@ -19,7 +19,7 @@ from . import _position as position
 from ._channel import Advance, CatchUp, LeaseLost, Redeliver, Release, SetPosition
 from ._eventlog import CatchUpFailed
 from ._delivery import Interrupted
-from ._fetch import first_slice, read_ahead, read_slices
+from ._fetch import SLICE_IDS, Window, first_slice, read_ahead, read_slices
 from .events import DatabaseEvent, EventRange, EventRef, Operation
 
 BACKFILL = Operation.BACKFILL
@@ -48,10 +48,15 @@ class _Batch:
 class BatchRunner:
     """Runs batches for a Dispatcher: *hooks* are its DispatchHooks, *fetcher* the
     Fetcher of its reads, ``queued(ch, n)`` the first n items waiting on a channel,
-    ``fall_back(ch, rest, exc, kind)`` drops what is queued and schedules a re-read."""
+    ``fall_back(ch, rest, exc, kind)`` drops what is queued and schedules a re-read.
+    A statement is read in pages of *page_rows*; pages read ahead of it are counted
+    in *budget*'s buffer (``reserve``, ``unreserve``; None: not counted)."""
 
-    def __init__(self, name, hooks, fetcher, queued, fall_back, compact_ranges, lost=None, halt=None, chunk=CHUNK):
+    def __init__(self, name, hooks, fetcher, queued, fall_back, compact_ranges, lost=None, halt=None, chunk=CHUNK,
+                 budget=None, page_rows=SLICE_IDS):
         self.name = name
+        self._budget = budget
+        self._page_rows = page_rows
         self._chunk = chunk     # events built and delivered at a time from a statement's page
         self._hooks = hooks
         self._fetcher = fetcher
@@ -159,15 +164,25 @@ class BatchRunner:
             return        # the whole transaction was handled already
         fetcher, fetch_range = self._fetcher, self._hooks.fetch_range
         submit = fetcher.submit
+        page = self._page_rows
         read_ahead(ch, items, i + 1, lambda n: self._queued(ch, n),
-                   lambda rng: submit(fetch_range, ch, first_slice(rng), 0, None))
-        read = 0
-        fresh_ids, xid, compact, after = position.fresh_ids, item.xid, self._compact_ranges, None
-        chunk_rows = self._chunk
-        found = None if item.parts is None else [0] * len(item.parts)     # rows read per merged hint
+                   lambda rng: submit(fetch_range, ch, first_slice(rng, page), 0, None))
         # A big statement (or one of wide rows) comes in bounded pages, read ahead on
         # fetch threads while the one before is delivered (_fetch.read_slices).
-        for rows in read_slices(item, job, lambda *args: submit(fetch_range, ch, *args), fetcher.result):
+        pages = read_slices(item, job, lambda *args: submit(fetch_range, ch, *args), fetcher.result,
+                            Window(self._budget, page), page)
+        try:
+            self._deliver_pages(ch, item, batch, pages)
+        finally:
+            pages.close()       # its pages read ahead no longer count in the buffer, whatever happened
+
+    def _deliver_pages(self, ch, item, batch, pages):
+        """Deliver statement *item*'s *pages* (RangeRows), then check what was read."""
+        fresh_ids, xid, compact, after = position.fresh_ids, item.xid, self._compact_ranges, None
+        chunk_rows = self._chunk
+        read = 0
+        found = None if item.parts is None else [0] * len(item.parts)     # rows read per merged hint
+        for rows in pages:
             ids = rows.ids
             read += len(ids)
             if found is not None:
@@ -251,6 +266,14 @@ class BatchRunner:
             self._hooks.caught_up(ch, reason, 0)
             return
         snapshot, pages = self._hooks.catch_up(ch, reason)
+        try:
+            self._deliver_catch_up(ch, reason, snapshot, pages)
+        finally:
+            close = getattr(pages, "close", None)   # its page read ahead no longer counts in the buffer
+            if close is not None:
+                close()
+
+    def _deliver_catch_up(self, ch, reason, snapshot, pages):
         # Rows come in id order and are not remembered one by one: live copies of them
         # are dropped by the new position once the catch-up ends, and if it fails
         # midway its cursor (target, upto) goes to ch.partial.

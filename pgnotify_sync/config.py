@@ -113,8 +113,16 @@ class Config:
         metrics instead of dying).
     :param reconnect_delay_ms: first backoff step; doubles per attempt with jitter,
         capped by ``reconnect_delay_max_ms``.
-    :param event_buffer_size: at most this many decoded events wait in memory; the
-        rest are re-read from the event log when there is room (nothing is lost).
+    :param event_buffer_size: at most this many events are held in memory (queued
+        notifications, and rows read from the event log ahead of delivery), plus one
+        page in flight per channel; the rest are re-read from the log when there is
+        room (nothing is lost). A statement bigger than the buffer still streams live,
+        in pages of ``event_buffer_size // 8`` rows (at most 10,000), with up to half
+        the buffer read ahead. Each page is also bounded by bytes: at most 8 MiB of
+        row text (a wide row comes alone), so with rows wider than 1 KiB a listener
+        holds at most about 8 MiB times the pages it holds (the page delivered, up to
+        4 read ahead per channel and the first page of each of the next 4 statements).
+        ``health()["queue_size"]`` and ``pgnotify_sync_queue_size`` count all of it.
     :param worker_pool_size: threads running handlers; one channel's handlers run one
         event at a time, different channels in parallel.
     :param query_timeout_s: deadline of every query on a pooled connection (catch-up
@@ -154,7 +162,8 @@ class Config:
         at once, without a call (reported, counted, parked as dead letters for a
         durable consumer), so it no longer holds back its channel's other handlers.
         After a first event failed for good, its next events get one call each, no
-        backoff. 0: never suspended.
+        backoff. 0: never suspended. An event read again from the log after it
+        could not be parked counts once.
     :param handler_breaker_reset_ms: a suspended handler is called again for one
         event this long after it was suspended; a success ends the suspension, a
         failure starts another.
@@ -223,7 +232,7 @@ class Config:
     handler_retry_delay_ms: int = attrs.field(default=100, validator=_positive_int("handler_retry_delay_ms", 1))
     handler_retry_delay_max_ms: int = attrs.field(default=30_000,
                                                   validator=_positive_int("handler_retry_delay_max_ms", 1))
-    handler_breaker_failures: int = attrs.field(default=3, validator=_positive_int("handler_breaker_failures", 0))
+    handler_breaker_failures: int = attrs.field(default=5, validator=_positive_int("handler_breaker_failures", 0))
     handler_breaker_reset_ms: int = attrs.field(default=10_000,
                                                 validator=_positive_int("handler_breaker_reset_ms", 1))
     consumer_partitions: int = attrs.field(default=1, validator=_positive_int("consumer_partitions", 1, 1024))

@@ -71,6 +71,16 @@ def test_an_abandoned_trial_is_due_again_at_once():
     assert b.state is State.OPEN and b.admit() is Admit.ONCE
 
 
+def test_the_same_event_failing_again_counts_once():
+    """An event that could not be parked is read again from the log and fails again:
+    a run of failures is one of different events."""
+    b = Breaker("h", threshold=2, reset_s=10, clock=Clock())
+    for _ in range(5):
+        assert b.failed(7) is False
+    assert b.failures == 1 and b.state is State.SUSPECT
+    assert b.failed(8) is True
+
+
 def test_threshold_zero_never_opens():
     b = Breaker("h", threshold=0, reset_s=10, clock=Clock())
     for _ in range(100):

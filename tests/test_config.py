@@ -276,6 +276,8 @@ FULL_ENV = {
     "PG_NOTIFY_HANDLER_MAX_ATTEMPTS": ("3", "handler_max_attempts", 3),
     "PG_NOTIFY_HANDLER_RETRY_DELAY": ("50", "handler_retry_delay_ms", 50),
     "PG_NOTIFY_HANDLER_RETRY_DELAY_MAX": ("5000", "handler_retry_delay_max_ms", 5000),
+    "PG_NOTIFY_HANDLER_BREAKER_FAILURES": ("0", "handler_breaker_failures", 0),
+    "PG_NOTIFY_HANDLER_BREAKER_RESET": ("2500", "handler_breaker_reset_ms", 2500),
     "PG_NOTIFY_BACKFILL_CHUNK": ("250", "backfill_chunk_rows", 250),
 }
 

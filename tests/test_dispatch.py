@@ -1142,18 +1142,21 @@ def test_a_range_bigger_than_the_buffer_is_delivered_as_a_range_not_a_catch_up(m
     """A statement of more rows than the buffer holds: an empty buffer takes it
     (it is read page by page, so it holds a page at most), and it is delivered by
     its range, not dropped to a catch-up; one behind it that does not fit overflows."""
-    d, chans, hooks = make_dispatcher(capacity=4, workers=1, start=False)
+    d, chans, hooks = make_dispatcher(capacity=16, workers=1, start=False)
     a = chans["a"]
-    big, events = _range("a", 1, 10, 101)
+    assert d.page_rows == 2
+    big, events = _range("a", 1, 100, 101)
     d.push_control(a, SetPosition(snap("100:100:")))
     hooks.ranges = {big.first: lambda: events}
     d.push(a, [big])
-    assert not a.overflow and a.dropped == 0 and d.buffered == 10
-    other, _ = _range("a", 11, 3, 102)
-    d.push(a, [other])                       # the buffer is not empty now: does not fit
+    assert not a.overflow and a.dropped == 0 and d.buffered == 2      # the page it holds while read
+    d.push(a, [EventRef("a", 1000 + i, 200 + i) for i in range(14)])
+    assert not a.overflow and d.buffered == 16
+    other, _ = _range("a", 101, 3, 102)
+    d.push(a, [other])                       # the buffer is full now: does not fit
     assert a.overflow and a.dropped == 3
     d.start()
-    wait_for(lambda: hooks.ids("a") == list(range(1, 11)))
+    wait_for(lambda: hooks.ids("a")[:100] == list(range(1, 101)))
     wait_idle(d, chans)
     assert d.buffered == 0 and hooks.catch_up_calls == []
     no_internal_errors(hooks)
@@ -1243,8 +1246,9 @@ def test_a_read_failing_inside_delivery_forgets_what_it_was_delivering(make_disp
 
 def test_a_wide_statement_is_read_in_slices_ahead_in_id_order(make_dispatcher):
     from pgnotify_sync._fetch import SLICE_IDS
-    d, chans, hooks = make_dispatcher(workers=1, start=False)
+    d, chans, hooks = make_dispatcher(workers=1, start=False, capacity=8 * SLICE_IDS)
     a = chans["a"]
+    assert d.page_rows == SLICE_IDS          # a slice is a page (a smaller buffer: smaller slices)
     n = 3 * SLICE_IDS + 7
     rng, events = _range("a", 1, n, 101)
     hooks.ranges = {1: lambda: events}
@@ -1283,6 +1287,37 @@ def test_a_merged_range_checks_each_hint_on_its_own(make_dispatcher):
 
 def test_a_range_counts_at_most_a_page_in_the_buffer():
     from pgnotify_sync._channel import RANGE_HELD_MAX, held, weight
-    from pgnotify_sync._eventlog import RANGE_PAGE
+    from pgnotify_sync._dispatch import page_rows_for
+    from pgnotify_sync._eventlog import FAST_PAGE, RANGE_PAGE
     big = EventRange("a", 7, 1, 10 ** 6, 10 ** 6)
     assert (weight(big), held(big)) == (10 ** 6, RANGE_HELD_MAX) and RANGE_HELD_MAX == RANGE_PAGE
+    assert held(big, page=25) == 25 and held(EventRange("a", 7, 1, 10, 10), page=25) == 10
+    # pages are a fraction of the buffer: the page delivered and those read ahead fit in half of it
+    assert [page_rows_for(c) for c in (1, 7, 200, 10_000, 10 ** 6)] == [1, 1, 25, 1250, FAST_PAGE]
+
+
+@pytest.mark.parametrize("capacity", [16, 200])
+def test_what_a_big_statement_holds_stays_within_the_buffer_plus_a_page(make_dispatcher, capacity):
+    """A statement of many times the buffer, under a slow handler: it streams page by
+    page (no catch-up), and what the dispatcher counts as held (queued items, the
+    range's page, pages read ahead) never passes the buffer plus one page; the
+    fetches running or done at any time never hold more rows than that."""
+    d, chans, hooks = make_dispatcher(capacity=capacity, workers=1, start=False)
+    a = chans["a"]
+    page = d.page_rows
+    n = 40 * capacity + 3
+    rng, events = _range("a", 1, n, 101)
+    hooks.ranges = {1: lambda: events}
+    seen = []
+    hooks.handler = lambda ch, batch: seen.append(d.buffered)
+    d.push_control(a, SetPosition(snap("100:100:")))
+    d.push(a, [rng])
+    d.start()
+    wait_for(lambda: len(hooks.ids("a")) == n, timeout=20)
+    wait_idle(d, chans)
+    assert hooks.ids("a") == list(range(1, n + 1))
+    assert hooks.catch_up_calls == [] and a.dropped == 0 and not a.overflow
+    assert max(seen) <= capacity + page, max(seen)
+    assert max(seen) > page             # pages were read ahead (within the bound)
+    assert d.buffered == 0
+    no_internal_errors(hooks)

@@ -11,8 +11,8 @@ from pgnotify_sync import Config
 from pgnotify_sync._channel import Advance, ChannelState
 from pgnotify_sync._eventlog import CatchUpFailed
 from pgnotify_sync._eventlog import RangeRows
-from pgnotify_sync._fetch import (MAX_SLICES, READ_AHEAD, SLICE_IDS, SLICES_AHEAD, Fetcher, fetch_timeout_s,
-                                  first_slice, read_ahead, read_slices, slices)
+from pgnotify_sync._fetch import (MAX_SLICES, READ_AHEAD, SLICE_IDS, SLICES_AHEAD, Fetcher, Window,
+                                  fetch_timeout_s, first_slice, read_ahead, read_pages, read_slices, slices)
 from pgnotify_sync._snapshot import Snapshot
 from pgnotify_sync._threads import join_all, spawn
 from pgnotify_sync.events import DatabaseEvent, EventRange, Operation
@@ -206,6 +206,92 @@ def test_read_slices_stops_slicing_a_sparse_range():
     # the first slice (rows), the second (empty), the SLICES_AHEAD under way then, the rest
     assert len(asked) == 2 + SLICES_AHEAD + 1, asked               # not 1000 slices
     assert asked[-1] == ((2 + SLICES_AHEAD) * width + 1, rng.last, 0)
+
+
+class Budget:
+    """The dispatcher's reserve/unreserve, on a buffer of *room* events."""
+
+    def __init__(self, room):
+        self.room = room
+        self.held = 0
+        self.most = 0
+
+    def reserve(self, n):
+        if self.held + n > self.room:
+            return False
+        self.held += n
+        self.most = max(self.most, self.held)
+        return True
+
+    def unreserve(self, n):
+        self.held -= n
+        assert self.held >= 0
+
+
+@pytest.mark.parametrize("room", [0, 10, 25, 1000])
+def test_read_slices_reads_ahead_only_what_the_buffer_has_room_for(room):
+    """Pages beyond the range's own are read ahead only while reserved from the
+    buffer; with no room at all each page is read when it is needed, one at a time.
+    Every page comes, in order, and every reservation is given back."""
+    rng = EventRange("a", 7, 1, 100, 100)
+    budget = Budget(room)
+    window = Window(budget, 10)
+    under_way = []          # Jobs asked for and not yet taken by the reader
+
+    class Job:
+        def __init__(self, value):
+            self.value = value
+            under_way.append(self)
+
+    def submit(part, after, previous):
+        ids = list(range(max(part.first, after + 1), min(part.last, max(part.first, after + 1) + 4) + 1))
+        return Job((RangeRows.of([ev(i) for i in ids]), ids[-1] < part.last))
+
+    def result(job):
+        under_way.remove(job)
+        return job.value
+
+    most = 0
+    got = []
+    for page in read_slices(rng, None, submit, result, window, width=10):
+        most = max(most, 1 + len(under_way))      # pages held now: this one, and those under way
+        got += page.ids
+    assert got == list(range(1, 101))
+    assert budget.held == 0 and window.held == 0
+    assert most <= 1 + room // 10 + 1
+    if room == 0:
+        assert most <= 2      # the page delivered, and at most the next one needed now
+    if room >= 1000:
+        assert most > 2       # read ahead when there is room
+
+
+def test_a_window_gives_back_what_it_reserved():
+    budget = Budget(20)
+    window = Window(budget, 10)
+    assert window.take() and budget.held == 0                  # the first is the item's own
+    assert window.take() and window.take() and budget.held == 20
+    assert not window.take() and window.held == 3              # no room: read later
+    assert window.take(force=True) and window.held == 4 and budget.held == 20
+    window.give()
+    window.give()
+    assert budget.held == 10 and window.reserved == 1
+    window.close()
+    assert budget.held == 0 and window.held == 0
+
+
+def test_read_pages_reads_ahead_only_with_room():
+    budget = Budget(0)
+    reads = []
+
+    def read(after, previous=None):
+        reads.append(after)
+        ids = list(range(after + 1, min(after + 3, 10) + 1))
+        return [ev(i) for i in ids], ids[-1] < 10
+
+    submitted = []
+    pages = read_pages(read, lambda fn, *a: submitted.append(a), None, lambda events: None, Window(budget, 3))
+    assert [e.id for page in pages for e in page] == list(range(1, 11))
+    assert submitted == [] and reads == [0, 3, 6, 9] and budget.held == 0
 
 
 def test_join_all_names_threads_that_would_not_stop():

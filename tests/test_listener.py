@@ -548,3 +548,40 @@ def test_disconnected_is_sent_on_stop(installed, make_listener):
     listener.start()
     listener.stop()
     assert seen == [None] and listener.closed
+
+
+def test_a_big_statement_under_a_stalled_handler_stays_within_the_buffer(installed, make_listener):
+    """event_buffer_size=200 and a 30,000-row statement while the handler is stalled:
+    what the listener reports as held (queued items, the statement's pages, pages
+    read ahead) stays within the buffer plus one page, and the statement still
+    streams live, page by page, without a catch-up."""
+    listener = make_listener(event_buffer_size=200)
+    page = 200 // 8
+    gate = threading.Event()
+    got, held = [], []
+
+    @listener.on_event("messages")
+    def slow(event):
+        gate.wait(30)
+        got.append(event.id)
+        held.append(listener.health()["queue_size"])
+    listener.start()
+    with installed.cursor() as cur:
+        cur.execute("INSERT INTO messages (body) SELECT 'x' FROM generate_series(1, 30000)")
+    wait_for(lambda: listener.health()["queue_size"] > 0, message="the statement was not queued")
+    # sampled while the handler is stalled and reads ahead run (or would)
+    stalled = []
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        stalled.append(listener.health()["queue_size"])
+        gate.wait(0.01)
+    gate.set()
+    wait_for(lambda: len(got) == 30000, timeout=60, message="not every row was delivered")
+    with installed.cursor() as cur:
+        cur.execute("SELECT id FROM pgnotify_sync.event_log WHERE channel = 'messages' ORDER BY id")
+        assert got == [r[0] for r in cur.fetchall()]
+    assert max(stalled) <= 200 + page, max(stalled)
+    assert max(held) <= 200 + page, max(held)
+    stats = listener.get_stats()
+    assert stats["dropped_to_log"] == 0 and stats["caught_up"] == 0
+    assert listener.health()["queue_capacity"] == 200

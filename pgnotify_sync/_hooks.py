@@ -73,7 +73,7 @@ class ListenerHooks:
         target = log_.snapshot()
 
         dispatcher = self._p.dispatcher
-        page = dispatcher.page_rows
+        page = dispatcher.catchup_rows
 
         def read(after, previous=None):
             return log_.catchup_page(ch.name, ch.wire, pos, target, after, previous, limit=page)

@@ -118,7 +118,8 @@ class Config:
         page in flight per channel; the rest are re-read from the log when there is
         room (nothing is lost). A statement bigger than the buffer still streams live,
         in pages of ``event_buffer_size // 8`` rows (at most 10,000), with up to half
-        the buffer read ahead. Each page is also bounded by bytes: at most 8 MiB of
+        the buffer read ahead; a catch-up reads pages of at most the buffer (and
+        5,000 rows). Each page is also bounded by bytes: at most 8 MiB of
         row text (a wide row comes alone), so with rows wider than 1 KiB a listener
         holds at most about 8 MiB times the pages it holds (the page delivered, up to
         4 read ahead per channel and the first page of each of the next 4 statements).

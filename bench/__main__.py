@@ -15,9 +15,9 @@ delivery       events/s of a 200,000-row burst committed in ONE transaction,
                COMMIT returning -> last handler call: Listener (1 worker) vs the
                raw select/poll/json.loads loop on the plain trigger.    >= 0.8x
 drain          events/s of ONE statement of 100,000 rows in one transaction, the
-               Listener with its default buffer (10,000): read as a range, in
-               slices read ahead, vs the raw loop (and pg-listen with --peers).
-                                                          >= 1.0x pg-listen
+               Listener with its default buffer (80,000), and with 10,000 for
+               information: read as a range, in slices read ahead, vs the raw
+               loop (and pg-listen with --peers).          >= 1.0x pg-listen
 delivery_ssh   (--ssh) the same through SSH tunnels to a throwaway sshd: Listener
                (ssh_host=...) vs the raw loop through an sshtunnel forwarder;
                Listener tunnel vs direct for information.               >= 0.8x

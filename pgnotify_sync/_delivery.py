@@ -142,14 +142,11 @@ class Delivery:
             # Handlers are user code: whatever they raise (SystemExit too) is reported
             # and the next handler and event still run.
             try:
-                if only is not None:
-                    if breaker.clean:       # healthy: no lock, no call of ours
-                        try:
-                            only(event)
-                        except BaseException as exc:
-                            errors += self._retry(ch, only, breaker, event, exc, Admit.RETRY)
-                    else:
-                        errors += self._guarded(ch, only, breaker, event)
+                if only is not None and breaker.clean:     # _call_all inlined for one healthy handler: the hot path
+                    try:
+                        only(event)
+                    except BaseException as exc:
+                        errors += self._retry(ch, only, breaker, event, exc, Admit.RETRY)
                 else:
                     errors += self._call_all(ch, calls, breakers, event)
             except Interrupted as exc:

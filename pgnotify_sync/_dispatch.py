@@ -54,7 +54,7 @@ RETRY_S = 0.5
 # half the buffer (the other half stays for what the reader queues meanwhile, and a
 # channel that overflowed can resume while a big statement streams): the page
 # delivered and SLICES_AHEAD read ahead fit in that half. (The default buffer of
-# 10,000: pages of 1,250 rows.)
+# 80,000: pages of 10,000 rows; a buffer of 10,000: pages of 1,250.)
 PAGES_PER_BUFFER = 2 * (SLICES_AHEAD + 1)
 
 

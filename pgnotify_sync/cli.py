@@ -199,7 +199,8 @@ def _add_schema_parsers(sub):
     p = sub.add_parser("watch", help="send a table's changes on a channel")
     p.add_argument("table", help='schema-qualified table, quoted as in SQL for odd names: \'public."My Table"\'')
     p.add_argument("--channel", required=True)
-    p.add_argument("--exclude", action="append", metavar="COLUMN", help="a column that never leaves the database (an UPDATE of such columns alone is no event)")
+    p.add_argument("--exclude", action="append", metavar="COLUMN",
+                   help="a column that never leaves the database (an UPDATE of such columns alone is no event)")
     p.add_argument("--mode", choices=("statement", "row"), default="statement",
                    help="statement (default): INSERT/DELETE captured per statement; row: everything per row")
     p.add_argument("--no-notify", action="store_true",

@@ -289,7 +289,7 @@ class Listener:
         every ``health_check_interval_s``; None before the first count)::
 
             {"ok": True, "state": "LISTENING", "connected_since": 1764579000.1,
-             "last_event_at": 1764579012.5, "queue_size": 0, "queue_capacity": 10000,
+             "last_event_at": 1764579012.5, "queue_size": 0, "queue_capacity": 80000,
              "reconnects": 0, "last_error": None, "last_health_check_rtt_s": 0.0004,
              "channels": {"messages": {"lag": 0, "delivered": 12, "last_event_at": ...,
                                        "falling_back": False}},

@@ -129,7 +129,8 @@ class _LibraryCollector:
             hist("handler_duration_seconds", "Time spent in the handlers of one event", ["channel"]),
             hist("decode_duration_seconds",
                  "Decode time per notification (mean over each drained batch)", []),
-            gauge("queue_size", "Events held in memory: queued for handlers, and rows read ahead from the event log", []),
+            gauge("queue_size", "Events held in memory: queued for handlers, and rows read ahead from the event log",
+                  []),
             gauge("queue_capacity", "Configured event buffer size", []),
             counter("overflow_events", "Events dropped from memory when the buffer was full "
                                        "(re-read from the event log)", ["channel"]),

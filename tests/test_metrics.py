@@ -240,9 +240,9 @@ def test_row_values_are_never_logged(installed, make_listener, pg_cluster, dbnam
             raise ValueError("handler refused a delete")
 
     # The first event holds the worker until every statement is in: what follows
-    # queues, so the 100-row statement meets a buffer that is not empty and overflows
-    # (an empty buffer takes a range of any size: then there was no overflow at all,
-    # when the worker happened to be quick).
+    # queues, and 50 single-row statements fill the buffer, so the 100-row statement
+    # behind them meets a full buffer and overflows (a statement alone streams page by
+    # page within the buffer: it never overflows by its size).
     gate = threading.Event()
     listener.on_event("messages", lambda event: gate.wait(10))
     listener.start()
@@ -252,14 +252,16 @@ def test_row_values_are_never_logged(installed, make_listener, pg_cluster, dbnam
         cur.execute("UPDATE messages SET body = body || '-edited'")
         cur.execute("INSERT INTO messages (body) SELECT %s || g FROM generate_series(1, 20) g", (ROW_VALUE,))
         cur.execute("INSERT INTO messages (body) VALUES (%s)", (ROW_VALUE + "y" * 9000,))
-        cur.execute("INSERT INTO messages (body) SELECT %s FROM generate_series(1, 100)", (ROW_VALUE,))  # > buffer
+        for _ in range(50):
+            cur.execute("INSERT INTO messages (body) VALUES (%s)", (ROW_VALUE,))      # a hint each: the buffer fills
+        cur.execute("INSERT INTO messages (body) SELECT %s FROM generate_series(1, 100)", (ROW_VALUE,))  # overflows
         cur.execute("DELETE FROM messages WHERE room = %s", (ROW_VALUE,))
         cur.execute("NOTIFY messages, %s", (f'{{"broken": "{ROW_VALUE}"',))
     gate.set()
-    got.wait(124)
+    got.wait(174)
     pg_cluster.terminate_backends(dbname, application_name="pgnotify_sync")
     insert_rows(installed, 3, body=ROW_VALUE)
-    got.wait(127)
+    got.wait(177)
     wait_for(lambda: listener.stats["reconnects"] == 1 and listener.stats.get("errors_payload") == 1
              and listener.stats["handler_errors"] == 1, timeout=15)
     assert {e.data["body"] for e in got.events if e.operation == "INSERT"} >= {ROW_VALUE}   # it was sent
@@ -356,19 +358,22 @@ def test_overflow_and_catchup_and_lag_metrics(installed, make_listener, registry
     value = scraper.value
     lag = lambda: scraper.maybe("pgnotify_sync_lag_events", listener="metrics-o", channel="messages")  # noqa: E731
     gate.close(installed)
-    insert_rows(installed, 100)         # one statement of 100 rows: more than the buffer holds
+    insert_rows(installed, 1, statements=49)     # 49 hints: with the gate's event, the buffer is full
+    wait_for(lambda: value("pgnotify_sync_queue_size", listener="metrics-o") == 50, message="the buffer did not fill")
+    insert_rows(installed, 100)         # one statement of 100 rows: meets a full buffer
     wait_for(lambda: value("pgnotify_sync_overflow_events_total", listener="metrics-o", channel="messages") == 100,
              message="the 100 rows dropped from memory")
-    assert value("pgnotify_sync_queue_size", listener="metrics-o") == 1
+    assert value("pgnotify_sync_queue_size", listener="metrics-o") == 50
     assert value("pgnotify_sync_catchup_events_total", listener="metrics-o") == 0
-    wait_for(lambda: lag() == 100, timeout=15, message="lag of the 100 rows left in the log")
+    wait_for(lambda: lag() == 149, timeout=15, message="lag of the 149 rows not handled yet")
     gate.release()
-    events = got.wait(101)
-    # Read back from the log exactly once, each row once.
-    wait_for(lambda: value("pgnotify_sync_catchup_events_total", listener="metrics-o", channel="messages") == 100)
+    events = got.wait(150)
+    # Read back from the log (the 100 dropped, and those of the 49 the catch-up's
+    # pages hold too: they are counted as read, and delivered once).
+    wait_for(lambda: value("pgnotify_sync_catchup_events_total", listener="metrics-o", channel="messages") >= 100)
     wait_for(lambda: lag() == 0, timeout=15, message="lag gauge should settle at 0")
     assert value("pgnotify_sync_overflow_events_total", listener="metrics-o") == 100
-    assert value("pgnotify_sync_events_delivered_total", listener="metrics-o") == 101
+    assert value("pgnotify_sync_events_delivered_total", listener="metrics-o") == 150
     assert value("pgnotify_sync_queue_size", listener="metrics-o") == 0
     with installed.cursor() as cur:
         cur.execute("SELECT id FROM pgnotify_sync.event_log ORDER BY id")

@@ -15,9 +15,10 @@ CLOSED    healthy: a failure is retried with backoff      SUSPECT when an event
 SUSPECT   called once per event, no backoff (a failure    CLOSED on a success;
           that outlived a whole backoff is not passing)   OPEN after ``threshold``
                                                           events failed in a row
-OPEN      not called: its events fail at once             TRIAL after ``reset_s``
+OPEN      not called: its events fail at once (but a      TRIAL after ``reset_s``
+          dead letter whose retry was asked for: once)
 TRIAL     one caller gets one call; the others fail at    CLOSED on success, OPEN
-          once meanwhile                                  again on failure
+          once meanwhile                                  again on its failure
 ========  ==============================================  =======================
 
 With the defaults (5 attempts, threshold 5, as pybreaker's ``fail_max``) a
@@ -60,6 +61,7 @@ class Admit(enum.Enum):
 
     RETRY = "retry"     # call, and retry a failure with backoff
     ONCE = "once"       # call once: a failure fails the event
+    TRIAL = "trial"     # call once, as the trial of a suspended handler: its outcome decides
     REJECT = "reject"   # do not call: the event fails at once
 
 
@@ -86,17 +88,18 @@ class Breaker:
         self.opened = 0             # times it opened (a counter)
         self._last = None           # the key of the last event failed
 
-    def admit(self):
-        """May this event call the receiver? (An :class:`Admit`.)"""
+    def admit(self, asked=False):
+        """May this event call the receiver? (An :class:`Admit`.) *asked*: the retry
+        of a dead letter, asked for by someone: called once whatever the state."""
         with self._lock:
             state = self.state
             if state is State.CLOSED:
                 return Admit.RETRY
-            if state is State.SUSPECT:
+            if state is State.SUSPECT or asked:
                 return Admit.ONCE
             if state is State.OPEN and self._clock() - self.opened_at >= self.reset_s:
                 self.state = State.TRIAL
-                return Admit.ONCE
+                return Admit.TRIAL
             self.rejected += 1
             return Admit.REJECT
 
@@ -110,16 +113,21 @@ class Breaker:
             self.opened_at = self.opened_wall = self._last = None
             return was is not State.CLOSED
 
-    def failed(self, key=None):
-        """An event (*key*: its id, or None) failed for good (after its calls). True
-        if that opened the breaker. The event that failed last, failing again, does
-        not count again."""
+    def failed(self, key=None, admit=Admit.RETRY):
+        """An event (*key*: its id, or None) failed for good (after its calls, made
+        as *admit* allowed). True if that opened the breaker. The event that failed
+        last, failing again, does not count again. While it is suspended, only its
+        trial's call decides (a call admitted before, on another thread, ending now
+        does not open it again)."""
         with self._lock:
             if key is None or key != self._last:
                 self.failures += 1
             self._last = key
             self.clean = False
-            if self.state is State.TRIAL or (self.threshold and self.failures >= self.threshold):
+            state = self.state
+            if state is State.OPEN or (state is State.TRIAL and admit is not Admit.TRIAL):
+                return False
+            if state is State.TRIAL or (self.threshold and self.failures >= self.threshold):
                 self.state = State.OPEN
                 self.opened_at, self.opened_wall = self._clock(), time.time()
                 self.opened += 1
@@ -127,11 +135,12 @@ class Breaker:
             self.state = State.SUSPECT
             return False
 
-    def abandon(self):
-        """The call admitted was not made to the end (stop(), a lost lease, a row that
-        did not fit the model): a TRIAL goes back to OPEN, due for a trial at once."""
+    def abandon(self, admit):
+        """The call admitted (as *admit*) said nothing of the handler (Ctrl-C, a row
+        that did not fit the model): if it was the trial, the breaker goes back to
+        OPEN, due for a trial at once."""
         with self._lock:
-            if self.state is State.TRIAL:
+            if admit is Admit.TRIAL and self.state is State.TRIAL:
                 self.state = State.OPEN
 
     def status(self):

@@ -271,8 +271,9 @@ class Delivery:
                          "details": {"operation": event.operation.value, "table": event.table,
                                      "duration": round(elapsed * 1000, 3)}})
 
-    def _call_all(self, ch, calls, breakers, event):
-        """Every receiver of *ch* for *event*; returns how many failed for good."""
+    def _call_all(self, ch, calls, breakers, event, asked=False):
+        """Every receiver of *ch* for *event* (*asked*: a dead letter's retry, asked
+        for); returns how many failed for good."""
         errors = 0
         for call, breaker in zip(calls, breakers):
             if breaker.clean:
@@ -281,13 +282,13 @@ class Delivery:
                 except BaseException as exc:
                     errors += self._retry(ch, call, breaker, event, exc, Admit.RETRY)
             else:
-                errors += self._guarded(ch, call, breaker, event)
+                errors += self._guarded(ch, call, breaker, event, asked)
         return errors
 
-    def _guarded(self, ch, call, breaker, event):
+    def _guarded(self, ch, call, breaker, event, asked=False):
         """*call* for *event* as its breaker (not clean) allows: once, or not at all
         (the event fails at once). Returns 1 if it failed for good, else 0."""
-        admit = breaker.admit()
+        admit = breaker.admit(asked)
         if admit is Admit.REJECT:
             return self._suspended(ch, breaker, event)
         try:
@@ -312,22 +313,22 @@ class Delivery:
     def _retry(self, ch, call, breaker, event, exc, admit):
         """*call* raised *exc* for *event*: with *admit* RETRY, called again after a
         backoff, up to ``handler_max_attempts`` calls (only this receiver: the others
-        had it); with ONCE (its breaker is not clean), not again. Returns 1 if it
+        had it); with ONCE or TRIAL (its breaker is not clean), not again. Returns 1 if it
         failed for good (reported; the breaker told), 0 if a retry succeeded; raises
         Interrupted if stop() came during a backoff."""
         attempt = 1
         while True:
             if must_propagate(exc):
-                breaker.abandon()
+                breaker.abandon(admit)
                 raise exc
             if isinstance(exc, RowTypeError):      # the row does not fit: calling again cannot help
-                breaker.abandon()                  # (and it says nothing of the handler)
+                breaker.abandon(admit)             # (and it says nothing of the handler)
                 ch.type_errors += 1
                 self._report("type", exc, ch.name, event_id=event.id)
                 self._park_or_redo(ch, event, exc, attempt)
                 return 0
-            if admit is Admit.ONCE or self._backoff is None or self._backoff.exhausted(attempt):
-                if breaker.failed(event.id):
+            if admit is not Admit.RETRY or self._backoff is None or self._backoff.exhausted(attempt):
+                if breaker.failed(event.id, admit):
                     log.warning("%s: handler %s of channel %r failed %d events in a row: suspended, its events "
                                 "fail at once (tried again every %g s)", self._name, breaker.name, ch.name,
                                 breaker.failures, breaker.reset_s,
@@ -387,7 +388,7 @@ class Delivery:
                 continue
             typed_out = ch.type_errors
             try:
-                failed = self._call_all(ch, calls, breakers, event)
+                failed = self._call_all(ch, calls, breakers, event, asked=True)
             except Interrupted as exc:
                 raise type(exc)([]) from None
             if failed == 0 and ch.type_errors == typed_out:

@@ -205,11 +205,12 @@ class Dispatcher:
 
     # -- the buffer's room, for pages read ahead (_fetch.Window) -------------------
 
-    def reserve(self, n):
+    def reserve(self, n, whole=False):
         """Count *n* events more as held, if the buffer stays half empty with them
-        (see PAGES_PER_BUFFER)."""
+        (see PAGES_PER_BUFFER), or with *whole* within it (a catch-up's one page ahead)."""
+        limit = self.capacity if whole else max(self.resume_level, self.page_rows)
         with self._lock:
-            if self.buffered + n > max(self.resume_level, self.page_rows) * self._scale:
+            if self.buffered + n > limit * self._scale:
                 return False
             self.buffered += n
             return True

@@ -165,11 +165,12 @@ class Window:
     needed (``take(force=True)``: at most one page at a time). So what a channel
     holds stays within the buffer plus one page."""
 
-    __slots__ = ("_budget", "_page", "held", "reserved")
+    __slots__ = ("_budget", "_page", "_whole", "held", "reserved")
 
-    def __init__(self, budget, page):
+    def __init__(self, budget, page, whole=False):
         self._budget = budget
         self._page = page
+        self._whole = whole     # may fill the whole buffer (a catch-up's one page ahead), not half of it
         self.held = 0
         self.reserved = 0
 
@@ -177,7 +178,7 @@ class Window:
         """A page more may be held: True if it may (counted), False if the buffer has
         no room for it (read it later)."""
         if self.held > self.reserved and self._budget is not None and not force:
-            if not self._budget.reserve(self._page):
+            if not self._budget.reserve(self._page, self._whole):
                 return False
             self.reserved += 1
         self.held += 1
@@ -253,11 +254,11 @@ def read_slices(rng, first, submit, result, window=None, width=SLICE_IDS):
         sparse = False
         while jobs:
             part, job = jobs.popleft()
+            if job is None:
+                job = ask(part, force=True)     # not read ahead (no room): needed now, before any ahead
             following = None if sparse else next(parts, None)
             if following is not None:
                 jobs.append((following, ask(following)))
-            if job is None:
-                job = ask(part, force=True)     # not read ahead (no room): needed now
             rows, more = result(job)
             if not rows.ids and not more and not sparse:
                 sparse = True

@@ -123,7 +123,9 @@ class Config:
         row text (a wide row comes alone), so with rows wider than 1 KiB a listener
         holds at most about 8 MiB times the pages it holds (the page delivered, up to
         4 read ahead per channel and the first page of each of the next 4 statements).
-        ``health()["queue_size"]`` and ``pgnotify_sync_queue_size`` count all of it.
+        ``health()["queue_size"]`` and ``pgnotify_sync_queue_size`` count all of it,
+        but for the pages a consumer group member holding several partitions of one
+        channel keeps for its slower lanes (up to 18 pages, _shared.py).
     :param worker_pool_size: threads running handlers; one channel's handlers run one
         event at a time, different channels in parallel.
     :param query_timeout_s: deadline of every query on a pooled connection (catch-up

@@ -51,13 +51,13 @@ def test_one_trial_after_the_reset_time_and_others_rejected_meanwhile():
     clock.now += 9.9
     assert b.admit() is Admit.REJECT
     clock.now += 0.1
-    assert b.admit() is Admit.ONCE and b.state is State.TRIAL
+    assert b.admit() is Admit.TRIAL and b.state is State.TRIAL
     assert b.admit() is Admit.REJECT                    # one trial at a time
-    assert b.failed() is True and b.state is State.OPEN and b.opened == 2   # opened again, for 10 s more
+    assert b.failed(admit=Admit.TRIAL) is True and b.state is State.OPEN and b.opened == 2   # for 10 s more
     clock.now += 5
     assert b.admit() is Admit.REJECT
     clock.now += 5
-    assert b.admit() is Admit.ONCE
+    assert b.admit() is Admit.TRIAL
     assert b.succeeded() is True and b.state is State.CLOSED and b.opened_at is None
 
 
@@ -66,9 +66,30 @@ def test_an_abandoned_trial_is_due_again_at_once():
     b = Breaker("h", threshold=1, reset_s=10, clock=clock)
     b.failed()
     clock.now += 10
-    assert b.admit() is Admit.ONCE
-    b.abandon()
-    assert b.state is State.OPEN and b.admit() is Admit.ONCE
+    assert b.admit() is Admit.TRIAL
+    b.abandon(Admit.TRIAL)
+    assert b.state is State.OPEN and b.admit() is Admit.TRIAL
+
+
+def test_only_the_trials_own_call_decides_a_trial():
+    """Calls admitted before the trial began (on other row threads) that end during
+    it neither open the breaker again nor end the trial."""
+    clock = Clock()
+    b = Breaker("h", threshold=1, reset_s=10, clock=clock)
+    b.failed()
+    clock.now += 10
+    assert b.admit() is Admit.TRIAL
+    assert b.failed(1, Admit.RETRY) is False and b.state is State.TRIAL and b.opened == 1
+    b.abandon(Admit.ONCE)
+    assert b.state is State.TRIAL
+    assert b.failed(2, Admit.TRIAL) is True and b.state is State.OPEN and b.opened == 2
+    assert b.failed(3, Admit.ONCE) is False and b.opened == 2       # open: nothing to open
+
+
+def test_a_dead_letters_retry_calls_a_suspended_handler_once():
+    b = Breaker("h", threshold=1, reset_s=10, clock=Clock())
+    b.failed()
+    assert b.admit() is Admit.REJECT and b.admit(asked=True) is Admit.ONCE and b.rejected == 1
 
 
 def test_the_same_event_failing_again_counts_once():
@@ -218,6 +239,26 @@ def test_rows_that_do_not_fit_do_not_suspend_the_handler():
     s.on_event("messages", typed)
     s.delivery.deliver(ch, [ev(1), ev(2), ev(3)])
     assert [k for k, *_ in s.reports] == ["type"] * 3 and s.delivery._breakers.not_closed() == {}
+
+
+def test_redelivered_dead_letters_reach_a_suspended_handler_and_close_it():
+    s = Setup()
+    delivery(s, threshold=1)
+    ch = s.channel("messages", "messages")
+    broken = [True]
+    handled = []
+
+    def handler(event):
+        if broken[0]:
+            raise ConnectionError("away")
+        handled.append(event.id)
+    s.on_event("messages", handler)
+    s.delivery.deliver(ch, [ev(1), ev(2)])
+    assert [type(e) for _k, e, _c, _kw in s.reports] == [ConnectionError, HandlerSuspended]
+    broken[0] = False
+    done = []
+    s.delivery.redeliver(ch, [ev(1), ev(2)], lambda ch, e: True, lambda ch, e: done.append(e.id))
+    assert handled == [1, 2] and done == [1, 2] and s.delivery._breakers.not_closed() == {}
 
 
 def test_a_durable_consumer_parks_the_events_failed_while_suspended():

@@ -97,7 +97,8 @@ def watch_table(conn, table, channel, exclude_columns=(), channel_prefix="", mod
     *exclude_columns* never leave the database: not in notifications, not in the
     event log. Nor does the fact that one changed: an UPDATE that leaves every other
     column as it was is no event at all (without *exclude_columns*, every UPDATE is
-    one, even one that changes nothing). *channel_prefix* must match the listeners'
+    one, even one that changes nothing). An exclusion follows its column: renamed,
+    it stays excluded; dropped and added again under its old name, too. *channel_prefix* must match the listeners'
     ``Config.channel_prefix``.
     Calling it again replaces the previous triggers of that table.
 
@@ -131,9 +132,11 @@ def unwatch_table(conn, table):
 
 
 def watched_tables(conn):
-    """List of dicts: schema, table, channel, exclude_columns, mode, notify."""
+    """List of dicts: schema, table, channel, exclude_columns (by the names they have
+    now: an exclusion follows its column through a rename), mode, notify."""
     with _transaction(conn) as cur:
-        cur.execute("SELECT schema_name, table_name, channel, exclude_columns, mode, notify "
+        cur.execute("SELECT schema_name, table_name, channel, "
+                    "pgnotify_sync.excluded_columns(relid, exclude_columns, exclude_attnums), mode, notify "
                     "FROM pgnotify_sync.watched_tables ORDER BY 1, 2")
         return [dict(schema=r[0], table=r[1], channel=r[2], exclude_columns=list(r[3]), mode=r[4], notify=r[5])
                 for r in cur.fetchall()]

@@ -50,8 +50,9 @@ def _granted(cur, part):
 
 
 def _watched(cur):
-    cur.execute("SELECT schema_name, table_name, channel, exclude_columns FROM pgnotify_sync.watched_tables "
-                "ORDER BY 1, 2")
+    cur.execute("SELECT schema_name, table_name, channel, "
+                "pgnotify_sync.excluded_columns(relid, exclude_columns, exclude_attnums) "
+                "FROM pgnotify_sync.watched_tables ORDER BY 1, 2")
     return [{"table": f"{s}.{t}", "channel": c, "exclude_columns": list(x)} for s, t, c, x in cur.fetchall()]
 
 

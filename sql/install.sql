@@ -75,6 +75,10 @@ ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS relid oid;
 -- false: a notify-free table (watch_table(..., notify => false)): listeners poll the log.
 ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS notify boolean NOT NULL DEFAULT true;
 ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS runs_as oid;
+-- The excluded columns by attribute number (of the table's partition root, or the
+-- table): an exclusion follows its column through a rename (see kept_columns).
+-- exclude_columns keeps the names given, which stay excluded too.
+ALTER TABLE pgnotify_sync.watched_tables ADD COLUMN IF NOT EXISTS exclude_attnums int2[] NOT NULL DEFAULT '{}';
 UPDATE pgnotify_sync.watched_tables w SET relid = to_regclass(format('%I.%I', w.schema_name, w.table_name))
  WHERE w.relid IS NULL;
 
@@ -326,12 +330,39 @@ $fn$;
 -- (\u0000 in a json column; in a database that is not UTF8, any \u escape it cannot
 -- represent): the writer's statement would fail. The kept columns come from the
 -- catalog at each call, so columns added or dropped later are right at once.
+--
+-- An exclusion follows its column: p_exclude holds the names given to watch_table
+-- and '#<attnum>' of each (the attribute number in the table's partition root, or
+-- the table itself: a rename on a partitioned table renames the column in every
+-- partition, whose own numbers may differ). A renamed column is still excluded by
+-- its number, and a column dropped and added again under its old name by its name.
+-- (No cast of what the arguments hold: nothing here can fail a writer.)
 CREATE OR REPLACE FUNCTION pgnotify_sync.kept_columns(p_rel oid, p_exclude text[], p_prefix text DEFAULT '')
 RETURNS text LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT coalesce(string_agg(p_prefix || quote_ident(a.attname) || ' AS ' || quote_ident(a.attname), ', '
                                ORDER BY a.attnum), 'NULL::text AS "?"')
       FROM pg_attribute a
      WHERE a.attrelid = p_rel AND a.attnum > 0 AND NOT a.attisdropped AND a.attname <> ALL (p_exclude)
+       AND NOT EXISTS (SELECT 1 FROM pg_attribute x
+                        WHERE x.attrelid = coalesce(pg_partition_root(p_rel), p_rel) AND x.attname = a.attname
+                          AND x.attnum > 0 AND NOT x.attisdropped AND '#' || x.attnum = ANY (p_exclude))
+$fn$;
+
+-- The names the excluded columns of a watched table have now: those of its
+-- exclusions' attribute numbers (see kept_columns), then the names given that are
+-- still columns of it. What watched_tables() shows, what a backfill leaves out and
+-- what watch_table() is given again when a table is watched anew.
+CREATE OR REPLACE FUNCTION pgnotify_sync.excluded_columns(p_rel oid, p_names text[], p_attnums int2[])
+RETURNS text[] LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(array_agg(n ORDER BY k, n), '{}') FROM (
+        SELECT n, min(k) AS k FROM (
+            SELECT x.attname::text AS n, x.attnum AS k FROM pg_attribute x
+             WHERE x.attrelid = coalesce(pg_partition_root(p_rel), p_rel) AND x.attnum = ANY (p_attnums)
+               AND x.attnum > 0 AND NOT x.attisdropped
+            UNION ALL
+            SELECT a.attname::text, a.attnum FROM pg_attribute a
+             WHERE a.attrelid = p_rel AND a.attname = ANY (p_names) AND a.attnum > 0 AND NOT a.attisdropped) c
+         GROUP BY n) d
 $fn$;
 
 CREATE OR REPLACE FUNCTION pgnotify_sync.without_columns(p_row anyelement, p_rel oid, p_exclude text[])
@@ -737,6 +768,9 @@ DECLARE
     v_mode   text := p_mode;
     v_kind   "char";
     v_owner  oid;
+    v_attnums int2[];
+    v_marks  text[];
+    v_names  text[] := coalesce(p_exclude, '{}');
 BEGIN
     IF p_channel IS NULL OR p_channel = '' THEN
         RAISE EXCEPTION 'pgnotify_sync: channel name must not be empty' USING ERRCODE = 'invalid_parameter_value';
@@ -766,8 +800,16 @@ BEGIN
                 USING ERRCODE = 'undefined_column';
         END IF;
     END LOOP;
+    -- Each exclusion by name and by its number in the partition root (or the table):
+    -- see kept_columns.
+    SELECT coalesce(array_agg(x.attnum ORDER BY x.attnum), '{}'),
+           coalesce(array_agg('#' || x.attnum ORDER BY x.attnum), '{}') INTO v_attnums, v_marks
+      FROM pg_attribute x
+     WHERE x.attrelid = coalesce(pg_partition_root(p_table), p_table)
+       AND x.attname = ANY (coalesce(p_exclude, '{}')) AND x.attnum > 0 AND NOT x.attisdropped;
+    p_exclude := coalesce(p_exclude, '{}') || v_marks;
     SELECT string_agg(quote_literal(a), ', ') INTO v_args
-      FROM unnest(ARRAY[p_channel] || coalesce(p_exclude, '{}')) AS a;
+      FROM unnest(ARRAY[p_channel] || p_exclude) AS a;
     PERFORM pgnotify_sync.drop_capture_triggers(p_table);
     -- One row per table, found by its oid: names of renamed tables are brought up to
     -- date first, so a new table of an old name does not take the old one's row.
@@ -775,7 +817,7 @@ BEGIN
     DELETE FROM pgnotify_sync.watched_tables w WHERE w.relid = p_table;
     IF v_kind = 'p' THEN
         SELECT string_agg(quote_literal(a), ', ') INTO v_args
-          FROM unnest(ARRAY[p_channel, v_schema, v_name] || coalesce(p_exclude, '{}')) AS a;
+          FROM unnest(ARRAY[p_channel, v_schema, v_name] || p_exclude) AS a;
         EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OR DELETE ON %s '
                        'FOR EACH ROW EXECUTE FUNCTION %s(%s)', v_trigger, p_table,
                        pgnotify_sync.capture_function('capture_partition_row', v_owner), v_args);
@@ -797,12 +839,13 @@ BEGIN
                        pgnotify_sync.capture_function('capture_statement', v_owner), v_args);
     END IF;
     INSERT INTO pgnotify_sync.watched_tables (schema_name, table_name, channel, exclude_columns, mode, relid, runs_as,
-                                              notify)
-    VALUES (v_schema, v_name, p_channel, coalesce(p_exclude, '{}'), v_mode, p_table, pgnotify_sync.capture_role(v_owner),
-            coalesce(p_notify, true))
+                                              notify, exclude_attnums)
+    VALUES (v_schema, v_name, p_channel, v_names, v_mode, p_table, pgnotify_sync.capture_role(v_owner),
+            coalesce(p_notify, true), v_attnums)
     ON CONFLICT (schema_name, table_name)
     DO UPDATE SET channel = EXCLUDED.channel, exclude_columns = EXCLUDED.exclude_columns, mode = EXCLUDED.mode,
-                  relid = EXCLUDED.relid, runs_as = EXCLUDED.runs_as, notify = EXCLUDED.notify, created_at = now();
+                  relid = EXCLUDED.relid, runs_as = EXCLUDED.runs_as, notify = EXCLUDED.notify,
+                  exclude_attnums = EXCLUDED.exclude_attnums, created_at = now();
     RETURN v_mode;
 END
 $fn$;
@@ -830,11 +873,15 @@ DECLARE
     v_n integer := 0;
 BEGIN
     PERFORM pgnotify_sync.refresh_names();
-    FOR r IN SELECT w.relid, w.channel, w.exclude_columns, w.mode, w.notify
+    FOR r IN SELECT w.relid, w.channel,
+                    pgnotify_sync.excluded_columns(w.relid, w.exclude_columns, w.exclude_attnums) AS exclude_columns,
+                    w.mode, w.notify
                FROM pgnotify_sync.watched_tables w JOIN pg_class c ON c.oid = w.relid
               WHERE (p_relids IS NULL OR w.relid = ANY (p_relids))
                 AND c.relkind IN ('r', 'p') AND c.relnamespace <> 'pgnotify_sync'::regnamespace
-                AND w.runs_as IS DISTINCT FROM pgnotify_sync.capture_role(c.relowner)
+                AND (w.runs_as IS DISTINCT FROM pgnotify_sync.capture_role(c.relowner)
+                     -- watched before exclusions followed their columns (an upgrade)
+                     OR (cardinality(w.exclude_columns) > 0 AND cardinality(w.exclude_attnums) = 0))
     LOOP
         PERFORM pgnotify_sync.watch_table(r.relid::regclass, r.channel, r.exclude_columns, r.mode, r.notify);
         v_n := v_n + 1;
@@ -1232,7 +1279,10 @@ DECLARE
     v_n     integer;
     v_void  text;
 BEGIN
-    SELECT b.channel, b.role, wt.exclude_columns, wt.notify INTO w
+    SELECT b.channel, b.role, wt.notify,
+           -- the names they have now, and the names given (see excluded_columns)
+           pgnotify_sync.excluded_columns(wt.relid, wt.exclude_columns, wt.exclude_attnums)
+           || wt.exclude_columns AS exclude_columns INTO w
       FROM pgnotify_sync.backfills b
       JOIN pgnotify_sync.watched_tables wt ON wt.schema_name = b.schema_name AND wt.table_name = b.table_name
      WHERE b.consumer = p_consumer AND b.schema_name = p_schema AND b.table_name = p_table
@@ -1264,6 +1314,7 @@ $fn$;
 -- in capture_function, every other role what its grants give.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgnotify_sync FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgnotify_sync.unreadable_channels(text[]), pgnotify_sync.my_grants(),
+                          pgnotify_sync.excluded_columns(oid, text[], int2[]),
                           pgnotify_sync.quiet_channels(text[]), pgnotify_sync.valid_handled(jsonb),
                           pgnotify_sync.valid_pairs(jsonb, text),
                           pgnotify_sync.unrestricted(), pgnotify_sync.installer(),

@@ -98,6 +98,19 @@ def test_a_backfill_under_concurrent_writes_ends_with_the_table(items, make_list
     assert last > 20000
 
 
+def test_a_renamed_excluded_column_stays_out_of_a_backfill(items, make_listener):
+    """The excluded column renamed by the table's owner before the backfill: no
+    backfilled row (nor any event) carries it, under its new name or any."""
+    execute(items, "ALTER TABLE items RENAME COLUMN secret TO secret_renamed")
+    got = []
+    listener = make_listener(channels=("items",), consumer="renamed", backfill=("public.items",))
+    listener.on_event("items", got.append)
+    listener.start()
+    wait_for(lambda: backfill_done(items) and len(got) >= 20000, timeout=60, message=f"{len(got)} backfilled")
+    assert all(set(e.data) == {"id", "v", "price"} for e in got)
+    assert execute(items, "SELECT count(*) FROM pgnotify_sync.event_log WHERE data::text LIKE '%%secret%%'") == [(0,)]
+
+
 # -- the CLI, other consumers, an unprivileged role ----------------------------------------
 
 def mirror_equals_table(db, mirror, listener):

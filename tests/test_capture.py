@@ -253,6 +253,59 @@ def test_an_update_of_excluded_columns_alone_is_no_event(idb, notes, table_kind)
     assert [json.loads(p)["id"] for _c, p in got] == [log[0][0]]
 
 
+@pytest.mark.parametrize("table_kind", ["statement", "row", "partitioned"])
+def test_an_excluded_column_stays_excluded_when_renamed_or_dropped_and_added_again(idb, notes, table_kind):
+    """The table's owner renames the excluded column (or drops it and adds one of the
+    same name): its values still never reach the log or a notification, and
+    watched_tables() names it as it is called now. Installing again (which watches
+    tables again) keeps it so."""
+    from pgnotify_sync import watched_tables
+    with idb.cursor() as cur:
+        if table_kind == "partitioned":
+            # a partition whose columns are numbered unlike its parent's
+            cur.execute("CREATE TABLE sb (id bigint, k int, pw text, note text, PRIMARY KEY (id, k)) "
+                        "PARTITION BY RANGE (k)")
+            cur.execute("CREATE TABLE sb_1 (note text, k int NOT NULL, pw text, id bigint NOT NULL)")
+            cur.execute("ALTER TABLE sb ATTACH PARTITION sb_1 FOR VALUES FROM (0) TO (100)")
+        else:
+            cur.execute("CREATE TABLE sb (id bigint PRIMARY KEY, k int, pw text, note text)")
+    watch_table(idb, "public.sb", channel="c", exclude_columns=("pw",),
+                mode="row" if table_kind == "row" else "statement")
+    listen = notes("c")
+
+    def write(column, first):
+        with idb.cursor() as cur:
+            cur.execute(f"INSERT INTO sb (id, k, {column}, note) VALUES (%s, 1, 'SECRET-a', 'n')", (first,))
+            cur.execute(f"INSERT INTO sb (id, k, {column}, note) SELECT g, 1, 'SECRET-b', 'n' "
+                        "FROM generate_series(%s, %s) g", (first + 1, first + 10))
+            cur.execute(f"UPDATE sb SET {column} = 'SECRET-c', note = 'm' WHERE id = %s", (first,))
+            cur.execute("DELETE FROM sb WHERE id = %s", (first + 1,))
+
+    def no_secret():
+        log = _log(idb, "c")
+        for row in log:
+            for text in row[5:]:
+                assert text is None or ("SECRET" not in text and "pw" not in text), text
+            assert set(json.loads(row[5])) == {"id", "k", "note"}
+        return log
+
+    with idb.cursor() as cur:
+        cur.execute("ALTER TABLE sb RENAME COLUMN pw TO pw_hash")
+    write("pw_hash", 100)
+    no_secret()
+    assert [t["exclude_columns"] for t in watched_tables(idb)] == [["pw_hash"]]
+    install(idb)                        # watches tables again: still excluded, by its new name
+    assert [t["exclude_columns"] for t in watched_tables(idb)] == [["pw_hash"]]
+    write("pw_hash", 200)
+    with idb.cursor() as cur:
+        cur.execute("ALTER TABLE sb DROP COLUMN pw_hash")
+        cur.execute("ALTER TABLE sb ADD COLUMN pw text")
+    write("pw", 300)
+    assert len(no_secret()) == 3 * (11 + 1 + 1)
+    for _channel, payload in listen.drain():
+        assert "SECRET" not in payload
+
+
 @pytest.mark.parametrize("mode", ["statement", "row"])
 def test_row_mode_and_updates_make_the_same_payload_text(idb, notes, mode):
     table = _table(idb, name=ODD_TABLE, schema=ODD_SCHEMA, mode=mode)

@@ -205,12 +205,13 @@ class Dispatcher:
 
     # -- the buffer's room, for pages read ahead (_fetch.Window) -------------------
 
-    def reserve(self, n, whole=False):
+    def reserve(self, n, whole=False, force=False):
         """Count *n* events more as held, if the buffer stays half empty with them
-        (see PAGES_PER_BUFFER), or with *whole* within it (a catch-up's one page ahead)."""
+        (see PAGES_PER_BUFFER), or with *whole* within it (a catch-up's one page
+        ahead); with *force* whatever the room (a page needed now)."""
         limit = self.capacity if whole else max(self.resume_level, self.page_rows)
         with self._lock:
-            if self.buffered + n > limit * self._scale:
+            if not force and self.buffered + n > limit * self._scale:
                 return False
             self.buffered += n
             return True

@@ -155,30 +155,31 @@ def read_ahead(ch, items, start, queued, read):
 
 class Window:
     """The pages one read of the log holds (in flight on a fetch thread, or being
-    delivered), counted in the dispatcher's event buffer (*budget*: ``reserve(n)``
-    and ``unreserve(n)``; None: unbounded) at *page* events each.
+    delivered), counted in the dispatcher's event buffer (*budget*: ``reserve(n,
+    whole, force)`` and ``unreserve(n)``; None: unbounded) at *page* events each.
 
-    The first page is the read's own: counted with its item when that was queued (a
-    range counts a page), or the one page in flight a catch-up may hold beyond the
-    buffer. Each further page is reserved from the buffer while it is held, and only
-    if the buffer has room for it: otherwise it is not read ahead, but when it is
-    needed (``take(force=True)``: at most one page at a time). So what a channel
-    holds stays within the buffer plus one page."""
+    With *own*, the first page is counted already, with its item (a queued range
+    counts a page). Every other page is counted while it is held: read ahead only if
+    the buffer has room for it, else read when it is needed (``take(force=True)``,
+    counted even beyond the buffer: one page at a time, the one in flight). So what
+    a channel holds stays within the buffer plus one page, and the buffer's count
+    says what is held."""
 
-    __slots__ = ("_budget", "_page", "_whole", "held", "reserved")
+    __slots__ = ("_budget", "_page", "_whole", "_own", "held", "reserved")
 
-    def __init__(self, budget, page, whole=False):
+    def __init__(self, budget, page, whole=False, own=True):
         self._budget = budget
         self._page = page
         self._whole = whole     # may fill the whole buffer (a catch-up's one page ahead), not half of it
+        self._own = 1 if own else 0
         self.held = 0
         self.reserved = 0
 
     def take(self, force=False):
         """A page more may be held: True if it may (counted), False if the buffer has
         no room for it (read it later)."""
-        if self.held > self.reserved and self._budget is not None and not force:
-            if not self._budget.reserve(self._page, self._whole):
+        if self.held >= self._own + self.reserved and self._budget is not None:
+            if not self._budget.reserve(self._page, self._whole, force):
                 return False
             self.reserved += 1
         self.held += 1
@@ -187,7 +188,7 @@ class Window:
     def give(self):
         """A page is no longer held (delivered, or dropped)."""
         self.held -= 1
-        surplus = self.reserved - max(0, self.held - 1)
+        surplus = self.reserved - max(0, self.held - self._own)
         if surplus > 0:
             self.reserved -= surplus
             self._budget.unreserve(surplus * self._page)

@@ -84,7 +84,7 @@ class ListenerHooks:
             else:
                 ch.caught_up += len(events)
 
-        return target, read_pages(read, dispatcher.submit, dispatcher.result, counted, Window(dispatcher, page, whole=True))
+        return target, read_pages(read, dispatcher.submit, dispatcher.result, counted, Window(dispatcher, page, whole=True, own=False))
 
     def fetch_ids(self, ch, ids, mine=False):
         if self._p.reader.installed is False:

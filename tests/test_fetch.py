@@ -216,8 +216,8 @@ class Budget:
         self.held = 0
         self.most = 0
 
-    def reserve(self, n, whole=False):
-        if self.held + n > self.room:
+    def reserve(self, n, whole=False, force=False):
+        if self.held + n > self.room and not force:
             return False
         self.held += n
         self.most = max(self.most, self.held)
@@ -271,12 +271,17 @@ def test_a_window_gives_back_what_it_reserved():
     assert window.take() and budget.held == 0                  # the first is the item's own
     assert window.take() and window.take() and budget.held == 20
     assert not window.take() and window.held == 3              # no room: read later
-    assert window.take(force=True) and window.held == 4 and budget.held == 20
+    assert window.take(force=True) and window.held == 4 and budget.held == 30    # needed now: counted anyway
     window.give()
     window.give()
     assert budget.held == 10 and window.reserved == 1
     window.close()
     assert budget.held == 0 and window.held == 0
+    # a catch-up's pages: its first is counted too (no item counts it)
+    catch_up = Window(budget, 10, whole=True, own=False)
+    assert catch_up.take(force=True) and budget.held == 10
+    catch_up.give()
+    assert budget.held == 0
 
 
 def test_read_pages_reads_ahead_only_with_room():
@@ -289,9 +294,12 @@ def test_read_pages_reads_ahead_only_with_room():
         return [ev(i) for i in ids], ids[-1] < 10
 
     submitted = []
-    pages = read_pages(read, lambda fn, *a: submitted.append(a), None, lambda events: None, Window(budget, 3))
+    held = []
+    pages = read_pages(read, lambda fn, *a: submitted.append(a), None, lambda events: held.append(budget.held),
+                       Window(budget, 3, whole=True, own=False))
     assert [e.id for page in pages for e in page] == list(range(1, 11))
     assert submitted == [] and reads == [0, 3, 6, 9] and budget.held == 0
+    assert held == [3, 3, 3, 3]         # the page in flight, counted
 
 
 def test_join_all_names_threads_that_would_not_stop():

@@ -178,7 +178,8 @@ def test_slow_handler_burst_far_larger_than_the_buffer(row_stream_db, make_liste
     expected = assert_exactly_once_in_row_order(got, pg_cluster, dbname)
     assert len(expected) == total
     assert got.ids() == sorted(got.ids()), "one writer: events must arrive in log-id order"
-    assert max(max_buffered) <= capacity
+    # the buffer, plus the one page in flight (a catch-up's: of at most the buffer), counted too
+    assert max(max_buffered) <= 2 * capacity
     stats = listener.get_stats()
     assert stats["caught_up"] >= stats["dropped_to_log"] > 0
 

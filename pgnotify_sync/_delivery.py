@@ -29,6 +29,13 @@ BACKFILL = Operation.BACKFILL
 # name comes from the wire, where anyone can make one up (unbounded series).
 PLAIN_TABLE = "(plain)"
 
+# A channel counts its events by (operation, table) for at most this many pairs;
+# the rest under the table label OTHER_TABLES. The names come from the log, where a
+# watched table's owner may write any table name on its own channel: the series a
+# scrape shows stay bounded whatever it writes.
+MAX_TABLE_SERIES = 256
+OTHER_TABLES = "(other)"
+
 
 class Interrupted(Exception):
     """stop() came during a handler's retry backoff: *events* (from the one being
@@ -167,6 +174,8 @@ class Delivery:
                 op, table, run = event.operation, event.table, 0
                 # A plain event's table is the wire's word: one label for all of them.
                 label = table if event.id is not None else PLAIN_TABLE
+                if len(by) >= MAX_TABLE_SERIES and (op, label) not in by:
+                    label = OTHER_TABLES
             run += 1
             if debug:
                 self._log_delivered(name, event, elapsed)
@@ -218,6 +227,8 @@ class Delivery:
                     cut, stopped = window.index(share[part_cut]), why
                 ch.handler_hist.add(hist)
                 for key, count in by.items():
+                    if len(ch.delivered_by) >= MAX_TABLE_SERIES and key not in ch.delivered_by:
+                        key = (key[0], OTHER_TABLES)        # (each row thread's share is capped alike)
                     ch.delivered_by[key] = ch.delivered_by.get(key, 0) + count
                 ch.handler_errors += errors
                 self._delivered(ch, n, fast, total)

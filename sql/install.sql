@@ -981,13 +981,15 @@ DROP POLICY IF EXISTS log_readers ON pgnotify_sync.event_log;
 DROP POLICY IF EXISTS log_trimmers ON pgnotify_sync.event_log;
 -- Inserts, in the writer's own transaction: the owners' copies of the capture
 -- functions (table events on the channels of their owner's watched tables) and
--- publishers (PUBLISH rows on their channels).
+-- publishers (PUBLISH rows on their channels). A PUBLISH row's identity is fixed
+-- (schema and table '', no old row, as publish() writes them): a publisher cannot
+-- make its events look like a table's, nor add metric series (the table label).
 CREATE POLICY log_writers ON pgnotify_sync.event_log FOR INSERT TO PUBLIC
     WITH CHECK (xid = pg_current_xact_id() AND (
         (operation IN ('INSERT', 'UPDATE', 'DELETE')
          AND channel = ANY (ARRAY(SELECT w.channel FROM pgnotify_sync.watched_tables w
                                    WHERE w.runs_as = to_regrole(quote_ident(current_user)))))
-     OR (operation = 'PUBLISH'
+     OR (operation = 'PUBLISH' AND schema_name = '' AND table_name = '' AND old IS NULL
          AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
                                    WHERE g.kind = 'publish' AND pg_has_role(g.role, 'MEMBER'))))));
 -- Rows: listeners see their channels' rows; everyone sees the rows of its own

@@ -130,6 +130,20 @@ def test_plain_events_share_one_table_label():
     assert ch.delivered_by == {(Operation.INSERT, "t"): 3, (Operation.INSERT, "(plain)"): 5}
 
 
+def test_made_up_table_names_from_the_log_add_a_bounded_number_of_series():
+    """A watched table's owner may log any table name on its own channel: past
+    MAX_TABLE_SERIES (operation, table) pairs a channel counts the rest as one."""
+    from pgnotify_sync._delivery import MAX_TABLE_SERIES, OTHER_TABLES
+    s = Setup()
+    ch = s.channel("messages", "messages")
+    s.on_event("messages", lambda e: None)
+    s.delivery.deliver(ch, [ev(i, table=f"t{i}") for i in range(1, 1001)])
+    s.delivery.deliver(ch, [ev(1001, table="t1"), ev(1002, table="t9999")])
+    assert len(ch.delivered_by) == MAX_TABLE_SERIES + 1
+    assert ch.delivered_by[(Operation.INSERT, OTHER_TABLES)] == 1000 - MAX_TABLE_SERIES + 1
+    assert ch.delivered_by[(Operation.INSERT, "t1")] == 2 and sum(ch.delivered_by.values()) == 1002
+
+
 def test_slow_handlers_land_in_later_buckets():
     s = Setup()
     ch = s.channel("messages", "messages")

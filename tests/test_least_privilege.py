@@ -367,7 +367,15 @@ def test_a_publisher_publishes_on_its_channels_only_and_reads_no_values(ledger, 
     # Not even its own transaction's xid can be forged.
     refused(roles, writer, "INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, table_name) "
                            "VALUES ('1'::xid8, 'acc', 'PUBLISH', '', '')", "row-level security")
-    assert execute(ledger, "SELECT count(*) FROM pgnotify_sync.event_log WHERE operation = 'PUBLISH'") == [(1,)]
+    # Nor a table's identity (an event naming a table, a new metric series a row)
+    for schema, table in (("public", "users"), ("", "x1"), ("x1", "")):
+        refused(roles, writer, "INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, "
+                               f"table_name, data) VALUES (pg_current_xact_id(), 'acc', 'PUBLISH', '{schema}', "
+                               f"'{table}', '{{}}')", "row-level security")
+    assert as_role(roles, writer, "INSERT INTO pgnotify_sync.event_log (xid, channel, operation, schema_name, "
+                                  "table_name, data) VALUES (pg_current_xact_id(), 'acc', 'PUBLISH', '', '', '{}') "
+                                  "RETURNING 1") == [(1,)]           # what publish() writes
+    assert execute(ledger, "SELECT count(*) FROM pgnotify_sync.event_log WHERE operation = 'PUBLISH'") == [(2,)]
 
 
 def test_an_admin_trims_but_never_below_the_floor_kept_in_the_database(ledger, roles):

@@ -265,9 +265,14 @@ BEGIN
                 OR NOT EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
                                 WHERE c.channel = e.channel AND NOT pg_visible_in_snapshot(e.xid, c.position)
                                   AND (e.bf IS NULL OR (c.name = e.bf AND c.role::text = e.bf_role))))
-           -- a dead letter's event stays while it is parked (it may be retried)
+           -- a dead letter's event stays while it is parked (it may be retried), past
+           -- every bound, but only one of a consumer its role keeps a position of on
+           -- that channel: made-up dead letters of a consumer that never ran pin nothing
            AND NOT EXISTS (SELECT 1 FROM pgnotify_sync.dead_letters dl
-                            WHERE dl.event_id = e.id AND dl.channel = e.channel)
+                            WHERE dl.event_id = e.id AND dl.channel = e.channel
+                              AND EXISTS (SELECT 1 FROM pgnotify_sync.consumers c
+                                           WHERE c.name = dl.consumer AND c.channel = dl.channel
+                                             AND c.role = dl.role))
         RETURNING 1
     )
     SELECT max(e.id), count(*) INTO last_id, v_scanned FROM examined e;

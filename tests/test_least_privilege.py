@@ -465,6 +465,22 @@ def test_grants_do_not_add_up_to_reading_a_publish_channel(ledger, roles):
     assert as_role(roles, both, "SELECT DISTINCT channel FROM pgnotify_sync.event_log") == [("acc",)]
 
 
+def test_made_up_dead_letters_do_not_keep_events_from_being_trimmed(ledger, roles):
+    """A listener role parks dead letters for the channel's present and future
+    events under a consumer it never ran: retention deletes those events all the
+    same (they pinned the log for good, even against trim_event_log(0, 0)). (A
+    consumer that did run still keeps its dead letters' events: test_retries.)"""
+    intruder = roles.make("intruder")
+    grant_listener(ledger, intruder, ["acc"])
+    top = execute(ledger, "SELECT max(id) FROM pgnotify_sync.event_log")[0][0]
+    as_role(roles, intruder, "INSERT INTO pgnotify_sync.dead_letters (consumer, channel, event_id, attempts, "
+                             "error_type, error) SELECT 'ghost', 'acc', g, 1, 'X', 'x' FROM generate_series(1, %s) g",
+            (top + 1000,))
+    execute(ledger, "INSERT INTO acc (note) SELECT 'n' FROM generate_series(1, 100)")
+    execute(ledger, "SELECT pgnotify_sync.trim_event_log(1e-9, 1e-9)")
+    assert execute(ledger, "SELECT count(*) FROM pgnotify_sync.event_log WHERE channel = 'acc'") == [(0,)]
+
+
 def test_a_listener_keeps_positions_only_on_its_channels_and_only_well_formed_ones(ledger, roles):
     reader = roles.make("reader")
     grant_listener(ledger, reader, ["acc"])

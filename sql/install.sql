@@ -987,14 +987,16 @@ DROP POLICY IF EXISTS log_trimmers ON pgnotify_sync.event_log;
 -- Inserts, in the writer's own transaction: the owners' copies of the capture
 -- functions (table events on the channels of their owner's watched tables) and
 -- publishers (PUBLISH rows on their channels). A PUBLISH row's identity is fixed
--- (schema and table '', no old row, as publish() writes them): a publisher cannot
--- make its events look like a table's, nor add metric series (the table label).
+-- (schema and table '', as publish() writes them; a publisher may not write old at
+-- all: its column grants): a publisher cannot make its events look like a
+-- table's, nor add metric series (the table label). (No column of data or old
+-- here: an upgrade converting their type would fail on a policy naming them.)
 CREATE POLICY log_writers ON pgnotify_sync.event_log FOR INSERT TO PUBLIC
     WITH CHECK (xid = pg_current_xact_id() AND (
         (operation IN ('INSERT', 'UPDATE', 'DELETE')
          AND channel = ANY (ARRAY(SELECT w.channel FROM pgnotify_sync.watched_tables w
                                    WHERE w.runs_as = to_regrole(quote_ident(current_user)))))
-     OR (operation = 'PUBLISH' AND schema_name = '' AND table_name = '' AND old IS NULL
+     OR (operation = 'PUBLISH' AND schema_name = '' AND table_name = ''
          AND channel = ANY (ARRAY(SELECT g.channel FROM pgnotify_sync.grants g
                                    WHERE g.kind = 'publish' AND pg_has_role(g.role, 'MEMBER'))))));
 -- Rows: listeners see their channels' rows; everyone sees the rows of its own

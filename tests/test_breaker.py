@@ -190,19 +190,25 @@ def test_a_handler_that_always_raises_is_suspended_and_the_others_get_everything
     assert fixed.got == [11]
 
 
-def test_a_trial_that_succeeds_closes_the_breaker():
-    s = Setup()
-    clock = Clock()
-    delivery(s, threshold=2, clock=clock)
-    ch = s.channel("messages", "messages")
-    broken = [True]
-    handled = []
+def switchable(s):
+    """A handler of channel messages that raises while ``broken[0]``, else records
+    the event's id in ``handled``."""
+    broken, handled = [True], []
 
     def handler(event):
         if broken[0]:
             raise ConnectionError("away")
         handled.append(event.id)
     s.on_event("messages", handler)
+    return broken, handled
+
+
+def test_a_trial_that_succeeds_closes_the_breaker():
+    s = Setup()
+    clock = Clock()
+    delivery(s, threshold=2, clock=clock)
+    ch = s.channel("messages", "messages")
+    broken, handled = switchable(s)
     s.delivery.deliver(ch, [ev(1), ev(2), ev(3)])
     assert [type(e) for _k, e, _c, _kw in s.reports] == [ConnectionError, ConnectionError, HandlerSuspended]
     broken[0] = False
@@ -245,14 +251,7 @@ def test_redelivered_dead_letters_reach_a_suspended_handler_and_close_it():
     s = Setup()
     delivery(s, threshold=1)
     ch = s.channel("messages", "messages")
-    broken = [True]
-    handled = []
-
-    def handler(event):
-        if broken[0]:
-            raise ConnectionError("away")
-        handled.append(event.id)
-    s.on_event("messages", handler)
+    broken, handled = switchable(s)
     s.delivery.deliver(ch, [ev(1), ev(2)])
     assert [type(e) for _k, e, _c, _kw in s.reports] == [ConnectionError, HandlerSuspended]
     broken[0] = False

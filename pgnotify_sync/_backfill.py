@@ -22,6 +22,7 @@ import logging
 import psycopg2
 from psycopg2 import sql
 
+from ._consumers import MINE
 from .errors import PgNotifyError, SchemaError, first_line
 
 log = logging.getLogger("pgnotify_sync")
@@ -33,14 +34,14 @@ CHUNK = 1000
 RETRY_S = 1.0
 
 _LOCK = ("SELECT last_key::text, done, rows FROM pgnotify_sync.backfills "
-         "WHERE consumer = %s AND schema_name = %s AND table_name = %s FOR UPDATE SKIP LOCKED")
+         "WHERE consumer = %s AND schema_name = %s AND table_name = %s" + MINE + " FOR UPDATE SKIP LOCKED")
 # Progress as last committed (another member holds the row now).
 _PROGRESS = ("SELECT rows, done FROM pgnotify_sync.backfills "
-             "WHERE consumer = %s AND schema_name = %s AND table_name = %s")
+             "WHERE consumer = %s AND schema_name = %s AND table_name = %s" + MINE)
 _ADVANCE = ("UPDATE pgnotify_sync.backfills SET last_key = %s::json, rows = rows + %s "
-            "WHERE consumer = %s AND schema_name = %s AND table_name = %s RETURNING rows")
+            "WHERE consumer = %s AND schema_name = %s AND table_name = %s" + MINE + " RETURNING rows")
 _DONE = ("UPDATE pgnotify_sync.backfills SET done = true, finished_at = now() "
-         "WHERE consumer = %s AND schema_name = %s AND table_name = %s")
+         "WHERE consumer = %s AND schema_name = %s AND table_name = %s" + MINE)
 # Which of these BACKFILL events a committed change of the same row supersedes.
 SUPERSEDED_SQL = """
 WITH b AS (
@@ -86,7 +87,8 @@ def split_table(name):
 def start(conn, consumer, schema, table):
     """Register the backfill (idempotent); returns the table's wire channel."""
     with conn.cursor() as cur:
-        cur.execute("SELECT pgnotify_sync.backfill_start(%s, %s, %s)", (consumer, schema, table))
+        cur.execute("SELECT pgnotify_sync.backfill_start(%s, %s, %s, current_user::regrole)",
+                    (consumer, schema, table))
         channel = cur.fetchone()[0]
     conn.commit()
     return channel
@@ -135,7 +137,7 @@ def chunk(conn, consumer, schema, table, columns, size=CHUNK):
                 conn.commit()
                 return 0, total
             last_key = json.dumps({c: json.loads(last_row)[c] for c in columns})
-            cur.execute("SELECT pgnotify_sync.backfill_rows(%s, %s, %s, %s::json, %s)",
+            cur.execute("SELECT pgnotify_sync.backfill_rows(%s, %s, %s, %s::json, %s, current_user::regrole)",
                         (consumer, schema, table, rows, snapshot))
             cur.execute(_ADVANCE, (last_key, n, consumer, schema, table))
             total = cur.fetchone()[0]

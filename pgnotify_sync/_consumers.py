@@ -18,6 +18,12 @@ from .errors import PgNotifyError, first_line
 log = logging.getLogger("pgnotify_sync")
 
 
+# Rows of the consumers' tables are each role's own, keyed by it (sql/install.sql):
+# every query names the role it acts as (current_user: a login role that switched
+# with SET ROLE acts as that role), so a role that bypasses row-level security (the
+# installer, a superuser) never takes another role's row of the same name for its own.
+MINE = " AND role = to_regrole(quote_ident(current_user))"
+
 # A checkpoint is stored only by the partition's owner, under the epoch it took it
 # with, while its lease runs (fencing: a member that was frozen past its lease, or
 # lost it to another, cannot move the position any more). Each is one statement in
@@ -27,15 +33,13 @@ _SAVE_SQL = """
 UPDATE pgnotify_sync.consumers
    SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now()
  WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
-   AND owner = %(member)s AND epoch = %(epoch)s AND lease_until > clock_timestamp()
-"""
+   AND owner = %(member)s AND epoch = %(epoch)s AND lease_until > clock_timestamp()""" + MINE
 _RELEASE_SQL = """
 UPDATE pgnotify_sync.consumers
    SET position = %(position)s::pg_snapshot, handled = %(handled)s::jsonb, updated_at = now(),
        owner = NULL, lease_until = NULL
  WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
-   AND owner = %(member)s AND epoch = %(epoch)s AND lease_until > clock_timestamp()
-"""
+   AND owner = %(member)s AND epoch = %(epoch)s AND lease_until > clock_timestamp()""" + MINE
 
 
 def id_ranges(ids):
@@ -115,9 +119,9 @@ class ConsumerStore:
         the last call (the counters are reset as they are read)."""
         with self._pool.connection() as conn, conn.cursor() as cur:
             cur.execute("UPDATE pgnotify_sync.consumers c SET lost = 0 "
-                        "FROM (SELECT name, channel, partition, lost FROM pgnotify_sync.consumers "
-                        "      WHERE name = %s AND lost > 0 FOR UPDATE) old "
-                        "WHERE c.name = old.name AND c.channel = old.channel AND c.partition = old.partition "
-                        "RETURNING c.channel, old.lost",
+                        "FROM (SELECT role, name, channel, partition, lost FROM pgnotify_sync.consumers "
+                        "      WHERE name = %s AND lost > 0" + MINE + " FOR UPDATE) old "
+                        "WHERE c.role = old.role AND c.name = old.name AND c.channel = old.channel "
+                        "AND c.partition = old.partition RETURNING c.channel, old.lost",
                         (self.consumer,))
             return cur.fetchall()

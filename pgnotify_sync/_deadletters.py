@@ -17,6 +17,7 @@ import logging
 import psycopg2
 
 from ._channel import Redeliver, lanes
+from ._consumers import MINE
 from .errors import PgNotifyError, first_line
 
 log = logging.getLogger("pgnotify_sync")
@@ -29,11 +30,11 @@ ERROR_MAX = 300
 
 # Only this role's (an installer or an admin sees every role's rows: another role's
 # made-up dead letter must not make this consumer deliver an event again).
-_MY_ROLE = " AND role = to_regrole(quote_ident(current_user))"
+_MY_ROLE = MINE
 _PARK = """
 INSERT INTO pgnotify_sync.dead_letters (consumer, channel, event_id, attempts, error_type, error)
 VALUES (%(consumer)s, %(channel)s, %(id)s, %(attempts)s, %(type)s, %(error)s)
-ON CONFLICT (consumer, channel, event_id) DO UPDATE
+ON CONFLICT (role, consumer, channel, event_id) DO UPDATE
    SET attempts = dead_letters.attempts + excluded.attempts, error_type = excluded.error_type,
        error = excluded.error, last_failed_at = now(), retry_requested = false, role = excluded.role
 """
@@ -80,21 +81,23 @@ class DeadLetters:
 # -- for the CLI and the Listener (a connection of the caller's) ------------------------------
 
 
-def list_dead_letters(conn, consumer=None, channel=None):
-    """The dead letters this role may see, as dicts (oldest failure first)."""
+def list_dead_letters(conn, consumer=None, channel=None, mine=False):
+    """The dead letters this role may see (*mine*: this role's own only; an admin
+    sees every role's), as dicts (oldest failure first)."""
     with conn.cursor() as cur:
         cur.execute("SELECT consumer, channel, event_id, attempts, error_type, error, first_failed_at, "
                     "last_failed_at, retry_requested FROM pgnotify_sync.dead_letters "
                     "WHERE (%(consumer)s IS NULL OR consumer = %(consumer)s) "
-                    "AND (%(channel)s IS NULL OR channel = %(channel)s) ORDER BY first_failed_at, event_id",
+                    "AND (%(channel)s IS NULL OR channel = %(channel)s)" + (MINE if mine else "") +
+                    " ORDER BY first_failed_at, event_id",
                     {"consumer": consumer, "channel": channel})
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 def request_retry(conn, consumer, ids=None):
-    """Ask consumer *consumer* to deliver these dead letters again (None: all);
-    returns how many."""
+    """Ask consumer *consumer* (this role's) to deliver these dead letters again
+    (None: all); returns how many."""
     return _change(conn, "UPDATE pgnotify_sync.dead_letters SET retry_requested = true", consumer, ids)
 
 
@@ -105,7 +108,8 @@ def drop_dead_letters(conn, consumer, ids=None):
 
 def _change(conn, statement, consumer, ids):
     with conn.cursor() as cur:
-        cur.execute(statement + " WHERE consumer = %s AND (%s::bigint[] IS NULL OR event_id = ANY(%s::bigint[]))",
+        cur.execute(statement + " WHERE consumer = %s AND (%s::bigint[] IS NULL OR event_id = ANY(%s::bigint[]))"
+                    + MINE,
                     (consumer, ids, ids))
         n = cur.rowcount
     conn.commit()

@@ -33,6 +33,7 @@ import uuid
 import psycopg2
 
 from ._channel import ChannelState, lease_clock
+from ._consumers import MINE
 from ._keys import KeyColumns, group_key_columns
 from ._threads import join_all, spawn
 from .errors import ConfigError, PgNotifyError, PrivilegeError, first_line
@@ -47,7 +48,7 @@ LEASE_MARGIN = 0.2
 TICK_MAX_S = 1.0
 
 _JOIN_GROUP = "INSERT INTO pgnotify_sync.consumer_groups (name, partitions) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-_GROUP = "SELECT partitions FROM pgnotify_sync.consumer_groups WHERE name = %s"
+_GROUP = "SELECT partitions FROM pgnotify_sync.consumer_groups WHERE name = %s" + MINE
 # A channel's partitions the group does not have yet start at the start snapshot,
 # or at partition 0's position if it exists (a consumer of an earlier version, with
 # one partition: it handled every event of the channel up to there).
@@ -56,30 +57,32 @@ INSERT INTO pgnotify_sync.consumers (name, channel, partition, position, handled
 SELECT %(name)s, %(channel)s, p, coalesce(z.position, %(start)s::pg_snapshot), coalesce(z.handled, '[]')
   FROM generate_series(0, %(partitions)s - 1) p
   LEFT JOIN pgnotify_sync.consumers z ON z.name = %(name)s AND z.channel = %(channel)s AND z.partition = 0
+        AND z.role = to_regrole(quote_ident(current_user))
 ON CONFLICT DO NOTHING
 """
 _COUNT_PARTITIONS = ("SELECT channel, count(*) FROM pgnotify_sync.consumers WHERE name = %s AND channel = ANY(%s) "
-                     "AND partition < %s GROUP BY channel")
+                     "AND partition < %s" + MINE + " GROUP BY channel")
 _JOIN = ("INSERT INTO pgnotify_sync.consumer_members (name, member, host, pid, channels, lease_s) "
-         "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name, member) DO UPDATE SET heartbeat_at = clock_timestamp()")
+         "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (role, name, member) DO UPDATE SET heartbeat_at = clock_timestamp()")
 # A tick is statements in autocommit (a member frozen in the middle of one holds no
 # lock), and never waits for another member's locks: what is locked now (a
 # checkpoint being written) is skipped until the next tick.
 _HEARTBEAT = ("UPDATE pgnotify_sync.consumer_members SET heartbeat_at = clock_timestamp() "
-              "WHERE name = %(name)s AND member = %(member)s")
+              "WHERE name = %(name)s AND member = %(member)s" + MINE)
 _EXPIRE = """
 DELETE FROM pgnotify_sync.consumer_members m USING (
     SELECT ctid FROM pgnotify_sync.consumer_members WHERE name = %(name)s
+       AND role = to_regrole(quote_ident(current_user))
        AND heartbeat_at < clock_timestamp() - make_interval(secs => lease_s) FOR UPDATE SKIP LOCKED) silent
  WHERE m.ctid = silent.ctid
 """
 # The live members (a silent one locked by a frozen statement is not deleted yet).
-_MEMBERS = ("SELECT member, channels FROM pgnotify_sync.consumer_members WHERE name = %s "
-            "AND heartbeat_at >= clock_timestamp() - make_interval(secs => lease_s) ORDER BY member")
+_MEMBERS = ("SELECT member, channels FROM pgnotify_sync.consumer_members WHERE name = %s" + MINE +
+            " AND heartbeat_at >= clock_timestamp() - make_interval(secs => lease_s) ORDER BY member")
 _RENEW = """
 UPDATE pgnotify_sync.consumers SET lease_until = clock_timestamp() + make_interval(secs => %(lease)s)
  WHERE name = %(name)s AND owner = %(member)s AND lease_until > clock_timestamp()
-   AND channel || '/' || partition = ANY(%(held)s)
+   AND channel || '/' || partition = ANY(%(held)s) AND role = to_regrole(quote_ident(current_user))
 RETURNING channel, partition, epoch
 """
 # Rows still in our name that we do not hold here (a hand-over whose save failed, a
@@ -88,21 +91,23 @@ RETURNING channel, partition, epoch
 _UNCLAIM = """
 UPDATE pgnotify_sync.consumers SET owner = NULL, lease_until = NULL
  WHERE name = %(name)s AND owner = %(member)s AND NOT channel || '/' || partition = ANY(%(held)s)
+   AND role = to_regrole(quote_ident(current_user))
 """
 _SLOTS = ("SELECT channel, partition, owner, coalesce(lease_until > clock_timestamp(), false) "
-          "FROM pgnotify_sync.consumers WHERE name = %s AND channel = ANY(%s) AND partition < %s")
+          "FROM pgnotify_sync.consumers WHERE name = %s AND channel = ANY(%s) AND partition < %s" + MINE)
 _ACQUIRE = """
 UPDATE pgnotify_sync.consumers c
    SET owner = %(member)s, epoch = c.epoch + 1, lease_until = clock_timestamp() + make_interval(secs => %(lease)s)
   FROM (SELECT ctid FROM pgnotify_sync.consumers
          WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
+           AND role = to_regrole(quote_ident(current_user))
            AND (owner IS NULL OR owner = %(member)s OR lease_until IS NULL OR lease_until <= clock_timestamp())
            FOR UPDATE SKIP LOCKED) free
  WHERE c.ctid = free.ctid
 RETURNING c.position::text, c.handled, c.epoch
 """
-_LEAVE = "DELETE FROM pgnotify_sync.consumer_members WHERE name = %s AND member = %s"
-_KEYS = "SELECT schema_name, table_name, columns FROM pgnotify_sync.consumer_keys WHERE name = %s"
+_LEAVE = "DELETE FROM pgnotify_sync.consumer_members WHERE name = %s AND member = %s" + MINE
+_KEYS = "SELECT schema_name, table_name, columns FROM pgnotify_sync.consumer_keys WHERE name = %s" + MINE
 
 
 def deal(members, partitions, me):

@@ -347,7 +347,7 @@ class Listener:
         failure time, retry_requested. No row values."""
         self._require_consumer("dead_letters")
         with self._connections.pool.connection() as conn:
-            return list_dead_letters(conn, self.consumer)
+            return list_dead_letters(conn, self.consumer, mine=True)
 
     def retry_dead_letters(self, ids=None):
         """Deliver these dead letters (event ids; None: all) to the handlers again, in

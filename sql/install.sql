@@ -196,6 +196,35 @@ CREATE TABLE IF NOT EXISTS pgnotify_sync.backfills (
     PRIMARY KEY (consumer, schema_name, table_name)
 );
 
+-- Every row of the consumers' tables belongs to the role that wrote it, in its key:
+-- another role's row of the same consumer, group, member, key or backfill neither
+-- blocks, shadows, redirects nor reveals it, and each role reads and writes its own
+-- rows only (the listener's queries name their role: _group.MINE), also a role
+-- that bypasses row-level security (the installer, a superuser, an admin reads).
+DO $do$
+DECLARE
+    r record;
+    v_name name;
+BEGIN
+    FOR r IN SELECT * FROM (VALUES ('consumers', 'role, name, channel, partition'),
+                                   ('consumer_groups', 'role, name'),
+                                   ('consumer_members', 'role, name, member'),
+                                   ('consumer_keys', 'role, name, schema_name, table_name'),
+                                   ('backfills', 'role, consumer, schema_name, table_name'),
+                                   ('dead_letters', 'role, consumer, channel, event_id')) AS t(tab, cols)
+    LOOP
+        SELECT c.conname INTO v_name FROM pg_constraint c
+         WHERE c.conrelid = format('pgnotify_sync.%I', r.tab)::regclass AND c.contype = 'p'
+           AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+                            WHERE a.attrelid = c.conrelid AND a.attnum = c.conkey[1] AND a.attname = 'role');
+        IF v_name IS NOT NULL THEN
+            EXECUTE format('ALTER TABLE pgnotify_sync.%I DROP CONSTRAINT %I, ADD PRIMARY KEY (%s)', r.tab, v_name,
+                           r.cols);
+        END IF;
+    END LOOP;
+END
+$do$;
+
 -- Settings kept in the database: the retention floors (set_retention_floor).
 CREATE TABLE IF NOT EXISTS pgnotify_sync.settings (
     name  text PRIMARY KEY,
@@ -283,14 +312,14 @@ BEGIN
     -- are whose is known only to the listeners): an event trimmed past any of them
     -- counts once, on the first such partition's row (an upper bound of the loss).
     UPDATE pgnotify_sync.consumers c SET lost = c.lost + g.n
-      FROM (SELECT c2.name, c2.channel, min(c2.partition) AS partition, count(DISTINCT d.id) AS n
+      FROM (SELECT c2.role, c2.name, c2.channel, min(c2.partition) AS partition, count(DISTINCT d.id) AS n
               FROM pg_temp.pgnotify_sync_doomed d
               JOIN pgnotify_sync.consumers c2
                 ON c2.channel = d.channel AND NOT pg_visible_in_snapshot(d.xid, c2.position)
                AND (d.bf IS NULL OR (c2.name = d.bf AND c2.role::text = d.bf_role))
              WHERE NOT pgnotify_sync.consumer_handled(c2.handled, d.id, d.xid)
-             GROUP BY 1, 2) g
-     WHERE c.name = g.name AND c.channel = g.channel AND c.partition = g.partition;
+             GROUP BY 1, 2, 3) g
+     WHERE c.role = g.role AND c.name = g.name AND c.channel = g.channel AND c.partition = g.partition;
     DELETE FROM pgnotify_sync.event_log l USING pg_temp.pgnotify_sync_doomed d WHERE l.id = d.id;
     GET DIAGNOSTICS deleted = ROW_COUNT;
     DROP TABLE pg_temp.pgnotify_sync_doomed;
@@ -1236,12 +1265,21 @@ $fn$;
 -- (a watched table, on a channel the role may read, a consumer with a stored
 -- position on it). Idempotent: a backfill under way or done is left as it is.
 -- Returns the table's channel.
-CREATE OR REPLACE FUNCTION pgnotify_sync.backfill_start(p_consumer text, p_schema text, p_table text)
+-- p_role: the caller's current role (current_user, evaluated by the caller: here
+-- it is the definer), which its session must be a member of; NULL: the session's.
+DROP FUNCTION IF EXISTS pgnotify_sync.backfill_start(text, text, text);
+CREATE OR REPLACE FUNCTION pgnotify_sync.backfill_start(p_consumer text, p_schema text, p_table text,
+                                                       p_role regrole DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_channel text;
     v_role    oid;
+    v_as      oid := coalesce(p_role, to_regrole(quote_ident(session_user)));
 BEGIN
+    IF NOT pg_has_role(session_user, v_as, 'MEMBER') THEN
+        RAISE EXCEPTION 'pgnotify_sync: role % is not a member of %', session_user, v_as::regrole
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     SELECT w.channel INTO v_channel FROM pgnotify_sync.watched_tables w
      WHERE w.schema_name = p_schema AND w.table_name = p_table;
     IF v_channel IS NULL THEN
@@ -1255,11 +1293,10 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     -- Rows logged before the consumer has a position would lie behind it, never read.
-    -- The backfill is the role's that keeps those positions (the caller's, or one it
-    -- is a member of: a login role that switches to it with SET ROLE).
+    -- The backfill is the caller's role's, which keeps those positions (another
+    -- role's consumer of the same name is another consumer).
     SELECT c.role INTO v_role FROM pgnotify_sync.consumers c
-     WHERE c.name = p_consumer AND c.channel = v_channel AND pg_has_role(session_user, c.role, 'MEMBER')
-     ORDER BY c.role = to_regrole(quote_ident(session_user)) DESC LIMIT 1;
+     WHERE c.name = p_consumer AND c.channel = v_channel AND c.role = v_as LIMIT 1;
     IF v_role IS NULL THEN
         RAISE EXCEPTION 'pgnotify_sync: consumer % of role % has no position on channel % yet: start its listener '
                         'once (or give it backfill=) before backfilling %.%', p_consumer, session_user, v_channel,
@@ -1278,8 +1315,9 @@ $fn$;
 -- the chunk's snapshot (a listener drops a row a newer change of the same key
 -- supersedes), excluded columns removed, and a range hint. Only for a backfill the
 -- calling role keeps.
+DROP FUNCTION IF EXISTS pgnotify_sync.backfill_rows(text, text, text, json, text);
 CREATE OR REPLACE FUNCTION pgnotify_sync.backfill_rows(p_consumer text, p_schema text, p_table text, p_rows json,
-                                                      p_snapshot text) RETURNS integer
+                                                      p_snapshot text, p_role regrole DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     w       record;
@@ -1287,15 +1325,21 @@ DECLARE
     v_last  bigint;
     v_n     integer;
     v_void  text;
+    v_as    oid := coalesce(p_role, to_regrole(quote_ident(session_user)));
 BEGIN
-    SELECT b.channel, b.role, wt.notify,
+    IF NOT pg_has_role(session_user, v_as, 'MEMBER') THEN
+        RAISE EXCEPTION 'pgnotify_sync: role % is not a member of %', session_user, v_as::regrole
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    -- The rows go to the channel the table is watched on, never one a backfills row
+    -- names (another role could have written one).
+    SELECT wt.channel, b.role, wt.notify,
            -- the names they have now, and the names given (see excluded_columns)
            pgnotify_sync.excluded_columns(wt.relid, wt.exclude_columns, wt.exclude_attnums)
            || wt.exclude_columns AS exclude_columns INTO w
       FROM pgnotify_sync.backfills b
       JOIN pgnotify_sync.watched_tables wt ON wt.schema_name = b.schema_name AND wt.table_name = b.table_name
-     WHERE b.consumer = p_consumer AND b.schema_name = p_schema AND b.table_name = p_table
-       AND pg_has_role(session_user, b.role, 'MEMBER');
+     WHERE b.consumer = p_consumer AND b.schema_name = p_schema AND b.table_name = p_table AND b.role = v_as;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgnotify_sync: no backfill of %.% for consumer % of this role', p_schema, p_table, p_consumer
             USING ERRCODE = 'insufficient_privilege';
@@ -1327,8 +1371,8 @@ GRANT EXECUTE ON FUNCTION pgnotify_sync.unreadable_channels(text[]), pgnotify_sy
                           pgnotify_sync.quiet_channels(text[]), pgnotify_sync.valid_handled(jsonb),
                           pgnotify_sync.valid_pairs(jsonb, text),
                           pgnotify_sync.unrestricted(), pgnotify_sync.installer(),
-                          pgnotify_sync.backfill_start(text, text, text),
-                          pgnotify_sync.backfill_rows(text, text, text, json, text) TO PUBLIC;
+                          pgnotify_sync.backfill_start(text, text, text, regrole),
+                          pgnotify_sync.backfill_rows(text, text, text, json, text, regrole) TO PUBLIC;
 -- The settings only by the installer (set_retention_floor) or a superuser.
 REVOKE INSERT, UPDATE, DELETE ON pgnotify_sync.settings FROM PUBLIC;
 -- Roles granted before the consumer groups and dead letters existed get those

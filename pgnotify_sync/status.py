@@ -94,31 +94,35 @@ def backfills(cur):
 
 def consumer_groups(cur):
     """Every consumer group this role may see (``pgnotify-sync consumers``): its
-    partition count, its live members, and each partition's owner, epoch, lease
-    left and position (as a lag bound)."""
+    role (each role's consumer of a name is its own), partition count, live
+    members, and each partition's owner, epoch, lease left and position (as a lag
+    bound)."""
     cur.execute("SELECT to_regclass('pgnotify_sync.consumer_groups') IS NOT NULL")
     if not cur.fetchone()[0]:
         return []       # an install older than the groups
     cur.execute("""
-        SELECT n.name, g.partitions FROM (SELECT DISTINCT name FROM pgnotify_sync.consumers) n
-          LEFT JOIN pgnotify_sync.consumer_groups g ON g.name = n.name ORDER BY 1""")
-    groups = {name: {"name": name, "partitions": p, "members": [], "positions": []} for name, p in cur.fetchall()}
+        SELECT n.role::regrole::text, n.name, g.partitions
+          FROM (SELECT DISTINCT role, name FROM pgnotify_sync.consumers) n
+          LEFT JOIN pgnotify_sync.consumer_groups g ON g.role = n.role AND g.name = n.name ORDER BY 2, 1""")
+    groups = {(role, name): {"name": name, "role": role, "partitions": p, "members": [], "positions": []}
+              for role, name, p in cur.fetchall()}
     cur.execute("""
-        SELECT name, member, host, pid, channels, joined_at,
+        SELECT role::regrole::text, name, member, host, pid, channels, joined_at,
                extract(epoch FROM clock_timestamp() - heartbeat_at)::float8
-          FROM pgnotify_sync.consumer_members ORDER BY 1, 2""")
-    for name, member, host, pid, channels, joined, age in cur.fetchall():
-        if name in groups:
-            groups[name]["members"].append({"member": member, "host": host, "pid": pid, "channels": list(channels),
-                                            "joined_at": joined, "heartbeat_age_s": round(age, 3)})
+          FROM pgnotify_sync.consumer_members ORDER BY 2, 1, 3""")
+    for role, name, member, host, pid, channels, joined, age in cur.fetchall():
+        if (role, name) in groups:
+            groups[role, name]["members"].append({"member": member, "host": host, "pid": pid,
+                                                  "channels": list(channels), "joined_at": joined,
+                                                  "heartbeat_age_s": round(age, 3)})
     cur.execute("""
-        SELECT c.name, c.channel, c.partition, c.owner, c.epoch,
+        SELECT c.role::regrole::text, c.name, c.channel, c.partition, c.owner, c.epoch,
                CASE WHEN c.lease_until > clock_timestamp()
                     THEN extract(epoch FROM c.lease_until - clock_timestamp())::float8 END,
                c.updated_at, """ + CONSUMER_LAG + """
-          FROM pgnotify_sync.consumers c ORDER BY 1, 2, 3""")
-    for name, channel, partition, owner, epoch, left, updated, lag in cur.fetchall():
-        groups[name]["positions"].append({
+          FROM pgnotify_sync.consumers c ORDER BY 2, 1, 3, 4""")
+    for role, name, channel, partition, owner, epoch, left, updated, lag in cur.fetchall():
+        groups[role, name]["positions"].append({
             "channel": channel, "partition": partition, "owner": owner if left is not None else None,
             "epoch": epoch, "lease_left_s": None if left is None else round(left, 3), "updated_at": updated,
             "lag_upper_bound": lag})

@@ -22,7 +22,8 @@ log = logging.getLogger("pgnotify_sync")
 # every query names the role it acts as (current_user: a login role that switched
 # with SET ROLE acts as that role), so a role that bypasses row-level security (the
 # installer, a superuser) never takes another role's row of the same name for its own.
-MINE = " AND role = to_regrole(quote_ident(current_user))"
+ME = "to_regrole(quote_ident(current_user))"
+MINE = " AND role = " + ME
 
 # A checkpoint is stored only by the partition's owner, under the epoch it took it
 # with, while its lease runs (fencing: a member that was frozen past its lease, or

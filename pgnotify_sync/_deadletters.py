@@ -28,21 +28,18 @@ POLL_S = 2.0
 # The stored error's first line is cut here (it is the handler's own text).
 ERROR_MAX = 300
 
-# Only this role's (an installer or an admin sees every role's rows: another role's
-# made-up dead letter must not make this consumer deliver an event again).
-_MY_ROLE = MINE
 _PARK = """
 INSERT INTO pgnotify_sync.dead_letters (consumer, channel, event_id, attempts, error_type, error)
 VALUES (%(consumer)s, %(channel)s, %(id)s, %(attempts)s, %(type)s, %(error)s)
 ON CONFLICT (role, consumer, channel, event_id) DO UPDATE
    SET attempts = dead_letters.attempts + excluded.attempts, error_type = excluded.error_type,
-       error = excluded.error, last_failed_at = now(), retry_requested = false, role = excluded.role
+       error = excluded.error, last_failed_at = now(), retry_requested = false
 """
 _REQUESTED = ("SELECT 1 FROM pgnotify_sync.dead_letters "
-              "WHERE consumer = %s AND channel = %s AND event_id = %s AND retry_requested" + _MY_ROLE)
-_DONE = "DELETE FROM pgnotify_sync.dead_letters WHERE consumer = %s AND channel = %s AND event_id = %s" + _MY_ROLE
+              "WHERE consumer = %s AND channel = %s AND event_id = %s AND retry_requested" + MINE)
+_DONE = "DELETE FROM pgnotify_sync.dead_letters WHERE consumer = %s AND channel = %s AND event_id = %s" + MINE
 _POLL = ("SELECT channel, count(*), coalesce(array_agg(event_id ORDER BY event_id) FILTER (WHERE retry_requested), "
-         "'{}') FROM pgnotify_sync.dead_letters WHERE consumer = %s" + _MY_ROLE + " GROUP BY channel")
+         "'{}') FROM pgnotify_sync.dead_letters WHERE consumer = %s" + MINE + " GROUP BY channel")
 
 
 class DeadLetters:

@@ -37,6 +37,12 @@ MAX_TABLE_SERIES = 256
 OTHER_TABLES = "(other)"
 
 
+def _series(by, key):
+    """*key* (operation, table label) as counted in *by*: the same, or the
+    operation's OTHER_TABLES once *by* holds MAX_TABLE_SERIES pairs without it."""
+    return key if key in by or len(by) < MAX_TABLE_SERIES else (key[0], OTHER_TABLES)
+
+
 class Interrupted(Exception):
     """stop() came during a handler's retry backoff: *events* (from the one being
     retried on) were not all handled and must not be stored as handled; the channel
@@ -173,9 +179,7 @@ class Delivery:
                     by[key] = by.get(key, 0) + run
                 op, table, run = event.operation, event.table, 0
                 # A plain event's table is the wire's word: one label for all of them.
-                label = table if event.id is not None else PLAIN_TABLE
-                if len(by) >= MAX_TABLE_SERIES and (op, label) not in by:
-                    label = OTHER_TABLES
+                label = _series(by, (op, table if event.id is not None else PLAIN_TABLE))[1]
             run += 1
             if debug:
                 self._log_delivered(name, event, elapsed)
@@ -227,8 +231,7 @@ class Delivery:
                     cut, stopped = window.index(share[part_cut]), why
                 ch.handler_hist.add(hist)
                 for key, count in by.items():
-                    if len(ch.delivered_by) >= MAX_TABLE_SERIES and key not in ch.delivered_by:
-                        key = (key[0], OTHER_TABLES)        # (each row thread's share is capped alike)
+                    key = _series(ch.delivered_by, key)     # (each row thread's share is capped alike)
                     ch.delivered_by[key] = ch.delivered_by.get(key, 0) + count
                 ch.handler_errors += errors
                 self._delivered(ch, n, fast, total)

@@ -80,8 +80,9 @@ class DispatchHooks(typing.Protocol):
         """Hand *events* (fresh, in order) to the channel's handlers."""
 
     def catch_up(self, ch, reason) -> tuple:
-        """(target snapshot, iterator of event pages) from ch.position up to now
-        (*reason* ``"poll"``: a notify-free channel's poll found rows)."""
+        """(target snapshot, generator of event pages) from ch.position up to now
+        (*reason* ``"poll"``: a notify-free channel's poll found rows); the worker
+        closes the generator when it is done with it."""
 
     def fetch_ids(self, ch, ids, mine=False):
         """The committed events of the channel among log *ids* (any order; channel

@@ -33,7 +33,7 @@ import uuid
 import psycopg2
 
 from ._channel import ChannelState, lease_clock
-from ._consumers import MINE
+from ._consumers import ME, MINE
 from ._keys import KeyColumns, group_key_columns
 from ._threads import join_all, spawn
 from .errors import ConfigError, PgNotifyError, PrivilegeError, first_line
@@ -57,7 +57,7 @@ INSERT INTO pgnotify_sync.consumers (name, channel, partition, position, handled
 SELECT %(name)s, %(channel)s, p, coalesce(z.position, %(start)s::pg_snapshot), coalesce(z.handled, '[]')
   FROM generate_series(0, %(partitions)s - 1) p
   LEFT JOIN pgnotify_sync.consumers z ON z.name = %(name)s AND z.channel = %(channel)s AND z.partition = 0
-        AND z.role = to_regrole(quote_ident(current_user))
+        AND z.role = """ + ME + """
 ON CONFLICT DO NOTHING
 """
 _COUNT_PARTITIONS = ("SELECT channel, count(*) FROM pgnotify_sync.consumers WHERE name = %s AND channel = ANY(%s) "
@@ -71,8 +71,7 @@ _HEARTBEAT = ("UPDATE pgnotify_sync.consumer_members SET heartbeat_at = clock_ti
               "WHERE name = %(name)s AND member = %(member)s" + MINE)
 _EXPIRE = """
 DELETE FROM pgnotify_sync.consumer_members m USING (
-    SELECT ctid FROM pgnotify_sync.consumer_members WHERE name = %(name)s
-       AND role = to_regrole(quote_ident(current_user))
+    SELECT ctid FROM pgnotify_sync.consumer_members WHERE name = %(name)s""" + MINE + """
        AND heartbeat_at < clock_timestamp() - make_interval(secs => lease_s) FOR UPDATE SKIP LOCKED) silent
  WHERE m.ctid = silent.ctid
 """
@@ -82,7 +81,7 @@ _MEMBERS = ("SELECT member, channels FROM pgnotify_sync.consumer_members WHERE n
 _RENEW = """
 UPDATE pgnotify_sync.consumers SET lease_until = clock_timestamp() + make_interval(secs => %(lease)s)
  WHERE name = %(name)s AND owner = %(member)s AND lease_until > clock_timestamp()
-   AND channel || '/' || partition = ANY(%(held)s) AND role = to_regrole(quote_ident(current_user))
+   AND channel || '/' || partition = ANY(%(held)s)""" + MINE + """
 RETURNING channel, partition, epoch
 """
 # Rows still in our name that we do not hold here (a hand-over whose save failed, a
@@ -90,17 +89,14 @@ RETURNING channel, partition, epoch
 # last checkpoint, instead of blocking them until the lease runs out.
 _UNCLAIM = """
 UPDATE pgnotify_sync.consumers SET owner = NULL, lease_until = NULL
- WHERE name = %(name)s AND owner = %(member)s AND NOT channel || '/' || partition = ANY(%(held)s)
-   AND role = to_regrole(quote_ident(current_user))
-"""
+ WHERE name = %(name)s AND owner = %(member)s AND NOT channel || '/' || partition = ANY(%(held)s)""" + MINE
 _SLOTS = ("SELECT channel, partition, owner, coalesce(lease_until > clock_timestamp(), false) "
           "FROM pgnotify_sync.consumers WHERE name = %s AND channel = ANY(%s) AND partition < %s" + MINE)
 _ACQUIRE = """
 UPDATE pgnotify_sync.consumers c
    SET owner = %(member)s, epoch = c.epoch + 1, lease_until = clock_timestamp() + make_interval(secs => %(lease)s)
   FROM (SELECT ctid FROM pgnotify_sync.consumers
-         WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s
-           AND role = to_regrole(quote_ident(current_user))
+         WHERE name = %(name)s AND channel = %(channel)s AND partition = %(partition)s""" + MINE + """
            AND (owner IS NULL OR owner = %(member)s OR lease_until IS NULL OR lease_until <= clock_timestamp())
            FOR UPDATE SKIP LOCKED) free
  WHERE c.ctid = free.ctid

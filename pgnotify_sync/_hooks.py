@@ -68,7 +68,7 @@ class ListenerHooks:
         a poll found are counted as polled, the others as caught up."""
         pos = ch.position
         if self._p.reader.installed is False:
-            return pos, iter(())    # no event log to read (plain payloads only)
+            return pos, (events for events in ())   # no event log to read (plain payloads only)
         log_ = self._p.connections.event_log
         target = log_.snapshot()
 
@@ -84,7 +84,8 @@ class ListenerHooks:
             else:
                 ch.caught_up += len(events)
 
-        return target, read_pages(read, dispatcher.submit, dispatcher.result, counted, Window(dispatcher, page, whole=True, own=False))
+        return target, read_pages(read, dispatcher.submit, dispatcher.result, counted,
+                                  Window(dispatcher, page, whole=True, own=False))
 
     def fetch_ids(self, ch, ids, mine=False):
         if self._p.reader.installed is False:

@@ -17,6 +17,7 @@ import json
 import threading
 import zlib
 
+from ._consumers import MINE
 from .events import Operation
 
 # The key columns of each table, from the catalog: used where no group fixed them.
@@ -33,8 +34,7 @@ SELECT coalesce(ARRAY(SELECT a.attname::text
 _FIX_KEY = ("INSERT INTO pgnotify_sync.consumer_keys (name, schema_name, table_name, columns) "
             "VALUES (%(name)s, %(schema)s, %(table)s, (" + CATALOG_KEY_SQL + ")) ON CONFLICT DO NOTHING")
 _KEY = ("SELECT columns FROM pgnotify_sync.consumer_keys "
-        "WHERE name = %(name)s AND schema_name = %(schema)s AND table_name = %(table)s"
-        " AND role = to_regrole(quote_ident(current_user))")     # (each role's own: _consumers.MINE)
+        "WHERE name = %(name)s AND schema_name = %(schema)s AND table_name = %(table)s" + MINE)
 
 
 class KeyColumns:

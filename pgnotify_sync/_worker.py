@@ -269,9 +269,7 @@ class BatchRunner:
         try:
             self._deliver_catch_up(ch, reason, snapshot, pages)
         finally:
-            close = getattr(pages, "close", None)   # its page read ahead no longer counts in the buffer
-            if close is not None:
-                close()
+            pages.close()       # its page read ahead no longer counts in the buffer
 
     def _deliver_catch_up(self, ch, reason, snapshot, pages):
         # Rows come in id order and are not remembered one by one: live copies of them

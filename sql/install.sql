@@ -1265,8 +1265,22 @@ $fn$;
 -- (a watched table, on a channel the role may read, a consumer with a stored
 -- position on it). Idempotent: a backfill under way or done is left as it is.
 -- Returns the table's channel.
--- p_role: the caller's current role (current_user, evaluated by the caller: here
--- it is the definer), which its session must be a member of; NULL: the session's.
+-- The role a backfill function acts for: p_role, the caller's current role
+-- (current_user, evaluated by the caller: inside a SECURITY DEFINER function it is
+-- the definer), which its session must be a member of; NULL: the session's.
+CREATE OR REPLACE FUNCTION pgnotify_sync.acting_role(p_role regrole) RETURNS oid
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    v_as oid := coalesce(p_role, to_regrole(quote_ident(session_user)));
+BEGIN
+    IF NOT pg_has_role(session_user, v_as, 'MEMBER') THEN
+        RAISE EXCEPTION 'pgnotify_sync: role % is not a member of %', session_user, v_as::regrole
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN v_as;
+END
+$fn$;
+
 DROP FUNCTION IF EXISTS pgnotify_sync.backfill_start(text, text, text);
 CREATE OR REPLACE FUNCTION pgnotify_sync.backfill_start(p_consumer text, p_schema text, p_table text,
                                                        p_role regrole DEFAULT NULL)
@@ -1274,12 +1288,8 @@ RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_
 DECLARE
     v_channel text;
     v_role    oid;
-    v_as      oid := coalesce(p_role, to_regrole(quote_ident(session_user)));
+    v_as      oid := pgnotify_sync.acting_role(p_role);
 BEGIN
-    IF NOT pg_has_role(session_user, v_as, 'MEMBER') THEN
-        RAISE EXCEPTION 'pgnotify_sync: role % is not a member of %', session_user, v_as::regrole
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
     SELECT w.channel INTO v_channel FROM pgnotify_sync.watched_tables w
      WHERE w.schema_name = p_schema AND w.table_name = p_table;
     IF v_channel IS NULL THEN
@@ -1325,12 +1335,8 @@ DECLARE
     v_last  bigint;
     v_n     integer;
     v_void  text;
-    v_as    oid := coalesce(p_role, to_regrole(quote_ident(session_user)));
+    v_as    oid := pgnotify_sync.acting_role(p_role);
 BEGIN
-    IF NOT pg_has_role(session_user, v_as, 'MEMBER') THEN
-        RAISE EXCEPTION 'pgnotify_sync: role % is not a member of %', session_user, v_as::regrole
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
     -- The rows go to the channel the table is watched on, never one a backfills row
     -- names (another role could have written one).
     SELECT wt.channel, b.role, wt.notify,

@@ -152,19 +152,28 @@ class Breaker:
 
 def receiver_name(receiver):
     """A receiver's name for reports and metric labels: its handler's module and
-    qualified name (code, never data)."""
-    target = getattr(receiver, "__wrapped__", receiver)
-    target = getattr(target, "__func__", target)
-    module = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__qualname__", None) or type(target).__name__
+    qualified name (code, never data). A receiver is user code: an attribute lookup
+    that raises gives its type's name."""
+    try:
+        target = getattr(receiver, "__wrapped__", receiver)
+        target = getattr(target, "__func__", target)
+        module = getattr(target, "__module__", None) or ""
+        name = getattr(target, "__qualname__", None) or type(target).__name__
+    except Exception:
+        module, name = type(receiver).__module__, type(receiver).__qualname__
     return f"{module}.{name}" if module else name
 
 
 def _key(receiver):
     # A bound method is a new object each time blinker dereferences it: keyed by
     # its instance and function, as blinker keys it.
-    owner = getattr(receiver, "__self__", None)
-    return (id(owner), id(receiver.__func__)) if owner is not None and hasattr(receiver, "__func__") else id(receiver)
+    try:
+        owner = getattr(receiver, "__self__", None)
+        if owner is not None and hasattr(receiver, "__func__"):
+            return id(owner), id(receiver.__func__)
+    except Exception:       # user code's attribute lookup
+        pass
+    return id(receiver)
 
 
 class Breakers:
@@ -182,6 +191,10 @@ class Breakers:
         """The breakers of *receivers* (in order) on *channel*; those of receivers
         no longer connected are forgotten."""
         keys = tuple(map(_key, receivers))
+        known = self._by_channel.get(channel)       # (a tuple, replaced whole under the lock)
+        if known is not None and known[0] == keys:
+            return known[1]
+        names = [receiver_name(r) for r in receivers]     # user objects' attributes: not under our lock
         with self._lock:
             known = self._by_channel.get(channel)
             if known is not None and known[0] == keys:
@@ -189,10 +202,10 @@ class Breakers:
             old = dict(zip(*known)) if known is not None else {}
             breakers = [old.get(key) for key in keys]
             taken = {b.name for b in breakers if b is not None}
-            for i, receiver in enumerate(receivers):
+            for i, base in enumerate(names):
                 if breakers[i] is None:
                     # unique on the channel: two lambdas are "<lambda>" and "<lambda>#2"
-                    base = name = receiver_name(receiver)
+                    name = base
                     k = 1
                     while name in taken:
                         k += 1

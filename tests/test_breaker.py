@@ -149,6 +149,21 @@ def test_receiver_names_are_module_and_qualified_name_and_unique_per_channel():
         "state": "suspect", "failures": 1, "opened_at": None, "rejected": 0}}}
 
 
+def test_a_receiver_whose_attributes_raise_gets_a_breaker_named_by_its_type():
+    """A receiver is user code: its attribute lookups run outside our lock, and one
+    that raises (not AttributeError) names the breaker by the receiver's type."""
+    class Odd:
+        def __call__(self, sender, event):
+            pass
+
+        def __getattr__(self, name):
+            raise RuntimeError(f"no {name}")
+    odd = Odd()
+    (breaker,) = Breakers(3, 10).of("c", [odd])
+    assert breaker.name == "test_breaker.test_a_receiver_whose_attributes_raise_gets_a_breaker_named_by_its_type." \
+                          "<locals>.Odd"
+
+
 # -- Delivery with a handler that keeps failing -----------------------------------------------
 
 def delivery(s, threshold=3, reset_s=10.0, attempts=5, clock=None):
